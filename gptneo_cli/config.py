@@ -1,0 +1,194 @@
+"""GPTNeoConfig: read and validate a Hub config.json.
+
+Only the fields that change the computation are kept; everything else in config.json
+is preserved in `extra` so that a config can be written back without loss.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+#: Activations transformers accepts for GPT-Neo (its ACT2FN names) that we implement.
+ACTIVATIONS = (
+    "gelu_new",
+    "gelu",
+    "gelu_fast",
+    "gelu_pytorch_tanh",
+    "gelu_python",
+    "quick_gelu",
+    "relu",
+    "silu",
+    "swish",
+    "tanh",
+    "sigmoid",
+    "mish",
+)
+
+ATTENTION_KINDS = ("global", "local")
+
+
+def expand_attention_types(attention_types: list) -> list[str]:
+    """Turn `[[["global", "local"], 6]]` into one entry per layer."""
+    layers: list[str] = []
+    try:
+        for kinds, repeat in attention_types:
+            for _ in range(int(repeat)):
+                layers.extend(kinds)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"attention_types must look like [[['global', 'local'], 6]], got {attention_types!r}"
+        ) from exc
+    return layers
+
+
+@dataclass
+class GPTNeoConfig:
+    """The architecture of one GPT-Neo checkpoint."""
+
+    vocab_size: int = 50257
+    max_position_embeddings: int = 2048
+    hidden_size: int = 2048
+    num_layers: int = 24
+    num_heads: int = 16
+    intermediate_size: int | None = None
+    window_size: int = 256
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"
+    attention_types: list = field(default_factory=lambda: [[["global", "local"], 12]])
+    attention_layers: list[str] = field(default_factory=list)
+    bos_token_id: int | None = 50256
+    eos_token_id: int | None = 50256
+    pad_token_id: int | None = None
+    id2label: dict[int, str] = field(default_factory=dict)
+    label2id: dict[str, int] = field(default_factory=dict)
+    num_labels: int = 2
+    torch_dtype: str | None = None
+    model_type: str = "gpt_neo"
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- derived values -------------------------------------------------------------
+    @property
+    def inner_size(self) -> int:
+        """MLP width: intermediate_size, or 4 x hidden when it is null."""
+        return self.intermediate_size or 4 * self.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def num_parameters(self, head: str = "causal_lm") -> int:
+        """Parameter count from the shapes alone (lm_head is tied, so not counted)."""
+        h, inner, n = self.hidden_size, self.inner_size, self.num_layers
+        per_layer = 2 * 2 * h + 3 * h * h + h * h + h + h * inner + inner + inner * h + h
+        total = self.vocab_size * h + self.max_position_embeddings * h + n * per_layer + 2 * h
+        extra = {
+            "causal_lm": 0,
+            "base": 0,
+            "sequence_classification": h * self.num_labels,
+            "token_classification": h * self.num_labels + self.num_labels,
+            "question_answering": 2 * h + 2,
+        }
+        return total + extra.get(head, 0)
+
+    # ---- validation -----------------------------------------------------------------
+    def validate(self) -> None:
+        if self.model_type != "gpt_neo":
+            raise ConfigError(
+                f"not a GPT-Neo model: config.json has model_type {self.model_type!r}, "
+                "expected 'gpt_neo'"
+            )
+        for name in ("vocab_size", "max_position_embeddings", "hidden_size", "num_layers",
+                     "num_heads", "window_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"config.json: {name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"config.json: hidden_size {self.hidden_size} is not divisible by "
+                f"num_heads {self.num_heads}"
+            )
+        if self.activation_function not in ACTIVATIONS:
+            raise ConfigError(
+                f"config.json: unsupported activation_function {self.activation_function!r}"
+            )
+        expanded = expand_attention_types(self.attention_types)
+        if self.attention_layers and list(self.attention_layers) != expanded:
+            raise ConfigError(
+                "config.json: attention_layers does not match the expansion of attention_types"
+            )
+        self.attention_layers = expanded
+        bad = sorted(set(expanded) - set(ATTENTION_KINDS))
+        if bad:
+            raise ConfigError(f"config.json: unknown attention type(s) {bad}; use global/local")
+        if len(expanded) != self.num_layers:
+            raise ConfigError(
+                f"config.json: attention_types expand to {len(expanded)} layers "
+                f"but num_layers is {self.num_layers}"
+            )
+        if self.id2label:
+            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            self.num_labels = len(self.id2label)
+        if not self.label2id and self.id2label:
+            self.label2id = {v: k for k, v in self.id2label.items()}
+        self.label2id = {str(k): int(v) for k, v in self.label2id.items()}
+        if not self.id2label:
+            self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)}
+            self.label2id = {v: k for k, v in self.id2label.items()}
+
+    # ---- (de)serialisation ----------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GPTNeoConfig:
+        data = dict(data)
+        model_type = data.get("model_type")
+        if model_type != "gpt_neo":
+            raise ConfigError(
+                f"not a GPT-Neo model: config.json has model_type {model_type!r}, "
+                "expected 'gpt_neo'"
+            )
+        # transformers 5 writes `dtype`, older versions `torch_dtype`.
+        if "torch_dtype" not in data and "dtype" in data:
+            data["torch_dtype"] = data.pop("dtype")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        extra = {k: v for k, v in data.items() if k not in known}
+        if "num_labels" not in kwargs and "id2label" in kwargs:
+            kwargs["num_labels"] = len(kwargs["id2label"])
+        try:
+            return cls(**kwargs, extra=extra)
+        except TypeError as exc:
+            raise ConfigError(f"config.json: {exc}") from exc
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> GPTNeoConfig:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"no config.json in {path.parent}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} does not hold a JSON object")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        extra = data.pop("extra")
+        data["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        return {**extra, **data}
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / "config.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path

@@ -1,0 +1,36 @@
+"""Error types shared by every layer.
+
+The CLI turns a GPTNeoError into a one-line message and exit code 1; a ValueError from
+bad user input becomes exit code 2. Keeping the hierarchy here lets the library raise
+precise errors without knowing anything about the CLI.
+"""
+
+from __future__ import annotations
+
+
+class GPTNeoError(Exception):
+    """Base class for runtime and model errors a user can act on."""
+
+
+class ConfigError(GPTNeoError):
+    """config.json is missing, unreadable, or does not describe a GPT-Neo model."""
+
+
+class WeightsError(GPTNeoError):
+    """Checkpoint tensors are missing, unexpected, wrongly shaped, or unreadable."""
+
+
+class ModelNotFoundError(GPTNeoError):
+    """A model name could not be resolved to a local folder."""
+
+
+class HubError(GPTNeoError):
+    """A download from the Hugging Face Hub failed."""
+
+
+class BackendError(GPTNeoError):
+    """A requested attention backend, device or dtype cannot run here."""
+
+
+class TokenizerError(GPTNeoError):
+    """Tokenizer files are missing or unreadable."""
