@@ -1,0 +1,33 @@
+"""Shared fixtures. The builders live in oracle.py (import it as `from oracle import ...`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from oracle import TINY_CONFIGS, build_reference, save_reference  # noqa: E402
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """Factory: (folder, reference model) for a head, config name and file format."""
+
+    def make(head: str = "causal_lm", config: str = "local_first", fmt: str = "safetensors",
+             seed: int = 0, **overrides):
+        ref = build_reference(head, seed=seed, **{**TINY_CONFIGS[config], **overrides})
+        folder = save_reference(ref, tmp_path / f"{head}-{config}-{fmt}-{seed}", fmt)
+        return folder, ref
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _quiet_transformers():
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    yield
