@@ -1,10 +1,17 @@
-"""The root Typer app. Each command lives in its own small module."""
+"""The root Typer app. Each command lives in its own small module exposing `register(app)`.
+
+Importing this module must not import torch: `gptneo --help` and shell completion run it.
+"""
 
 from __future__ import annotations
+
+import sys
 
 import typer
 
 from .. import __version__
+from . import answer, chat, classify, generate, info, tag
+from .common import guard_app, run_app, state
 
 app = typer.Typer(
     name="gptneo",
@@ -12,6 +19,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
@@ -26,9 +34,25 @@ def root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
     ),
+    debug: bool = typer.Option(
+        False, "--debug", help="Show full tracebacks on errors. (env GPTNEO_DEBUG)"
+    ),
 ) -> None:
     """Run EleutherAI's GPT-Neo language models locally."""
+    if debug:
+        state.debug = True
 
 
-def main() -> None:
-    app()
+for _module in (generate, chat, info, classify, tag, answer):
+    _module.register(app)
+
+guard_app(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: exit codes 0 ok, 1 runtime error, 2 usage, 130 interrupted."""
+    sys.exit(run_app(app, argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+complete --command gptneo --no-files --arguments "(env _GPTNEO_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) gptneo)" --condition "env _GPTNEO_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) gptneo"

@@ -1,0 +1,421 @@
+"""`gptneo generate`: continue a prompt, or a file of prompts, with a causal LM.
+
+Thin on purpose: read prompts (common), build a GenerationConfig (validated before the
+model loads), call gptneo_cli.generation, render (output). The model code is imported
+inside the command so `gptneo --help` never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import IO, Annotated, Any
+
+import typer
+
+from ..settings import Settings, load_settings
+from .common import (
+    EXIT_INTERRUPTED,
+    AttnOpt,
+    DebugOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FrequencyPenaltyOpt,
+    GreedyOpt,
+    LoadedModel,
+    MaxNewTokensOpt,
+    MinPOpt,
+    ModelOpt,
+    ModelOptions,
+    NoRepeatNgramOpt,
+    PresencePenaltyOpt,
+    RepetitionPenaltyOpt,
+    RevisionOpt,
+    SeedOpt,
+    StopOpt,
+    TemperatureOpt,
+    TopKOpt,
+    TopPOpt,
+    TypicalPOpt,
+    generation_config,
+    load_model,
+    read_prompt,
+    read_text_file,
+    spinner,
+)
+from .output import Diagnostics, TextStream, check_format, is_tty, write_json
+
+IO_PANEL = "Input and output"
+MORE_PANEL = "Generation"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate)
+
+
+def generate(
+    prompt: Annotated[
+        str | None,
+        typer.Argument(
+            help="Text to continue. '-' (or piping into gptneo) reads stdin; with both, "
+            "stdin comes first and PROMPT follows after a blank line.",
+            show_default=False,
+        ),
+    ] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option("--file", "-f", help="Read the prompt from a UTF-8 text file.",
+                     rich_help_panel=IO_PANEL, show_default=False),
+    ] = None,
+    input_file: Annotated[
+        Path | None,
+        typer.Option("--input", "-i", help="Many prompts: .txt one per line, or .jsonl with "
+                     '{"prompt": ...} per line. Results keep the input order.',
+                     rich_help_panel=IO_PANEL, show_default=False),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write results to this file instead of stdout.",
+                     rich_help_panel=IO_PANEL, show_default=False),
+    ] = None,
+    fmt: Annotated[
+        str,
+        typer.Option("--format", help="text, json (one document) or jsonl (one record per "
+                     "result).", rich_help_panel=IO_PANEL),
+    ] = "text",
+    echo: Annotated[
+        bool, typer.Option("--echo", help="Print the prompt before the text when piped too.",
+                           rich_help_panel=IO_PANEL),
+    ] = False,
+    stats: Annotated[
+        bool, typer.Option("--stats", help="Print load time, time to first token, tokens/s and "
+                           "peak memory to stderr.", rich_help_panel=IO_PANEL),
+    ] = False,
+    show_config: Annotated[
+        bool, typer.Option("--show-config", help="Print the effective settings to stderr (and "
+                           "exit when there is no prompt).", rich_help_panel=IO_PANEL),
+    ] = False,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Prompts per batch with --input.",
+                          rich_help_panel=IO_PANEL),
+    ] = 8,
+    max_new_tokens: MaxNewTokensOpt = None,
+    max_length: Annotated[
+        int | None,
+        typer.Option("--max-length", help="Prompt + new tokens at most.",
+                     rich_help_panel=MORE_PANEL, show_default=False),
+    ] = None,
+    min_new_tokens: Annotated[
+        int | None,
+        typer.Option("--min-new-tokens", help="eos cannot end the text before this many tokens.",
+                     rich_help_panel=MORE_PANEL, show_default=False),
+    ] = None,
+    temperature: TemperatureOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
+    typical_p: TypicalPOpt = None,
+    repetition_penalty: RepetitionPenaltyOpt = None,
+    presence_penalty: PresencePenaltyOpt = None,
+    frequency_penalty: FrequencyPenaltyOpt = None,
+    no_repeat_ngram_size: NoRepeatNgramOpt = None,
+    greedy: GreedyOpt = False,
+    seed: SeedOpt = None,
+    stop: StopOpt = None,
+    ignore_eos: Annotated[
+        bool, typer.Option("--ignore-eos", help="Keep going after the end-of-text token.",
+                           rich_help_panel=MORE_PANEL),
+    ] = False,
+    num_return_sequences: Annotated[
+        int, typer.Option("--num-return-sequences", help="Samples per prompt.",
+                          rich_help_panel=MORE_PANEL),
+    ] = 1,
+    logprobs: Annotated[
+        int | None,
+        typer.Option("--logprobs", help="Report each token's log-probability and the top N "
+                     "alternatives (JSON formats).", rich_help_panel=MORE_PANEL,
+                     show_default=False),
+    ] = None,
+    truncate: Annotated[
+        str,
+        typer.Option("--truncate", help="When the prompt is too long: drop its oldest tokens "
+                     "(left) or stop with an error (error).", rich_help_panel=MORE_PANEL,
+                     autocompletion=lambda incomplete: [
+                         c for c in ("left", "error") if c.startswith(incomplete)
+                     ]),
+    ] = "error",
+    model: ModelOpt = None,
+    revision: RevisionOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    attn: AttnOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Continue a prompt with a GPT-Neo model, streaming the text as it is generated."""
+    fmt = check_format(fmt)
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    settings = load_settings()
+    config = generation_config(
+        settings,
+        max_new_tokens=max_new_tokens,
+        max_length=max_length,
+        min_new_tokens=min_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        typical_p=typical_p,
+        repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        do_sample=False if greedy else None,
+        seed=seed,
+        stop=stop or None,
+        ignore_eos=ignore_eos,
+        num_return_sequences=num_return_sequences,
+        logprobs=logprobs,
+        truncate=truncate.strip().lower(),
+    )
+    options = ModelOptions.merge(
+        settings, model=model, revision=revision, device=device, dtype=dtype, attn=attn
+    )
+    diag = Diagnostics()
+    if show_config:
+        _show_config(diag, settings, options, config)
+        if input_file is None and file is None and prompt is None and is_tty(sys.stdin):
+            return
+    prompts = _collect_prompts(prompt, file, input_file)
+
+    loaded = load_model(options)
+    sink: IO[str] = sys.stdout
+    if output is not None:
+        sink = _open_output(output)
+    try:
+        single = len(prompts) == 1 and config.num_return_sequences == 1
+        started = time.perf_counter()
+        if fmt == "text" and single:
+            results = [_stream_one(loaded, prompts[0], config, TextStream(sink), echo)]
+        else:
+            results = _run_batches(loaded, prompts, config, batch_size, fmt, sink, echo)
+        elapsed = time.perf_counter() - started
+    finally:
+        if sink is not sys.stdout:
+            sink.close()
+    if stats:
+        _print_stats(diag, loaded, results, elapsed)
+    if any(r.finish_reason == "cancelled" for r in results):
+        raise typer.Exit(EXIT_INTERRUPTED)  # Ctrl-C: what was generated stays printed
+
+
+# --------------------------------------------------------------------------- input
+
+
+def _collect_prompts(prompt: str | None, file: Path | None, input_file: Path | None) -> list[str]:
+    if input_file is None:
+        return [read_prompt(prompt, file)]
+    if prompt is not None or file is not None:
+        raise ValueError("--input runs a file of prompts: leave out PROMPT and --file")
+    return read_input_file(input_file)
+
+
+def read_input_file(path: Path) -> list[str]:
+    """Prompts from .txt (one per non-blank line) or .jsonl ({"prompt": ...} per line)."""
+    text = read_text_file(path)
+    prompts: list[str] = []
+    jsonl = path.suffix.lower() in (".jsonl", ".ndjson")
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            prompts.append(line)
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} line {lineno}: not valid JSON ({exc.msg})") from None
+        value = record.get("prompt") if isinstance(record, dict) else None
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f'{path} line {lineno}: expected {{"prompt": "<non-empty text>"}}')
+        prompts.append(value)
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
+
+
+def _open_output(path: Path) -> IO[str]:
+    try:
+        return path.expanduser().open("w", encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def _stream_one(
+    loaded: LoadedModel, prompt: str, config: Any, out: TextStream, echo: bool
+) -> Any:
+    """Stream one continuation: the prompt dimmed on a terminal (or with --echo), then text."""
+    from ..generation import stream
+
+    if out.tty or echo:
+        out.prompt(prompt)
+    run = stream(loaded.model, loaded.tokenizer, prompt, config)
+    try:
+        for delta in run:
+            out.write(delta)
+    finally:
+        result = run.close()
+        out.end()
+    return result
+
+
+def _run_batches(
+    loaded: LoadedModel,
+    prompts: list[str],
+    config: Any,
+    batch_size: int,
+    fmt: str,
+    sink: IO[str],
+    echo: bool,
+) -> list[Any]:
+    """Batches in input order; each batch's results are written as soon as it finishes."""
+    from ..generation import generate as run_generation
+
+    out = TextStream(sink) if fmt == "text" else None
+    records: list[dict[str, Any]] = []
+    results: list[Any] = []
+    total = len(prompts)
+    for start in range(0, total, batch_size):
+        chunk = prompts[start : start + batch_size]
+        label = f"Generating {start + 1}-{start + len(chunk)} of {total}"
+        with spinner(label):
+            batch = run_generation(loaded.model, loaded.tokenizer, chunk, config)
+        for number, result in enumerate(batch):
+            index = start + result.prompt_index
+            sequence = number % config.num_return_sequences
+            results.append(result)
+            if out is not None:
+                _write_text(out, prompts[index], result, index, sequence, config, echo)
+                continue
+            record = result_record(loaded, prompts[index], result, config, index, sequence)
+            if fmt == "jsonl":
+                write_json(record, sink, lines=True)
+            else:
+                records.append(record)
+        if any(r.finish_reason == "cancelled" for r in batch):
+            break
+    if fmt == "json":
+        write_json(records[0] if len(records) == 1 else records, sink)
+    return results
+
+
+def _write_text(
+    out: TextStream, prompt: str, result: Any, index: int, sequence: int, config: Any, echo: bool
+) -> None:
+    header = f"[prompt {index + 1}"
+    header += f", sample {sequence + 1}]" if config.num_return_sequences > 1 else "]"
+    out.note(header)
+    if out.tty or echo:
+        out.prompt(prompt)
+    out.write(result.text + "\n")  # every result ends with one newline of its own
+
+
+def result_record(
+    loaded: LoadedModel, prompt: str, result: Any, config: Any, index: int = 0, sequence: int = 0
+) -> dict[str, Any]:
+    """The JSON object for one result (the schema documented in the README)."""
+    model = loaded.model
+    record: dict[str, Any] = {
+        "model": loaded.options.model,
+        "revision": loaded.options.revision,
+        "index": index,
+        "sequence": sequence,
+        "prompt": prompt,
+        "text": result.text,
+        "token_ids": list(result.token_ids),
+        "finish_reason": result.finish_reason,
+        "usage": dict(result.usage),
+        "timings": {
+            "load_s": round(loaded.load_s, 4),
+            "ttft_s": round(result.timings.ttft_s, 4),
+            "prompt_tok_s": round(result.timings.prompt_tok_s, 2),
+            "gen_tok_s": round(result.timings.gen_tok_s, 2),
+        },
+        "seed": result.seed,
+        "truncated_tokens": result.truncated_tokens,
+        "settings": {
+            **config.to_dict(),
+            "device": str(model.device),
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "attn": model.attn_implementation,
+        },
+    }
+    if config.logprobs is not None and result.logprobs is not None:
+        record["logprobs"] = [item.to_dict() for item in result.logprobs]
+    return record
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+
+def _show_config(diag: Diagnostics, settings: Settings, options: ModelOptions, config: Any) -> None:
+    rows = [
+        ("model", options.model),
+        ("revision", options.revision or "-"),
+        ("device", options.device),
+        ("dtype", options.dtype),
+        ("attn", options.attn),
+    ]
+    rows += [(key, _show(value)) for key, value in config.to_dict().items()]
+    rows.append(("config file", f"{settings.path} ({'found' if settings.file_found else 'none'})"))
+    diag.table("Effective settings", rows)
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (list, str)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def peak_memory(model: Any) -> str:
+    """Peak CUDA memory allocated on the model's GPU, else the process's peak RSS."""
+    import torch
+
+    device = model.device
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB (CUDA allocated)"
+    try:
+        import resource
+    except ImportError:  # Windows
+        return "n/a"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return f"{peak * scale / 2**20:.0f} MiB (peak RSS)"
+
+
+def _print_stats(
+    diag: Diagnostics, loaded: LoadedModel, results: list[Any], elapsed: float
+) -> None:
+    completion = sum(r.completion_tokens for r in results)
+    prompt_tokens = sum(r.prompt_tokens for r in results)
+    first = results[0].timings if results else None
+    rows = [("load", f"{loaded.load_s:.2f} s")]
+    if first is not None:
+        rows.append(("time to first token", f"{first.ttft_s * 1000:.0f} ms"))
+    if len(results) == 1 and first is not None:
+        rows.append(("prompt", f"{prompt_tokens} tokens, {first.prompt_tok_s:.1f} tok/s"))
+        rows.append(("generation", f"{completion} tokens, {first.gen_tok_s:.1f} tok/s"))
+    else:
+        rate = completion / elapsed if elapsed > 0 else 0.0
+        rows.append(("results", str(len(results))))
+        rows.append(("prompt", f"{prompt_tokens} tokens"))
+        rows.append(("generation", f"{completion} tokens in {elapsed:.2f} s, {rate:.1f} tok/s"))
+    rows.append(("peak memory", peak_memory(loaded.model)))
+    diag.table("Stats", rows)

@@ -1,0 +1,146 @@
+"""`gptneo info`: versions, devices, attention backends, and the settings in force."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from importlib import metadata
+from typing import Annotated, Any
+
+import typer
+
+from .. import __version__
+from ..settings import KEYS, load_settings
+from .common import DebugOpt
+from .output import check_format, write_json, write_table
+
+PACKAGES = ("torch", "safetensors", "tokenizers", "huggingface-hub", "typer", "rich", "flash-attn")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("info")(info)
+
+
+def info(
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="text or json.", show_default=True)
+    ] = "text",
+    debug: DebugOpt = False,
+) -> None:
+    """Show versions, devices, usable attention backends and the settings in force."""
+    fmt = check_format(fmt)
+    report = collect()
+    if fmt != "text":
+        write_json(report, lines=fmt == "jsonl")
+        return
+    write_table("gptneo", [("version", report["version"]), ("python", report["python"])])
+    write_table("Packages", [(k, v or "not installed") for k, v in report["packages"].items()])
+    write_table("Devices", [(d["name"], d["detail"]) for d in report["devices"]])
+    for device in report["devices"]:
+        if not device["available"]:
+            continue
+        rows = [
+            (name, "yes" if why is None else f"no: {why}")
+            for name, why in device["attention"].items()
+        ]
+        rows.append(("auto picks", device["attention_auto"]))
+        write_table(f"Attention on {device['name']} ({device['dtype']})", rows)
+    cfg = report["config"]
+    write_table(
+        "Configuration",
+        [
+            ("default model", f"{cfg['model']} ({cfg['sources']['model']})"),
+            ("config file", f"{cfg['file']} ({'found' if cfg['file_found'] else 'not found'})"),
+            *[(name, value) for name, value in cfg["env"].items()],
+        ],
+    )
+    write_table(
+        "Settings in force",
+        [
+            (key, f"{_show(value)} ({cfg['sources'][key]})")
+            for key, value in cfg["settings"].items()
+        ],
+    )
+
+
+def collect() -> dict[str, Any]:
+    """Everything `info` prints, as plain data (so --format json is the same report)."""
+    settings = load_settings()
+    return {
+        "version": __version__,
+        "python": f"{platform.python_version()} ({sys.executable})",
+        "platform": platform.platform(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "devices": _devices(),
+        "config": {
+            "model": settings.model(),
+            "file": str(settings.path),
+            "file_found": settings.file_found,
+            "env": dict(sorted(settings.env.items())),
+            "settings": {key: settings.values[key] for key in KEYS},
+            "sources": settings.sources,
+        },
+    }
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _devices() -> list[dict[str, Any]]:
+    """Each device torch can use here, with the attention backends that can run on it."""
+    import torch
+
+    from ..attention import choose_backend, flash_unavailable_reason
+    from ..device import cpu_has_fast_bf16, resolve_dtype
+
+    devices = [
+        (
+            torch.device("cpu"),
+            f"{torch.get_num_threads()} threads, "
+            f"native bf16: {'yes' if cpu_has_fast_bf16() else 'no'}",
+        )
+    ]
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            detail = (
+                f"{props.name}, {props.total_memory / 2**30:.1f} GiB, "
+                f"compute capability {props.major}.{props.minor}"
+            )
+            devices.append((torch.device("cuda", index), detail))
+    else:
+        why = "no CUDA build of torch" if torch.version.cuda is None else "no GPU visible"
+        devices.append((None, f"cuda: not available ({why})"))
+    backend = getattr(torch.backends, "mps", None)
+    if backend is not None and backend.is_available():
+        devices.append((torch.device("mps"), "Apple Metal"))
+
+    out = []
+    for device, detail in devices:
+        if device is None:
+            out.append({"name": "cuda", "detail": detail, "available": False, "attention": {}})
+            continue
+        dtype = resolve_dtype("auto", device)
+        out.append(
+            {
+                "name": str(device),
+                "detail": detail,
+                "available": True,
+                "dtype": str(dtype).removeprefix("torch."),
+                "attention": {
+                    "eager": None,
+                    "sdpa": None,
+                    "flash": flash_unavailable_reason(device, dtype),
+                },
+                "attention_auto": choose_backend("auto", device, dtype),
+            }
+        )
+    return out
+
+
+def _show(value: Any) -> str:
+    return "-" if value is None else repr(value) if isinstance(value, str) else str(value)

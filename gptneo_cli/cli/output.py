@@ -1,0 +1,133 @@
+"""Rendering: Rich on a terminal, plain text when piped, JSON / JSON Lines for programs.
+
+The rule (from simonw/llm): stdout carries only results; when it is not a terminal it gets
+plain text without a single escape byte, whatever FORCE_COLOR says. Diagnostics, stats and
+progress always go to stderr. NO_COLOR turns colour off everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, TextIO
+
+FORMATS = ("text", "json", "jsonl")
+
+
+def no_color() -> bool:
+    return bool(os.environ.get("NO_COLOR"))
+
+
+def is_tty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def check_format(fmt: str) -> str:
+    fmt = fmt.strip().lower()
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown --format {fmt!r}: use text, json or jsonl")
+    return fmt
+
+
+class TextStream:
+    """Streams generated text to stdout: dim prompt and live tokens on a terminal, bare text
+    (flushed per delta, so pipes see it as it comes) otherwise."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self.tty = is_tty(self.stream)
+        self._console = None
+        if self.tty:
+            from rich.console import Console
+
+            self._console = Console(
+                file=self.stream, highlight=False, no_color=no_color(), soft_wrap=True
+            )
+        self._at_line_start = True
+
+    def prompt(self, text: str) -> None:
+        """The prompt, dimmed, before the continuation (terminal, or plain with --echo)."""
+        self._write(text, style="dim")
+
+    def write(self, delta: str) -> None:
+        self._write(delta)
+
+    def note(self, text: str) -> None:
+        """A dim marker between results (terminal only; pipes get just the texts)."""
+        if self.tty:
+            self.end()
+            self._write(text + "\n", style="dim")
+
+    def end(self) -> None:
+        """Finish the current line so the shell prompt starts on its own line."""
+        if not self._at_line_start:
+            self._write("\n")
+
+    def _write(self, text: str, style: str | None = None) -> None:
+        if not text:
+            return
+        if self._console is not None:
+            self._console.print(text, style=style, end="", markup=False, emoji=False)
+        else:
+            self.stream.write(text)
+        self.stream.flush()
+        self._at_line_start = text.endswith("\n")
+
+
+def write_json(obj: Any, stream: TextIO | None = None, *, lines: bool = False) -> None:
+    """One JSON document (indented) or one JSON Lines record; never coloured."""
+    out = stream or sys.stdout
+    if lines:
+        out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    else:
+        out.write(json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+    out.flush()
+
+
+class Diagnostics:
+    """Messages for humans on stderr: dim notes, yellow warnings, key/value tables."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        from rich.console import Console
+
+        self.stream = stream or sys.stderr
+        self.console = Console(
+            file=self.stream,
+            highlight=False,
+            no_color=no_color(),
+            force_terminal=None,
+            soft_wrap=True,
+        )
+
+    def note(self, message: str) -> None:
+        self.console.print(message, style="dim", markup=False)
+
+    def warn(self, message: str) -> None:
+        self.console.print(f"Warning: {message}", style="yellow", markup=False)
+
+    def table(self, title: str, rows: list[tuple[str, str]]) -> None:
+        write_table(title, rows, self.stream)
+
+
+def write_table(title: str, rows: list[tuple[str, str]], stream: TextIO | None = None) -> None:
+    """A titled two-column table on a terminal; indented `key: value` lines otherwise."""
+    out = stream or sys.stdout
+    if not is_tty(out):
+        out.write(f"{title}\n")
+        for key, value in rows:
+            out.write(f"  {key}: {value}\n")
+        out.flush()
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left", box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, value)
+    Console(file=out, highlight=False, no_color=no_color()).print(table)
