@@ -10,7 +10,7 @@ import sys
 import typer
 
 from .. import __version__
-from . import answer, chat, classify, generate, info, tag
+from . import answer, chat, classify, generate, info, models, tag
 from .common import guard_app, run_app, state
 
 app = typer.Typer(
@@ -43,7 +43,7 @@ def root(
         state.debug = True
 
 
-for _module in (generate, chat, info, classify, tag, answer):
+for _module in (generate, chat, info, classify, tag, answer, models):
     _module.register(app)
 
 guard_app(app)
