@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -134,18 +135,14 @@ def _hidden(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> to
 def encode_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids and each token's (start, end) character span in `text`.
 
-    Uses `tokenizer.encode_with_offsets` when there is one, else the `tokenizers.Tokenizer`
-    the wrapper holds. Byte-level BPE can split one character over several tokens; each
-    of them then spans the whole character.
+    Reads the offsets from the `tokenizers.Tokenizer` that our Tokenizer wraps (`.backend`).
+    Byte-level BPE can split one character over several tokens; each of them then spans
+    the whole character.
     """
-    if hasattr(tokenizer, "encode_with_offsets"):
-        ids, offsets = tokenizer.encode_with_offsets(text)
-        return list(ids), [(int(a), int(b)) for a, b in offsets]
     from tokenizers import Tokenizer
 
-    backends = [tokenizer, *getattr(tokenizer, "__dict__", {}).values()]
-    backend = next((b for b in backends if isinstance(b, Tokenizer)), None)
-    if backend is None:
+    backend = getattr(tokenizer, "backend", tokenizer)
+    if not isinstance(backend, Tokenizer):
         raise TokenizerError("this tokenizer gives no character offsets; tag and answer need them")
     enc = backend.encode(text, add_special_tokens=False)
     return list(enc.ids), [(int(a), int(b)) for a, b in enc.offsets]
@@ -166,6 +163,26 @@ def _windows(n: int, size: int, stride: int) -> list[tuple[int, int]]:
         start = spans[-1][1] - stride
         spans.append((start, min(n, start + size)))
     return spans
+
+
+def missing_head(folder: str | Path, model_cls: type) -> list[str]:
+    """The head tensors `model_cls` needs that the checkpoint in `folder` lacks.
+
+    The loader initialises a missing head randomly (so a causal LM can be fine-tuned into
+    a classifier); a task run on such a head prints noise, so commands check first. Only
+    safetensors are inspected (their names cost nothing to read); .bin gives [].
+    """
+    from safetensors import safe_open
+
+    from .weights import weight_files
+
+    names: set[str] = set()
+    for path in weight_files(Path(folder)):
+        if path.suffix != ".safetensors":
+            return []
+        with safe_open(str(path), framework="pt") as handle:
+            names.update(handle.keys())
+    return [name for name in model_cls.head_params if name not in names]
 
 
 # ---- classify with a sequence-classification head -----------------------------------------

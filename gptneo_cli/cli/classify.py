@@ -1,0 +1,303 @@
+"""`gptneo classify FILE... | -`: a label and its probability for each input.
+
+A sequence-classification checkpoint labels with its head; `--labels` turns any causal LM
+into a zero-shot classifier. One bad input (missing, binary, empty) costs one stderr line
+and exit code 1 at the end; every other input is still classified.
+
+Also home to the small pieces `tag` and `answer` share: loading a checkpoint that must
+have a given head, and tab-separated plain output.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..settings import load_settings
+from .common import (
+    EXIT_RUNTIME,
+    AttnOpt,
+    DebugOpt,
+    DeviceOpt,
+    DtypeOpt,
+    LoadedModel,
+    ModelOpt,
+    ModelOptions,
+    RevisionOpt,
+    load_model,
+    read_stdin,
+    read_text_file,
+    report_error,
+)
+from .output import Diagnostics, check_format, is_tty, no_color, write_json
+
+DEFAULT_TEMPLATE = "{text}\\nTopic:"  # as typed on a command line; tasks.DEFAULT_TEMPLATE
+TASK_PANEL = "Task"
+
+FormatOpt = Annotated[
+    str, typer.Option("--format", "-f", help="text, json or jsonl.", show_default=True)
+]
+MaxSeqLenOpt = Annotated[
+    int | None,
+    typer.Option("--max-seq-len", min=2, rich_help_panel=TASK_PANEL, show_default=False,
+                 help="Tokens per forward pass at most (default: the model's positions)."),
+]
+StrideOpt = Annotated[
+    int, typer.Option("--stride", min=0, rich_help_panel=TASK_PANEL,
+                      help="Tokens each window repeats from the one before (long inputs).")
+]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("classify")(classify)
+
+
+@dataclass
+class Item:
+    """One input: its name for the output, and its text or why it could not be read."""
+
+    source: str
+    text: str | None = None
+    error: str | None = None
+
+
+def classify(
+    inputs: Annotated[
+        list[str] | None,
+        typer.Argument(help="Text files, folders (with --recursive) or - for stdin.",
+                       show_default=False),
+    ] = None,
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-r", help="Read every file under each folder.")
+    ] = False,
+    input_file: Annotated[
+        Path | None,
+        typer.Option("--input", "-i", show_default=False,
+                     help='JSON Lines file, one {"text": ...} per line ("id" names it).'),
+    ] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option("--labels", "-l", rich_help_panel=TASK_PANEL, show_default=False,
+                     help="Comma-separated labels: classify zero-shot with a causal LM."),
+    ] = None,
+    template: Annotated[
+        str, typer.Option("--template", rich_help_panel=TASK_PANEL,
+                          help="Zero-shot prompt; {text} is the input, \\n a newline. "
+                               "Each label is scored after it (with a space unless the "
+                               "template ends in one).")
+    ] = DEFAULT_TEMPLATE,
+    calibrate: Annotated[
+        bool, typer.Option("--calibrate/--no-calibrate", rich_help_panel=TASK_PANEL,
+                           help="Zero-shot: subtract each label's score for an empty text.")
+    ] = True,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", min=1, rich_help_panel=TASK_PANEL,
+                          help="Sequences per forward pass.")
+    ] = 8,
+    max_seq_len: MaxSeqLenOpt = None,
+    fmt: FormatOpt = "text",
+    model: ModelOpt = None,
+    revision: RevisionOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    attn: AttnOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Classify texts with a classification checkpoint, or zero-shot with --labels."""
+    fmt = check_format(fmt)
+    label_list = parse_labels(labels) if labels is not None else None
+    template = unescape(template)
+    if label_list is not None and "{text}" not in template:
+        raise ValueError("--template must contain {text}, e.g. '{text}\\nTopic:'")
+    options = model_options(model, revision, device, dtype, attn)
+
+    items = gather(inputs or [], recursive=recursive, input_file=input_file)
+    for item in items:
+        if item.error:
+            report_error(item.error)
+    good = [item for item in items if item.error is None]
+    if good:
+        from .. import tasks
+
+        head = "GPTNeoForCausalLM" if label_list else "GPTNeoForSequenceClassification"
+        loaded = load_with_head(options, head, hint=None if label_list else (
+            "pass --labels a,b,c to classify zero-shot with it as a language model"))
+        texts = [item.text or "" for item in good]
+        if label_list:
+            results = tasks.zero_shot(
+                loaded.model, loaded.tokenizer, texts, label_list, template=template,
+                calibrate=calibrate, batch_size=batch_size, max_seq_len=max_seq_len)
+        else:
+            results = tasks.classify(loaded.model, loaded.tokenizer, texts,
+                                     batch_size=batch_size, max_seq_len=max_seq_len)
+        for item, result in zip(good, results, strict=True):
+            if result.truncated_tokens:
+                Diagnostics().warn(f"{item.source}: the last {result.truncated_tokens} tokens "
+                                   "did not fit the model and were not read")
+        by_item = {id(item): result for item, result in zip(good, results, strict=True)}
+        render(items, by_item, fmt)
+    elif fmt != "text":
+        render(items, {}, fmt)
+    if len(good) < len(items):
+        raise typer.Exit(EXIT_RUNTIME)
+
+
+# ---- inputs -------------------------------------------------------------------------------
+def parse_labels(raw: str) -> list[str]:
+    labels = [part.strip() for part in raw.split(",")]
+    if not raw.strip() or any(not label for label in labels):
+        raise ValueError("--labels must be comma-separated non-empty names, e.g. sports,politics")
+    return labels
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """Turn the two-character sequences \\n, \\t and \\\\ typed in a shell into the real ones."""
+    return re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m.group(1)], text)
+
+
+def gather(inputs: list[str], *, recursive: bool, input_file: Path | None) -> list[Item]:
+    """Every input in order; unreadable ones carry their one-line error instead of text."""
+    items: list[Item] = []
+    if input_file is not None:
+        items += read_jsonl(input_file)
+    if not inputs and input_file is None:
+        if is_tty(sys.stdin):
+            raise ValueError("no input: give FILE..., - for stdin, or --input FILE.jsonl")
+        inputs = ["-"]
+    for name in inputs:
+        if name == "-":
+            items.append(_item("stdin", read_stdin))
+            continue
+        path = Path(name).expanduser()
+        if path.is_dir():
+            if not recursive:
+                items.append(Item(name, error=f"{name} is a folder: add --recursive to read it"))
+                continue
+            files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path))
+            items += [_item(str(p), lambda p=p: read_text_file(p)) for p in files]
+        else:
+            items.append(_item(name, lambda path=path: read_text_file(path)))
+    return items
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _item(source: str, read: Any) -> Item:
+    try:
+        text = read()
+    except (ValueError, OSError) as exc:
+        return Item(source, error=str(exc))
+    if not text.strip():
+        return Item(source, error=f"{source} is empty: nothing to classify")
+    return Item(source, text=text)
+
+
+def read_jsonl(path: Path) -> list[Item]:
+    """{"text": ...} per line; a bad line is an error for that line only."""
+    items = []
+    for number, line in enumerate(read_text_file(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        source = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            items.append(Item(source, error=f"{source}: not valid JSON ({exc.msg})"))
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            items.append(Item(source, error=f'{source}: expected {{"text": "..."}}'))
+            continue
+        source = str(record["id"]) if record.get("id") is not None else source
+        items.append(_item(source, lambda record=record: record["text"]))
+    return items
+
+
+# ---- model loading shared by classify, tag and answer -------------------------------------
+def model_options(model: str | None, revision: str | None, device: str | None,
+                  dtype: str | None, attn: str | None) -> ModelOptions:
+    return ModelOptions.merge(load_settings(), model=model, revision=revision, device=device,
+                              dtype=dtype, attn=attn)
+
+
+def load_with_head(options: ModelOptions, head: str, hint: str | None = None) -> LoadedModel:
+    """Load `head`, refusing a checkpoint without that head's weights (it would print noise)."""
+    from .. import modeling
+    from ..errors import WeightsError
+    from ..hub import resolve_model_dir
+    from ..tasks import missing_head
+
+    missing = missing_head(resolve_model_dir(options.model, options.revision),
+                           getattr(modeling, head))
+    if missing:
+        kind = head.removeprefix("GPTNeoFor")
+        raise WeightsError(f"{options.model} has no {kind} head ({', '.join(missing)} missing); "
+                           + (hint or f"use a checkpoint fine-tuned for {kind}"))
+    return load_model(options, head)
+
+
+def tsv(*fields: Any) -> str:
+    """One tab-separated line; tabs and newlines inside a field are written as \\t and \\n."""
+    return "\t".join(str(f).replace("\t", "\\t").replace("\n", "\\n") for f in fields) + "\n"
+
+
+def console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False, no_color=no_color())
+
+
+# ---- output -------------------------------------------------------------------------------
+def render(items: list[Item], results: dict[int, Any], fmt: str) -> None:
+    records = []
+    for item in items:
+        result = results.get(id(item))
+        if result is None:
+            records.append({"source": item.source, "error": item.error})
+        else:
+            records.append({"source": item.source, **result.to_dict()})
+    if fmt == "json":
+        write_json(records)
+    elif fmt == "jsonl":
+        for record in records:
+            write_json(record, lines=True)
+    elif is_tty(sys.stdout):
+        _table(records)
+    else:
+        out = sys.stdout
+        for r in records:
+            if "error" not in r:
+                probs = " ".join(f"{label}={p:.4f}" for label, p in r["scores"].items())
+                out.write(tsv(r["source"], r["label"], f"{r['score']:.4f}", probs))
+        out.flush()
+
+
+def _table(records: list[dict[str, Any]]) -> None:
+    """Input, label, probability; plus one column per label when there are few labels."""
+    from rich.table import Table
+
+    done = [r for r in records if "error" not in r]
+    if not done:
+        return
+    labels = list(done[0]["scores"])
+    per_label = len(labels) <= 6
+    table = Table(box=None, header_style="bold")
+    table.add_column("input", overflow="fold")
+    table.add_column("label", style="bold")
+    table.add_column("prob", justify="right")
+    for label in labels if per_label else ():
+        table.add_column(f"p({label})", justify="right", style="dim")
+    for r in done:
+        extra = [f"{r['scores'][label]:.3f}" for label in labels] if per_label else []
+        table.add_row(r["source"], r["label"], f"{r['score']:.3f}", *extra)
+    console().print(table)

@@ -1,0 +1,98 @@
+"""`gptneo tag FILE|-`: the spans a token-classification checkpoint tags in a text."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from .classify import (
+    FormatOpt,
+    MaxSeqLenOpt,
+    StrideOpt,
+    console,
+    load_with_head,
+    model_options,
+    tsv,
+)
+from .common import (
+    AttnOpt,
+    DebugOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    RevisionOpt,
+    read_stdin,
+    read_text_file,
+)
+from .output import Diagnostics, check_format, is_tty, write_json
+
+
+def register(app: typer.Typer) -> None:
+    app.command("tag")(tag)
+
+
+def tag(
+    source: Annotated[
+        str | None,
+        typer.Argument(help="A text file, or - (or nothing, when piped) for stdin.",
+                       show_default=False),
+    ] = None,
+    stride: StrideOpt = 128,
+    max_seq_len: MaxSeqLenOpt = None,
+    fmt: FormatOpt = "text",
+    model: ModelOpt = None,
+    revision: RevisionOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    attn: AttnOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Tag a text (e.g. named entities) and print each span with its label and score."""
+    fmt = check_format(fmt)
+    options = model_options(model, revision, device, dtype, attn)
+    text, name = read_source(source)
+    from .. import tasks
+
+    loaded = load_with_head(options, "GPTNeoForTokenClassification")
+    spans = tasks.tag(loaded.model, loaded.tokenizer, text, max_seq_len=max_seq_len,
+                      stride=stride)
+    if fmt == "json":
+        write_json({"source": name, "spans": [s.to_dict() for s in spans]})
+    elif fmt == "jsonl":
+        for span in spans:
+            write_json(span.to_dict(), lines=True)
+    elif is_tty(sys.stdout):
+        _table(spans)
+    else:
+        for s in spans:
+            sys.stdout.write(tsv(s.label, s.start, s.end, f"{s.score:.4f}", s.text))
+    if not spans and fmt == "text":
+        Diagnostics().note("no tagged spans: every token was labelled O")
+
+
+def read_source(source: str | None) -> tuple[str, str]:
+    """(text, its name) from a file or stdin; an empty text is a usage error."""
+    if source is None and is_tty(sys.stdin):
+        raise ValueError("no input: give FILE, or - to read stdin")
+    if source in (None, "-"):
+        text, name = read_stdin(), "stdin"
+    else:
+        text, name = read_text_file(source), source
+    if not text.strip():
+        raise ValueError(f"{name} is empty: give some text")
+    return text, name
+
+
+def _table(spans: list) -> None:
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    table.add_column("label", style="bold")
+    table.add_column("text", overflow="fold")
+    table.add_column("chars", justify="right", style="dim")
+    table.add_column("score", justify="right")
+    for s in spans:
+        table.add_row(s.label, s.text, f"{s.start}-{s.end}", f"{s.score:.3f}")
+    console().print(table)
