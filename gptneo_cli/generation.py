@@ -21,7 +21,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from .sampling import PAD, DecodeState, build_logits_processor, greedy, sample
+from .sampling import PAD, DecodeState, SamplingParams, TokenChooser, build_chooser
 
 FinishReason = Literal["stop", "eos", "length", "cancelled"]
 
@@ -497,8 +497,9 @@ class _Engine:
         self.prompt_len = 0
         self.prefill_s = self.prefill_start = 0.0
         self.device = torch.device("cpu")
-        self.processor: Callable[[torch.Tensor, DecodeState], torch.Tensor] | None = None
+        self.choose: TokenChooser | None = None
         self.history: torch.Tensor | None = None
+        self.no_history = torch.empty(0, 0, dtype=torch.long)
         self.next_pos: torch.Tensor | None = None
         self.generator: torch.Generator | None = None
         self.cache: Any = None
@@ -549,22 +550,24 @@ class _Engine:
             # Left padding: each row's next position is its own length, not the batch's.
             self.next_pos = lengths[:, None].clone()
 
-        self.processor = build_logits_processor(
-            do_sample=not config.greedy,
-            temperature=config.temperature,
-            top_k=config.top_k,
-            top_p=config.top_p,
-            min_p=config.min_p,
-            typical_p=config.typical_p,
-            repetition_penalty_value=config.repetition_penalty,
-            repetition_window=config.repetition_window,
-            presence_penalty=config.presence_penalty,
-            frequency_penalty=config.frequency_penalty,
-            no_repeat_ngram_size=config.no_repeat_ngram_size,
-            min_new_tokens=config.min_new_tokens,
-            eos_token_ids=self.eos_ids,
+        self.choose, needs_history = build_chooser(
+            SamplingParams(
+                do_sample=not config.greedy,
+                temperature=config.temperature,
+                top_k=config.top_k,
+                top_p=config.top_p,
+                min_p=config.min_p,
+                typical_p=config.typical_p,
+                repetition_penalty=config.repetition_penalty,
+                repetition_window=config.repetition_window,
+                presence_penalty=config.presence_penalty,
+                frequency_penalty=config.frequency_penalty,
+                no_repeat_ngram_size=config.no_repeat_ngram_size,
+                min_new_tokens=config.min_new_tokens,
+                eos_token_ids=tuple(self.eos_ids),
+            )
         )
-        if self.processor is not None:
+        if needs_history:
             self.history = torch.full((batch, total), PAD, dtype=torch.long, device=device)
             self.history[:, :prompt_len] = ids if mask is None else ids.masked_fill(~mask, PAD)
         if not config.greedy:
@@ -579,14 +582,12 @@ class _Engine:
 
     def _choose(self, logits: torch.Tensor) -> tuple[Deltas, list[int]]:
         """Pick each active row's next token and take it in; return (deltas, rows to keep)."""
-        scores = logits
-        if self.processor is not None:
-            state = DecodeState(self.history[:, : self.prompt_len + self.step], self.prompt_len)
-            scores = self.processor(logits, state)
-        if self.generator is not None:
-            chosen = sample(scores, self.generator)
-        else:
-            chosen = greedy(scores)
+        history = self.history
+        state = DecodeState(
+            history[:, : self.prompt_len + self.step] if history is not None else self.no_history,
+            self.prompt_len,
+        )
+        chosen = self.choose(logits, state, self.generator)
         tokens = chosen.tolist()  # the one device->host sync per step
         now = time.perf_counter()
         if self.step == 0:

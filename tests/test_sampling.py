@@ -9,7 +9,7 @@ import torch
 from transformers.generation import logits_process as tlp
 
 from gptneo_cli import sampling
-from gptneo_cli.sampling import DecodeState, build_logits_processor
+from gptneo_cli.sampling import DecodeState, SamplingParams, build_chooser, build_logits_processor
 
 VOCAB = 37  # not a multiple of 8
 
@@ -180,7 +180,7 @@ def test_presence_and_frequency_penalties() -> None:
 def test_min_new_tokens_matches_transformers(generated: int) -> None:
     prompt = HISTORIES[1][:, :10]
     history = HISTORIES[1][:, : 10 + generated]
-    proc = build_logits_processor(do_sample=False, min_new_tokens=3, eos_token_ids=[4, 9])
+    proc = build_logits_processor(SamplingParams(min_new_tokens=3, eos_token_ids=(4, 9)))
     assert proc is not None
     theirs = tlp.MinNewTokensLengthLogitsProcessor(prompt.shape[1], 3, [4, 9])(
         history, CASES[0].clone()
@@ -189,26 +189,30 @@ def test_min_new_tokens_matches_transformers(generated: int) -> None:
 
 
 def test_nothing_active_builds_no_processor() -> None:
-    assert build_logits_processor(do_sample=False, temperature=0.5, top_k=3) is None
-    assert build_logits_processor(do_sample=True) is None
+    assert build_logits_processor(SamplingParams(temperature=0.5, top_k=3)) is None
+    assert build_logits_processor(SamplingParams(do_sample=True)) is None
+    assert build_logits_processor(SamplingParams(do_sample=True, temperature=0, top_k=3)) is None
+
+
+FULL = SamplingParams(
+    do_sample=True,
+    temperature=0.7,
+    top_k=20,
+    top_p=0.9,
+    min_p=0.05,
+    typical_p=0.95,
+    repetition_penalty=1.3,
+    no_repeat_ngram_size=3,
+    min_new_tokens=20,
+    eos_token_ids=(2,),
+)
 
 
 @pytest.mark.parametrize("logits", CASES, ids=CASE_IDS)
 def test_composition_matches_transformers_order(logits: torch.Tensor) -> None:
     history = HISTORIES[0]
     prompt_len = 20
-    ours = build_logits_processor(
-        do_sample=True,
-        temperature=0.7,
-        top_k=20,
-        top_p=0.9,
-        min_p=0.05,
-        typical_p=0.95,
-        repetition_penalty_value=1.3,
-        no_repeat_ngram_size=3,
-        min_new_tokens=20,
-        eos_token_ids=[2],
-    )
+    ours = build_logits_processor(FULL)
     theirs = tlp.LogitsProcessorList(
         [
             tlp.RepetitionPenaltyLogitsProcessor(1.3),
@@ -226,13 +230,59 @@ def test_composition_matches_transformers_order(logits: torch.Tensor) -> None:
 
 
 def test_greedy_ignores_warpers() -> None:
-    proc = build_logits_processor(do_sample=False, repetition_penalty_value=2.0, top_k=1)
+    proc = build_logits_processor(SamplingParams(repetition_penalty=2.0, top_k=1))
     history = torch.tensor([[3]])
     logits = torch.tensor([[0.0, 1.0, 0.0, 1.5]])
     assert proc is not None
     out = proc(logits, DecodeState(history, 1))
     assert sampling.greedy(out).tolist() == [1]  # 1.5 / 2 < 1.0
     assert torch.isfinite(out).all()  # no top-k filtering in greedy mode
+
+
+WARPS = [
+    dict(temperature=0.7, top_k=20, top_p=0.9, min_p=0.05, typical_p=0.95),
+    dict(top_k=5),
+    dict(top_k=3, top_p=0.5),
+    dict(top_k=1),
+    dict(top_k=VOCAB + 3, top_p=0.8),
+    dict(top_p=0.8, min_p=0.1),
+    dict(temperature=1.3, typical_p=0.5),
+]
+
+
+@pytest.mark.parametrize("logits", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("settings", WARPS)
+def test_fast_warp_equals_the_full_vocabulary_rules(logits: torch.Tensor, settings) -> None:
+    """warp() may cut to top-k candidates; scattered back it equals the reference rules."""
+    reference = build_logits_processor(SamplingParams(do_sample=True, **settings))
+    assert reference is not None
+    expected = reference(logits, DecodeState(DUMMY_IDS, 1))
+    warped, ids = sampling.warp(logits, **settings)
+    if ids is not None:
+        full = torch.full_like(logits, -math.inf)
+        warped = full.scatter(-1, ids, warped)
+    same(warped, expected)
+
+
+def test_warp_keeps_every_token_tied_at_the_top_k_cut() -> None:
+    logits = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0, 2.0]])
+    warped, ids = sampling.warp(logits, top_k=2)
+    assert ids is None  # the tie forced the full-vocabulary path
+    assert torch.isfinite(warped).tolist() == [[True, False, True, True, False, True]]
+
+
+def test_chooser_greedy_and_sampling() -> None:
+    logits = CASES[0]
+    history = HISTORIES[1][:, :10]
+    params = SamplingParams(repetition_penalty=1.5, no_repeat_ngram_size=2)
+    choose, needs_history = build_chooser(params)
+    reference = build_logits_processor(params)
+    assert needs_history and reference is not None
+    state = DecodeState(history, 5)
+    assert torch.equal(choose(logits, state, None), reference(logits, state).argmax(-1))
+    choose, needs_history = build_chooser(SamplingParams(do_sample=True, top_k=1))
+    assert not needs_history
+    assert torch.equal(choose(logits, state, torch.Generator()), logits.argmax(-1))
 
 
 def test_seeded_sampling_is_reproducible() -> None:
@@ -270,3 +320,21 @@ def test_sampled_frequencies_match_softmax_over_temperature() -> None:
     assert chi_square(counts, target) < CHI2_CRITICAL_DF5_P001
     # the test has power: the same counts reject the untempered distribution
     assert chi_square(counts, torch.softmax(logits.double(), dim=-1)) > CHI2_CRITICAL_DF5_P001
+
+
+# Critical value for 2 degrees of freedom at significance 0.001: 13.816.
+CHI2_CRITICAL_DF2_P001 = 13.816
+
+
+def test_top_k_candidate_sampling_matches_the_filtered_softmax() -> None:
+    """The fast path (sampling among top-k candidates) draws from the right distribution."""
+    logits = torch.tensor([1.0, 0.5, 0.0, -0.5, -1.0, 2.0])
+    draws = 20_000
+    choose, _ = build_chooser(SamplingParams(do_sample=True, temperature=0.8, top_k=3))
+    state = DecodeState(torch.zeros(draws, 1, dtype=torch.long), 1)
+    drawn = choose(logits.expand(draws, 6), state, torch.Generator().manual_seed(7))
+    counts = torch.bincount(drawn, minlength=6).double()
+    assert counts[[2, 3, 4]].sum() == 0  # outside the top 3: never drawn
+    kept = torch.tensor([5, 0, 1])
+    target = torch.softmax(logits[kept].double() / 0.8, dim=-1)
+    assert chi_square(counts[kept], target) < CHI2_CRITICAL_DF2_P001
