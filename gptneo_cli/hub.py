@@ -172,15 +172,20 @@ def weights_present(folder: Path) -> bool:
     return (folder / SAFETENSORS).is_file() or (folder / PYTORCH_BIN).is_file()
 
 
-def _has_parts(folder: Path, parts: Iterable[str]) -> bool:
+def _has_parts(folder: Path, parts: Iterable[str], *, tokenizer_required: bool = False) -> bool:
     """Whether a cached snapshot holds what is asked for: config, and weights if wanted.
 
-    Tokenizer files are not required: not every repo ships them, and the tokenizer
-    loader says so with its own message.
+    Tokenizer files are checked only when asked (`tokenizer_required`): not every repo
+    ships them, so offline a snapshot without them is still served and the tokenizer
+    loader says what is missing.
     """
     if not (folder / CONFIG_FILE).is_file():
         return False
-    return "weights" not in parts or weights_present(folder)
+    if "weights" in parts and not weights_present(folder):
+        return False
+    if tokenizer_required and "tokenizer" in parts:
+        return any((folder / name).is_file() for name in ("tokenizer.json", "vocab.json"))
+    return True
 
 
 def plan_files(listing: Iterable[str], parts: Iterable[str] = PARTS) -> list[str]:
@@ -247,7 +252,7 @@ def fetch(
 def _fetch_from_hub(repo_id: str, revision: str, parts: set[str]) -> Snapshot:
     if _COMMIT_RE.match(revision):
         cached = cached_snapshot(repo_id, revision)
-        if cached is not None and _has_parts(cached, parts):
+        if cached is not None and _has_parts(cached, parts, tokenizer_required=True):
             return Snapshot(cached, repo_id, revision, revision)
     if is_offline():
         return _from_cache(repo_id, revision, parts, reason=None)
@@ -292,7 +297,8 @@ def _download(repo_id: str, revision: str, commit: str, listing: dict[str, int |
     def get(filename: str, rev: str) -> Path:
         nonlocal current
         current = filename
-        return Path(hf_hub_download(repo_id, filename, revision=rev, cache_dir=cache))
+        return Path(hf_hub_download(repo_id, filename, revision=rev, cache_dir=cache,
+                                    tqdm_class=_progress_bar(filename)))
 
     try:
         # The config comes first, by branch name so the cache records the ref (offline use
@@ -317,6 +323,19 @@ def _download(repo_id: str, revision: str, commit: str, listing: dict[str, int |
     except Exception as exc:  # noqa: BLE001 - every failure becomes one actionable line
         raise _hub_error(exc, repo_id, revision, current) from exc
     return Snapshot(folder, repo_id, revision, folder.name, listing, wanted)
+
+
+def _progress_bar(filename: str) -> Any:
+    """huggingface_hub's bar (stderr, shown on a terminal only), labelled with the file name
+    instead of the tail of its URL."""
+    from huggingface_hub.utils import tqdm as hub_tqdm
+
+    class FileBar(hub_tqdm):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["desc"] = filename
+            super().__init__(*args, **kwargs)
+
+    return FileBar
 
 
 def _check_gpt_neo(config_file: Path, repo_id: str) -> None:

@@ -163,7 +163,7 @@ def info(model: ModelArg = None, revision: RevisionOpt = None, fmt: FormatOpt = 
         (dtype, format_bytes(n)) for dtype, n in summary.memory().items()
     ])
     if summary.files:
-        heading = "files" if summary.online else "files (cached; the Hub was not asked)"
+        heading = "files" if summary.online else "files on disk (offline)"
         if not is_tty(sys.stdout):
             sys.stdout.write(f"\n{heading}:\n")
         _write_rows(
