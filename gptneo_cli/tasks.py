@@ -86,10 +86,6 @@ class Answer:
 
 
 # ---- shared helpers -----------------------------------------------------------------------
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _max_len(model: torch.nn.Module, max_seq_len: int | None) -> int:
     limit = int(model.config.max_position_embeddings)
     if max_seq_len is None:
@@ -125,11 +121,6 @@ def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Group row indices by similar length so little compute goes to padding."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def _hidden(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden states [B, T, H] of the GPT-Neo body under any head."""
-    return model.transformer(ids, attention_mask=mask).last_hidden_state
 
 
 def encode_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -192,8 +183,8 @@ def classify(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], *,
     """Label each text with a GPTNeoForSequenceClassification checkpoint.
 
     The head reads the hidden state of each text's last real token (the model finds it
-    from the attention mask), as transformers does for an unpadded input. Texts longer than the
-    model's positions keep their first `max_seq_len` tokens.
+    from the attention mask), as transformers does for an unpadded input. Texts longer
+    than the model's positions keep their first `max_seq_len` tokens.
     """
     _check_batch_size(batch_size)
     limit = _max_len(model, max_seq_len)
@@ -201,7 +192,7 @@ def classify(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], *,
     encoded = [_encode_nonempty(tokenizer, t) for t in texts]
     rows = [ids[:limit] for ids in encoded]
     results: list[Classification | None] = [None] * len(rows)
-    device = _device(model)
+    device = model.device
     for group in _batches([len(r) for r in rows], batch_size):
         ids, mask = _right_pad([rows[i] for i in group], _pad_id(tokenizer), device)
         logits = model(ids, attention_mask=mask).logits  # pooled at each last real token
@@ -219,14 +210,15 @@ def _encode_nonempty(tokenizer: Any, text: str) -> list[int]:
     return list(ids)
 
 
-def _verdict(labels: Sequence[str], probs: Sequence[float], **extra: Any) -> Classification:
+def _verdict(labels: Sequence[str], probs: Sequence[float], truncated: int,
+             **zero_shot_fields: Any) -> Classification:
     best = max(range(len(labels)), key=lambda i: probs[i])
     return Classification(
         label=labels[best],
         score=float(probs[best]),
         scores={lab: float(p) for lab, p in zip(labels, probs, strict=True)},
-        truncated_tokens=extra.pop("truncated", 0),
-        **extra,
+        truncated_tokens=truncated,
+        **zero_shot_fields,
     )
 
 
@@ -324,10 +316,10 @@ def _continuation_logliks(model: torch.nn.Module, tokenizer: Any,
     """Sum of log p(continuation tokens | prefix) for each (prefix, continuation) pair."""
     rows = [prefix + cont for prefix, cont in pairs]
     out = [0.0] * len(rows)
-    device = _device(model)
+    device = model.device
     for group in _batches([len(r) for r in rows], batch_size):
         ids, mask = _right_pad([rows[i] for i in group], _pad_id(tokenizer), device)
-        hidden = _hidden(model, ids, mask)
+        hidden = model.transformer(ids, attention_mask=mask).last_hidden_state  # [B, T, H]
         # Position t predicts token t+1: gather exactly the positions that predict labels.
         owner, positions, targets = [], [], []
         for row, i in enumerate(group):
@@ -360,7 +352,7 @@ def tag(model: torch.nn.Module, tokenizer: Any, text: str, *, max_seq_len: int |
         return []
     limit = _max_len(model, max_seq_len)
     id2label = model.config.id2label
-    device = _device(model)
+    device = model.device
     labels: list[str] = [""] * len(ids)
     probs: list[float] = [0.0] * len(ids)
     done = 0
@@ -453,7 +445,7 @@ def answer(model: torch.nn.Module, tokenizer: Any, question: str, context: str, 
     if len(q_ids) >= limit:
         raise ValueError(f"question is {len(q_ids)} tokens; it must be shorter than {limit}")
     spans = _windows(len(ctx_ids), limit - len(q_ids), stride)
-    device = _device(model)
+    device = model.device
     best: tuple[float, int, int, int] | None = None
     for w, (start, end) in enumerate(spans):
         ids = torch.tensor([q_ids + ctx_ids[start:end]], dtype=torch.long, device=device)
