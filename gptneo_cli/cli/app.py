@@ -10,7 +10,7 @@ import sys
 import typer
 
 from .. import __version__
-from . import answer, chat, classify, generate, info, models, tag
+from . import answer, chat, classify, finetune, generate, info, models, tag, train_classifier
 from .common import guard_app, run_app, state
 
 app = typer.Typer(
@@ -45,6 +45,8 @@ def root(
 
 for _module in (generate, chat, info, classify, tag, answer, models):
     _module.register(app)
+finetune.register(app)
+train_classifier.register(app)
 
 guard_app(app)
 
