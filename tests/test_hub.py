@@ -520,3 +520,15 @@ def test_pinned_commit_with_only_the_config_cached_still_fetches_the_rest(env, s
     assert sorted(server.downloaded()) == sorted(
         ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
          "model.safetensors"])
+
+
+def test_hf_hub_cache_decides_where_models_go(env, server, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    result = env.cli("models", "pull", "tiny/gpt-neo", HF_HUB_CACHE=str(elsewhere))
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()).is_relative_to(elsewhere)
+    assert not env.cache.exists()
+    listed = json.loads(env.cli("models", "list", "--format", "json",
+                                HF_HUB_CACHE=str(elsewhere)).stdout)
+    assert listed["cache_dir"] == str(elsewhere) and len(listed["models"]) == 1
+    assert json.loads(env.cli("models", "list", "--format", "json").stdout)["models"] == []
