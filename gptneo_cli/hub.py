@@ -318,8 +318,6 @@ def _download(repo_id: str, revision: str, commit: str, listing: dict[str, int |
             get(name, commit)
     except GPTNeoError:
         raise
-    except KeyboardInterrupt:
-        raise
     except Exception as exc:  # noqa: BLE001 - every failure becomes one actionable line
         raise _hub_error(exc, repo_id, revision, current) from exc
     return Snapshot(folder, repo_id, revision, folder.name, listing, wanted)
@@ -511,7 +509,7 @@ class CachedModel:
     refs: tuple[str, ...]
     folder: Path
     size_on_disk: int
-    config: GPTNeoConfig
+    config: GPTNeoConfig | None  # None only for non-GPT-Neo repos (cached_models(include_all))
     complete: bool
 
     @property
@@ -520,8 +518,8 @@ class CachedModel:
         return ",".join(sorted(self.refs)) or self.commit[:12]
 
     @property
-    def num_parameters(self) -> int:
-        return self.config.num_parameters()
+    def num_parameters(self) -> int | None:
+        return None if self.config is None else self.config.num_parameters()
 
 
 def cached_models(include_all: bool = False) -> list[CachedModel]:
@@ -540,12 +538,12 @@ def cached_models(include_all: bool = False) -> list[CachedModel]:
         if repo.repo_type != "model":
             continue
         for rev in repo.revisions:
+            config: GPTNeoConfig | None = None
             try:
                 config = GPTNeoConfig.from_json_file(rev.snapshot_path / CONFIG_FILE)
             except ConfigError:
                 if not include_all:
                     continue
-                config = None  # type: ignore[assignment]
             models.append(CachedModel(
                 repo_id=repo.repo_id,
                 commit=rev.commit_hash,

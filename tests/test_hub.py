@@ -328,6 +328,10 @@ def test_not_a_gpt_neo_repo_stops_before_the_weights(env, server):
     line = one_error_line(env.cli("models", "pull", "tiny/gpt2"))
     assert "not a GPT-Neo model" in line and "'gpt2'" in line
     assert server.downloaded() == ["config.json"]
+    # Its cached config.json is not listed as a model, but can be removed.
+    assert json.loads(env.cli("models", "list", "--format", "json").stdout)["models"] == []
+    assert env.cli("models", "rm", "tiny/gpt2", "--yes").returncode == 0
+    assert not (env.cache / "models--tiny--gpt2").exists()
 
 
 def test_bin_weights_only_when_there_are_no_safetensors(env, server):

@@ -81,7 +81,7 @@ def list_models(fmt: FormatOpt = "text", debug: DebugOpt = False) -> None:
                          "Download one with: gptneo models pull 125m\n")
         return
     rows = [
-        [m.repo_id, m.revision, format_bytes(m.size_on_disk), format_count(m.num_parameters),
+        [m.repo_id, m.revision, format_bytes(m.size_on_disk), format_count(m.num_parameters or 0),
          "" if m.complete else "no weights"]
         for m in models
     ]
