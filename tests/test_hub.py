@@ -536,3 +536,13 @@ def test_hf_hub_cache_decides_where_models_go(env, server, tmp_path):
                                 HF_HUB_CACHE=str(elsewhere)).stdout)
     assert listed["cache_dir"] == str(elsewhere) and len(listed["models"]) == 1
     assert json.loads(env.cli("models", "list", "--format", "json").stdout)["models"] == []
+
+
+def test_bundled_models_resolve_by_name(tmp_path, monkeypatch):
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "config.json").write_text("{}")
+    monkeypatch.setattr(hub, "BUNDLED_DIR", tmp_path)
+    monkeypatch.chdir(tmp_path / "tiny")  # no folder named "tiny" here
+    assert hub.resolve_model_dir("tiny") == tmp_path / "tiny"
+    with pytest.raises(ModelNotFoundError):
+        hub.parse_model_name("tiny/")
