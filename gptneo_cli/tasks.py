@@ -358,7 +358,7 @@ def tag(model: torch.nn.Module, tokenizer: Any, text: str, *, max_seq_len: int |
     done = 0
     for start, end in _windows(len(ids), limit, stride):
         window = torch.tensor([ids[start:end]], dtype=torch.long, device=device)
-        logits = model(window, attention_mask=torch.ones_like(window)).logits[0]
+        logits = model(window).logits[0]
         p, best = torch.softmax(logits.float(), dim=-1).max(dim=-1)
         for k in range(done - start, end - start):
             labels[start + k] = id2label[int(best[k])]
@@ -393,10 +393,9 @@ def merge_spans(text: str, labels: Sequence[str], offsets: Sequence[tuple[int, i
         if prefix == "O":
             open_type = None
             continue
-        joins = open_type == kind and prefix in ("", "I", "E", "L")
-        if joins:
-            name, s, _, ps = spans[-1]
-            spans[-1] = (name, s, max(b, spans[-1][2]), [*ps, p])
+        if open_type == kind and prefix in ("", "I", "E", "L"):
+            name, start, end, ps = spans[-1]
+            spans[-1] = (name, start, max(b, end), [*ps, p])
         else:
             spans.append((kind, a, b, [p]))
         open_type = None if prefix in ("E", "L", "S", "U") else kind
@@ -449,7 +448,7 @@ def answer(model: torch.nn.Module, tokenizer: Any, question: str, context: str, 
     best: tuple[float, int, int, int] | None = None
     for w, (start, end) in enumerate(spans):
         ids = torch.tensor([q_ids + ctx_ids[start:end]], dtype=torch.long, device=device)
-        out = model(ids, attention_mask=torch.ones_like(ids))
+        out = model(ids)
         q = len(q_ids)
         s_lp = torch.log_softmax(out.start_logits[0, q:].float(), dim=-1)
         e_lp = torch.log_softmax(out.end_logits[0, q:].float(), dim=-1)
