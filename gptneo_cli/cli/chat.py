@@ -54,6 +54,8 @@ from .common import (
 from .output import Diagnostics, TextStream, is_tty
 
 CHAT_PANEL = "Chat"
+#: GenerationConfig fields a chat cannot use: the template owns the stops, replies stream.
+UNSETTABLE = ("stop", "num_return_sequences")
 BLOCK = '"""'
 HELP = """\
 /help               this list
@@ -155,6 +157,7 @@ class ChatSession:
     ) -> None:
         self.loaded, self.config, self.conv, self.diag = loaded, config, conversation, diag
         self.positions = loaded.model.config.max_position_embeddings
+        self.replies = 0
 
     def _max_new(self) -> int:
         from ..generation import DEFAULT_MAX_NEW_TOKENS
@@ -176,6 +179,9 @@ class ChatSession:
                 f"{kept} kept with the system text)"
             )
         config = self.config.replace(stop=[*self.config.stop, *self.conv.stops()])
+        if config.seed is not None:  # reproducible sessions, yet /regen gives a new reply
+            config = config.replace(seed=config.seed + self.replies)
+        self.replies += 1
         run = stream(self.loaded.model, self.loaded.tokenizer, prompt, config)
         pieces: list[str] = []
         try:
@@ -248,10 +254,10 @@ class ChatSession:
             raise ValueError("usage: /set KEY VALUE, e.g. /set temperature 0.7")
         if key in ("system", "user_prefix", "assistant_prefix"):
             setattr(self.conv, key, raw)
-        elif key in self.config.to_dict() and key not in ("stop",):
+        elif key in self.config.to_dict() and key not in UNSETTABLE:
             self.config = self.config.replace(**{key: _parse_value(raw)})
         else:
-            names = [k for k in self.config.to_dict() if k != "stop"]
+            names = [k for k in self.config.to_dict() if k not in UNSETTABLE]
             raise ValueError(f"unknown setting {key!r}; settable: {', '.join(names)}, "
                              "system, user_prefix, assistant_prefix")
         self.diag.note(f"({key} = {raw})")

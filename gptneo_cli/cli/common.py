@@ -264,9 +264,9 @@ def spinner(message: str) -> Iterator[None]:
     if not _isatty(sys.stderr):
         yield
         return
-    from rich.console import Console
+    from .output import make_console
 
-    with Console(stderr=True).status(f"{message}…", spinner="dots"):
+    with make_console(sys.stderr).status(f"{message}…", spinner="dots"):
         yield
 
 

@@ -329,6 +329,8 @@ def result_record(
     loaded: LoadedModel, prompt: str, result: Any, config: Any, index: int = 0, sequence: int = 0
 ) -> dict[str, Any]:
     """The JSON object for one result (the schema documented in the README)."""
+    from ..attention import choose_backend
+
     model = loaded.model
     record: dict[str, Any] = {
         "model": loaded.options.model,
@@ -352,7 +354,7 @@ def result_record(
             **config.to_dict(),
             "device": str(model.device),
             "dtype": str(model.dtype).removeprefix("torch."),
-            "attn": model.attn_implementation,
+            "attn": choose_backend(model.attn_implementation, model.device, model.dtype),
         },
     }
     if config.logprobs is not None and result.logprobs is not None:

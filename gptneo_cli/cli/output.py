@@ -26,6 +26,18 @@ def is_tty(stream: Any) -> bool:
         return False
 
 
+def make_console(stream: TextIO) -> Any:
+    """A Rich console on `stream`; NO_COLOR removes every escape code, not only colours."""
+    from rich.console import Console
+
+    return Console(
+        file=stream,
+        highlight=False,
+        soft_wrap=True,
+        color_system=None if no_color() else "auto",
+    )
+
+
 def check_format(fmt: str) -> str:
     fmt = fmt.strip().lower()
     if fmt not in FORMATS:
@@ -40,13 +52,7 @@ class TextStream:
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stdout
         self.tty = is_tty(self.stream)
-        self._console = None
-        if self.tty:
-            from rich.console import Console
-
-            self._console = Console(
-                file=self.stream, highlight=False, no_color=no_color(), soft_wrap=True
-            )
+        self._console = make_console(self.stream) if self.tty else None
         self._at_line_start = True
 
     def prompt(self, text: str) -> None:
@@ -92,16 +98,8 @@ class Diagnostics:
     """Messages for humans on stderr: dim notes, yellow warnings, key/value tables."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
-        from rich.console import Console
-
         self.stream = stream or sys.stderr
-        self.console = Console(
-            file=self.stream,
-            highlight=False,
-            no_color=no_color(),
-            force_terminal=None,
-            soft_wrap=True,
-        )
+        self.console = make_console(self.stream)
 
     def note(self, message: str) -> None:
         self.console.print(message, style="dim", markup=False)
@@ -122,7 +120,6 @@ def write_table(title: str, rows: list[tuple[str, str]], stream: TextIO | None =
             out.write(f"  {key}: {value}\n")
         out.flush()
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title, show_header=False, title_justify="left", box=None)
@@ -130,4 +127,4 @@ def write_table(title: str, rows: list[tuple[str, str]], stream: TextIO | None =
     table.add_column()
     for key, value in rows:
         table.add_row(key, value)
-    Console(file=out, highlight=False, no_color=no_color()).print(table)
+    make_console(out).print(table)

@@ -1,0 +1,207 @@
+"""`gptneo chat`: piped stdin (one line per turn, exits at EOF) and the interactive REPL driven
+through a pseudo-terminal with pexpect (slash commands, history, Ctrl-C, Ctrl-D)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from helpers_cli import ANSI_ESCAPE, causal_checkpoint, cli_env, gptneo_command, run_cli
+
+from gptneo_cli.cli.chat import Conversation, Turn
+
+pexpect = pytest.importorskip("pexpect")
+
+# A prefix made of several tokens, so a random model never writes it by chance and replies
+# run to their token limit (the prefix is also the stop string).
+USER = "Questioner:"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return str(causal_checkpoint(tmp_path_factory, max_positions=2048))
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    return str(causal_checkpoint(tmp_path_factory, max_positions=64))
+
+
+def chat_piped(model: str, home, lines: list[str], *args: str):
+    return run_cli("chat", "--model", model, "--device", "cpu", "--seed", "1",
+                   "--user-prefix", USER, *args, home=home, input="\n".join(lines) + "\n",
+                   timeout=180)
+
+
+# --------------------------------------------------------------------------- the template
+
+
+def test_template_renders_turns_and_keeps_system_when_sliding():
+    conv = Conversation(system="Be kind.", turns=[Turn("hi", "hello"), Turn("how?", "fine")])
+    assert conv.render("bye") == (
+        "Be kind.\n\nUser: hi\nAssistant: hello\nUser: how?\nAssistant: fine\nUser: bye\nAssistant:"
+    )
+    # budget in characters here: only the newest turn fits next to the system text
+    prompt, dropped = conv.fit("bye", len, len(conv.render("bye")) - 1)
+    assert dropped == 1 and conv.first_in_context == 1
+    assert prompt.startswith("Be kind.\n\nUser: how?") and "hi" not in prompt
+    with pytest.raises(ValueError, match="system text and this message"):
+        conv.fit("bye", len, 10)
+    assert conv.stops() == ["User:"]
+
+
+# --------------------------------------------------------------------------- piped stdin
+
+
+def test_piped_chat_one_turn_per_line_and_exits_at_eof(model, tmp_path):
+    done = chat_piped(model, tmp_path, [
+        "/set ignore_eos true", "hello", "", "how are you", "/save conv.json",
+    ], "--max-new-tokens", "6", "--system", "You are terse.")
+    assert done.returncode == 0, done.stderr.decode()
+    assert ANSI_ESCAPE not in done.stdout
+    saved = json.loads((tmp_path / "conv.json").read_text(encoding="utf-8"))
+    assert [t["user"] for t in saved["turns"]] == ["hello", "how are you"]
+    assert saved["system"] == "You are terse." and saved["user_prefix"] == USER
+    assert saved["settings"]["ignore_eos"] is True and saved["settings"]["seed"] == 1
+    out = done.stdout.decode()
+    first, second = (t["assistant"] for t in saved["turns"])
+    assert first and second and out.index(first) < out.rindex(second)
+    assert b"Traceback" not in done.stderr
+
+
+def test_piped_slash_commands_edit_the_conversation(model, tmp_path):
+    done = chat_piped(model, tmp_path, [
+        "one", "two", "/save a.json", "/undo", "/save b.json", "/regen", "/save c.json",
+        "/system Speak like a pirate.", "/clear", "/save d.json", "/load a.json",
+        "/save e.json", "/set temperature -1", "/bogus", "/exit", "never sent",
+    ], "--max-new-tokens", "4")
+    assert done.returncode == 0, done.stderr.decode()
+    read = lambda name: json.loads((tmp_path / name).read_text(encoding="utf-8"))  # noqa: E731
+    a, b, c, d, e = (read(f"{x}.json") for x in "abcde")
+    assert [t["user"] for t in a["turns"]] == ["one", "two"]
+    assert [t["user"] for t in b["turns"]] == ["one"]
+    assert [t["user"] for t in c["turns"]] == ["one"]  # /regen replaced the last reply
+    assert d["turns"] == [] and d["system"] == "Speak like a pirate."
+    assert e["turns"] == a["turns"]
+    err = done.stderr.decode()
+    assert "temperature must be >= 0" in err and "unknown command /bogus" in err
+    assert "never sent" not in json.dumps(e)
+
+
+def test_context_slides_and_says_so(small_model, tmp_path):
+    lines = [f"message number {i} is here" for i in range(6)] + ["/save s.json"]
+    done = chat_piped(small_model, tmp_path, ["/set ignore_eos true", *lines],
+                      "--max-new-tokens", "8", "--system", "SYS")
+    assert done.returncode == 0, done.stderr.decode()
+    assert "dropped out" in done.stderr.decode()
+    saved = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
+    assert len(saved["turns"]) == 6  # dropped from the context, not from the transcript
+
+
+def test_piped_chat_rejects_bad_values_before_loading(tmp_path):
+    done = run_cli("chat", "--temperature", "-2", home=tmp_path, input="hi\n")
+    assert done.returncode == 2
+    assert done.stderr.decode().startswith("Error: temperature must be >= 0")
+
+
+# --------------------------------------------------------------------------- pseudo-terminal
+
+
+def spawn(model: str, home, *args: str):
+    env = cli_env(home, NO_COLOR="1", TERM="xterm")
+    cmd = gptneo_command()
+    child = pexpect.spawn(cmd[0], [*cmd[1:], "chat", "--model", model, "--device", "cpu",
+                                   "--seed", "1", "--user-prefix", USER, *args],
+                          env=env, cwd=str(home), timeout=120, encoding="utf-8",
+                          dimensions=(40, 200))
+    child.logfile_read = sys.stderr if "-s" in sys.argv else None
+    child.expect_exact(">>> ")
+    return child
+
+
+def finish(child) -> int:
+    child.expect(pexpect.EOF)
+    child.close()
+    return child.exitstatus
+
+
+def test_pty_slash_commands_and_multiline(model, tmp_path):
+    child = spawn(model, tmp_path, "--max-new-tokens", "5")
+    child.sendline("/help")
+    child.expect_exact("/regen")
+    child.expect_exact(">>> ")
+    child.sendline("/set temperature 0.5")
+    child.expect_exact("(temperature = 0.5)")
+    child.sendline("/set bogus 1")
+    child.expect_exact("unknown setting 'bogus'")
+    child.sendline("/system You are terse.")
+    child.expect_exact("(system text set)")
+    child.sendline("/nope")
+    child.expect_exact("unknown command /nope")
+    child.expect_exact(">>> ")
+    child.sendline("hello there")
+    child.expect_exact(">>> ")
+    child.sendline('"""')
+    child.expect_exact("... ")
+    child.sendline("line one")
+    child.expect_exact("... ")
+    child.sendline('line two"""')
+    child.expect_exact(">>> ")
+    child.sendline("/show")
+    child.expect(r"turns\s+2 \(2 in the context\)")
+    child.expect(r"temperature\s+0\.5")
+    child.expect_exact(">>> ")
+    child.sendline("/save s.json")
+    child.expect_exact("(saved 2 turns")
+    child.sendline("/exit")
+    assert finish(child) == 0
+    saved = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
+    assert [t["user"] for t in saved["turns"]] == ["hello there", "line one\nline two"]
+    assert saved["system"] == "You are terse."
+    assert saved["settings"]["temperature"] == 0.5
+
+
+def test_pty_history_persists_across_sessions(model, tmp_path):
+    child = spawn(model, tmp_path, "--max-new-tokens", "3")
+    child.sendline("remember this line")
+    child.expect_exact(">>> ")
+    child.sendline("/exit")
+    assert finish(child) == 0
+    history = tmp_path / "data" / "gptneo" / "chat_history"
+    assert history.read_text(encoding="utf-8").splitlines()[-2:] == [
+        "remember this line", "/exit"
+    ]
+
+    child = spawn(model, tmp_path, "--max-new-tokens", "3")
+    child.send("\x1b[A\x1b[A")  # Up twice: past "/exit" to the message
+    child.expect_exact("remember this line")
+    child.send("\r")
+    child.expect_exact(">>> ")
+    child.sendline("/save s.json")
+    child.expect_exact(">>> ")
+    child.sendcontrol("d")  # Ctrl-D leaves
+    assert finish(child) == 0
+    saved = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
+    assert [t["user"] for t in saved["turns"]] == ["remember this line"]
+
+
+def test_pty_ctrl_c_stops_the_reply_and_keeps_the_session(model, tmp_path):
+    child = spawn(model, tmp_path, "--max-new-tokens", "1800")
+    child.sendline("/set ignore_eos true")
+    child.expect_exact(">>> ")
+    child.sendline("tell me a long story")
+    child.expect_exact("tell me a long story")
+    child.expect(r"\S")  # the reply is streaming
+    child.sendcontrol("c")
+    child.expect_exact("(reply stopped)")
+    child.expect_exact(">>> ")
+    child.sendcontrol("c")  # Ctrl-C at the prompt: just a fresh prompt
+    child.expect_exact(">>> ")
+    child.sendline("/save s.json")
+    child.expect_exact("(saved 1 turns")
+    child.sendcontrol("d")
+    assert finish(child) == 0
+    saved = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
+    (turn,) = saved["turns"]
+    assert turn["user"] == "tell me a long story" and turn["assistant"]
