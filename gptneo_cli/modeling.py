@@ -8,6 +8,7 @@ MLP, attention, block, the base model, then the heads and loading.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -182,6 +183,8 @@ class GPTNeoPreTrainedModel(nn.Module):
         """GPT-Neo's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorms."""
         std = float(self.config.extra.get("initializer_range", 0.02))
         for m in (module or self).modules():
+            if getattr(m, "weight", None) is not None and m.weight.is_meta:
+                continue  # built for loading: the checkpoint provides the values
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=std)
                 if m.bias is not None:
@@ -221,7 +224,7 @@ class GPTNeoPreTrainedModel(nn.Module):
         choose_backend(attn, dev, dt)
         with torch.device("meta"):
             model = cls(config, attn=attn)
-        model._load(iter_tensors(files), dev, dt, source=folder.name or str(folder))
+        model._load(iter_tensors(files, dt), dev, dt, source=folder.name or str(folder))
         return model.eval()
 
     def _checkpoint_name(self, name: str) -> str | None:
@@ -236,9 +239,16 @@ class GPTNeoPreTrainedModel(nn.Module):
             return name[len("transformer."):] if is_base else name
         return name if is_base else f"transformer.{name}"
 
-    def _load(self, tensors: Any, device: torch.device, dtype: torch.dtype, source: str) -> None:
-        expected = dict(self.named_parameters())
-        state: dict[str, torch.Tensor] = {}
+    def _match_checkpoint(
+        self, tensors: Any, keep: Callable[[str, torch.Tensor], None], source: str
+    ) -> list[str]:
+        """Hand each checkpoint tensor to `keep(our_name, tensor)` after checking it fits.
+
+        Raises WeightsError listing every missing, unexpected or wrongly shaped tensor.
+        Returns the head parameters the checkpoint lacks (they get a random init).
+        """
+        expected = {name: tuple(p.shape) for name, p in self.named_parameters()}
+        seen: set[str] = set()
         unexpected: list[str] = []
         wrong: list[str] = []
         for raw, tensor in tensors:
@@ -247,13 +257,12 @@ class GPTNeoPreTrainedModel(nn.Module):
                 continue
             if name not in expected:
                 unexpected.append(raw)
-            elif tuple(tensor.shape) != tuple(expected[name].shape):
-                wrong.append(
-                    f"{raw} {list(tensor.shape)} (expected {list(expected[name].shape)})"
-                )
+            elif tuple(tensor.shape) != expected[name]:
+                wrong.append(f"{raw} {list(tensor.shape)} (expected {list(expected[name])})")
             else:
-                state[name] = tensor.to(device=device, dtype=dtype)
-        missing = [n for n in expected if n not in state]
+                keep(name, tensor)
+                seen.add(name)
+        missing = [n for n in expected if n not in seen]
         new_head = [n for n in missing if n in self.head_params]
         missing = [n for n in missing if n not in self.head_params]
         problems = []
@@ -265,6 +274,15 @@ class GPTNeoPreTrainedModel(nn.Module):
             problems.append("wrongly shaped " + _listing(wrong))
         if problems:
             raise WeightsError(f"checkpoint {source} does not fit: " + "; ".join(problems))
+        return new_head
+
+    def _load(self, tensors: Any, device: torch.device, dtype: torch.dtype, source: str) -> None:
+        state: dict[str, torch.Tensor] = {}
+
+        def keep(name: str, tensor: torch.Tensor) -> None:
+            state[name] = tensor.to(device=device, dtype=dtype)
+
+        new_head = self._match_checkpoint(tensors, keep, source)
         self.load_state_dict(state, strict=False, assign=True)
         if new_head:
             for module_name in sorted({n.split(".", 1)[0] for n in new_head}):
@@ -300,14 +318,20 @@ def _listing(names: list[str], limit: int = 8) -> str:
     return f"{len(names)} tensor(s): {shown}{more}"
 
 
+def _embedding(count: int, dim: int) -> nn.Embedding:
+    """An embedding initialised by `init_weights` only. nn.Embedding's own init would run
+    normal_ on meta tensors during loading, which imports torch._dynamo: seconds of load time."""
+    return nn.Embedding(count, dim, _weight=torch.empty(count, dim))
+
+
 class GPTNeoModel(GPTNeoPreTrainedModel):
     """Embeddings, the stack of blocks and the final LayerNorm; returns hidden states."""
 
     def __init__(self, config: GPTNeoConfig, attn: str = "auto") -> None:
         super().__init__(config, attn)
         self._attn = attn
-        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.wte = _embedding(config.vocab_size, config.hidden_size)
+        self.wpe = _embedding(config.max_position_embeddings, config.hidden_size)
         self.h = nn.ModuleList(GPTNeoBlock(config, i) for i in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.init_weights()
@@ -323,22 +347,10 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
     ) -> GPTNeoOutput:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
-        batch, new = input_ids.shape
-        past = cache.length if cache is not None else 0
-        limit = self.config.max_position_embeddings
-        if past + new > limit:
-            raise ValueError(
-                f"input of {past + new} positions is longer than the model's {limit}; "
-                "shorten the prompt or generate fewer tokens"
-            )
-        if new == 0:
-            raise ValueError("input_ids is empty")
-
-        key_valid = self._key_valid(attention_mask, cache, batch, past, new)
-        if position_ids is None:
-            position_ids = self._positions(key_valid, past, new, input_ids.device)
+        past, key_valid, position_ids = self.prepare_inputs(
+            self.config, input_ids, attention_mask, position_ids, cache
+        )
+        new = input_ids.shape[1]
         x = self.wte(input_ids) + self.wpe(position_ids)
 
         backend = choose_backend(self._attn, x.device, x.dtype)
@@ -363,6 +375,36 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
             hidden_states=tuple(hidden) if output_hidden_states else None,
             cache=cache,
         )
+
+    @classmethod
+    def prepare_inputs(
+        cls,
+        config: GPTNeoConfig,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> tuple[int, torch.Tensor | None, torch.Tensor]:
+        """Check the inputs; return (cached steps, key validity or None, position ids).
+
+        Shared with the inference-only model in fast.py so both treat inputs alike.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
+        batch, new = input_ids.shape
+        past = cache.length if cache is not None else 0
+        limit = config.max_position_embeddings
+        if past + new > limit:
+            raise ValueError(
+                f"input of {past + new} positions is longer than the model's {limit}; "
+                "shorten the prompt or generate fewer tokens"
+            )
+        if new == 0:
+            raise ValueError("input_ids is empty")
+        key_valid = cls._key_valid(attention_mask, cache, batch, past, new)
+        if position_ids is None:
+            position_ids = cls._positions(key_valid, past, new, input_ids.device)
+        return past, key_valid, position_ids
 
     @staticmethod
     def _key_valid(

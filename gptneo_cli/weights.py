@@ -1,19 +1,25 @@
 """Read checkpoint tensors: safetensors (single or sharded) first, pytorch_model.bin otherwise.
 
-Safetensors are memory-mapped by the safetensors library and each tensor is handed to the
-model as it is read, so no second full copy of the weights is ever held. A .bin file is read
+Safetensors are read with plain file reads straight into each tensor's final buffer, in
+chunks, converting the dtype on the way. The process never holds the file's bytes and the
+converted weights at once, so peak memory while loading stays near the converted weights'
+size (a bf16 model from an fp32 file costs half the file, not one and a half), and the
+weights never depend on the file staying unchanged (no lingering mmap). A .bin file is read
 with `torch.load(weights_only=True)` only: a pickle that is more than tensors is refused.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import pickle
+import struct
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import WeightsError
@@ -22,6 +28,23 @@ SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PYTORCH_BIN = "pytorch_model.bin"
 PYTORCH_BIN_INDEX = "pytorch_model.bin.index.json"
+
+#: safetensors dtype names -> torch dtypes (the ones a GPT-Neo checkpoint can hold).
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+#: Bytes read per chunk when converting; bounds the extra memory a conversion needs.
+CHUNK_BYTES = 16 * 2**20
+_MAX_HEADER = 100 * 2**20
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -48,20 +71,146 @@ def _shards(index_path: Path) -> list[Path]:
     return [index_path.parent / n for n in names]
 
 
-def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) for every tensor in the checkpoint files, one at a time."""
+def iter_tensors(
+    files: list[Path], dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for every tensor in the checkpoint files, one at a time.
+
+    With `dtype`, floating-point tensors arrive already converted (chunk by chunk for
+    safetensors, so no full-size copy in the file's dtype is ever made).
+    """
     for path in files:
         if path.suffix == ".safetensors":
-            yield from _iter_safetensors(path)
+            yield from _iter_safetensors(path, dtype)
         else:
-            yield from _load_bin(path).items()
+            for name, tensor in _load_bin(path).items():
+                yield name, _convert(tensor, dtype)
 
 
-def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _convert(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor
+    return tensor.to(dtype)
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
+    """(tensor entries, offset of the data section); checks every entry against the file."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                raise ValueError("file shorter than its header")
+            (length,) = struct.unpack("<Q", head)
+            if length > min(_MAX_HEADER, size - 8):
+                raise ValueError("header length out of range")
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise WeightsError(f"{path.name} is not a readable safetensors file ({exc})") from exc
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path.name} is not a readable safetensors file (header not a map)")
+    header.pop("__metadata__", None)
+    data_start, data_size = 8 + length, size - 8 - length
+    for name, entry in header.items():
+        problem = _entry_problem(entry, data_size)
+        if problem:
+            raise WeightsError(
+                f"{path.name} is not a readable safetensors file ({name}: {problem})"
+            )
+    return header, data_start
+
+
+def _entry_problem(entry: object, data_size: int) -> str | None:
+    if not isinstance(entry, dict):
+        return "entry is not a map"
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in _ST_DTYPES:
+        return f"unsupported dtype {dtype!r}"
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        return "bad shape"
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets)):
+        return "bad data_offsets"
+    begin, end = offsets
+    numel = 1
+    for d in shape:
+        numel *= d
+    if not 0 <= begin <= end <= data_size:
+        return "data lies outside the file (truncated?)"
+    if end - begin != numel * _ST_DTYPES[dtype].itemsize:
+        return "data size does not match shape and dtype"
+    return None
+
+
+def _iter_safetensors(
+    path: Path, dtype: torch.dtype | None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    if sys.byteorder != "little":  # pragma: no cover - safetensors data is little-endian
+        yield from _iter_safetensors_library(path, dtype)
+        return
+    header, data_start = read_safetensors_header(path)
+    # File order keeps the reads sequential.
+    entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+    try:
+        with path.open("rb", buffering=0) as handle:
+            scratch: torch.Tensor | None = None
+            for name, entry in entries:
+                stored = _ST_DTYPES[entry["dtype"]]
+                target = stored if dtype is None or not stored.is_floating_point else dtype
+                out = torch.empty(entry["shape"], dtype=target)
+                begin = data_start + entry["data_offsets"][0]
+                if target == stored:
+                    _read_into(handle, begin, _bytes_of(out))
+                else:
+                    if scratch is None:
+                        scratch = torch.empty(CHUNK_BYTES, dtype=torch.uint8)
+                    _read_converting(handle, begin, stored, out, scratch)
+                yield name, out
+    except OSError as exc:
+        raise WeightsError(f"{path.name} is not a readable safetensors file ({exc})") from exc
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory (any dtype, no numpy)."""
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
+
+
+def _read_into(handle: BinaryIO, offset: int, view: memoryview) -> None:
+    handle.seek(offset)
+    done, total = 0, len(view)
+    while done < total:
+        got = handle.readinto(view[done:])
+        if not got:
+            raise OSError("unexpected end of file")
+        done += got
+
+
+def _read_converting(
+    handle: BinaryIO, offset: int, stored: torch.dtype, out: torch.Tensor, scratch: torch.Tensor
+) -> None:
+    """Read `out.numel()` values of dtype `stored` at `offset` into `out`, chunk by chunk."""
+    flat = out.view(-1)
+    per_chunk = max(1, scratch.numel() // stored.itemsize)
+    buffer = scratch[: per_chunk * stored.itemsize]
+    for start in range(0, flat.numel(), per_chunk):
+        count = min(per_chunk, flat.numel() - start)
+        piece = buffer[: count * stored.itemsize]
+        _read_into(handle, offset + start * stored.itemsize, _bytes_of(piece))
+        flat[start : start + count].copy_(piece.view(stored))
+
+
+def _iter_safetensors_library(
+    path: Path, dtype: torch.dtype | None
+) -> Iterator[tuple[str, torch.Tensor]]:  # pragma: no cover - big-endian hosts only
+    from safetensors import SafetensorError, safe_open
+
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             for name in handle.keys():  # noqa: SIM118 - safe_open is not a dict
-                yield name, handle.get_tensor(name)
+                yield name, _convert(handle.get_tensor(name), dtype)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise WeightsError(f"{path.name} is not a readable safetensors file ({exc})") from exc
 
