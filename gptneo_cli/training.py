@@ -1172,7 +1172,7 @@ def train_classifier(
             step += 1
             tokens += sum(len(train_ids[i]) for i in chunk)
             elapsed = time.perf_counter() - start
-            reporter.step(StepStats(step, total_steps, epoch, float(loss), lr,
+            reporter.step(StepStats(step, total_steps, epoch, float(loss.detach()), lr,
                                     tokens / elapsed if elapsed else 0.0, elapsed,
                                     elapsed / step * (total_steps - step)))
         epoch += 1
