@@ -65,6 +65,7 @@ class Item:
     source: str
     text: str | None = None
     error: str | None = None
+    result: Any = None
 
 
 def classify(
@@ -137,13 +138,11 @@ def classify(
             results = tasks.classify(loaded.model, loaded.tokenizer, texts,
                                      batch_size=batch_size, max_seq_len=max_seq_len)
         for item, result in zip(good, results, strict=True):
+            item.result = result
             if result.truncated_tokens:
                 Diagnostics().warn(f"{item.source}: the last {result.truncated_tokens} tokens "
                                    "did not fit the model and were not read")
-        by_item = {id(item): result for item, result in zip(good, results, strict=True)}
-        render(items, by_item, fmt)
-    elif fmt != "text":
-        render(items, {}, fmt)
+    render(items, fmt)
     if len(good) < len(items):
         raise typer.Exit(EXIT_RUNTIME)
 
@@ -258,14 +257,10 @@ def console() -> Any:
 
 
 # ---- output -------------------------------------------------------------------------------
-def render(items: list[Item], results: dict[int, Any], fmt: str) -> None:
-    records = []
-    for item in items:
-        result = results.get(id(item))
-        if result is None:
-            records.append({"source": item.source, "error": item.error})
-        else:
-            records.append({"source": item.source, **result.to_dict()})
+def render(items: list[Item], fmt: str) -> None:
+    """Every item in input order; failed ones appear only in JSON (as {"source", "error"})."""
+    records = [{"source": item.source, **item.result.to_dict()} if item.result is not None
+               else {"source": item.source, "error": item.error} for item in items]
     if fmt == "json":
         write_json(records)
     elif fmt == "jsonl":
