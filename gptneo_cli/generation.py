@@ -200,7 +200,8 @@ def _bool(name: str, value: Any) -> None:
 class Timings:
     """Seconds and rates for one result. Load time is not included (the caller owns it).
 
-    ttft_s: from the call to the first new token (tokenizing + prefill + first choice).
+    ttft_s: from the start of the batch's run to its first new token (prefill + first
+      choice; tokenizing is before, loading is the caller's).
     prompt_tok_s: this prompt's tokens / prefill time.
     gen_tok_s: tokens after the first / time after the first (the decode speed).
     """
@@ -239,7 +240,9 @@ class GenerationResult:
     """One generated sequence.
 
     token_ids are every token the model produced, including an ending eos and the tokens
-    that formed a stop string; `text` holds neither the eos nor the stop string.
+    that formed a stop string; `text` holds neither the eos nor the stop string. A
+    cancelled result's text is what had been released (streamed) when it stopped: text
+    held back as a possible stop-string start is dropped.
     """
 
     text: str

@@ -176,10 +176,10 @@ def sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> to
     (in float64, so a 50k vocabulary adds no visible rounding). On CPU this is over ten
     times faster than torch.multinomial over a full vocabulary.
     """
-    cumulative = logits.softmax(dim=-1).double().cumsum(dim=-1)
-    u = torch.rand(
-        (logits.shape[0], 1), generator=generator, dtype=torch.float64, device=logits.device
-    )
+    # MPS has no float64; float32 there still rounds far below any probability that matters.
+    dtype = torch.float32 if logits.device.type == "mps" else torch.float64
+    cumulative = logits.softmax(dim=-1).to(dtype).cumsum(dim=-1)
+    u = torch.rand((logits.shape[0], 1), generator=generator, dtype=dtype, device=logits.device)
     picked = torch.searchsorted(cumulative, u * cumulative[:, -1:], right=True)
     # u * total < total, so the index is always valid; clamp guards rounding at the very end
     return picked.clamp_(max=logits.shape[-1] - 1).squeeze(-1)

@@ -302,6 +302,23 @@ def test_num_return_sequences_groups_results_by_prompt() -> None:
     assert model.calls[0] == 6
 
 
+def test_a_batch_too_long_when_padded_is_split_in_order() -> None:
+    model = ScriptedModel([script(" ok"), script("Hi")], max_positions=16)
+    prompts = [[T[" a"]] * 12, [T[" a"]] * 2]
+    results = generate(model, TOY, prompts, GREEDY.replace(max_length=15))
+    # together they would need 12 + 13 positions: two batches of one, in prompt order
+    assert [r.completion_tokens for r in results] == [3, 13]
+    assert [r.prompt_index for r in results] == [0, 1]
+    assert model.calls == [1] * (3 + 13)  # each batch: a prefill, then one step per token
+
+
+def test_presence_penalty_counts_generated_tokens_only() -> None:
+    model = ScriptedModel([script(" ok")])  # " ok" scores 10, the runner-up " a" 5
+    config = GREEDY.replace(max_new_tokens=4, presence_penalty=6.0)
+    [result] = generate(model, TOY, script(" ok", " ok"), config)
+    assert result.token_ids == script(" ok", " a", " ok", " ok")
+
+
 # ---- context budget -------------------------------------------------------------------------
 
 
