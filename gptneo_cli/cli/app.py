@@ -43,10 +43,8 @@ def root(
         state.debug = True
 
 
-for _module in (generate, chat, info, classify, tag, answer, models):
+for _module in (generate, chat, classify, tag, answer, models, info, finetune, train_classifier):
     _module.register(app)
-finetune.register(app)
-train_classifier.register(app)
 
 guard_app(app)
 
