@@ -267,6 +267,7 @@ def test_no_arguments_prints_help(tmp_path):
     done = run_cli(home=tmp_path)
     assert done.returncode == 2
     assert b"generate" in done.stdout and b"chat" in done.stdout
+    assert done.stdout.count(b"Usage:") == 1
 
 
 def test_info_piped_is_plain_and_json_is_complete(tmp_path):

@@ -26,6 +26,7 @@ except ImportError:  # pragma: no cover - older typer with click as a dependency
 
 from ..errors import GPTNeoError
 from ..settings import Settings
+from .output import is_tty, make_console
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
@@ -261,11 +262,9 @@ def load_model(options: ModelOptions, head: str = "GPTNeoForCausalLM") -> Loaded
 @contextlib.contextmanager
 def spinner(message: str) -> Iterator[None]:
     """A Rich spinner on stderr when it is a terminal; silent otherwise (pipes, CI, logs)."""
-    if not _isatty(sys.stderr):
+    if not is_tty(sys.stderr):
         yield
         return
-    from .output import make_console
-
     with make_console(sys.stderr).status(f"{message}…", spinner="dots"):
         yield
 
@@ -319,13 +318,13 @@ def read_prompt(
             raise ValueError("give the prompt either with --file or on stdin ('-'), not both")
         parts.append(read_text_file(file))
     elif argument is None or argument == "-":
-        if argument is None and _isatty(stream):
+        if argument is None and is_tty(stream):
             raise ValueError(
                 "no prompt: pass PROMPT, pipe text on stdin, or use --file/--input"
             )
         parts.append(read_stdin(stream))
         argument = None
-    elif not _isatty(stream):
+    elif not is_tty(stream):
         piped = read_stdin(stream)
         if piped.strip():
             parts.append(piped)
@@ -335,13 +334,6 @@ def read_prompt(
     if not prompt.strip():
         raise ValueError("the prompt is empty: give some text to continue")
     return prompt
-
-
-def _isatty(stream: Any) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):
-        return False
 
 
 # --------------------------------------------------------------------------- errors
@@ -371,7 +363,7 @@ def exit_code_for(exc: BaseException) -> int:
     if debug_enabled() and not isinstance(exc, (KeyboardInterrupt, BrokenPipeError)):
         traceback.print_exception(exc, file=sys.stderr)
     if isinstance(exc, KeyboardInterrupt):
-        if _isatty(sys.stderr):
+        if is_tty(sys.stderr):
             sys.stderr.write("\n")
         return EXIT_INTERRUPTED
     if isinstance(exc, BrokenPipeError):
@@ -427,7 +419,9 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> int:
     try:
         result = app(args=argv, prog_name=PROG, standalone_mode=False)
     except click_exceptions.NoArgsIsHelpError as exc:
-        sys.stdout.write(exc.ctx.get_help() + "\n")
+        text = exc.format_message()  # Typer's Rich help printed itself already; Click's did not
+        if text.strip():
+            sys.stdout.write(text + "\n")
         return EXIT_USAGE
     except click_exceptions.UsageError as exc:
         where = exc.ctx.command_path if exc.ctx is not None else PROG
