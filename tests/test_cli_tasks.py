@@ -8,11 +8,12 @@ functions that test_tasks.py checks against transformers (tag, answer).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
-from helpers_cli import ANSI_ESCAPE, run_cli
+from helpers_cli import ANSI_ESCAPE, cli_env, gptneo_command, run_cli
 from test_tasks import load_ours, make_checkpoint, oracle_probs, raw_tokenizer, reference_zero_shot
 
 from gptneo_cli import tasks
@@ -93,6 +94,29 @@ def test_classify_plain_output_when_piped(ckpt, home):
     pairs = dict(p.split("=") for p in probs.split(" "))
     assert (source, list(pairs)) == ("a.txt", ["negative", "neutral", "positive"])
     assert pairs[label] == score and float(score) == max(map(float, pairs.values()))
+
+
+def test_classify_table_on_a_terminal(ckpt, home):
+    """On a TTY: a table with one probability column per label (NO_COLOR: no escapes)."""
+    pexpect = pytest.importorskip("pexpect")
+    folder, _ = ckpt["causal"]
+    (home / "a.txt").write_text("Stocks fell.", encoding="utf-8")
+    cmd = gptneo_command()
+    child = pexpect.spawn(cmd[0], [*cmd[1:], "classify", "a.txt", "--labels", "finance,sport",
+                                   "--model", str(folder), *CPU],
+                          env=cli_env(home, NO_COLOR="1", TERM="xterm"), cwd=str(home),
+                          timeout=120, encoding="utf-8", dimensions=(24, 120))
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    # the pty merges stderr, where the loading spinner moves the cursor; styles are SGR (m)
+    screen = re.sub(r"\x1b\[[0-9;?]*[ABCDHJKhl]", "", child.before)
+    assert not re.search(r"\x1b\[[0-9;]*m", screen)
+    lines = [line.split() for line in screen.splitlines() if line.strip()]
+    assert lines[-2] == ["input", "label", "prob", "p(finance)", "p(sport)"]
+    source, label, prob, p_finance, p_sport = lines[-1]
+    assert source == "a.txt" and label in ("finance", "sport")
+    assert float(prob) == max(float(p_finance), float(p_sport))
 
 
 def test_classify_zero_shot_matches_reference(ckpt, home):

@@ -11,13 +11,12 @@ from .classify import (
     FormatOpt,
     MaxSeqLenOpt,
     StrideOpt,
-    console,
     load_with_head,
     model_options,
     tsv,
 )
 from .common import AttnOpt, DebugOpt, DeviceOpt, DtypeOpt, ModelOpt, RevisionOpt
-from .output import check_format, is_tty, write_json
+from .output import check_format, is_tty, make_console, write_json
 from .tag import read_source
 
 
@@ -66,7 +65,7 @@ def answer(
         record = {"question": question, "answer": record.pop("text"), **record}
         write_json(record, lines=fmt == "jsonl")
     elif is_tty(sys.stdout):
-        out = console()
+        out = make_console(sys.stdout)
         out.print(best.text, style="bold", markup=False)
         out.print(f"score {best.score:.4f} · characters {best.start}-{best.end}"
                   + (f" · window {best.window + 1} of {best.windows}" if best.windows > 1

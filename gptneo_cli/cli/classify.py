@@ -35,7 +35,7 @@ from .common import (
     read_text_file,
     report_error,
 )
-from .output import Diagnostics, check_format, is_tty, no_color, write_json
+from .output import Diagnostics, check_format, is_tty, make_console, write_json
 
 DEFAULT_TEMPLATE = "{text}\\nTopic:"  # as typed on a command line; tasks.DEFAULT_TEMPLATE
 TASK_PANEL = "Task"
@@ -250,12 +250,6 @@ def tsv(*fields: Any) -> str:
     return "\t".join(str(f).replace("\t", "\\t").replace("\n", "\\n") for f in fields) + "\n"
 
 
-def console() -> Any:
-    from rich.console import Console
-
-    return Console(highlight=False, no_color=no_color())
-
-
 # ---- output -------------------------------------------------------------------------------
 def render(items: list[Item], fmt: str) -> None:
     """Every item in input order; failed ones appear only in JSON (as {"source", "error"})."""
@@ -295,4 +289,4 @@ def _table(records: list[dict[str, Any]]) -> None:
     for r in done:
         extra = [f"{r['scores'][label]:.3f}" for label in labels] if per_label else []
         table.add_row(r["source"], r["label"], f"{r['score']:.3f}", *extra)
-    console().print(table)
+    make_console(sys.stdout).print(table)

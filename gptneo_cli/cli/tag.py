@@ -11,7 +11,6 @@ from .classify import (
     FormatOpt,
     MaxSeqLenOpt,
     StrideOpt,
-    console,
     load_with_head,
     model_options,
     tsv,
@@ -26,7 +25,7 @@ from .common import (
     read_stdin,
     read_text_file,
 )
-from .output import Diagnostics, check_format, is_tty, write_json
+from .output import Diagnostics, check_format, is_tty, make_console, write_json
 
 
 def register(app: typer.Typer) -> None:
@@ -95,4 +94,4 @@ def _table(spans: list) -> None:
     table.add_column("score", justify="right")
     for s in spans:
         table.add_row(s.label, s.text, f"{s.start}-{s.end}", f"{s.score:.3f}")
-    console().print(table)
+    make_console(sys.stdout).print(table)
