@@ -21,6 +21,7 @@ _LAZY = {
     "KVCache": "cache",
     "load_tokenizer": "tokenizer",
     "GenerationConfig": "generation",
+    "GenerationResult": "generation",
     "generate": "generation",
     "stream": "generation",
 }
