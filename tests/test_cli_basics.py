@@ -281,6 +281,9 @@ def test_info_piped_is_plain_and_json_is_complete(tmp_path):
     assert "GPTNEO_MODEL: 125m" in text
     assert f"{cfg} (found)" in text
     assert "flash: no: FlashAttention-2 needs a CUDA device" in text
+    assert f"temperature: 0.5 (file {cfg})" in text
+    assert "model: '125m' (env GPTNEO_MODEL)" in text
+    assert "top_k:" not in text  # only values that differ from the defaults are listed
 
     import json
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from .. import __version__
-from ..settings import KEYS, load_settings
+from ..settings import KEYS, default_history_file, load_settings
 from .common import DebugOpt
 from .output import check_format, write_json, write_table
 
@@ -51,16 +51,16 @@ def info(
         [
             ("default model", f"{cfg['model']} ({cfg['sources']['model']})"),
             ("config file", f"{cfg['file']} ({'found' if cfg['file_found'] else 'not found'})"),
+            ("chat history", cfg["history_file"]),
             *[(name, value) for name, value in cfg["env"].items()],
         ],
     )
-    write_table(
-        "Settings in force",
-        [
-            (key, f"{_show(value)} ({cfg['sources'][key]})")
-            for key, value in cfg["settings"].items()
-        ],
-    )
+    changed = [
+        (key, f"{value!r} ({cfg['sources'][key]})")
+        for key, value in cfg["settings"].items()
+        if cfg["sources"][key] != "default"
+    ]
+    write_table("Settings from env and config file", changed or [("(none)", "all defaults")])
 
 
 def collect() -> dict[str, Any]:
@@ -76,6 +76,7 @@ def collect() -> dict[str, Any]:
             "model": settings.model(),
             "file": str(settings.path),
             "file_found": settings.file_found,
+            "history_file": settings.get("history_file") or str(default_history_file()),
             "env": dict(sorted(settings.env.items())),
             "settings": {key: settings.values[key] for key in KEYS},
             "sources": settings.sources,
@@ -114,7 +115,7 @@ def _devices() -> list[dict[str, Any]]:
             devices.append((torch.device("cuda", index), detail))
     else:
         why = "no CUDA build of torch" if torch.version.cuda is None else "no GPU visible"
-        devices.append((None, f"cuda: not available ({why})"))
+        devices.append((None, f"not available ({why})"))
     backend = getattr(torch.backends, "mps", None)
     if backend is not None and backend.is_available():
         devices.append((torch.device("mps"), "Apple Metal"))
@@ -140,7 +141,3 @@ def _devices() -> list[dict[str, Any]]:
             }
         )
     return out
-
-
-def _show(value: Any) -> str:
-    return "-" if value is None else repr(value) if isinstance(value, str) else str(value)
