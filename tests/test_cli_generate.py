@@ -170,6 +170,8 @@ def test_usage_errors_that_need_the_model(gen):
     assert len(done.stderr.decode().splitlines()) == 1
     record = as_json(gen(long_prompt, "-n", "2", "--truncate", "left", "--format", "json"))
     assert record["truncated_tokens"] > 0
+    assert "Warning: prompt too long for the model: dropped its oldest" in gen(
+        long_prompt, "-n", "2", "--truncate", "left").stderr.decode()
     assert record["usage"]["prompt_tokens"] == 2046
     done = gen("Hi", "--truncate", "middle")
     assert done.returncode == 2 and b"truncate must be 'left' or 'error'" in done.stderr

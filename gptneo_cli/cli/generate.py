@@ -205,6 +205,10 @@ def generate(
     finally:
         if sink is not sys.stdout:
             sink.close()
+    cut = [r.truncated_tokens for r in results if r.truncated_tokens]
+    if cut:
+        where = f" (in {len(cut)} of {len(results)} results)" if len(results) > 1 else ""
+        diag.warn(f"prompt too long for the model: dropped its oldest {max(cut)} tokens{where}")
     if stats:
         _print_stats(diag, loaded, results, elapsed)
     if any(r.finish_reason == "cancelled" for r in results):
