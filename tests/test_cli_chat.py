@@ -154,6 +154,10 @@ def test_pty_slash_commands_and_multiline(model, tmp_path):
     child.expect_exact(">>> ")
     child.sendline("/save s.json")
     child.expect_exact("(saved 2 turns")
+    child.sendline("/set max_new_tokens 5000")
+    child.expect_exact("(max_new_tokens = 5000)")
+    child.sendline("one more")
+    child.expect_exact("leaves no room for the conversation in the model's 2048 positions")
     child.sendline("/exit")
     assert finish(child) == 0
     saved = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
@@ -199,7 +203,7 @@ def test_pty_ctrl_c_stops_the_reply_and_keeps_the_session(model, tmp_path):
     child.sendcontrol("c")  # Ctrl-C at the prompt: just a fresh prompt
     child.expect_exact(">>> ")
     child.sendline("/save s.json")
-    child.expect_exact("(saved 1 turns")
+    child.expect_exact("(saved 1 turn to")
     child.sendcontrol("d")
     assert finish(child) == 0
     saved = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))

@@ -169,14 +169,18 @@ class ChatSession:
         from ..generation import stream
 
         budget = self.positions - self._max_new()
+        if budget < 1:
+            raise ValueError(
+                f"max_new_tokens {self._max_new()} leaves no room for the conversation in the "
+                f"model's {self.positions} positions: lower it (/set max_new_tokens N)"
+            )
         prompt, dropped = self.conv.fit(
             message, lambda text: len(self.loaded.tokenizer.encode(text)), budget
         )
         if dropped:
             kept = len(self.conv.turns) - self.conv.first_in_context
             self.diag.note(
-                f"(context full: {dropped} older turn{'s' if dropped > 1 else ''} dropped out; "
-                f"{kept} kept with the system text)"
+                f"(context full: {_turns(dropped)} dropped out; {kept} kept with the system text)"
             )
         config = self.config.replace(stop=[*self.config.stop, *self.conv.stops()])
         if config.seed is not None:  # reproducible sessions, yet /regen gives a new reply
@@ -285,7 +289,7 @@ class ChatSession:
             path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", "utf-8")
         except OSError as exc:
             raise ValueError(f"cannot write {arg}: {exc.strerror or exc}") from None
-        self.diag.note(f"(saved {len(self.conv.turns)} turns to {path})")
+        self.diag.note(f"(saved {_turns(len(self.conv.turns))} to {path})")
 
     def _load(self, arg: str) -> None:
         if not arg:
@@ -295,7 +299,7 @@ class ChatSession:
         except json.JSONDecodeError:
             raise ValueError(f"{arg} is not JSON saved by /save") from None
         self.conv = Conversation.from_dict(data, arg)
-        self.diag.note(f"(loaded {len(self.conv.turns)} turns from {arg})")
+        self.diag.note(f"(loaded {_turns(len(self.conv.turns))} from {arg})")
 
     def _regen(self, out: TextStream) -> None:
         if not self.conv.turns:
@@ -314,6 +318,10 @@ class ChatSession:
         self.conv.turns.pop()
         self.conv.first_in_context = min(self.conv.first_in_context, len(self.conv.turns))
         self.diag.note("(last exchange removed)")
+
+
+def _turns(n: int) -> str:
+    return f"{n} turn{'' if n == 1 else 's'}"
 
 
 def _parse_value(raw: str) -> Any:
