@@ -204,7 +204,8 @@ class ChatSession:
         if not pieces:
             out.write("\n")  # one line per reply, even an empty one
         if result.finish_reason == "cancelled":
-            self.diag.note("(reply stopped)")
+            # on a terminal the echoed ^C sits at the start of a line: start a fresh one
+            self.diag.note(("\n" if out.tty else "") + "(reply stopped)")
         turn = Turn(message, "".join(pieces).strip())
         self.conv.turns.append(turn)
         return turn

@@ -71,7 +71,7 @@ def collect() -> dict[str, Any]:
         "python": f"{platform.python_version()} ({sys.executable})",
         "platform": platform.platform(),
         "packages": {name: _version(name) for name in PACKAGES},
-        "devices": _devices(),
+        "devices": _devices(settings.get("dtype")),
         "config": {
             "model": settings.model(),
             "file": str(settings.path),
@@ -91,8 +91,9 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _devices() -> list[dict[str, Any]]:
-    """Each device torch can use here, with the attention backends that can run on it."""
+def _devices(dtype_name: str) -> list[dict[str, Any]]:
+    """Each device torch can use here, with the attention backends that can run on it in the
+    dtype the settings ask for."""
     import torch
 
     from ..attention import choose_backend, flash_unavailable_reason
@@ -125,7 +126,7 @@ def _devices() -> list[dict[str, Any]]:
         if device is None:
             out.append({"name": "cuda", "detail": detail, "available": False, "attention": {}})
             continue
-        dtype = resolve_dtype("auto", device)
+        dtype = resolve_dtype(dtype_name, device)
         out.append(
             {
                 "name": str(device),
