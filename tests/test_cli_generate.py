@@ -152,13 +152,15 @@ def test_settings_precedence_end_to_end(gen, tmp_path):
 
 
 def test_show_config_and_stats_go_to_stderr(gen):
-    done = gen("Hi", "-n", "3", "--seed", "1", "--show-config", "--stats", "--top-p", "0.8")
+    done = gen("Hi", "-n", "3", "--seed", "1", "--show-config", "--stats", "--top-p", "0.8",
+               env={"GPTNEO_TOP_K": "9"})
     assert done.returncode == 0
     err = done.stderr.decode()
-    assert "Effective settings" in err and "top_p: 0.8" in err
+    assert "Effective settings" in err and "top_p: 0.8 (flag)" in err
+    assert "top_k: 9 (env GPTNEO_TOP_K)" in err and "min_p: 0.0 (default)" in err
     for label in ("load:", "time to first token:", "prompt:", "generation:", "peak memory:"):
         assert label in err
-    quiet = gen("Hi", "-n", "3", "--seed", "1", "--top-p", "0.8")
+    quiet = gen("Hi", "-n", "3", "--seed", "1", "--top-p", "0.8", env={"GPTNEO_TOP_K": "9"})
     assert quiet.stdout == done.stdout and quiet.stderr == b""
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Annotated, Any
 
@@ -129,9 +130,9 @@ def generate(
                            rich_help_panel=MORE_PANEL),
     ] = False,
     num_return_sequences: Annotated[
-        int, typer.Option("--num-return-sequences", help="Samples per prompt.",
-                          rich_help_panel=MORE_PANEL),
-    ] = 1,
+        int | None, typer.Option("--num-return-sequences", help="Samples per prompt. "
+                                 "(default 1)", rich_help_panel=MORE_PANEL, show_default=False),
+    ] = None,
     logprobs: Annotated[
         int | None,
         typer.Option("--logprobs", help="Report each token's log-probability and the top N "
@@ -139,13 +140,14 @@ def generate(
                      show_default=False),
     ] = None,
     truncate: Annotated[
-        str,
+        str | None,
         typer.Option("--truncate", help="When the prompt is too long: drop its oldest tokens "
-                     "(left) or stop with an error (error).", rich_help_panel=MORE_PANEL,
+                     "(left) or stop with an error (error, the default).",
+                     rich_help_panel=MORE_PANEL, show_default=False,
                      autocompletion=lambda incomplete: [
                          c for c in ("left", "error") if c.startswith(incomplete)
                      ]),
-    ] = "error",
+    ] = None,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
     device: DeviceOpt = None,
@@ -158,8 +160,7 @@ def generate(
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     settings = load_settings()
-    config = generation_config(
-        settings,
+    flags = dict(
         max_new_tokens=max_new_tokens,
         max_length=max_length,
         min_new_tokens=min_new_tokens,
@@ -175,17 +176,18 @@ def generate(
         do_sample=False if greedy else None,
         seed=seed,
         stop=stop or None,
-        ignore_eos=ignore_eos,
+        ignore_eos=ignore_eos or None,
         num_return_sequences=num_return_sequences,
         logprobs=logprobs,
-        truncate=truncate.strip().lower(),
+        truncate=truncate.strip().lower() if truncate is not None else None,
     )
-    options = ModelOptions.merge(
-        settings, model=model, revision=revision, device=device, dtype=dtype, attn=attn
-    )
+    config = generation_config(settings, **flags)
+    model_flags = dict(model=model, revision=revision, device=device, dtype=dtype, attn=attn)
+    options = ModelOptions.merge(settings, **model_flags)
     diag = Diagnostics()
     if show_config:
-        _show_config(diag, settings, options, config)
+        given = {k for k, v in {**flags, **model_flags}.items() if v is not None}
+        _show_config(diag, settings, options, config, given)
         if input_file is None and file is None and prompt is None and is_tty(sys.stdin):
             return
     prompts = _collect_prompts(prompt, file, input_file)
@@ -369,15 +371,18 @@ def result_record(
 # --------------------------------------------------------------------------- diagnostics
 
 
-def _show_config(diag: Diagnostics, settings: Settings, options: ModelOptions, config: Any) -> None:
-    rows = [
-        ("model", options.model),
-        ("revision", options.revision or "-"),
-        ("device", options.device),
-        ("dtype", options.dtype),
-        ("attn", options.attn),
-    ]
-    rows += [(key, _show(value)) for key, value in config.to_dict().items()]
+def _show_config(
+    diag: Diagnostics, settings: Settings, options: ModelOptions, config: Any, given: set[str]
+) -> None:
+    """Every effective value and where it came from: flag, env, config file or default."""
+
+    def source(key: str) -> str:
+        if key in given:
+            return "flag"
+        return settings.sources.get(key, "default")
+
+    values = {**asdict(options), **config.to_dict()}
+    rows = [(key, f"{_show(value)} ({source(key)})") for key, value in values.items()]
     rows.append(("config file", f"{settings.path} ({'found' if settings.file_found else 'none'})"))
     diag.table("Effective settings", rows)
 
