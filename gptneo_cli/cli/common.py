@@ -56,7 +56,8 @@ def debug_enabled() -> bool:
 # --------------------------------------------------------------------------- options
 
 
-def _complete_from(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
+def complete_from(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """Shell completion for an option with a fixed set of values."""
     def complete(incomplete: str) -> list[str]:
         return [c for c in choices if c.startswith(incomplete)]
 
@@ -90,7 +91,7 @@ DeviceOpt = Annotated[
     typer.Option(
         "--device",
         help="auto, cpu, cuda, cuda:N or mps. (env GPTNEO_DEVICE; default auto)",
-        autocompletion=_complete_from(DEVICE_CHOICES),
+        autocompletion=complete_from(DEVICE_CHOICES),
         rich_help_panel=MODEL_PANEL,
         show_default=False,
     ),
@@ -100,7 +101,7 @@ DtypeOpt = Annotated[
     typer.Option(
         "--dtype",
         help="auto, float32, bfloat16 or float16. (env GPTNEO_DTYPE; default auto)",
-        autocompletion=_complete_from(DTYPE_CHOICES),
+        autocompletion=complete_from(DTYPE_CHOICES),
         rich_help_panel=MODEL_PANEL,
         show_default=False,
     ),
@@ -110,7 +111,7 @@ AttnOpt = Annotated[
     typer.Option(
         "--attn",
         help="Attention backend: auto, eager, sdpa or flash. (env GPTNEO_ATTN; default auto)",
-        autocompletion=_complete_from(ATTN_CHOICES),
+        autocompletion=complete_from(ATTN_CHOICES),
         rich_help_panel=MODEL_PANEL,
         show_default=False,
     ),

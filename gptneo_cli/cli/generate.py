@@ -40,6 +40,7 @@ from .common import (
     TopKOpt,
     TopPOpt,
     TypicalPOpt,
+    complete_from,
     generation_config,
     load_model,
     read_prompt,
@@ -144,9 +145,7 @@ def generate(
         typer.Option("--truncate", help="When the prompt is too long: drop its oldest tokens "
                      "(left) or stop with an error (error, the default).",
                      rich_help_panel=MORE_PANEL, show_default=False,
-                     autocompletion=lambda incomplete: [
-                         c for c in ("left", "error") if c.startswith(incomplete)
-                     ]),
+                     autocompletion=complete_from(("left", "error"))),
     ] = None,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
