@@ -221,6 +221,7 @@ def one_error_line(done: subprocess.CompletedProcess[bytes]) -> str:
         (["generate", ""], "the prompt is empty"),
         (["generate", "--file", "missing.txt"], "file not found: missing.txt"),
         (["generate", "--input", "missing.txt"], "file not found: missing.txt"),
+        (["generate", "hi", "--output", "no/such/dir/out.txt"], "cannot write no/such/dir"),
         (["generate", "hi", "--temperature", "warm"], "Invalid value for '--temperature'"),
         (["generate", "hi", "--no-such-flag"], "No such option: --no-such-flag"),
         (["no-such-command"], "No such command 'no-such-command'"),

@@ -190,12 +190,9 @@ def generate(
         if input_file is None and file is None and prompt is None and is_tty(sys.stdin):
             return
     prompts = _collect_prompts(prompt, file, input_file)
-
-    loaded = load_model(options)
-    sink: IO[str] = sys.stdout
-    if output is not None:
-        sink = _open_output(output)
+    sink: IO[str] = sys.stdout if output is None else _open_output(output)  # fail before loading
     try:
+        loaded = load_model(options)
         single = len(prompts) == 1 and config.num_return_sequences == 1
         started = time.perf_counter()
         if fmt == "text" and single:
