@@ -210,6 +210,13 @@ class ChatSession:
         self.conv.turns.append(turn)
         return turn
 
+    def handle(self, line: str, out: TextStream) -> bool:
+        """One line of input: a /command or a message to reply to. False means leave."""
+        if line.startswith("/"):
+            return self.command(line, out)
+        self.reply(line, out)
+        return True
+
     # ---- slash commands ----------------------------------------------------------------
 
     def command(self, line: str, out: TextStream) -> bool:
@@ -429,13 +436,8 @@ def _piped(session: ChatSession) -> None:
     out = TextStream(sys.stdout)
     for raw in sys.stdin:
         line = raw.rstrip("\r\n")
-        if not line.strip():
-            continue
-        if line.startswith("/"):
-            if not session.command(line, out):
-                return
-            continue
-        session.reply(line, out)
+        if line.strip() and not session.handle(line, out):
+            return
 
 
 def _interactive(session: ChatSession, diag: Diagnostics, history_file: str | None) -> None:
@@ -455,12 +457,9 @@ def _interactive(session: ChatSession, diag: Diagnostics, history_file: str | No
                 return
             if not message.strip():
                 continue
-            if message.startswith("/"):
-                if not session.command(message, out):
-                    return
-                continue
             try:
-                session.reply(message, out)
+                if not session.handle(message, out):
+                    return
             except ValueError as exc:
                 diag.warn(str(exc))
             except KeyboardInterrupt:  # between tokens the engine handles it; this is the rest
