@@ -116,6 +116,26 @@ AttnOpt = Annotated[
         show_default=False,
     ),
 ]
+QuantizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--quantize",
+        help="Quantize the weights when loading: int8 (weight-only, per-channel scales; "
+        "~4x less memory, faster on CPU). (default none)",
+        autocompletion=complete_from(("none", "int8")),
+        rich_help_panel=MODEL_PANEL,
+        show_default=False,
+    ),
+]
+CompileOpt = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="torch.compile the decode step (slow first token; see docs/PERFORMANCE.md for "
+        "when it pays).",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
 DebugOpt = Annotated[
     bool,
     typer.Option("--debug", help="Show the full traceback on errors. (env GPTNEO_DEBUG)"),
@@ -202,6 +222,8 @@ class ModelOptions:
     device: str
     dtype: str
     attn: str
+    quantize: str | None = None
+    compile: bool = False
 
     @classmethod
     def merge(
@@ -213,6 +235,8 @@ class ModelOptions:
         device: str | None,
         dtype: str | None,
         attn: str | None,
+        quantize: str | None = None,
+        compile: bool = False,
     ) -> ModelOptions:
         """Flags win; then the settings (env > file > default). The backend name is checked
         here so a typo fails before anything is read; device and dtype in `load_model`."""
@@ -222,7 +246,11 @@ class ModelOptions:
             device=settings.get("device", device).strip().lower(),
             dtype=settings.get("dtype", dtype).strip().lower(),
             attn=settings.get("attn", attn).strip().lower(),
+            quantize=quantize,
+            compile=compile,
         )
+        if quantize is not None and quantize.strip().lower() not in ("none", "int8"):
+            raise ValueError(f"unknown --quantize {quantize!r}: use int8 or none")
         if opts.attn not in ATTN_CHOICES:
             raise ValueError(
                 f"unknown attention backend {opts.attn!r}: use auto, eager, sdpa or flash"
@@ -241,8 +269,14 @@ class LoadedModel:
     load_s: float
 
 
-def load_model(options: ModelOptions, head: str = "GPTNeoForCausalLM") -> LoadedModel:
-    """Resolve the name, read weights and tokenizer; a spinner runs on a terminal's stderr."""
+def load_model(
+    options: ModelOptions, head: str = "GPTNeoForCausalLM", *, fast: bool = False
+) -> LoadedModel:
+    """Resolve the name, read weights and tokenizer; a spinner runs on a terminal's stderr.
+
+    fast=True (generation) loads a causal LM into gptneo_cli.fast.FastCausalLM: packed
+    weights, same outputs, plus options.quantize / options.compile.
+    """
     start = time.perf_counter()
     with spinner(f"Loading {options.model}"):
         from .. import modeling
@@ -254,9 +288,19 @@ def load_model(options: ModelOptions, head: str = "GPTNeoForCausalLM") -> Loaded
         dtype = resolve_dtype(options.dtype, device)
         path = resolve_model_dir(options.model, revision=options.revision)
         tokenizer = load_tokenizer(path)
-        model = getattr(modeling, head).from_pretrained(
-            path, dtype=dtype, device=device, attn=options.attn
-        )
+        if fast and head == "GPTNeoForCausalLM":
+            from ..fast import FastCausalLM
+
+            model = FastCausalLM.from_pretrained(
+                path, dtype=dtype, device=device, attn=options.attn,
+                quantize=options.quantize, compile=options.compile,
+            )
+        else:
+            if options.quantize not in (None, "none") or options.compile:
+                raise ValueError("--quantize and --compile apply to text generation only")
+            model = getattr(modeling, head).from_pretrained(
+                path, dtype=dtype, device=device, attn=options.attn
+            )
     return LoadedModel(model, tokenizer, options, path, time.perf_counter() - start)
 
 

@@ -20,6 +20,7 @@ from ..settings import Settings, load_settings
 from .common import (
     EXIT_INTERRUPTED,
     AttnOpt,
+    CompileOpt,
     DebugOpt,
     DeviceOpt,
     DtypeOpt,
@@ -32,6 +33,7 @@ from .common import (
     ModelOptions,
     NoRepeatNgramOpt,
     PresencePenaltyOpt,
+    QuantizeOpt,
     RepetitionPenaltyOpt,
     RevisionOpt,
     SeedOpt,
@@ -152,6 +154,8 @@ def generate(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     attn: AttnOpt = None,
+    quantize: QuantizeOpt = None,
+    compile: CompileOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Continue a prompt with a GPT-Neo model, streaming the text as it is generated."""
@@ -182,7 +186,7 @@ def generate(
     )
     config = generation_config(settings, **flags)
     model_flags = dict(model=model, revision=revision, device=device, dtype=dtype, attn=attn)
-    options = ModelOptions.merge(settings, **model_flags)
+    options = ModelOptions.merge(settings, **model_flags, quantize=quantize, compile=compile)
     diag = Diagnostics()
     if show_config:
         given = {k for k, v in {**flags, **model_flags}.items() if v is not None}
@@ -192,7 +196,7 @@ def generate(
     prompts = _collect_prompts(prompt, file, input_file)
     sink: IO[str] = sys.stdout if output is None else _open_output(output)  # fail before loading
     try:
-        loaded = load_model(options)
+        loaded = load_model(options, fast=True)
         single = len(prompts) == 1 and config.num_return_sequences == 1
         started = time.perf_counter()
         if fmt == "text" and single:
