@@ -10,7 +10,7 @@ import sys
 import typer
 
 from .. import __version__
-from . import answer, chat, classify, finetune, generate, info, models, tag, train_classifier
+from . import answer, bench, chat, classify, finetune, generate, info, models, tag, train_classifier
 from .common import guard_app, run_app, state
 
 app = typer.Typer(
@@ -43,7 +43,8 @@ def root(
         state.debug = True
 
 
-for _module in (generate, chat, classify, tag, answer, models, info, finetune, train_classifier):
+for _module in (generate, chat, classify, tag, answer, models, info, finetune, train_classifier,
+                bench):
     _module.register(app)
 
 guard_app(app)
