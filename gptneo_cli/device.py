@@ -6,6 +6,8 @@ import re
 
 import torch
 
+from .errors import BackendError
+
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -20,7 +22,8 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
-    """"auto" (or None) picks CUDA, then MPS, then CPU; explicit devices must exist."""
+    """"auto" (or None) picks CUDA, then MPS, then CPU. A malformed name is a ValueError (a
+    usage error); a well-formed device this machine lacks is a BackendError (exit 1)."""
     if isinstance(name, torch.device):
         return name
     name = (name or "auto").strip().lower()
@@ -34,13 +37,13 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested but CUDA is not available here")
+            raise BackendError(f"device {name!r} requested but CUDA is not available here")
         index = int(name.split(":")[1]) if ":" in name else 0
         if index >= torch.cuda.device_count():
             count = torch.cuda.device_count()
-            raise ValueError(f"device {name!r} requested but only {count} CUDA device(s) exist")
+            raise BackendError(f"device {name!r} requested but only {count} CUDA device(s) exist")
     if name == "mps" and not _mps_available():
-        raise ValueError("device 'mps' requested but MPS is not available here")
+        raise BackendError("device 'mps' requested but MPS is not available here")
     return torch.device(name)
 
 

@@ -199,5 +199,5 @@ def test_bad_device_and_dtype(tiny_checkpoint):
         LM.from_pretrained(folder, device="tpu")
     with pytest.raises(ValueError, match="unknown dtype 'int4'"):
         LM.from_pretrained(folder, dtype="int4")
-    with pytest.raises(ValueError, match="CUDA is not available"):
+    with pytest.raises(gptneo_cli.errors.BackendError, match="CUDA is not available"):
         LM.from_pretrained(folder, device="cuda")
