@@ -23,7 +23,9 @@ meta device) so memory is not held twice.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,7 @@ from .config import GPTNeoConfig
 from .device import resolve_device, resolve_dtype
 from .errors import GPTNeoError
 from .modeling import _ACTIVATIONS, GPTNeoForCausalLM, GPTNeoModel, GPTNeoOutput
-from .weights import iter_tensors, weight_files
+from .weights import StoredTensor, iter_tensors, weight_files
 
 log = logging.getLogger("gptneo")
 
@@ -173,18 +175,22 @@ def _int8pack_works(device: torch.device, dtype: torch.dtype) -> bool:
     return _PROBES[key]
 
 
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(weight: torch.Tensor | StoredTensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: (int8 values, float32 scales) with W ~= q * scale[:, None].
 
-    Rows are done in chunks so a large matrix (the 50k-row embedding) never needs a second
-    full float copy.
+    Rows are done in blocks, read straight from the file for a StoredTensor, so a large
+    matrix (the 50k-row embedding) never needs a full float copy.
     """
     rows = weight.shape[0]
-    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-    scales = torch.empty(rows, dtype=torch.float32, device=weight.device)
+    device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
+    q = torch.empty(weight.shape, dtype=torch.int8, device=device)
+    scales = torch.empty(rows, dtype=torch.float32, device=device)
     step = max(1, (4 * 2**20) // max(1, weight.shape[1]))
     for start in range(0, rows, step):
-        part = weight[start : start + step].float()
+        if isinstance(weight, StoredTensor):
+            part = weight.read_rows(start, start + step, torch.float32)
+        else:
+            part = weight[start : start + step].float()
         scale = part.abs().amax(dim=1).clamp(min=1e-12) / 127.0
         rounded = torch.round(part / scale[:, None]).clamp_(-127, 127)
         q[start : start + step] = rounded.to(torch.int8)
@@ -331,11 +337,14 @@ class FastCausalLM(nn.Module):
         with torch.device("meta"):
             skeleton = GPTNeoForCausalLM(config, attn=attn)
         packer = _Packer(config, dev, dt, quantize, compile)
-        read_dtype = None if quantize else dt  # int8 quantizes from the file's precision
-        skeleton._match_checkpoint(
-            iter_tensors(files, read_dtype), packer.add, folder.name or str(folder)
-        )
+        # int8 quantizes from the file's precision; the embedding is read row block by row
+        # block, so loading never holds it whole in float32.
+        read_dtype = None if quantize else dt
+        lazy = (lambda name: name.endswith("wte.weight")) if quantize else None
+        tensors = iter_tensors(files, read_dtype, lazy)
+        skeleton._match_checkpoint(tensors, packer.add, folder.name or str(folder))
         model = packer.build(attn)
+        _trim_heap()
         if compile:
             model.compile_decode()
         return model.eval()
@@ -490,6 +499,17 @@ def _freezing() -> Any:
     return inductor_config.patch(freezing=True)
 
 
+def _trim_heap() -> None:
+    """Give the loading temporaries back to the OS (glibc keeps freed blocks otherwise, and
+    resident memory would stay above the weights' size)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to do
+        pass
+
+
 def check_quantize(quantize: str | None) -> str | None:
     """None/"none" -> None; "int8" -> "int8"; anything else is a ValueError."""
     if quantize is None:
@@ -541,7 +561,7 @@ class _Packer:
             return PackedDense(self._put(weight), bias)
         return RowDense(self._put(weight), bias)
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def add(self, name: str, tensor: torch.Tensor | StoredTensor) -> None:
         model = self.model
         if name == "transformer.wte.weight":
             if self.quantize == "int8":
@@ -625,6 +645,7 @@ def optimize_for_inference(
         setattr(modules[owner], attr, nn.Parameter(meta, requires_grad=False))
     model.tie_weights()
     fast = packer.build(model.attn_implementation)
+    _trim_heap()
     if compile:
         fast.compile_decode()
     return fast.eval()

@@ -15,7 +15,7 @@ import json
 import pickle
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -71,17 +71,45 @@ def _shards(index_path: Path) -> list[Path]:
     return [index_path.parent / n for n in names]
 
 
+class StoredTensor:
+    """A safetensors tensor not read yet: its shape, and its rows on demand.
+
+    Lets a consumer that transforms a large tensor row block by row block (int8
+    quantization of the 50k-row embedding) never hold it whole in float32.
+    """
+
+    def __init__(self, path: Path, offset: int, dtype: torch.dtype, shape: list[int]) -> None:
+        self.path, self.offset, self.dtype = path, offset, dtype
+        self.shape = torch.Size(shape)
+
+    def read_rows(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows [start, stop) of the first dimension, converted to `dtype`."""
+        stop = min(stop, self.shape[0])
+        row = self.shape[1:].numel() * self.dtype.itemsize
+        out = torch.empty((stop - start, *self.shape[1:]), dtype=self.dtype)
+        try:
+            with self.path.open("rb", buffering=0) as handle:
+                _read_into(handle, self.offset + start * row, _bytes_of(out))
+        except OSError as exc:
+            raise WeightsError(f"{self.path.name} is not a readable safetensors file ({exc})") \
+                from exc
+        return out if dtype is None else out.to(dtype)
+
+
 def iter_tensors(
-    files: list[Path], dtype: torch.dtype | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
+    files: list[Path],
+    dtype: torch.dtype | None = None,
+    lazy: Callable[[str], bool] | None = None,
+) -> Iterator[tuple[str, torch.Tensor | StoredTensor]]:
     """Yield (name, tensor) for every tensor in the checkpoint files, one at a time.
 
     With `dtype`, floating-point tensors arrive already converted (chunk by chunk for
-    safetensors, so no full-size copy in the file's dtype is ever made).
+    safetensors, so no full-size copy in the file's dtype is ever made). Safetensors
+    entries whose name satisfies `lazy` arrive as a StoredTensor instead.
     """
     for path in files:
         if path.suffix == ".safetensors":
-            yield from _iter_safetensors(path, dtype)
+            yield from _iter_safetensors(path, dtype, lazy)
         else:
             for name, tensor in _load_bin(path).items():
                 yield name, _convert(tensor, dtype)
@@ -143,8 +171,8 @@ def _entry_problem(entry: object, data_size: int) -> str | None:
 
 
 def _iter_safetensors(
-    path: Path, dtype: torch.dtype | None
-) -> Iterator[tuple[str, torch.Tensor]]:
+    path: Path, dtype: torch.dtype | None, lazy: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, torch.Tensor | StoredTensor]]:
     if sys.byteorder != "little":  # pragma: no cover - safetensors data is little-endian
         yield from _iter_safetensors_library(path, dtype)
         return
@@ -156,9 +184,12 @@ def _iter_safetensors(
             scratch: torch.Tensor | None = None
             for name, entry in entries:
                 stored = _ST_DTYPES[entry["dtype"]]
+                begin = data_start + entry["data_offsets"][0]
+                if lazy is not None and entry["shape"] and lazy(name):
+                    yield name, StoredTensor(path, begin, stored, entry["shape"])
+                    continue
                 target = stored if dtype is None or not stored.is_floating_point else dtype
                 out = torch.empty(entry["shape"], dtype=target)
-                begin = data_start + entry["data_offsets"][0]
                 if target == stored:
                     _read_into(handle, begin, _bytes_of(out))
                 else:
