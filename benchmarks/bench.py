@@ -217,7 +217,7 @@ def run_generate(
 ) -> tuple[float, float]:
     """One greedy generate of exactly `new` tokens per prompt.
 
-    Returns (wall seconds, decode tokens/s after the first token, per row).
+    Returns (wall seconds, decode tokens/s after the first token, all rows together).
     """
     import torch
 
@@ -234,7 +234,8 @@ def run_generate(
         sync(device)
         wall = time.perf_counter() - start
         times = stamps.times
-        rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
+        rows = ids.shape[0]
+        rate = rows * (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
         return wall, rate
 
     from gptneo_cli.generation import GenerationConfig, generate
@@ -247,7 +248,9 @@ def run_generate(
     sync(device)
     wall = time.perf_counter() - start
     assert all(r.completion_tokens == new for r in results), "generation ended early"
-    return wall, results[0].timings.gen_tok_s
+    decode_s = max(r.timings.decode_s for r in results)
+    rate = len(results) * (new - 1) / decode_s if new > 1 and decode_s > 0 else 0.0
+    return wall, rate
 
 
 # ---- measurements in this process -----------------------------------------------------
@@ -294,8 +297,9 @@ def measure_speed(
             s.add("decode_tok_s", rate)
             s.add("ttft_32_ms", 1000 * run_generate(engine, model, prompt32, 1, device)[0])
             s.add("ttft_long_ms", 1000 * run_generate(engine, model, prompt_long, 1, device)[0])
-            wall, _ = run_generate(engine, model, batch8, args.batch_tokens, device)
+            wall, rate = run_generate(engine, model, batch8, args.batch_tokens, device)
             s.add("batch8_tok_s", 8 * args.batch_tokens / wall)
+            s.add("batch8_decode_tok_s", rate)
     for label in list(models):
         del models[label]
     gc.collect()
@@ -399,8 +403,8 @@ def measure_loads(
 def agreement(model_dir: str, device: str, tokens: int = 4096) -> dict[str, Any]:
     """Top-1 next-token agreement of int8 (and bf16) with float32, teacher-forced on text.
 
-    The text is this repository's README and docs (real prose and code), tokenized with the
-    model's own tokenizer, in windows of the model's context.
+    The text is this package's own Python source (code: the demo model's domain), tokenized
+    with the model's own tokenizer, in windows of the model's context (at most 512).
     """
     import torch
 
@@ -411,19 +415,21 @@ def agreement(model_dir: str, device: str, tokens: int = 4096) -> dict[str, Any]
 
     folder = resolve_model_dir(model_dir)
     tokenizer = load_tokenizer(folder)
-    text = "\n\n".join(p.read_text(encoding="utf-8") for p in sorted(REPO.glob("*.md")))
-    text += "\n\n".join(p.read_text(encoding="utf-8") for p in sorted(REPO.glob("gptneo_cli/*.py")))
+    text = "\n\n".join(p.read_text(encoding="utf-8") for p in sorted(REPO.glob("gptneo_cli/*.py")))
     ids = tokenizer.encode(text)[:tokens]
     reference = GPTNeoForCausalLM.from_pretrained(folder, dtype="float32", device=device)
     window = min(512, reference.config.max_position_embeddings)
     chunks = [ids[i : i + window] for i in range(0, len(ids) - 1, window)]
     variants = {
-        "int8 (fp32 activations)": FastCausalLM.from_pretrained(
+        "int8 (float32 model)": FastCausalLM.from_pretrained(
             folder, dtype="float32", device=device, quantize="int8"),
-        "int8 (bf16 activations)": FastCausalLM.from_pretrained(
+        "int8 (bfloat16 model)": FastCausalLM.from_pretrained(
             folder, dtype="bfloat16", device=device, quantize="int8"),
         "bfloat16": FastCausalLM.from_pretrained(folder, dtype="bfloat16", device=device),
     }
+    if device == "cpu":
+        variants["int8-dynamic"] = FastCausalLM.from_pretrained(
+            folder, dtype="float32", device=device, quantize="int8-dynamic")
     agree = {name: 0 for name in variants}
     total = 0
     with torch.inference_mode():
@@ -497,6 +503,9 @@ def plan(args: argparse.Namespace) -> list[tuple[str, list[Engine]]]:
             engines.append(Engine("gptneo-compile", "gptneo", dtype, attn="sdpa", compile=True))
         if "int8" in variants:
             engines.append(Engine("gptneo-int8", "gptneo", dtype, attn="sdpa", quantize="int8"))
+        if "int8-dynamic" in variants and dtype == "float32" and not cuda:
+            engines.append(Engine("gptneo-int8-dynamic", "gptneo", dtype, attn="sdpa",
+                                  quantize="int8-dynamic"))
         groups.append((dtype, engines))
     return groups
 
@@ -535,7 +544,8 @@ def summarize(
                 "baseline": base_label,
                 "weights_mib": weight_bytes(config, dtype) / 2**20,
             }
-            for key in ("decode_tok_s", "ttft_32_ms", "ttft_long_ms", "batch8_tok_s"):
+            for key in ("decode_tok_s", "ttft_32_ms", "ttft_long_ms", "batch8_tok_s",
+                        "batch8_decode_tok_s"):
                 row[key] = s.median(key)
                 row[key + "_x"] = ratio(row[key], base.median(key))
             for key in ("load_s", "load_delta_mib", "load_peak_mib", "rss_before_mib",
@@ -546,6 +556,8 @@ def summarize(
                 row["load_delta_over_weights"] = row["load_delta_mib"] / row["weights_mib"]
             if engine.kind != TRANSFORMERS and s.median("decode_tok_s"):
                 row["batch8_over_own_b1"] = s.median("batch8_tok_s") / s.median("decode_tok_s")
+                row["batch8_decode_over_own_b1"] = (
+                    s.median("batch8_decode_tok_s") / s.median("decode_tok_s"))
             if engine.quantize and row["resident_after_load_mib"] is not None:
                 fp32 = weight_bytes(config, "float32") / 2**20
                 row["resident_over_fp32_weights"] = row["resident_after_load_mib"] / fp32
@@ -594,12 +606,14 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     extra = [r for r in rows if r.get("batch8_over_own_b1") is not None]
     if extra:
         lines.append("")
-        lines.append("| shape | dtype | engine | batch-8 ÷ own batch-1 decode | "
-                     "resident after load MiB |")
-        lines.append("|---|---|---|---|---|")
+        lines.append("| shape | dtype | engine | batch-8 decode tok/s (×) | batch-8 ÷ own "
+                     "batch-1 (end to end / decode only) | resident after load MiB |")
+        lines.append("|---|---|---|---|---|---|")
         for r in extra:
             lines.append(f"| {r['shape']} | {r['dtype']} | {r['engine']} | "
-                         f"{fmt(r['batch8_over_own_b1'], 2, '×')} | "
+                         f"{with_ratio(r['batch8_decode_tok_s'], r['batch8_decode_tok_s_x'])} | "
+                         f"{fmt(r['batch8_over_own_b1'], 2, '×')} / "
+                         f"{fmt(r['batch8_decode_over_own_b1'], 2, '×')} | "
                          f"{fmt(r.get('resident_after_load_mib'), 0)} |")
     if meta.get("bandwidth_gbs"):
         lines.append("")
@@ -662,8 +676,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma list of 125m, 1.3b, 2.7b (default: 125m on CPU, 1.3b,2.7b on CUDA)")
     p.add_argument("--dtypes", default=None,
                    help="comma list (default: float32,bfloat16 on CPU; float16,bfloat16 on CUDA)")
-    p.add_argument("--variants", default="int8,compile",
-                   help="extra gptneo rows: int8, compile, ref (default int8,compile; '' for none)")
+    p.add_argument("--variants", default="int8,int8-dynamic,compile",
+                   help="extra gptneo rows: int8, int8-dynamic, compile, ref "
+                   "(default int8,int8-dynamic,compile; '' for none)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens for batch-1 decode")
     p.add_argument("--batch-tokens", type=int, default=64, help="new tokens per row at batch 8")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +38,13 @@ from .attention import build_plan, choose_backend, eager_attention, flash_attent
 from .cache import KVCache
 from .config import GPTNeoConfig
 from .device import resolve_device, resolve_dtype
-from .errors import GPTNeoError
+from .errors import BackendError, GPTNeoError
 from .modeling import _ACTIVATIONS, GPTNeoForCausalLM, GPTNeoModel, GPTNeoOutput
 from .weights import StoredTensor, iter_tensors, weight_files
 
 log = logging.getLogger("gptneo")
 
-QUANTIZE_CHOICES = ("none", "int8")
+QUANTIZE_CHOICES = ("none", "int8", "int8-dynamic")
 
 
 # ---- packed matrices -------------------------------------------------------------------
@@ -54,6 +55,8 @@ class Dense:
 
     #: The attributes holding tensors (registered as frozen parameters of the model).
     TENSORS: tuple[str, ...] = ()
+    #: Bytes held outside those tensors (packed library objects).
+    extra_bytes = 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -155,6 +158,58 @@ class Int8Dense(Dense):
             out = out + self.bias
         return out.view(*x.shape[:-1], out.shape[-1])
 
+
+
+class DynamicInt8Dense(Dense):
+    """W8A8: int8 W per output row (fbgemm-packed) and activations quantized to uint8 on
+    every call, one scale per call (`--quantize int8-dynamic`, CPU only).
+
+    Not weight-only: the activation rounding costs some accuracy (measured in
+    docs/PERFORMANCE.md), in exchange for integer dot products (VNNI), about twice as fast
+    as the weight-only kernel here.
+    """
+
+    TENSORS = ("bias",)
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                 reduce_range: bool) -> None:
+        with warnings.catch_warnings():  # the quantized-tensor constructors are deprecated
+            warnings.simplefilter("ignore")
+            zeros = torch.zeros(scales.shape[0], dtype=torch.long)
+            qw = torch._make_per_channel_quantized_tensor(qweight, scales.double(), zeros, 0)
+            float_bias = None if bias is None else bias.float()
+            self.packed = torch.ops.quantized.linear_prepack(qw, float_bias)
+        self.bias = bias  # kept for accounting; the packed object adds it
+        self.reduce_range = reduce_range
+        self.extra_bytes = qweight.numel() + 8 * scales.numel()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        out = torch.ops.quantized.linear_dynamic(flat, self.packed, self.reduce_range)
+        return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])
+
+
+def _cpu_has_vnni() -> bool:
+    """Integer dot-product instructions: without them fbgemm's uint8 x int8 sums can
+    saturate, so activations must use 7 bits (reduce_range)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
+
+
+def dynamic_int8_available() -> bool:
+    key = ("fbgemm", torch.float32)
+    if key not in _PROBES:
+        try:
+            q = torch.ones(4, 16, dtype=torch.int8)
+            dense = DynamicInt8Dense(q, torch.full((4,), 0.5), None, True)
+            got = dense(torch.ones(1, 16))
+            _PROBES[key] = bool(torch.allclose(got, torch.full((1, 4), 8.0), rtol=0.05))
+        except (RuntimeError, AttributeError, NotImplementedError):
+            _PROBES[key] = False
+    return _PROBES[key]
 
 
 _PROBES: dict[tuple[str, torch.dtype], bool] = {}
@@ -269,7 +324,10 @@ class FastCausalLM(nn.Module):
 
     def weight_bytes(self) -> int:
         """Bytes held by the packed weights (what a decode step reads, plus wpe)."""
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+        extra = self.lm_head.extra_bytes if self.lm_head is not None else 0
+        for layer in self.layers:
+            extra += sum(getattr(layer, s).extra_bytes for s in ("qkv", "out", "fc", "proj"))
+        return extra + sum(p.numel() * p.element_size() for p in self.parameters())
 
     def save_pretrained(self, folder: str | Path) -> Path:
         raise GPTNeoError(
@@ -544,17 +602,31 @@ class _Packer:
             and _mkldnn_packing_works(dtype)
         )
         self.pending: dict[str, torch.Tensor] = {}
+        self.vnni = False
+        if quantize == "int8-dynamic":
+            if not cpu or not dynamic_int8_available():
+                raise BackendError(
+                    "--quantize int8-dynamic needs a CPU with torch's fbgemm kernels; "
+                    "use --quantize int8"
+                )
+            self.vnni = _cpu_has_vnni()
 
     def _put(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         return tensor.to(device=self.device, dtype=dtype or self.dtype).contiguous()
 
-    def _dense(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Dense:
+    def _int8_act(self) -> torch.dtype:
+        """Activation dtype into the weight-only int8 kernel: bf16 on CPU (its fp32 path is
+        ~10x slower), the model dtype elsewhere."""
+        return torch.bfloat16 if self.device.type == "cpu" else self.dtype
+
+    def _dense(self, weight: torch.Tensor | StoredTensor, bias: torch.Tensor | None) -> Dense:
         if self.quantize == "int8":
             q, scales = quantize_rows(weight)
-            act = self.dtype if self.dtype != torch.float32 else torch.bfloat16
-            if self.device.type != "cpu" and self.dtype == torch.float32:
-                act = torch.float32
-            return Int8Dense(q.to(self.device), scales.to(self.device), bias, act)
+            return Int8Dense(q.to(self.device), scales.to(self.device), bias, self._int8_act())
+        if self.quantize == "int8-dynamic":
+            q, scales = quantize_rows(weight)
+            return DynamicInt8Dense(q, scales, bias, reduce_range=not self.vnni)
+        assert isinstance(weight, torch.Tensor)
         if self.columns:
             return ColDense(self._put(weight.t()), bias)
         if self.packed:
@@ -564,11 +636,15 @@ class _Packer:
     def add(self, name: str, tensor: torch.Tensor | StoredTensor) -> None:
         model = self.model
         if name == "transformer.wte.weight":
-            if self.quantize == "int8":
+            if self.quantize is not None:
                 q, scales = quantize_rows(tensor)
                 model.wte_q, model.wte_scale = q.to(self.device), self._put(scales)
-                act = torch.bfloat16 if self.device.type == "cpu" else self.dtype
-                model.lm_head = Int8Dense(model.wte_q, scales.to(self.device), None, act)
+                if self.quantize == "int8-dynamic":
+                    model.lm_head = DynamicInt8Dense(q, scales, None, not self.vnni)
+                else:
+                    model.lm_head = Int8Dense(
+                        model.wte_q, scales.to(self.device), None, self._int8_act()
+                    )
             else:
                 model.wte = self._put(tensor)
                 model.lm_head = (

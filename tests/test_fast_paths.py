@@ -206,10 +206,27 @@ def test_int8_memory_is_under_a_third_of_float32(tmp_path):
     assert int8 <= 0.3 * fp32
 
 
+def test_int8_dynamic_logits_stay_close_to_float32(tmp_path):
+    if not fast.dynamic_int8_available():
+        pytest.skip("no fbgemm quantized kernels in this torch build")
+    ref = build_reference("causal_lm", **INT8_SHAPE)
+    folder = save_reference(ref, tmp_path / "m")
+    model = FastCausalLM.from_pretrained(folder, quantize="int8-dynamic")
+    assert isinstance(model.layers[0].fc, fast.DynamicInt8Dense)
+    ids = torch.randint(1, 203, (2, 21), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want, got = ref(ids).logits, model(ids).logits
+    # Activations are rounded to 8 bits too: stated tolerance 8 % of the logits' range.
+    assert max_diff(got, want) < 0.08 * (want.max() - want.min()).item()
+
+
 @pytest.mark.skipif(not (TINY_DEMO / "model.safetensors").is_file(), reason="no demo model")
-def test_int8_top1_agreement_on_the_demo_model():
+@pytest.mark.parametrize("quantize", ["int8", "int8-dynamic"])
+def test_int8_top1_agreement_on_the_demo_model(quantize):
     """>= 98 % top-1 agreement with float32, teacher-forced on this package's own source
     (Python code: the demo model's domain)."""
+    if quantize == "int8-dynamic" and not fast.dynamic_int8_available():
+        pytest.skip("no fbgemm quantized kernels in this torch build")
     from gptneo_cli.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(TINY_DEMO)
@@ -217,7 +234,7 @@ def test_int8_top1_agreement_on_the_demo_model():
                        for p in sorted(TINY_DEMO.parents[1].glob("*.py")))
     ids = tokenizer.encode(text)[:2048]
     reference = GPTNeoForCausalLM.from_pretrained(TINY_DEMO)
-    model = FastCausalLM.from_pretrained(TINY_DEMO, quantize="int8")
+    model = FastCausalLM.from_pretrained(TINY_DEMO, quantize=quantize)
     window = reference.config.max_position_embeddings
     same = total = 0
     with torch.no_grad():
