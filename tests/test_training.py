@@ -16,6 +16,13 @@ import pytest
 import torch
 from helpers_cli import run_cli
 
+from gptneo_cli.classifier_training import (
+    ClassifierConfig,
+    fit_classifier,
+    label_names,
+    read_labeled,
+    split_examples,
+)
 from gptneo_cli.config import GPTNeoConfig
 from gptneo_cli.errors import GPTNeoError
 from gptneo_cli.modeling import GPTNeoForCausalLM, GPTNeoForSequenceClassification
@@ -23,21 +30,16 @@ from gptneo_cli.tokenizer import Tokenizer
 from gptneo_cli.training import (
     CHECKPOINT_DIR,
     TRAINER_STATE,
-    ClassifierConfig,
     Document,
     TrainConfig,
     TrainingInterrupted,
     autocast_dtype,
     evaluate_lm,
     finetune,
-    fit_classifier,
-    label_names,
     lr_factor,
     pack_blocks,
     prepare_lm_data,
     read_documents,
-    read_labeled,
-    split_examples,
     train_bpe_tokenizer,
 )
 

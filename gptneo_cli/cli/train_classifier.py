@@ -1,7 +1,7 @@
 """`gptneo train-classifier`: train a sequence-classification head (or the whole model) on
 labelled jsonl/CSV; the output folder works with `gptneo classify --model FOLDER`.
 
-Thin: check the options, call gptneo_cli.training.fit_classifier, progress on stderr and a
+Thin: check the options, call classifier_training.fit_classifier, progress on stderr and a
 summary on stdout.
 """
 
@@ -100,7 +100,7 @@ def train_classifier(
     """
     fmt = check_format(fmt)
     settings = load_settings()
-    from ..training import ClassifierConfig, fit_classifier
+    from ..classifier_training import ClassifierConfig, fit_classifier
 
     config = ClassifierConfig(
         train=train.strip().lower(),  # type: ignore[arg-type]
