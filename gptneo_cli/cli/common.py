@@ -280,19 +280,19 @@ def load_model(
     fast=True (generation) loads a causal LM into gptneo_cli.fast.FastCausalLM: packed
     weights, same outputs, plus options.quantize / options.compile.
     """
+    from ..device import resolve_device, resolve_dtype
     from ..hub import resolve_model_dir
 
     start = time.perf_counter()
+    device = resolve_device(options.device)  # bad values fail before any download
+    dtype = resolve_dtype(options.dtype, device)
     # Resolve (and on first use download) outside the spinner: huggingface_hub's progress
     # bars would fight a live spinner for the same stderr line.
     path = resolve_model_dir(options.model, revision=options.revision)
     with spinner(f"Loading {options.model}"):
         from .. import modeling
-        from ..device import resolve_device, resolve_dtype
         from ..tokenizer import load_tokenizer
 
-        device = resolve_device(options.device)
-        dtype = resolve_dtype(options.dtype, device)
         tokenizer = load_tokenizer(path)
         if fast and head == "GPTNeoForCausalLM":
             from ..fast import FastCausalLM
