@@ -128,12 +128,17 @@ def _mkldnn_packing_works(dtype: torch.dtype) -> bool:
 class Int8Dense(Dense):
     """int8 W [out, in] with a float scale per output row; inputs run in `act_dtype`.
 
-    torch._weight_int8pack_mm does the product without ever materialising a float W. Where
-    it is missing (older torch, some devices) or cannot take the shape (its CPU kernel reads
-    garbage unless the input width is a multiple of 16), the weight is dequantized per call.
+    For a few rows (decoding) torch._weight_int8pack_mm does the product without ever
+    materialising a float W. For many rows (a prefill) the product dominates and that kernel
+    is slow, so the matrix is dequantized for the call and the float GEMM runs (float32 on
+    CPU, the fastest GEMM there). The same happens where the kernel is missing (older torch,
+    some devices) or cannot take the shape (its CPU kernel reads garbage unless the input
+    width is a multiple of 16).
     """
 
     TENSORS = ("qweight", "scales", "bias")
+    #: From this many rows on, dequantize + float GEMM beats the int8 kernel (measured).
+    DEQUANT_ROWS = 64
 
     def __init__(
         self,
@@ -148,11 +153,13 @@ class Int8Dense(Dense):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        flat = x.reshape(-1, x.shape[-1]).to(self.act_dtype)
-        if self.packed:
-            out = torch._weight_int8pack_mm(flat, self.qweight, self.scales)
+        flat = x.reshape(-1, x.shape[-1])
+        if self.packed and flat.shape[0] < self.DEQUANT_ROWS:
+            out = torch._weight_int8pack_mm(flat.to(self.act_dtype), self.qweight, self.scales)
         else:
-            out = F.linear(flat, self.qweight.to(self.act_dtype)) * self.scales
+            gemm = torch.float32 if flat.device.type == "cpu" else self.act_dtype
+            weight = self.qweight.to(gemm) * self.scales.to(gemm)[:, None]
+            out = F.linear(flat.to(gemm), weight)
         out = out.to(dtype)
         if self.bias is not None:
             out = out + self.bias
@@ -688,6 +695,8 @@ class _Packer:
             if w in pending and b in pending:
                 weight = pending.pop(w)
                 setattr(layer, slot, self._dense(weight, self._put(pending.pop(b))))
+        if all(getattr(layer, s, None) is not None for s in ("qkv", "out", "fc", "proj")):
+            _trim_heap()  # the layer's temporaries would otherwise pile up in the heap
 
     def build(self, attn: str) -> FastCausalLM:
         if self.pending:  # pragma: no cover - _match_checkpoint reports missing tensors
