@@ -156,6 +156,7 @@ class ClassifierConfig:
     val_fraction: float = 0.1
     precision: str = "auto"
     seed: int = 0
+    log_every: int = 10
 
     @property
     def learning_rate(self) -> float:
@@ -166,7 +167,7 @@ class ClassifierConfig:
     def validate(self) -> None:
         if self.train not in ("head", "all"):
             raise ValueError(f"train must be 'head' or 'all', got {self.train!r}")
-        for name in ("epochs", "batch_size", "max_length"):
+        for name in ("epochs", "batch_size", "max_length", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -371,6 +372,8 @@ def train_classifier(
             step += 1
             tokens += sum(len(train_ids[i]) for i in chunk)
             elapsed = time.perf_counter() - start
+            if step % config.log_every and step not in (1, total_steps):
+                continue
             reporter.step(StepStats(step, total_steps, epoch, float(loss.detach()), lr,
                                     tokens / elapsed if elapsed else 0.0, elapsed,
                                     elapsed / step * (total_steps - step)))

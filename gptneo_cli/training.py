@@ -696,6 +696,11 @@ def train_causal_lm(
         save_checkpoint(checkpoint_dir, model, optimizer, scaler, state, extra)
 
     reporter.start(total_steps, run_info)
+    if data.val and state.step == 0:
+        # The starting point, for comparison; it is not a candidate for the best model.
+        initial = evaluate_lm(model, data.val, config.batch_size, amp)
+        state.history.append({"step": 0, "val_loss": initial, "train_loss": None})
+        reporter.evaluated(EvalStats(0, initial))
     first_step = state.step
     window_tokens, window_time = 0, 0.0
     try:

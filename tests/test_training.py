@@ -109,6 +109,8 @@ def test_finetune_loss_goes_down(base_model: Path, text_data: Path, tmp_path: Pa
     result = finetune(base_model, [text_data], tmp_path / "out", config)
 
     assert result.steps == 30
+    assert result.history[0]["step"] == 0  # the starting point is reported
+    assert result.history[0]["val_loss"] == pytest.approx(before, abs=1e-5)
     assert result.best_val_loss is not None
     assert result.best_val_loss < before - 1.0, (before, result.history)
     # The saved model is the best one: its held-out loss is the recorded best.
@@ -225,6 +227,7 @@ def test_cli_finetune(base_model: Path, text_data: Path, tmp_path: Path) -> None
     assert summary["steps"] == 3 and summary["output"] == str(out)
     stderr = proc.stderr.decode()
     assert "step 3/3" in stderr and "eval step 2" in stderr and "tok/s" in stderr
+    assert "eval step 0:" in stderr and "(before training)" in stderr
     assert b"\x1b" not in proc.stderr  # plain lines off a terminal
     assert (out / "model.safetensors").is_file()
 

@@ -114,6 +114,8 @@ def _eval_text(stats: Any) -> str:
         text = f"eval step {stats.step}: val_loss {stats.loss:.4f}  accuracy {stats.accuracy:.4f}"
     else:
         text = f"eval step {stats.step}: val_loss {stats.loss:.4f}  ppl {stats.perplexity:.2f}"
+    if stats.step == 0:
+        return text + "  (before training)"
     return text + ("  (best so far, saved)" if stats.best else "")
 
 
