@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import hashlib
 import json
 import math
@@ -205,10 +206,18 @@ class LMData:
 
     def fingerprint(self) -> str:
         """A hash of the exact tokens, so a resume can refuse different data."""
-        digest = hashlib.sha256(self.train.numpy().tobytes())
-        for block in self.val:
-            digest.update(block.numpy().tobytes())
+        digest = hashlib.sha256()
+        for tensor in (self.train, *self.val):
+            _hash_tensor(digest, tensor)
         return digest.hexdigest()[:16]
+
+
+def _hash_tensor(digest: Any, tensor: torch.Tensor) -> None:
+    """Feed a CPU tensor's bytes to `digest` without numpy (not a runtime dependency)."""
+    data = tensor.detach().cpu().contiguous()
+    size = data.numel() * data.element_size()
+    if size:
+        digest.update((ctypes.c_char * size).from_address(data.data_ptr()))
 
 
 def token_stream(docs: Sequence[Document], tokenizer: Any) -> list[int]:
