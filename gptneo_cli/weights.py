@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
-from safetensors.torch import save_file
 
 from .errors import WeightsError
 
@@ -263,6 +262,25 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 
 
 def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Write tensors in the Hub's layout (contiguous, no shared storage)."""
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path),
-              metadata={"format": "pt"})
+    """Write tensors in the Hub's layout (contiguous, no shared storage).
+
+    Written here rather than with safetensors.torch.save_file, which imports numpy (not a
+    runtime dependency): an 8-byte header length, the JSON header, then the raw bytes.
+    """
+    names = {dtype: name for name, dtype in _ST_DTYPES.items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sorted(state.items())}
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, tensor in tensors.items():
+        if tensor.dtype not in names:
+            raise WeightsError(f"cannot save {name}: dtype {tensor.dtype} has no safetensors name")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(blob)) + blob)
+        for tensor in tensors.values():
+            handle.write(_bytes_of(tensor))
