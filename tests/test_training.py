@@ -402,3 +402,36 @@ def test_read_labeled_csv_and_labels(tmp_path: Path) -> None:
     train, val = split_examples(examples, 0.5, 0)
     assert sorted(e.label for e in val) == ["10", "2"]  # stratified: one of each
     assert len(train) == 2
+
+
+def test_cli_ctrl_c_saves_a_checkpoint_and_resume_finishes(base_model: Path, text_data: Path,
+                                                          tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    from helpers_cli import cli_env, gptneo_command
+
+    out = tmp_path / "out"
+    args = ["finetune", str(base_model), str(text_data), "--output", str(out), "--block-size",
+            "16", "--batch-size", "2", "--max-steps", "100000", "--eval-every", "5"]
+    proc = subprocess.Popen([*gptneo_command(), *args], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=cli_env(tmp_path), cwd=tmp_path)
+    assert proc.stderr is not None
+    seen = []
+    for raw in proc.stderr:  # wait until training is under way, then press "Ctrl-C"
+        seen.append(raw.decode())
+        if raw.startswith(b"step 1/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 130, "".join(seen) + rest
+    assert f"--resume {out / CHECKPOINT_DIR}" in rest
+    state = json.loads((out / CHECKPOINT_DIR / TRAINER_STATE).read_text())["state"]
+    assert state["step"] >= 1
+
+    done = run_cli(*args[:-4], "--max-steps", str(state["step"] + 2), "--resume",
+                   str(out / CHECKPOINT_DIR), "--format", "json", home=tmp_path)
+    # (a longer or shorter run may be resumed: only the data must be the same)
+    assert done.returncode == 0, done.stderr.decode()
+    assert json.loads(done.stdout)["steps"] == state["step"] + 2
