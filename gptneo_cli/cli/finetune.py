@@ -33,8 +33,9 @@ def finetune(
     ],
     data: Annotated[
         list[Path],
-        typer.Argument(help="Training text: files, folders (walked recursively) or .jsonl "
-                       'with {"text": ...} per line.', show_default=False),
+        typer.Argument(metavar="DATA", show_default=False,
+                       help="Training text: files, folders (walked recursively) or .jsonl "
+                       'with {"text": ...} per line.'),
     ],
     output: Annotated[
         Path,

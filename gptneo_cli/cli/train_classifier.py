@@ -33,8 +33,9 @@ def train_classifier(
     ],
     data: Annotated[
         list[Path],
-        typer.Argument(help='Labelled examples: .jsonl with {"text": ..., "label": ...} per '
-                       "line, or .csv/.tsv with a header.", show_default=False),
+        typer.Argument(metavar="DATA", show_default=False,
+                       help='Labelled examples: .jsonl with {"text": ..., "label": ...} per '
+                       "line, or .csv/.tsv with a header."),
     ],
     output: Annotated[
         Path,
@@ -96,7 +97,7 @@ def train_classifier(
     """Train a text classifier on labelled data; reports validation accuracy.
 
     Labels and id2label come from the data. The best epoch (by validation accuracy) is
-    written to OUTPUT; use it with `gptneo classify --model OUTPUT "some text"`.
+    written to OUTPUT; use it with `gptneo classify --model OUTPUT FILE` (or - for stdin).
     """
     fmt = check_format(fmt)
     settings = load_settings()
