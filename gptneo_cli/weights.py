@@ -262,25 +262,22 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 
 
 def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Write tensors in the Hub's layout (contiguous, no shared storage).
+    """Write tensors in the Hub's layout with the safetensors library's own writer.
 
-    Written here rather than with safetensors.torch.save_file, which imports numpy (not a
-    runtime dependency): an 8-byte header length, the JSON header, then the raw bytes.
+    safetensors.torch.save_file goes through numpy, which is not a runtime dependency, so
+    we hand `serialize_file` each tensor's memory directly (the tensors stay referenced by
+    `tensors` until the file is written).
     """
-    names = {dtype: name for name, dtype in _ST_DTYPES.items()}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in sorted(state.items())}
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, tensor in tensors.items():
-        if tensor.dtype not in names:
-            raise WeightsError(f"cannot save {name}: dtype {tensor.dtype} has no safetensors name")
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(blob)) + blob)
-        for tensor in tensors.values():
-            handle.write(_bytes_of(tensor))
+    from safetensors import TensorSpec, serialize_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    specs = {
+        name: TensorSpec(
+            dtype=str(t.dtype).removeprefix("torch."),
+            shape=list(t.shape),
+            data_ptr=t.data_ptr(),
+            data_len=t.numel() * t.element_size(),
+        )
+        for name, t in tensors.items()
+    }
+    serialize_file(specs, str(path), metadata={"format": "pt"})
