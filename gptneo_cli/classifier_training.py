@@ -300,8 +300,9 @@ def train_classifier(
     if unknown:
         raise ValueError(f"data: labels {unknown} are not among the model's {labels}")
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    train_ids, train_y = _encode_examples(tokenizer, train_examples, label2id, config.max_length)
-    val_ids, val_y = _encode_examples(tokenizer, val_examples, label2id, config.max_length)
+    max_length = min(config.max_length, model.config.max_position_embeddings)
+    train_ids, train_y = _encode_examples(tokenizer, train_examples, label2id, max_length)
+    val_ids, val_y = _encode_examples(tokenizer, val_examples, label2id, max_length)
     head_only = config.train == "head"
     for p in model.transformer.parameters():
         p.requires_grad_(not head_only)
