@@ -192,6 +192,7 @@ def build(output: Path, max_steps: int) -> dict:
             "files": len(files),
             "train_files": len(train_files),
             "val_files": val_files,
+            "file_list": files,
             "file_list_sha256": sha256_text("\n".join(files)),
             "content_sha256": _content_hash(root, files),
             "train_tokens": training["train_tokens"],

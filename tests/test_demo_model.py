@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import platform
 import sysconfig
 from pathlib import Path
 
@@ -93,6 +94,20 @@ def test_metadata_is_the_build_scripts_settings(meta: dict, build_script: object
     assert held_out["loss_float32"] < 5.0
     # Shipping in float16 costs almost nothing.
     assert held_out["loss_shipped_float16"] == pytest.approx(held_out["loss_float32"], abs=0.01)
+
+
+def test_file_list(meta: dict, build_script: object) -> None:
+    """The recorded file list is what the hash says, held-out files come from it, and on this
+    standard library (when it is the build's) the script selects exactly that list."""
+    data = meta["data"]
+    files = data["file_list"]
+    assert files == sorted(files) and len(files) == data["files"]
+    digest = hashlib.sha256("\n".join(files).encode("utf-8")).hexdigest()
+    assert digest == data["file_list_sha256"]
+    assert data["val_files"] == files[::build_script.VAL_EVERY]
+    assert data["train_files"] == len(files) - len(data["val_files"])
+    if meta["python"] == platform.python_version():
+        assert build_script.stdlib_files()[1] == files
 
 
 def test_held_out_loss_reproduces(meta: dict, model: GPTNeoForCausalLM) -> None:
