@@ -470,16 +470,13 @@ class GPTNeoForCausalLM(GPTNeoPreTrainedModel):
         return out
 
 
-class GPTNeoForSequenceClassification(GPTNeoPreTrainedModel):
-    """One label score per sequence, read at its last real (non-padding) token."""
-
-    head_params = ("score.weight",)
+class _GPTNeoHeadModel(GPTNeoPreTrainedModel):
+    """GPTNeoModel under `transformer` plus one head; `_read` turns hidden states into the
+    head's outputs. Shared by the three heads whose forward takes the same inputs."""
 
     def __init__(self, config: GPTNeoConfig, attn: str = "auto") -> None:
         super().__init__(config, attn)
         self.transformer = GPTNeoModel(config, attn)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
-        self.init_weights(self.score)
 
     def base(self) -> GPTNeoModel:
         return self.transformer
@@ -492,9 +489,31 @@ class GPTNeoForSequenceClassification(GPTNeoPreTrainedModel):
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
     ) -> GPTNeoOutput:
+        out = self.transformer(input_ids, attention_mask, position_ids, cache, output_hidden_states)
+        self._read(out, input_ids, attention_mask)
+        return out
+
+    def _read(
+        self, out: GPTNeoOutput, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> None:
+        raise NotImplementedError
+
+
+class GPTNeoForSequenceClassification(_GPTNeoHeadModel):
+    """One label score per sequence, read at its last real (non-padding) token."""
+
+    head_params = ("score.weight",)
+
+    def __init__(self, config: GPTNeoConfig, attn: str = "auto") -> None:
+        super().__init__(config, attn)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.init_weights(self.score)
+
+    def _read(
+        self, out: GPTNeoOutput, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> None:
         """With an attention_mask the last real token is found from it (left or right
         padding); otherwise, like transformers, the rightmost token that is not pad_token_id."""
-        out = self.transformer(input_ids, attention_mask, position_ids, cache, output_hidden_states)
         token_logits = self.score(out.last_hidden_state)
         batch, seq = input_ids.shape
         steps = torch.arange(seq, device=input_ids.device)
@@ -511,59 +530,36 @@ class GPTNeoForSequenceClassification(GPTNeoPreTrainedModel):
                 )
             last = torch.full((batch,), seq - 1, device=input_ids.device)
         out.logits = token_logits[torch.arange(batch, device=input_ids.device), last]
-        return out
 
 
-class GPTNeoForTokenClassification(GPTNeoPreTrainedModel):
+class GPTNeoForTokenClassification(_GPTNeoHeadModel):
     """One label score per token."""
 
     head_params = ("classifier.weight", "classifier.bias")
 
     def __init__(self, config: GPTNeoConfig, attn: str = "auto") -> None:
         super().__init__(config, attn)
-        self.transformer = GPTNeoModel(config, attn)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.init_weights(self.classifier)
 
-    def base(self) -> GPTNeoModel:
-        return self.transformer
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        output_hidden_states: bool = False,
-    ) -> GPTNeoOutput:
-        out = self.transformer(input_ids, attention_mask, position_ids, cache, output_hidden_states)
+    def _read(
+        self, out: GPTNeoOutput, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> None:
         out.logits = self.classifier(out.last_hidden_state)
-        return out
 
 
-class GPTNeoForQuestionAnswering(GPTNeoPreTrainedModel):
+class GPTNeoForQuestionAnswering(_GPTNeoHeadModel):
     """Start and end scores for every token (extractive QA)."""
 
     head_params = ("qa_outputs.weight", "qa_outputs.bias")
 
     def __init__(self, config: GPTNeoConfig, attn: str = "auto") -> None:
         super().__init__(config, attn)
-        self.transformer = GPTNeoModel(config, attn)
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
         self.init_weights(self.qa_outputs)
 
-    def base(self) -> GPTNeoModel:
-        return self.transformer
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        output_hidden_states: bool = False,
-    ) -> GPTNeoOutput:
-        out = self.transformer(input_ids, attention_mask, position_ids, cache, output_hidden_states)
+    def _read(
+        self, out: GPTNeoOutput, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> None:
         start, end = self.qa_outputs(out.last_hidden_state).unbind(dim=-1)
         out.start_logits, out.end_logits = start.contiguous(), end.contiguous()
-        return out
