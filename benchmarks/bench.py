@@ -579,7 +579,16 @@ def with_ratio(value: float | None, x: float | None, digits: int = 1) -> str:
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     long = meta["args"]["long_prompt"]
+    m = meta["machine"]
     lines = [
+        f"Machine: {m.get('cpu', '?')}, {m.get('cpu_count')} CPUs, "
+        f"{m.get('memory_gib', '?')} GiB"
+        + (f", GPU {m['gpu']}" if m.get("gpu") else "")
+        + f"; {meta['args']['threads']} torch threads; torch {m['torch']}, transformers "
+        f"{m.get('transformers', '?')}, Python {m['python']}; {meta.get('date', '')}.",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
         f"| shape | dtype | engine | decode tok/s (×) | TTFT 32 ms (×) | TTFT {long} ms (×) | "
         "batch-8 tok/s (×) | load s (×) | load peak ΔRSS MiB (÷ weights) | "
         "gen peak RSS MiB |",
@@ -723,8 +732,11 @@ def main(argv: list[str] | None = None) -> int:
     args.threads = torch.get_num_threads()
     cache_dir = Path(args.cache_dir or Path.home() / ".cache" / "gptneo" / "bench")
     started = time.perf_counter()
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(REPO) if script.is_relative_to(REPO) else script
     meta: dict[str, Any] = {"machine": machine(), "args": vars(args).copy(),
-                            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+                            "command": " ".join(["python", str(shown), *sys.argv[1:]]),
+                            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if args.device.startswith("cuda"):
         meta["bandwidth_gbs"] = copy_bandwidth_gbs(args.device)
     rows: list[dict[str, Any]] = []

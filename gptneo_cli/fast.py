@@ -7,15 +7,19 @@ with the same forward contract (same inputs, KV cache, padding rules and outputs
 
 What changes, and why (numbers in docs/PERFORMANCE.md):
 - q, k and v become one fused [3h, h] matrix: one matrix product instead of three.
-- On CPU in float32, layer matrices are stored transposed ([in, out]): MKL's matrix-vector
-  product is faster on that layout; bf16 and CUDA keep the row layout (faster there).
+- On CPU in float32, layer matrices are stored transposed ([in, out]): MKL's products
+  streaming them from memory are faster on that layout (a few % at one row, ~25 % at 8).
+- bf16 layer matrices on CPU are prepacked for oneDNN: F.linear on a plain bf16 matrix
+  reorders it on every call, the packed one runs the product about twice as fast.
+- The lm_head is the embedding matrix itself (never copied), see `TiedHead`.
 - The forward is one flat loop over plain tensors, without nn.Module calls per layer:
   decoding one token is ~200 small ops, so Python overhead counts.
 - `quantize="int8"`: weight-only int8 with one scale per output channel, computed from the
   checkpoint while it is read (no full-precision copy is kept). The tied embedding / lm_head
   is quantized too: it is 38.6M of gpt-neo-125M's 125M parameters. Activations, LayerNorms,
-  attention and the KV cache keep the model dtype.
-- `compile=True`: torch.compile of the per-layer dense parts (see `_compile`).
+  attention and the KV cache keep the model dtype. `quantize="int8-dynamic"` also rounds
+  activations to 8 bits (faster on CPU, less exact).
+- `compile=True`: torch.compile of the one-token decode step (see `compile_decode`).
 
 The reference model is consumed: `optimize_for_inference` moves its weights over (to the
 meta device) so memory is not held twice.
@@ -73,6 +77,33 @@ class RowDense(Dense):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
+
+
+class TiedHead(Dense):
+    """The lm_head: the token embedding matrix itself, [vocab, hidden], never copied.
+
+    Which product is faster depends on rows and dtype (measured on CPU, 2 threads): for fp32
+    W @ x.T beats x @ W.T by ~25 % at 8 rows; for bf16 it wins slightly at one row only.
+    A packed (oneDNN) copy would be ~2x faster in bf16 but costs a second embedding-sized
+    copy (+32 % of a bf16 125M model), so the head stays unpacked.
+    """
+
+    TENSORS = ("weight",)
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+        fp32 = weight.dtype == torch.float32
+        self.column_rows = (lambda rows: rows > 1) if fp32 else (lambda rows: rows == 1)
+        if weight.device.type != "cpu":
+            self.column_rows = lambda rows: False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if self.column_rows(flat.shape[0]):
+            out = torch.mm(self.weight, flat.t()).t()
+        else:
+            out = F.linear(flat, self.weight)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 class ColDense(Dense):
@@ -654,9 +685,7 @@ class _Packer:
                     )
             else:
                 model.wte = self._put(tensor)
-                model.lm_head = (
-                    PackedDense(model.wte, None) if self.packed else RowDense(model.wte, None)
-                )
+                model.lm_head = TiedHead(model.wte)
             return
         if name == "transformer.wpe.weight":
             model.wpe = self._put(tensor)
