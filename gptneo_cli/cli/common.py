@@ -71,8 +71,8 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Model: local folder, Hub id (org/name) or alias (125m, 1.3b, 2.7b). "
-        "(env GPTNEO_MODEL; default EleutherAI/gpt-neo-125M)",
+        help="Model: local folder, Hub id (org/name) or alias (125m, 1.3b, 2.7b; "
+        "tiny = the bundled demo). (env GPTNEO_MODEL; default EleutherAI/gpt-neo-125M)",
         rich_help_panel=MODEL_PANEL,
         show_default=False,
     ),
