@@ -215,5 +215,6 @@ def test_ctrl_c_keeps_the_text_and_exits_130(model, tmp_path):
     proc.send_signal(signal.SIGINT)
     rest = proc.stdout.read()
     assert proc.wait(timeout=60) == 130
-    assert first and rest.endswith(b"\n")  # what was generated stays, the line is ended
+    output = first + rest
+    assert first and output.endswith(b"\n")  # what was generated stays, the line is ended
     assert b"Traceback" not in proc.stderr.read()
