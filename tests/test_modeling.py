@@ -243,7 +243,8 @@ def test_logits_to_keep_computes_the_last_positions_only(tiny_checkpoint):
         full = model(ids).logits
         last = model(ids, logits_to_keep=1).logits
     assert last.shape == (2, 1, 101)
-    assert max_diff(last, full[:, -1:]) == 0.0
+    # Not bit-equal: a [2, 1, h] and a [2, 7, h] matmul may take different GEMM kernels.
+    assert max_diff(last, full[:, -1:]) < 1e-6
 
 
 def test_cache_refuses_overflow(tiny_checkpoint):
