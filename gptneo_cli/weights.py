@@ -13,8 +13,10 @@ from __future__ import annotations
 import ctypes
 import json
 import pickle
+import re
 import struct
 import sys
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -246,19 +248,31 @@ def _iter_safetensors_library(
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    # torch can memory-map only its zip format; a pre-1.6 (legacy) file is read whole.
+    mmap = zipfile.is_zipfile(path)
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(
             f"{path.name} was refused: it is not a plain tensor checkpoint "
-            f"(read with weights_only=True: {first})"
+            f"(read with weights_only=True: {_load_failure(exc)})"
         ) from exc
     if not isinstance(data, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
     ):
         raise WeightsError(f"{path.name} does not hold a name -> tensor mapping")
     return data
+
+
+def _load_failure(exc: BaseException) -> str:
+    """The telling part of torch.load's error: its multi-paragraph weights_only message
+    (with terminal escapes, and advice to drop weights_only) names the refused object in
+    its "WeightsUnpickler error:" line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1].strip().split(". ", 1)[0]
+    return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
 def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:

@@ -173,6 +173,33 @@ def test_bin_with_a_pickled_object_is_refused(tiny_checkpoint, capsys):
     assert "pwned" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_bin_refusal_names_the_object_in_one_plain_line(tiny_checkpoint, capsys, zip_format):
+    folder, _ = tiny_checkpoint("causal_lm", "one_layer", fmt="bin")
+    path = folder / "pytorch_model.bin"
+    state = torch.load(path, weights_only=True)
+    state["evil"] = Payload()
+    torch.save(state, path, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(WeightsError) as info:
+        LM.from_pretrained(folder)
+    message = str(info.value)
+    assert "Unsupported global" in message and "print" in message
+    assert "\n" not in message and "\x1b" not in message  # not torch's escaped paragraphs
+    assert "weights_only` set to `False" not in message  # never advise a full pickle
+    assert "pwned" not in capsys.readouterr().out
+
+
+def test_legacy_bin_format_loads(tiny_checkpoint):
+    """torch.save before torch 1.6 wrote a non-zip format that torch cannot memory-map."""
+    folder, ref = tiny_checkpoint("causal_lm", "local_first", fmt="bin")
+    path = folder / "pytorch_model.bin"
+    torch.save(torch.load(path, weights_only=True), path, _use_new_zipfile_serialization=False)
+    model = LM.from_pretrained(folder)
+    ids = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        assert (model(ids).logits - ref(ids).logits).abs().max().item() < 1e-5
+
+
 def test_bin_holding_something_else_than_tensors(tiny_checkpoint):
     folder, _ = tiny_checkpoint("causal_lm", "one_layer", fmt="bin")
     torch.save({"a": [1, 2, 3]}, folder / "pytorch_model.bin")
