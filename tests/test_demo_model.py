@@ -167,3 +167,57 @@ def test_quickstart_command_offline(tmp_path: Path) -> None:
     out = proc.stdout.decode()
     assert len(out.strip()) > 20 and "\n" in out.strip()
     assert b"\x1b" not in proc.stdout
+
+
+# Code prefixes whose next word any model trained on Python knows; a random model does not.
+ZERO_SHOT_CASES = [
+    ("self", "class Point:\n    def __init__(self, x):\n        self.x = x\n\n"
+             "    def get_x(self):\n        return"),
+    ("self", "    def close(self):\n        self.file.close()\n        del"),
+    ("self", "    def __repr__(self):\n        return '<%s>' % (self.name,)\n\n    def __len__("),
+    ("None", "def run(callback=None):\n    if callback is"),
+    ("None", "    if value is not"),
+    ("import", "from os.path import join\nfrom collections"),
+]
+
+
+def test_zero_shot_classify_sanity(tmp_path: Path) -> None:
+    """`classify --labels` on the demo model, calibrated (the default): the obvious label wins."""
+    rows = [json.dumps({"id": str(i), "text": text}) for i, (_, text) in enumerate(ZERO_SHOT_CASES)]
+    (tmp_path / "cases.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    proc = run_cli("classify", "--input", "cases.jsonl", "--model", "tiny", "--dtype", "float32",
+                   "--labels", "self,None,import", "--template", "{text}", "--format", "jsonl",
+                   home=tmp_path)
+    assert proc.returncode == 0, proc.stderr.decode()
+    got = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    assert [r["label"] for r in got] == [want for want, _ in ZERO_SHOT_CASES]
+    assert all(r["calibration"] is not None for r in got)
+    mean = sum(r["score"] for r in got) / len(got)
+    assert mean > 0.7, [r["scores"] for r in got]
+
+
+def test_chat_with_the_demo_model(tmp_path: Path) -> None:
+    """Piped chat on a real (if small) model: comments as user turns, functions as replies.
+
+    The model writes the next `#` comment itself, so replies end at the stop string before
+    the token limit; its 256 positions make the conversation slide; it exits at EOF.
+    """
+    limit = 80
+    messages = ["Close the connection.", "Return the list of names.", "Read the file.",
+                "Check the value."]
+    proc = run_cli("chat", "--model", "tiny", "--dtype", "float32", "--seed", "1",
+                   "--temperature", "0.6", "-n", str(limit), "--user-prefix", "#",
+                   "--assistant-prefix", "def", home=tmp_path,
+                   input="\n".join([*messages, "/save chat.json"]) + "\n", timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert b"\x1b" not in proc.stdout
+    turns = json.loads((tmp_path / "chat.json").read_text(encoding="utf-8"))["turns"]
+    assert [t["user"] for t in turns] == messages
+    replies = [t["assistant"] for t in turns]
+    assert all(r and "#" not in r for r in replies), replies
+    out = proc.stdout.decode()
+    assert all(r in out for r in replies)
+    assert any(word in r for r in replies for word in ("self", "return", "\n    ")), replies
+    tok = Tokenizer.from_folder(TINY)
+    assert min(len(tok.encode(r)) for r in replies) < limit - 10, replies  # a stop, not the limit
+    assert "dropped out" in proc.stderr.decode()
