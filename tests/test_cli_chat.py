@@ -209,3 +209,27 @@ def test_pty_ctrl_c_stops_the_reply_and_keeps_the_session(model, tmp_path):
     saved = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
     (turn,) = saved["turns"]
     assert turn["user"] == "tell me a long story" and turn["assistant"]
+
+
+def _bracketed_paste() -> bool:
+    """GNU readline 8.1+ turns bracketed paste on by default: a pasted block is one line."""
+    try:
+        import readline
+    except ImportError:
+        return False
+    if "libedit" in (readline.__doc__ or ""):
+        return False
+    return getattr(readline, "_READLINE_VERSION", 0) >= 0x0801
+
+
+@pytest.mark.skipif(not _bracketed_paste(), reason="needs GNU readline 8.1+ (bracketed paste)")
+def test_pty_pasted_lines_are_one_message(model, tmp_path):
+    child = spawn(model, tmp_path, "--max-new-tokens", "3", "--no-history")
+    child.send("\x1b[200~first pasted line\nsecond pasted line\x1b[201~\r")
+    child.expect_exact(">>> ")
+    child.sendline("/save s.json")
+    child.expect_exact("(saved 1 turn to")
+    child.sendcontrol("d")
+    assert finish(child) == 0
+    saved = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
+    assert [t["user"] for t in saved["turns"]] == ["first pasted line\nsecond pasted line"]
