@@ -3,6 +3,9 @@ file formats, eager and sdpa. Every output must be within 1e-5 (max abs, fp32)."
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from oracle import HEADS, TINY_CONFIGS, build_reference, save_reference
@@ -72,6 +75,41 @@ def test_sharded_safetensors_load(tmp_path):
     ids = torch.randint(0, 131, (1, 12))
     with torch.no_grad():
         assert max_diff(model(ids).logits, ref(ids).logits) < TOL
+
+
+_PEAK_SCRIPT = """
+import sys, torch, gptneo_cli
+def rss_kib():
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the RSS now
+before, _ = rss_kib()
+dtype = None if sys.argv[2] == "none" else getattr(torch, sys.argv[2])
+model = gptneo_cli.GPTNeoForCausalLM.from_pretrained(sys.argv[1], dtype=dtype)
+_, peak = rss_kib()
+print((peak - before) * 1024, sum(p.numel() * p.element_size() for p in model.parameters()))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+@pytest.mark.parametrize("dtype", ["none", "bfloat16"])
+def test_loading_keeps_one_copy_of_the_weights(tmp_path, dtype):
+    """Peak memory while loading is the weights plus a bounded buffer, never a second full
+    copy: not of the file (fp32 -> bf16 is converted chunk by chunk) nor of the model."""
+    config = gptneo_cli.GPTNeoConfig.from_dict({
+        "model_type": "gpt_neo", "vocab_size": 8000, "hidden_size": 512, "num_layers": 8,
+        "num_heads": 8, "attention_types": [[["global", "local"], 4]],
+    })
+    gptneo_cli.GPTNeoForCausalLM(config).save_pretrained(tmp_path)  # 116 MiB in fp32
+    done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path), dtype],
+                          capture_output=True, text=True, timeout=120)
+    if done.returncode and "clear_refs" in done.stderr:
+        pytest.skip("this kernel cannot reset the peak RSS")
+    assert done.returncode == 0, done.stderr
+    grew, weights = map(int, done.stdout.split())
+    file_size = (tmp_path / "model.safetensors").stat().st_size
+    # A second copy would add `weights` (fp32) or `file_size` (bf16 from fp32) on top.
+    assert grew < weights + 40 * 2**20, (grew, weights, file_size)
 
 
 def test_base_model_loads_from_a_head_checkpoint(tiny_checkpoint):
