@@ -184,6 +184,28 @@ def test_prefill_then_600_steps_equals_full_forward(tmp_path, attn):
     assert cache.keys[0].shape[2] == prefill + steps
 
 
+def test_decoding_up_to_2048_positions_equals_full_forward(tmp_path):
+    """The cache at full length: the last steps up to position 2047 still match, and the
+    2049th position is refused."""
+    ref = build_reference(
+        "causal_lm", vocab_size=67, hidden_size=16, num_layers=2, num_heads=2,
+        attention_types=[[["local", "global"], 1]], window_size=256, max_position_embeddings=2048,
+    )
+    model = gptneo_cli.GPTNeoForCausalLM.from_pretrained(save_reference(ref, tmp_path / "m"))
+    prefill, total = 1800, 2048
+    ids = torch.randint(0, 67, (1, total), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        full = ref(ids).logits
+        cache = model.new_cache(1, total)
+        got = [model(ids[:, :prefill], cache=cache).logits]
+        for t in range(prefill, total):
+            got.append(model(ids[:, t : t + 1], cache=cache).logits)
+        assert cache.length == total and cache.keys[0].shape[2] == 256
+        with pytest.raises(ValueError, match="2049 positions is longer than the model's 2048"):
+            model(ids[:, :1], cache=cache)
+    assert max_diff(torch.cat(got, dim=1), full) < TOL
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_chunked_prefill_across_the_window(tiny_checkpoint, attn):
     folder, ref = tiny_checkpoint("causal_lm", "local_first")  # window 5
