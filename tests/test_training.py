@@ -435,3 +435,28 @@ def test_cli_ctrl_c_saves_a_checkpoint_and_resume_finishes(base_model: Path, tex
     # (a longer or shorter run may be resumed: only the data must be the same)
     assert done.returncode == 0, done.stderr.decode()
     assert json.loads(done.stdout)["steps"] == state["step"] + 2
+
+
+def test_cli_finetune_rich_progress_on_a_terminal(base_model: Path, text_data: Path,
+                                                  tmp_path: Path) -> None:
+    """On a TTY, stderr carries a live Rich bar with the step count, loss, tokens/s and ETA."""
+    import re
+
+    pexpect = pytest.importorskip("pexpect")
+    from helpers_cli import cli_env, gptneo_command
+
+    out = tmp_path / "out"
+    cmd = gptneo_command()
+    child = pexpect.spawn(cmd[0], [*cmd[1:], "finetune", str(base_model), str(text_data),
+                                   "--output", str(out), "--block-size", "16", "--batch-size",
+                                   "4", "--max-steps", "4", "--eval-every", "2"],
+                          env=cli_env(tmp_path, NO_COLOR="1", TERM="xterm"), cwd=str(tmp_path),
+                          timeout=120, encoding="utf-8", dimensions=(30, 160))
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before
+    assert "\x1b[2K" in child.before  # a live display redrawing its line, not plain lines
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", child.before)
+    assert re.search(r"training .*4/4 loss \d+\.\d{4} [\d,]+ tok/s \d:\d\d:\d\d eta", screen)
+    assert "eval step 2: val_loss" in screen and "step 1/4  loss" not in screen
+    assert "Fine-tuning finished" in screen and (out / "model.safetensors").is_file()
