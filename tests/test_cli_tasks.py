@@ -81,6 +81,11 @@ def test_classify_bad_items_fail_alone_and_exit_1(ckpt, home):
     for name, words in [("blob.bin", "binary"), ("missing.txt", "not found"),
                         ("latin1.txt", "UTF-8"), ("empty.txt", "empty"), ("dir", "--recursive")]:
         assert any(name in e and words in e for e in errs), (name, errs)
+    # an empty folder is an error too, never a silent success
+    proc = run_cli("classify", "dir", "--recursive", "--model", str(folder), *CPU, home=home)
+    assert proc.returncode == 1 and proc.stdout == b""
+    (err,) = errors(proc.stderr)
+    assert "dir holds no files" in err
 
 
 def test_classify_plain_output_when_piped(ckpt, home):

@@ -182,6 +182,8 @@ def gather(inputs: list[str], *, recursive: bool, input_file: Path | None) -> li
                 items.append(Item(name, error=f"{name} is a folder: add --recursive to read it"))
                 continue
             files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path))
+            if not files:  # say so: an empty run that exits 0 looks like success
+                items.append(Item(name, error=f"{name} holds no files to classify"))
             items += [_item(str(p), lambda p=p: read_text_file(p)) for p in files]
         else:
             items.append(_item(name, lambda path=path: read_text_file(path)))
