@@ -164,6 +164,18 @@ def test_show_config_and_stats_go_to_stderr(gen):
     assert quiet.stdout == done.stdout and quiet.stderr == b""
 
 
+def test_show_config_alone_exits_0_without_reading_a_prompt(gen):
+    """No prompt and an empty stdin (</dev/null, a script): the settings only, exit 0."""
+    done = gen("--show-config")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b""
+    err = done.stderr.decode()
+    assert "Effective settings" in err and "Error" not in err
+    assert "max_new_tokens: 100 (default)" in err  # the value in force, not a blank
+    piped = gen("--show-config", "-n", "2", "--format", "json", input="Piped prompt")
+    assert json.loads(piped.stdout)["prompt"] == "Piped prompt"
+
+
 def test_usage_errors_that_need_the_model(gen):
     long_prompt = "word " * 3000
     done = gen(long_prompt, "-n", "2")

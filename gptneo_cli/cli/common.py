@@ -81,7 +81,7 @@ RevisionOpt = Annotated[
     str | None,
     typer.Option(
         "--revision",
-        help="Hub branch, tag or commit. [env GPTNEO_REVISION]",
+        help="Hub branch, tag or commit. (env GPTNEO_REVISION; default main)",
         rich_help_panel=MODEL_PANEL,
         show_default=False,
     ),

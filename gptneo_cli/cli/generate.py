@@ -7,6 +7,7 @@ inside the command so `gptneo --help` never imports torch.
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
@@ -46,6 +47,7 @@ from .common import (
     generation_config,
     load_model,
     read_prompt,
+    read_stdin,
     read_text_file,
     spinner,
 )
@@ -188,12 +190,18 @@ def generate(
     model_flags = dict(model=model, revision=revision, device=device, dtype=dtype, attn=attn)
     options = ModelOptions.merge(settings, **model_flags, quantize=quantize, compile=compile)
     diag = Diagnostics()
+    stdin: IO[str] = sys.stdin
     if show_config:
         given = {k for k, v in {**flags, **model_flags}.items() if v is not None}
         _show_config(diag, settings, options, config, given)
-        if input_file is None and file is None and prompt is None and is_tty(sys.stdin):
-            return
-    prompts = _collect_prompts(prompt, file, input_file)
+        if input_file is None and file is None and prompt is None:
+            # Only the settings were asked for unless a prompt is piped in: a terminal or
+            # an empty stdin (</dev/null, scripts) ends here with exit 0.
+            piped = "" if is_tty(sys.stdin) else read_stdin()
+            if not piped.strip():
+                return
+            stdin = io.StringIO(piped)
+    prompts = _collect_prompts(prompt, file, input_file, stdin)
     sink: IO[str] = sys.stdout if output is None else _open_output(output)  # fail before loading
     try:
         loaded = load_model(options, fast=True)
@@ -220,9 +228,11 @@ def generate(
 # --------------------------------------------------------------------------- input
 
 
-def _collect_prompts(prompt: str | None, file: Path | None, input_file: Path | None) -> list[str]:
+def _collect_prompts(
+    prompt: str | None, file: Path | None, input_file: Path | None, stdin: IO[str]
+) -> list[str]:
     if input_file is None:
-        return [read_prompt(prompt, file)]
+        return [read_prompt(prompt, file, stdin)]
     if prompt is not None or file is not None:
         raise ValueError("--input runs a file of prompts: leave out PROMPT and --file")
     return read_input_file(input_file)
@@ -382,6 +392,10 @@ def _show_config(
         return settings.sources.get(key, "default")
 
     values = {**asdict(options), **config.to_dict()}
+    if config.max_new_tokens is None and config.max_length is None:
+        from ..generation import DEFAULT_MAX_NEW_TOKENS
+
+        values["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS  # the value in force, not "-"
     rows = [(key, f"{_show(value)} ({source(key)})") for key, value in values.items()]
     rows.append(("config file", f"{settings.path} ({'found' if settings.file_found else 'none'})"))
     diag.table("Effective settings", rows)
