@@ -89,6 +89,21 @@ def test_piped_slash_commands_edit_the_conversation(model, tmp_path):
     assert "never sent" not in json.dumps(e)
 
 
+def test_piped_load_restores_conversation_and_settings(model, tmp_path):
+    (tmp_path / "bad.json").write_text('{"turns": [], "settings": {"top_p": 7}}', "utf-8")
+    done = chat_piped(model, tmp_path, [
+        "/set temperature 0.5", "/set top_k 7", "one", "/save a.json", "/set temperature 0.8",
+        "/clear", "/load bad.json", "/save b.json", "/load a.json", "/save c.json",
+    ], "--max-new-tokens", "2")
+    assert done.returncode == 0, done.stderr.decode()
+    read = lambda name: json.loads((tmp_path / name).read_text(encoding="utf-8"))  # noqa: E731
+    a, b, c = read("a.json"), read("b.json"), read("c.json")
+    assert "bad.json: bad settings: top_p" in done.stderr.decode()
+    assert b["turns"] == [] and b["settings"]["temperature"] == 0.8  # a bad file changes nothing
+    assert c["turns"] == a["turns"] and c["settings"] == a["settings"]
+    assert (c["settings"]["temperature"], c["settings"]["top_k"]) == (0.5, 7)
+
+
 def test_context_slides_and_says_so(small_model, tmp_path):
     lines = [f"message number {i} is here" for i in range(6)] + ["/save s.json"]
     done = chat_piped(small_model, tmp_path, ["/set ignore_eos true", *lines],

@@ -64,7 +64,7 @@ HELP = """\
 /set KEY VALUE      change a setting, e.g. /set temperature 0.7 (KEY as in /show)
 /show               model, settings, template and context use
 /save FILE          save the conversation as JSON
-/load FILE          load a conversation saved with /save
+/load FILE          load a conversation and its settings saved with /save
 /regen              generate the last reply again
 /undo               drop the last exchange
 /exit               leave (Ctrl-D works too)
@@ -306,8 +306,23 @@ class ChatSession:
             data = json.loads(read_text_file(arg))
         except json.JSONDecodeError:
             raise ValueError(f"{arg} is not JSON saved by /save") from None
-        self.conv = Conversation.from_dict(data, arg)
+        conv = Conversation.from_dict(data, arg)
+        self.config = self._saved_settings(data.get("settings"), arg)
+        self.conv = conv
         self.diag.note(f"(loaded {_turns(len(self.conv.turns))} from {arg})")
+
+    def _saved_settings(self, saved: Any, source: str) -> Any:
+        """The settings /save wrote, over the current ones (checked before anything changes)."""
+        if saved is None:
+            return self.config
+        if not isinstance(saved, dict):
+            raise ValueError(f"{source} is not a conversation saved by /save")
+        known = self.config.to_dict()
+        changes = {k: v for k, v in saved.items() if k in known and k not in UNSETTABLE}
+        try:
+            return self.config.replace(**changes)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: bad settings: {exc}") from None
 
     def _regen(self, out: TextStream) -> None:
         if not self.conv.turns:
