@@ -13,20 +13,31 @@ from typing import Any
 
 from .errors import ConfigError
 
-#: Activations transformers accepts for GPT-Neo (its ACT2FN names) that we implement.
+#: Activations transformers accepts for GPT-Neo (its ACT2FN names) that we implement: all
+#: but prelu and xielu, which carry weights of their own that GPT-Neo checkpoints lack.
 ACTIVATIONS = (
     "gelu_new",
-    "gelu",
     "gelu_fast",
+    "gelu_accurate",
     "gelu_pytorch_tanh",
+    "gelu_python_tanh",
+    "gelu",
     "gelu_python",
+    "gelu_10",
     "quick_gelu",
     "relu",
+    "relu2",
+    "relu6",
+    "leaky_relu",
     "silu",
     "swish",
+    "hardswish",
+    "mish",
     "tanh",
     "sigmoid",
-    "mish",
+    "sqrtsoftplus",
+    "laplace",
+    "linear",
 )
 
 ATTENTION_KINDS = ("global", "local")

@@ -8,6 +8,7 @@ MLP, attention, block, the base model, then the heads and loading.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,19 +34,40 @@ from .weights import iter_tensors, save_safetensors, weight_files
 
 log = logging.getLogger("gptneo")
 
-_ACTIVATIONS = {
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def _laplace(x: torch.Tensor) -> torch.Tensor:
+    """The Laplace activation (MEGA): a Gaussian CDF centred at 1/sqrt(2), width 0.282095."""
+    return 0.5 * (1.0 + torch.erf((x - 0.707107) / (0.282095 * math.sqrt(2.0))))
+
+
+#: Every parameter-free activation transformers accepts for GPT-Neo (its ACT2FN names);
+#: prelu and xielu carry weights of their own and are refused by the config.
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu_new": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "gelu_accurate": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_python_tanh": _gelu_tanh,
     "gelu": F.gelu,
     "gelu_python": F.gelu,
+    "gelu_10": lambda x: F.gelu(x).clamp(-10.0, 10.0),
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
     "relu": F.relu,
+    "relu2": lambda x: F.relu(x).square(),
+    "relu6": F.relu6,
+    "leaky_relu": F.leaky_relu,
     "silu": F.silu,
     "swish": F.silu,
+    "hardswish": F.hardswish,
+    "mish": F.mish,
     "tanh": torch.tanh,
     "sigmoid": torch.sigmoid,
-    "mish": F.mish,
+    "sqrtsoftplus": lambda x: F.softplus(x).sqrt(),
+    "laplace": _laplace,
+    "linear": lambda x: x,
 }
 
 

@@ -54,6 +54,20 @@ def test_every_class_matches_transformers(tiny_checkpoint, head, config, fmt, at
     compare(head, got, expected, ids)
 
 
+def test_every_activation_matches_transformers():
+    """All parameter-free ACT2FN activations, each equal to transformers' on a wide range."""
+    from transformers.activations import ACT2CLS, ACT2FN
+
+    from gptneo_cli.config import ACTIVATIONS
+    from gptneo_cli.modeling import _ACTIVATIONS
+
+    assert set(ACTIVATIONS) == set(_ACTIVATIONS)
+    assert set(ACT2CLS) - {"prelu", "xielu"} <= set(ACTIVATIONS)
+    x = torch.linspace(-30.0, 30.0, 4001)
+    for name in set(ACTIVATIONS) & set(ACT2CLS):
+        assert max_diff(_ACTIVATIONS[name](x), ACT2FN[name](x)) < 1e-6, name
+
+
 def test_parameter_names_are_the_hub_names(tiny_checkpoint):
     folder, ref = tiny_checkpoint("causal_lm", "alternating")
     model = gptneo_cli.GPTNeoForCausalLM.from_pretrained(folder)
