@@ -388,6 +388,37 @@ def test_not_enough_disk_space_is_caught_before_downloading(env, server):
     assert server.downloaded() == ["config.json"]
 
 
+_FULL_DISK = """
+import errno, sys
+import huggingface_hub.file_download as fd
+
+class FullDisk:
+    # A download file on a disk that fills up after 1 MiB; the real client writes to it.
+    def __init__(self, f):
+        self.f, self.written = f, 0
+    def write(self, data):
+        self.written += len(data)
+        if self.written > 2**20:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.f.write(data)
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+real_get = fd.http_get
+fd.http_get = lambda url, temp_file, **kw: real_get(url, FullDisk(temp_file), **kw)
+from gptneo_cli.cli.app import main
+sys.argv = ["gptneo", "models", "pull", "tiny/big"]
+main()
+"""
+
+
+def test_disk_filling_up_during_the_download(env, server):
+    """The real client writes into a file whose disk fills up midway (ENOSPC)."""
+    line = one_error_line(env.py(_FULL_DISK))
+    assert "disk is full" in line and "HF_HUB_CACHE" in line and "tiny/big" in line
+    assert not list((env.cache / "models--tiny--big").rglob("*.incomplete"))
+
+
 def test_load_tokenizer_from_the_hub_fetches_no_weights(env, server):
     code = ("from gptneo_cli import load_tokenizer; t = load_tokenizer('tiny/gpt-neo');"
             "print(t.encode('the he'), t.eos_id, t.pad_id)")
