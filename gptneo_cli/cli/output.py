@@ -76,12 +76,14 @@ class TextStream:
     def _write(self, text: str, style: str | None = None) -> None:
         if not text:
             return
+        # Noted before writing: a Ctrl-C landing just after the write must still see that
+        # the line is open, so end() closes it (at worst one extra newline).
+        self._at_line_start = text.endswith("\n")
         if self._console is not None:
             self._console.print(text, style=style, end="", markup=False, emoji=False)
         else:
             self.stream.write(text)
         self.stream.flush()
-        self._at_line_start = text.endswith("\n")
 
 
 def write_json(obj: Any, stream: TextIO | None = None, *, lines: bool = False) -> None:
