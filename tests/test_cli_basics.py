@@ -4,6 +4,8 @@ and the exit code + one-line error for every bad input that fails before a model
 from __future__ import annotations
 
 import io
+import os
+import signal
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ import pytest
 from helpers_cli import ANSI_ESCAPE, cli_env, run_cli
 
 from gptneo_cli.cli import completions
-from gptneo_cli.cli.common import read_prompt, read_text_file
+from gptneo_cli.cli.common import read_prompt, read_text_file, sigint_deferred
 from gptneo_cli.settings import config_path, load_settings
 
 HEAVY = ("torch", "transformers")
@@ -191,6 +193,21 @@ def test_file_errors(tmp_path):
     assert read_text_file(tmp_path / "bom.txt") == "hi"
     with pytest.raises(ValueError, match="binary"):
         read_prompt(None, stdin=FakeStdin(b"\x00\x01binary"))
+
+
+def test_ctrl_c_during_the_torch_import_is_held_until_it_ends():
+    """torch's import swallows or crashes on a KeyboardInterrupt; the CLI holds it back."""
+    if sys.platform == "win32":
+        pytest.skip("SIGINT to one's own process is POSIX")
+    reached_end = False
+    with pytest.raises(KeyboardInterrupt):
+        with sigint_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            reached_end = True  # the signal did not interrupt the block
+    assert reached_end
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with sigint_deferred():  # no signal: nothing raised
+        pass
 
 
 # --------------------------------------------------------------------------- exit codes

@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -200,12 +202,42 @@ StopOpt = Annotated[
 ]
 
 
+@contextlib.contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Hold Ctrl-C until the block ends, then raise KeyboardInterrupt.
+
+    `import torch` cannot be interrupted safely: a KeyboardInterrupt inside it is swallowed
+    (the run goes on), turns into an ImportError, or aborts the process from C++. Holding
+    the signal for the half second the import takes gives the documented exit 130 instead.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def import_torch() -> None:
+    """Import torch (once) with Ctrl-C held back; commands call this before model code."""
+    if "torch" in sys.modules:
+        return
+    with sigint_deferred():
+        import torch  # noqa: F401
+
+
 def generation_config(settings: Settings, **flags: Any) -> Any:
     """A validated GenerationConfig from flags > env > config file > the engine's defaults.
 
     `flags` are GenerationConfig field names; None means "not given". Invalid values raise
     ValueError naming the parameter, before any model is loaded.
     """
+    import_torch()
     from ..generation import GenerationConfig
     from ..settings import GENERATION_KEYS
 
@@ -280,10 +312,11 @@ def load_model(
     fast=True (generation) loads a causal LM into gptneo_cli.fast.FastCausalLM: packed
     weights, same outputs, plus options.quantize / options.compile.
     """
+    start = time.perf_counter()
+    import_torch()
     from ..device import resolve_device, resolve_dtype
     from ..hub import resolve_model_dir
 
-    start = time.perf_counter()
     device = resolve_device(options.device)  # bad values fail before any download
     dtype = resolve_dtype(options.dtype, device)
     # Resolve (and on first use download) outside the spinner: huggingface_hub's progress
