@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
+import sys
 
 import pytest
 from helpers_cli import ANSI_ESCAPE, causal_checkpoint, cli_env, gptneo_command, run_cli
@@ -230,3 +232,33 @@ def test_ctrl_c_keeps_the_text_and_exits_130(model, tmp_path):
     output = first + rest
     assert first and output.endswith(b"\n")  # what was generated stays, the line is ended
     assert b"Traceback" not in proc.stderr.read()
+
+
+def run_on_a_terminal(model: str, home, *args: str, stderr_too: bool = True, **env: str) -> bytes:
+    """gptneo generate with stdout (and stderr unless stderr_too is False) on a
+    pseudo-terminal; everything the terminal got."""
+    pexpect = pytest.importorskip("pexpect")
+    command = [*gptneo_command(), "generate", "--model", model, "--device", "cpu",
+               "--dtype", "float32", *args]
+    line = shlex.join(command) + ("" if stderr_too else " 2>/dev/null")
+    child = pexpect.spawn("/bin/sh", ["-c", line],
+                          env=cli_env(home, TERM="xterm-256color", **env), cwd=str(home),
+                          timeout=120, dimensions=(40, 200))
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    return child.before
+
+
+def test_on_a_terminal_the_prompt_is_dimmed_and_no_color_removes_escapes(gen, model, tmp_path):
+    if sys.platform == "win32":
+        pytest.skip("needs a POSIX pseudo-terminal")
+    args = ("Once upon a time", "--seed", "3", "-n", "12", "--ignore-eos")
+    text = as_json(gen(*args, "--format", "json"))["text"]
+    shown = run_on_a_terminal(model, tmp_path, *args)
+    assert b"Loading" in shown  # the spinner, on stderr
+    assert b"\x1b[2mOnce upon a time" in shown  # the prompt, dim
+    plain = run_on_a_terminal(model, tmp_path, *args, stderr_too=False, NO_COLOR="1")
+    assert ANSI_ESCAPE not in plain
+    # the terminal turns \n into \r\n; the prompt, then the same text as when piped
+    assert plain.replace(b"\r\n", b"\n") == ("Once upon a time" + text + "\n").encode()
