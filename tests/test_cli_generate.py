@@ -127,6 +127,9 @@ def test_json_schema(gen, model):
     assert first["token_id"] == record["token_ids"][0]
     assert first["logprob"] <= 0 and len(first["top_logprobs"]) == 2
 
+    text = gen("Hello world", "-n", "2", "--logprobs", "2")
+    assert b"Warning: --logprobs is reported in --format json or jsonl only" in text.stderr
+
     plain = as_json(gen("Hello world", "-n", "2", "--format", "json"))
     assert "logprobs" not in plain and RECORD_KEYS == set(plain)
     assert isinstance(plain["seed"], int)  # a drawn seed is reported so the run can be repeated

@@ -190,6 +190,8 @@ def generate(
     model_flags = dict(model=model, revision=revision, device=device, dtype=dtype, attn=attn)
     options = ModelOptions.merge(settings, **model_flags, quantize=quantize, compile=compile)
     diag = Diagnostics()
+    if config.logprobs is not None and fmt == "text":
+        diag.warn("--logprobs is reported in --format json or jsonl only")
     stdin: IO[str] = sys.stdin
     if show_config:
         given = {k for k, v in {**flags, **model_flags}.items() if v is not None}
