@@ -105,9 +105,8 @@ def make_checkpoint(folder: Path, head: str, *, scale: float = 0.0, seed: int = 
 
 
 def load_ours(folder: Path, head: str):
-    from gptneo_cli.tokenizer import load_tokenizer
-
     from gptneo_cli import modeling
+    from gptneo_cli.tokenizer import load_tokenizer
 
     return getattr(modeling, HEADS[head]).from_pretrained(folder), load_tokenizer(folder)
 
