@@ -1,7 +1,8 @@
 """The fast paths (gptneo_cli.fast) against the reference: values, not timings.
 
-- fused QKV + transposed float32 weights: within 1e-5 of transformers and of our reference,
-  for prefill, padded batches, hidden states and cached decoding across the local window;
+- fused QKV + oneDNN-packed (or transposed) float32 weights: within 1e-5 of transformers
+  and of our reference, for prefill, padded batches, hidden states and cached decoding
+  across the local window;
 - bf16 with oneDNN-prepacked weights: within bf16 rounding of the reference bf16 model;
 - int8 weight-only: per-row quantization error bounded by half a step, logits within a stated
   tolerance, top-1 agreement (>= 98 % on the trained demo model), memory <= 0.3x float32;
@@ -49,12 +50,22 @@ def padded_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
 # ---- fused + transposed float32 -------------------------------------------------------------
 
 
+@pytest.mark.parametrize("layout", ["onednn", "columns"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("config", sorted(TINY_CONFIGS))
-def test_float32_fast_path_matches_transformers(tiny_checkpoint, config, attn):
+def test_float32_fast_path_matches_transformers(tiny_checkpoint, config, attn, layout,
+                                                monkeypatch):
+    """Both CPU float32 layouts: oneDNN (packed layers, the plain tied head read in place),
+    and the transposed-column fallback for builds where oneDNN packing does not work."""
+    if layout == "onednn" and not fast._mkldnn_packing_works(torch.float32):
+        pytest.skip("this torch build has no working oneDNN float32 packing")
+    if layout == "columns":
+        monkeypatch.setattr(fast, "_mkldnn_packing_works", lambda dtype: False)
     folder, ref = tiny_checkpoint("causal_lm", config)
     model = FastCausalLM.from_pretrained(folder, attn=attn)
-    assert isinstance(model.layers[0].qkv, fast.ColDense)  # fused and transposed on CPU fp32
+    kind = fast.PackedDense if layout == "onednn" else fast.ColDense
+    assert isinstance(model.layers[0].qkv, kind)  # fused, in the layout chosen for CPU fp32
+    assert model.lm_head.onednn == (layout == "onednn")
     vocab = TINY_CONFIGS[config]["vocab_size"]
     ids = torch.randint(1, vocab, (2, 19), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
