@@ -169,9 +169,9 @@ class Int8Dense(Dense):
     For a few rows (decoding) torch._weight_int8pack_mm does the product without ever
     materialising a float W. For many rows (a prefill) the product dominates and that kernel
     is slow, so the matrix is dequantized for the call and the float GEMM runs (float32 on
-    CPU, the fastest GEMM there). The same happens where the kernel is missing (older torch,
-    some devices) or cannot take the shape (its CPU kernel reads garbage unless the input
-    width is a multiple of 16).
+    CPU, through oneDNN where it works, like PackedDense). The same happens where the kernel
+    is missing (older torch, some devices) or cannot take the shape (its CPU kernel reads
+    garbage unless the input width is a multiple of 16).
     """
 
     TENSORS = ("qweight", "scales", "bias")
@@ -188,6 +188,8 @@ class Int8Dense(Dense):
         self.qweight, self.bias, self.act_dtype = qweight, bias, act_dtype
         self.scales = scales.to(act_dtype)
         self.packed = qweight.shape[1] % 16 == 0 and _int8pack_works(qweight.device, act_dtype)
+        cpu = qweight.device.type == "cpu"
+        self.onednn = cpu and _mkldnn_packing_works(torch.float32)  # see PackedDense
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -197,7 +199,11 @@ class Int8Dense(Dense):
         else:
             gemm = torch.float32 if flat.device.type == "cpu" else self.act_dtype
             weight = self.qweight.to(gemm) * self.scales.to(gemm)[:, None]
-            out = F.linear(flat.to(gemm), weight)
+            if self.onednn:
+                out = torch.ops.mkldnn._linear_pointwise(
+                    flat.to(gemm), weight, None, "none", [], "")
+            else:
+                out = F.linear(flat.to(gemm), weight)
         out = out.to(dtype)
         if self.bias is not None:
             out = out + self.bias
