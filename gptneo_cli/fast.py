@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import platform
 import sys
 import warnings
 from pathlib import Path
@@ -150,8 +151,14 @@ class PackedDense(Dense):
 
 
 def _mkldnn_packing_works(dtype: torch.dtype) -> bool:
-    """oneDNN weight prepacking on this build and CPU, checked once on a tiny matrix."""
+    """oneDNN weight prepacking on this build and CPU, checked once on a tiny matrix.
+
+    float32 only on x86-64, where oneDNN's products were measured to beat MKL's; elsewhere
+    (ARM builds link other BLAS libraries) float32 keeps the transposed MKL/BLAS layout.
+    """
     key = ("mkldnn", dtype)
+    if dtype == torch.float32 and platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
     if key not in _PROBES:
         try:
             w = torch.arange(64, dtype=torch.float32).view(4, 16).to(dtype)
