@@ -114,6 +114,23 @@ def test_context_slides_and_says_so(small_model, tmp_path):
     assert len(saved["turns"]) == 6  # dropped from the context, not from the transcript
 
 
+def test_piped_message_too_long_is_skipped_and_the_rest_still_run(small_model, tmp_path):
+    """A line that cannot fit the context is one error line; later lines still get replies,
+    and the exit code (2) tells that one turn was refused."""
+    long = " ".join(["word"] * 200)  # far more than the 64 positions
+    done = chat_piped(small_model, tmp_path, [
+        "/set ignore_eos true", "first", long, "last", "/save s.json",
+    ], "--max-new-tokens", "4")
+    assert done.returncode == 2
+    err = done.stderr.decode()
+    assert [line for line in err.splitlines() if line.startswith("Error:")] == [
+        next(line for line in err.splitlines() if "system text and this message" in line)
+    ]
+    saved = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
+    assert [t["user"] for t in saved["turns"]] == ["first", "last"]
+    assert b"Traceback" not in done.stderr
+
+
 def test_piped_chat_rejects_bad_values_before_loading(tmp_path):
     done = run_cli("chat", "--temperature", "-2", home=tmp_path, input="hi\n")
     assert done.returncode == 2

@@ -27,6 +27,7 @@ import typer
 
 from ..settings import default_history_file, load_settings
 from .common import (
+    EXIT_USAGE,
     AttnOpt,
     DebugOpt,
     DeviceOpt,
@@ -50,6 +51,7 @@ from .common import (
     generation_config,
     load_model,
     read_text_file,
+    report_error,
 )
 from .output import Diagnostics, TextStream, is_tty
 
@@ -447,12 +449,25 @@ def chat(
 
 
 def _piped(session: ChatSession) -> None:
-    """Each stdin line is one turn (a /command runs as in the REPL); replies go to stdout."""
+    """Each stdin line is one turn (a /command runs as in the REPL); replies go to stdout.
+
+    A message that cannot be answered (too long for the context) is reported and skipped, as
+    in the REPL, so the lines after it still run; the exit code then says that one failed.
+    """
     out = TextStream(sys.stdout)
+    refused = 0
     for raw in sys.stdin:
         line = raw.rstrip("\r\n")
-        if line.strip() and not session.handle(line, out):
-            return
+        if not line.strip():
+            continue
+        try:
+            if not session.handle(line, out):
+                break
+        except ValueError as exc:
+            report_error(str(exc))
+            refused += 1
+    if refused:
+        raise typer.Exit(EXIT_USAGE)
 
 
 def _interactive(session: ChatSession, diag: Diagnostics, history_file: str | None) -> None:
