@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-GPT2_ASSETS = REPO.parent / "shared" / "assets" / "gpt2-tokenizer"
 EOT = "<|endoftext|>"
 CORPUS = [
     "Once upon a time there was a little robot who loved to read books.",

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-GPT2_ASSETS = REPO.parent / "shared" / "assets" / "gpt2-tokenizer"
+#: The real GPT-2 vocabulary (never copied into the repo): ../shared/assets/gpt2-tokenizer,
+#: or wherever GPTNEO_TEST_GPT2_ASSETS points. Tests that need it skip when it is absent.
+GPT2_ASSETS = Path(
+    os.environ.get("GPTNEO_TEST_GPT2_ASSETS")
+    or REPO.parent / "shared" / "assets" / "gpt2-tokenizer"
+)
 
 #: Odd shapes on purpose: 1 layer, 3 heads, windows smaller than the sequence, local-first
 #: layers, vocab sizes that are not multiples of 8, intermediate_size set.

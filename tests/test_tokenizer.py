@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from oracle import GPT2_ASSETS
 
 from gptneo_cli.errors import TokenizerError
 from gptneo_cli.tokenizer import (
@@ -25,7 +26,6 @@ from gptneo_cli.tokenizer import (
     load_tokenizer,
 )
 
-GPT2_ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets" / "gpt2-tokenizer"
 needs_vocab = pytest.mark.skipif(
     not (GPT2_ASSETS / "vocab.json").is_file(),
     reason=f"real GPT-2 vocabulary not found at {GPT2_ASSETS}",
