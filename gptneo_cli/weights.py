@@ -1,10 +1,12 @@
 """Read checkpoint tensors: safetensors (single or sharded) first, pytorch_model.bin otherwise.
 
-Safetensors are read with plain file reads straight into each tensor's final buffer, in
-chunks, converting the dtype on the way. The process never holds the file's bytes and the
-converted weights at once, so peak memory while loading stays near the converted weights'
-size (a bf16 model from an fp32 file costs half the file, not one and a half), and the
-weights never depend on the file staying unchanged (no lingering mmap). A .bin file is read
+Safetensors tensors kept in the file's dtype are memory-mapped, one copy-on-write mapping
+per tensor: nothing is read up front, the pages are shared with the OS page cache, and a
+tensor that is transformed and dropped (the fast path packs most of them) unmaps its pages.
+Tensors whose dtype changes are read with plain file reads straight into their final buffer,
+in chunks, converting on the way: mapping the whole file instead would keep the touched
+source pages next to the converted copy (a bf16 model from an fp32 file would cost one and a
+half files, not half of one). Either way there is no second full copy. A .bin file is read
 with `torch.load(weights_only=True)` only: a pickle that is more than tensors is refused.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import mmap
 import pickle
 import re
 import struct
@@ -190,6 +193,11 @@ def _iter_safetensors(
                     yield name, StoredTensor(path, begin, stored, entry["shape"])
                     continue
                 target = stored if dtype is None or not stored.is_floating_point else dtype
+                if target == stored:
+                    mapped = _map_tensor(handle, begin, stored, entry["shape"])
+                    if mapped is not None:
+                        yield name, mapped
+                        continue
                 out = torch.empty(entry["shape"], dtype=target)
                 if target == stored:
                     _read_into(handle, begin, _bytes_of(out))
@@ -200,6 +208,32 @@ def _iter_safetensors(
                 yield name, out
     except OSError as exc:
         raise WeightsError(f"{path.name} is not a readable safetensors file ({exc})") from exc
+
+
+#: Tensors smaller than this are read, not mapped (a mapping costs a page and a syscall).
+MAP_MIN_BYTES = 64 * 2**10
+
+
+def _map_tensor(
+    handle: BinaryIO, begin: int, dtype: torch.dtype, shape: list[int]
+) -> torch.Tensor | None:
+    """One tensor's bytes as a copy-on-write memory map (writes stay private to the process),
+    or None where mapping does not fit: small tensors, or data not aligned for its dtype."""
+    nbytes = dtype.itemsize
+    for d in shape:
+        nbytes *= d
+    if nbytes < MAP_MIN_BYTES or begin % dtype.itemsize:
+        return None
+    start = begin - begin % mmap.ALLOCATIONGRANULARITY
+    try:
+        mapped = mmap.mmap(handle.fileno(), begin - start + nbytes, offset=start,
+                           access=mmap.ACCESS_COPY)
+    except (OSError, ValueError):  # a file system that cannot map: read it instead
+        return None
+    # frombuffer keeps `mapped` alive for as long as the tensor (or a view of it) lives.
+    flat = torch.frombuffer(mapped, dtype=dtype, count=nbytes // dtype.itemsize,
+                            offset=begin - start)
+    return flat.view(shape)
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:

@@ -11,6 +11,7 @@ import torch
 from oracle import HEADS, TINY_CONFIGS, build_reference, save_reference
 
 import gptneo_cli
+from gptneo_cli import weights as weights_module
 from gptneo_cli.cache import KVCache
 
 TOL = 1e-5
@@ -124,6 +125,29 @@ def test_loading_keeps_one_copy_of_the_weights(tmp_path, dtype):
     file_size = (tmp_path / "model.safetensors").stat().st_size
     # A second copy would add `weights` (fp32) or `file_size` (bf16 from fp32) on top.
     assert grew < weights + 40 * 2**20, (grew, weights, file_size)
+    if dtype == "none":  # memory-mapped: loading itself reads (almost) nothing
+        assert grew < weights // 4, (grew, weights)
+
+
+def test_mapped_weights_are_copy_on_write(tmp_path):
+    """Parameters mapped from the file can be changed (fine-tuning does) without ever
+    writing to the checkpoint: the file's bytes and a fresh load stay as they were."""
+    config = gptneo_cli.GPTNeoConfig.from_dict({
+        "model_type": "gpt_neo", "vocab_size": 500, "hidden_size": 64, "num_layers": 2,
+        "num_heads": 4, "attention_types": [[["global", "local"], 1]],
+    })
+    gptneo_cli.GPTNeoForCausalLM(config).save_pretrained(tmp_path)
+    before = (tmp_path / "model.safetensors").read_bytes()
+    model = gptneo_cli.GPTNeoForCausalLM.from_pretrained(tmp_path)
+    wte = model.transformer.wte.weight
+    assert wte.numel() * wte.element_size() >= weights_module.MAP_MIN_BYTES  # mapped
+    original = wte.detach().clone()
+    with torch.no_grad():
+        wte.add_(1.0)
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    again = gptneo_cli.GPTNeoForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(again.transformer.wte.weight, original)
+    assert torch.equal(wte, original + 1.0)
 
 
 def test_base_model_loads_from_a_head_checkpoint(tiny_checkpoint):
