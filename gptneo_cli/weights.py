@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import json
 import mmap
+import os
 import pickle
 import re
 import struct
@@ -314,7 +315,9 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
 
     safetensors.torch.save_file goes through numpy, which is not a runtime dependency, so
     we hand `serialize_file` each tensor's memory directly (the tensors stay referenced by
-    `tensors` until the file is written).
+    `tensors` until the file is written). The file is written beside `path` and renamed over
+    it: tensors memory-mapped from the old file (a model saved back where it was loaded
+    from) keep reading the old bytes, and an interrupted save leaves the old file whole.
     """
     from safetensors import TensorSpec, serialize_file
 
@@ -328,4 +331,9 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
         )
         for name, t in tensors.items()
     }
-    serialize_file(specs, str(path), metadata={"format": "pt"})
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        serialize_file(specs, str(partial), metadata={"format": "pt"})
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

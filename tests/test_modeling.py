@@ -148,6 +148,12 @@ def test_mapped_weights_are_copy_on_write(tmp_path):
     again = gptneo_cli.GPTNeoForCausalLM.from_pretrained(tmp_path)
     assert torch.equal(again.transformer.wte.weight, original)
     assert torch.equal(wte, original + 1.0)
+    # Saved back where it came from, while `again` still maps the old file: both stay right.
+    model.save_pretrained(tmp_path)
+    assert torch.equal(again.transformer.wte.weight, original)
+    reloaded = gptneo_cli.GPTNeoForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.transformer.wte.weight, original + 1.0)
+    assert not list(tmp_path.glob(".*partial"))
 
 
 def test_base_model_loads_from_a_head_checkpoint(tiny_checkpoint):
