@@ -448,7 +448,7 @@ class FastCausalLM(nn.Module):
         config = GPTNeoConfig.from_json_file(folder / "config.json")
         files = weight_files(folder)
         dev = resolve_device(device) if device is not None else torch.device("cpu")
-        dt = resolve_dtype(dtype, dev)
+        dt = resolve_dtype(dtype, dev, quantize)
         choose_backend(attn, dev, dt)
         with torch.device("meta"):
             skeleton = GPTNeoForCausalLM(config, attn=attn)

@@ -209,6 +209,23 @@ def test_int8_logits_stay_close_to_float32(tmp_path, dtype, shape):
     assert agree >= 0.85
 
 
+def test_auto_dtype_keeps_float32_around_int8_weights(tmp_path, monkeypatch):
+    """dtype "auto" is bf16 on a CPU with native bf16, but float32 with --quantize int8: the
+    int8 weights hold agreement with fp32 above 98 % only with float32 around them."""
+    from gptneo_cli import device
+
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)
+    cpu = torch.device("cpu")
+    assert device.resolve_dtype("auto", cpu) == torch.bfloat16
+    assert device.resolve_dtype("auto", cpu, "int8") == torch.float32
+    assert device.resolve_dtype("auto", cpu, "int8-dynamic") == torch.float32
+    assert device.resolve_dtype("auto", cpu, "none") == torch.bfloat16
+    assert device.resolve_dtype("bfloat16", cpu, "int8") == torch.bfloat16  # asked for
+    folder = save_reference(build_reference("causal_lm", **INT8_SHAPE), tmp_path / "m")
+    assert FastCausalLM.from_pretrained(folder, dtype="auto", quantize="int8").dtype == \
+        torch.float32
+
+
 def test_int8_memory_is_under_a_third_of_float32(tmp_path):
     ref = build_reference("causal_lm", **{**INT8_SHAPE, "vocab_size": 2048, "hidden_size": 128})
     folder = save_reference(ref, tmp_path / "m")

@@ -318,7 +318,7 @@ def load_model(
     from ..hub import resolve_model_dir
 
     device = resolve_device(options.device)  # bad values fail before any download
-    dtype = resolve_dtype(options.dtype, device)
+    dtype = resolve_dtype(options.dtype, device, options.quantize if fast else None)
     # Resolve (and on first use download) outside the spinner: huggingface_hub's progress
     # bars would fight a live spinner for the same stderr line.
     path = resolve_model_dir(options.model, revision=options.revision)
