@@ -149,13 +149,51 @@ def eager_attention(
     return torch.matmul(probs, v)
 
 
+#: A CPU prefill of at least BLOCKED_FROM tokens runs its attention in blocks of
+#: BLOCK_QUERIES queries, each against only the keys it can see. torch's CPU kernel computes
+#: every (query, key) pair of a causal or windowed mask, so the blocks skip the masked half
+#: (or more, on local layers): ~30 % less attention time at 512 tokens (docs/PERFORMANCE.md).
+BLOCK_QUERIES = 64
+BLOCKED_FROM = 256
+
+
 def sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan
 ) -> torch.Tensor:
     """torch's fused kernel with scale 1.0. is_causal only when keys == queries (top-left)."""
+    t = q.shape[-2]
+    if (q.device.type == "cpu" and t >= BLOCKED_FROM and k.shape[-2] == t
+            and (plan.causal or plan.mask is not None)):
+        return _blocked_prefill(q, k, v, plan)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=plan.mask, is_causal=plan.causal and plan.mask is None, scale=1.0
     )
+
+
+def _blocked_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan
+) -> torch.Tensor:
+    """A prefill (keys == queries) block of queries by block: each block sees keys from the
+    oldest one its window reaches (0 on global layers) up to its last query, with the plan's
+    mask cut to match (or a causal/window mask built for the block)."""
+    t = q.shape[-2]
+    steps = torch.arange(t, device=q.device)
+    out = []
+    for start in range(0, t, BLOCK_QUERIES):
+        end = min(t, start + BLOCK_QUERIES)
+        first = 0 if plan.window is None else max(0, start - plan.window + 1)
+        if plan.mask is not None:
+            mask = plan.mask[..., start:end, first:end]
+        else:
+            keys, queries = steps[None, first:end], steps[start:end, None]
+            mask = keys <= queries
+            if plan.window is not None:
+                mask = mask & (keys > queries - plan.window)
+        out.append(F.scaled_dot_product_attention(
+            q[..., start:end, :], k[..., first:end, :], v[..., first:end, :],
+            attn_mask=mask, scale=1.0,
+        ))
+    return torch.cat(out, dim=-2)
 
 
 def flash_attention(

@@ -423,3 +423,39 @@ def test_auto_backend_is_sdpa_on_cpu():
 
     assert choose_backend("auto", torch.device("cpu"), torch.bfloat16) == "sdpa"
     assert choose_backend("eager", torch.device("cpu"), torch.float32) == "eager"
+
+
+@pytest.mark.parametrize("fast_path", [False, True])
+def test_long_prefill_runs_blocked_and_matches_transformers(tmp_path, fast_path, monkeypatch):
+    """Prefills of BLOCKED_FROM tokens or more run their CPU attention in query blocks: equal
+    to transformers (global and local layers, a window smaller than a block and one larger,
+    left padding), and to the same model with blocking switched off."""
+    from gptneo_cli import attention
+    from gptneo_cli.fast import FastCausalLM
+
+    ref = build_reference(
+        "causal_lm", vocab_size=89, hidden_size=24, num_layers=3, num_heads=3,
+        attention_types=[[["global", "local"], 1], [["local"], 1]], window_size=80,
+        max_position_embeddings=512,
+    )
+    folder = save_reference(ref, tmp_path / "m")
+    cls = FastCausalLM if fast_path else gptneo_cli.GPTNeoForCausalLM
+    model = cls.from_pretrained(folder, attn="sdpa")
+    gen = torch.Generator().manual_seed(11)
+    rows = [torch.randint(1, 89, (n,), generator=gen) for n in (300, 263)]
+    ids, mask = left_pad(rows)
+    blocks = []
+    real = attention._blocked_prefill
+    monkeypatch.setattr(attention, "_blocked_prefill", lambda *a: blocks.append(1) or real(*a))
+    with torch.no_grad():
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate() gives transformers
+        expected = ref(ids, attention_mask=mask, position_ids=positions).logits
+        got = model(ids, attention_mask=mask).logits
+        alone = model(rows[0][None]).logits
+    assert len(blocks) == 2 * 3  # both calls, every layer
+    assert max_diff(got[mask.bool()], expected[mask.bool()]) < TOL
+    assert max_diff(alone, ref(rows[0][None]).logits) < TOL
+    monkeypatch.setattr(attention, "BLOCKED_FROM", 10**9)
+    with torch.no_grad():
+        unblocked = model(ids, attention_mask=mask).logits
+    assert max_diff(got[mask.bool()], unblocked[mask.bool()]) < 1e-6
