@@ -48,6 +48,7 @@ def test_template_renders_turns_and_keeps_system_when_sliding():
     assert prompt.startswith("Be kind.\n\nUser: how?") and "hi" not in prompt
     with pytest.raises(ValueError, match="system text and this message"):
         conv.fit("bye", len, 10)
+    assert conv.first_in_context == 1  # a refused message does not push turns out
     assert conv.stops() == ["User:"]
 
 
@@ -119,7 +120,7 @@ def test_piped_message_too_long_is_skipped_and_the_rest_still_run(small_model, t
     and the exit code (2) tells that one turn was refused."""
     long = " ".join(["word"] * 200)  # far more than the 64 positions
     done = chat_piped(small_model, tmp_path, [
-        "/set ignore_eos true", "first", long, "last", "/save s.json",
+        "/set ignore_eos true", "first", long, "last", "/save s.json", "/show",
     ], "--max-new-tokens", "4")
     assert done.returncode == 2
     err = done.stderr.decode()
@@ -128,6 +129,7 @@ def test_piped_message_too_long_is_skipped_and_the_rest_still_run(small_model, t
     ]
     saved = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
     assert [t["user"] for t in saved["turns"]] == ["first", "last"]
+    assert "turns: 2 (2 in the context)" in err  # "last" still had "first" in its context
     assert b"Traceback" not in done.stderr
 
 

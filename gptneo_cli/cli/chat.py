@@ -111,20 +111,22 @@ class Conversation:
         """Slide the window until the prompt fits `budget` tokens; (prompt, turns dropped).
 
         The system text and the new message always stay; if they alone do not fit, that is
-        a ValueError the user can act on (shorter message or system text, fewer new tokens).
+        a ValueError the user can act on (shorter message or system text, fewer new tokens),
+        and the window stays where it was: the next message still sees the earlier turns.
         """
-        dropped = 0
+        start = self.first_in_context
         while True:
-            prompt = self.render(message)
+            prompt = self.render(message, start)
             if count_tokens(prompt) <= budget:
+                dropped = start - self.first_in_context
+                self.first_in_context = start
                 return prompt, dropped
-            if self.first_in_context >= len(self.turns):
+            if start >= len(self.turns):
                 raise ValueError(
                     f"the system text and this message need more than {budget} tokens: "
                     "shorten them or lower max_new_tokens (/set max_new_tokens N)"
                 )
-            self.first_in_context += 1
-            dropped += 1
+            start += 1
 
     def stops(self) -> list[str]:
         return [self.user_prefix]
