@@ -69,7 +69,7 @@ class Dense:
 
 
 class RowDense(Dense):
-    """W as stored in checkpoints, [out, in] (CUDA, and bf16 on CPU)."""
+    """W as stored in checkpoints, [out, in] (CUDA and MPS, and CPU where packing is off)."""
 
     TENSORS = ("weight", "bias")
 
@@ -84,9 +84,10 @@ class RowDense(Dense):
 class TiedHead(Dense):
     """The lm_head: the token embedding matrix itself, [vocab, hidden], never copied.
 
-    Which product is faster depends on rows and dtype (measured on CPU, 2 threads): for fp32
-    W @ x.T beats x @ W.T by ~25 % at 8 rows; for bf16 it wins slightly at one row only.
-    A packed (oneDNN) copy would be ~2x faster in bf16 but costs a second embedding-sized
+    float32 on x86-64 CPUs reads it in place through oneDNN (`onednn`). Otherwise which
+    product is faster depends on rows and dtype (measured on CPU, 2 threads): for fp32 with
+    MKL, W @ x.T beats x @ W.T by ~25 % at 8 rows; for bf16 it wins slightly at one row only.
+    A packed (oneDNN) copy would be ~1.6x faster in bf16 but costs a second embedding-sized
     copy (+32 % of a bf16 125M model), so the head stays unpacked.
     """
 
@@ -153,8 +154,9 @@ class PackedDense(Dense):
 def _mkldnn_packing_works(dtype: torch.dtype) -> bool:
     """oneDNN weight prepacking on this build and CPU, checked once on a tiny matrix.
 
-    float32 only on x86-64, where oneDNN's products were measured to beat MKL's; elsewhere
-    (ARM builds link other BLAS libraries) float32 keeps the transposed MKL/BLAS layout.
+    float32 only on x86-64 (oneDNN measured 2.1-2.4x faster than MKL on an AMD EPYC; not
+    measured on Intel, where MKL is fast, see docs/PERFORMANCE.md); elsewhere (ARM builds
+    link other BLAS libraries) float32 keeps the transposed MKL/BLAS layout.
     """
     key = ("mkldnn", dtype)
     if dtype == torch.float32 and platform.machine().lower() not in ("x86_64", "amd64"):

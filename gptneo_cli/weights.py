@@ -13,6 +13,7 @@ with `torch.load(weights_only=True)` only: a pickle that is more than tensors is
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import mmap
 import os
@@ -20,10 +21,11 @@ import pickle
 import re
 import struct
 import sys
+import weakref
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 
@@ -213,6 +215,34 @@ def _iter_safetensors(
 
 #: Tensors smaller than this are read, not mapped (a mapping costs a page and a syscall).
 MAP_MIN_BYTES = 64 * 2**10
+#: Live per-tensor mappings. Before Python 3.13 each one holds a file descriptor.
+_LIVE_MAPS = [0]
+_MAPS_HOLD_FDS = sys.version_info < (3, 13)  # 3.13 added mmap(trackfd=False)
+
+
+@functools.lru_cache(maxsize=1)
+def _map_budget() -> int:
+    """How many tensors may be mapped at once before Python 3.13: a quarter of the process's
+    file-descriptor limit (macOS defaults to 256), so loading never starves other opens."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return 64
+    return 1024 if soft == resource.RLIM_INFINITY else soft // 4
+
+
+def _may_map() -> bool:
+    """Not on Windows: a mapped file cannot be replaced there, and saving a model back to
+    the folder it came from renames over its file. Elsewhere, within the descriptor budget."""
+    if os.name == "nt":
+        return False
+    return not _MAPS_HOLD_FDS or _LIVE_MAPS[0] < _map_budget()
+
+
+def _unmapped() -> None:
+    _LIVE_MAPS[0] -= 1
 
 
 def _map_tensor(
@@ -223,14 +253,17 @@ def _map_tensor(
     nbytes = dtype.itemsize
     for d in shape:
         nbytes *= d
-    if nbytes < MAP_MIN_BYTES or begin % dtype.itemsize:
+    if nbytes < MAP_MIN_BYTES or begin % dtype.itemsize or not _may_map():
         return None
     start = begin - begin % mmap.ALLOCATIONGRANULARITY
+    no_fd: dict[str, Any] = {} if _MAPS_HOLD_FDS else {"trackfd": False}
     try:
         mapped = mmap.mmap(handle.fileno(), begin - start + nbytes, offset=start,
-                           access=mmap.ACCESS_COPY)
+                           access=mmap.ACCESS_COPY, **no_fd)
     except (OSError, ValueError):  # a file system that cannot map: read it instead
         return None
+    _LIVE_MAPS[0] += 1
+    weakref.finalize(mapped, _unmapped)  # when the last tensor viewing it is gone
     # frombuffer keeps `mapped` alive for as long as the tensor (or a view of it) lives.
     flat = torch.frombuffer(mapped, dtype=dtype, count=nbytes // dtype.itemsize,
                             offset=begin - start)
@@ -334,6 +367,8 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
     partial = path.with_name(f".{path.name}.partial")
     try:
         serialize_file(specs, str(partial), metadata={"format": "pt"})
+        with partial.open("r+b") as written:  # on disk before it takes the old file's name
+            os.fsync(written.fileno())
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)

@@ -156,6 +156,36 @@ def test_mapped_weights_are_copy_on_write(tmp_path):
     assert not list(tmp_path.glob(".*partial"))
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts /proc/self/fd")
+def test_mapping_stays_within_the_descriptor_budget(tmp_path, monkeypatch):
+    """Before Python 3.13 each mapping holds a file descriptor: past the budget tensors are
+    read instead (same values), and dropping the model gives the descriptors back."""
+    import gc
+    import os
+
+    config = gptneo_cli.GPTNeoConfig.from_dict({
+        "model_type": "gpt_neo", "vocab_size": 500, "hidden_size": 128, "num_layers": 4,
+        "num_heads": 4, "attention_types": [[["global", "local"], 2]],
+    })  # 4 layers x 3 matrices of 64 KiB or more, plus wte and wpe
+    gptneo_cli.GPTNeoForCausalLM(config).save_pretrained(tmp_path)
+    reference = gptneo_cli.GPTNeoForCausalLM.from_pretrained(tmp_path)
+    monkeypatch.setattr(weights_module, "_map_budget", lambda: 3)
+    monkeypatch.setattr(weights_module, "_MAPS_HOLD_FDS", True)
+    gc.collect()
+    fds = len(os.listdir("/proc/self/fd"))
+    live = weights_module._LIVE_MAPS[0]
+    model = gptneo_cli.GPTNeoForCausalLM.from_pretrained(tmp_path)
+    assert weights_module._LIVE_MAPS[0] - live <= 3
+    assert len(os.listdir("/proc/self/fd")) - fds <= 3
+    ids = torch.randint(0, 500, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    del model, reference
+    gc.collect()
+    assert weights_module._LIVE_MAPS[0] <= live
+    assert len(os.listdir("/proc/self/fd")) <= fds
+
+
 def test_base_model_loads_from_a_head_checkpoint(tiny_checkpoint):
     folder, ref = tiny_checkpoint("question_answering", "local_first")
     base = gptneo_cli.GPTNeoModel.from_pretrained(folder)
