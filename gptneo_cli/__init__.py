@@ -7,9 +7,14 @@ pay for importing torch.
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any
 
 __version__ = "0.1.0"
+
+# torch warns when numpy is absent; gptneo never needs numpy (it is not a dependency), so for
+# the CLI and library users alike the warning would only be noise. Only that message is hidden.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
 _LAZY = {
     "GPTNeoConfig": "config",

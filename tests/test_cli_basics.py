@@ -35,6 +35,20 @@ def imported_modules(
     return names, done
 
 
+def test_only_torchs_numpy_warning_is_hidden():
+    """torch warns when numpy is missing (gptneo never needs it): importing gptneo_cli hides
+    that one message, for the CLI and library users, and no other warning."""
+    code = (
+        "import warnings, gptneo_cli\n"
+        "warnings.warn(\"Failed to initialize NumPy: No module named 'numpy'\", UserWarning)\n"
+        "warnings.warn('something else', UserWarning)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "NumPy" not in done.stderr and "something else" in done.stderr
+
+
 def test_importing_the_app_does_not_import_torch(tmp_path):
     code = (
         "import sys, gptneo_cli.cli.app\n"

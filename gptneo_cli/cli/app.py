@@ -6,7 +6,6 @@ Importing this module must not import torch: `gptneo --help` and shell completio
 from __future__ import annotations
 
 import sys
-import warnings
 
 import typer
 
@@ -53,9 +52,6 @@ guard_app(app)
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: exit codes 0 ok, 1 runtime error, 2 usage, 130 interrupted."""
-    # torch warns at import when numpy is absent; gptneo never needs numpy, so the warning
-    # would only be noise on a fresh install's stderr.
-    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     sys.exit(run_app(app, argv))
 
 
