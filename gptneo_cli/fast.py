@@ -68,6 +68,14 @@ class Dense:
         raise NotImplementedError
 
 
+def onednn_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ W.T + b through oneDNN: W prepacked (PackedDense) or a plain [out, in] matrix,
+    which oneDNN reads in place for float32."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 class RowDense(Dense):
     """W as stored in checkpoints, [out, in] (CUDA and MPS, and CPU where packing is off)."""
 
@@ -106,7 +114,7 @@ class TiedHead(Dense):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         if self.onednn:
-            out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, None, "none", [], "")
+            out = onednn_linear(flat, self.weight)
         elif self.column_rows(flat.shape[0]):
             out = torch.mm(self.weight, flat.t()).t()
         else:
@@ -147,7 +155,7 @@ class PackedDense(Dense):
         self.bias = bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return onednn_linear(x, self.packed, self.bias)
 
 
 
@@ -208,11 +216,8 @@ class Int8Dense(Dense):
         else:
             gemm = torch.float32 if flat.device.type == "cpu" else self.act_dtype
             weight = self.qweight.to(gemm) * self.scales.to(gemm)[:, None]
-            if self.onednn:
-                out = torch.ops.mkldnn._linear_pointwise(
-                    flat.to(gemm), weight, None, "none", [], "")
-            else:
-                out = F.linear(flat.to(gemm), weight)
+            product = onednn_linear if self.onednn else F.linear
+            out = product(flat.to(gemm), weight)
         out = out.to(dtype)
         if self.bias is not None:
             out = out + self.bias

@@ -196,18 +196,16 @@ def _iter_safetensors(
                     yield name, StoredTensor(path, begin, stored, entry["shape"])
                     continue
                 target = stored if dtype is None or not stored.is_floating_point else dtype
-                if target == stored:
-                    mapped = _map_tensor(handle, begin, stored, entry["shape"])
-                    if mapped is not None:
-                        yield name, mapped
-                        continue
-                out = torch.empty(entry["shape"], dtype=target)
-                if target == stored:
-                    _read_into(handle, begin, _bytes_of(out))
-                else:
+                if target != stored:
+                    out = torch.empty(entry["shape"], dtype=target)
                     if scratch is None:
                         scratch = torch.empty(CHUNK_BYTES, dtype=torch.uint8)
                     _read_converting(handle, begin, stored, out, scratch)
+                else:
+                    out = _map_tensor(handle, begin, stored, entry["shape"])
+                    if out is None:  # small, unaligned, or past the mapping budget
+                        out = torch.empty(entry["shape"], dtype=stored)
+                        _read_into(handle, begin, _bytes_of(out))
                 yield name, out
     except OSError as exc:
         raise WeightsError(f"{path.name} is not a readable safetensors file ({exc})") from exc
@@ -317,9 +315,9 @@ def _iter_safetensors_library(
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     # torch can memory-map only its zip format; a pre-1.6 (legacy) file is read whole.
-    mmap = zipfile.is_zipfile(path)
+    mappable = zipfile.is_zipfile(path)
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mappable)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
         raise WeightsError(
             f"{path.name} was refused: it is not a plain tensor checkpoint "
