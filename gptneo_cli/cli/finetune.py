@@ -12,7 +12,8 @@ from typing import Annotated
 import typer
 
 from ..settings import load_settings
-from .common import EXIT_INTERRUPTED, DebugOpt, DeviceOpt, RevisionOpt
+from .errors import EXIT_INTERRUPTED
+from .options import DebugOpt, DeviceOpt, RevisionOpt
 from .output import check_format, write_json, write_table
 from .progress import make_reporter
 
