@@ -7,17 +7,10 @@ from typing import Annotated
 
 import typer
 
-from .classify import (
-    FormatOpt,
-    MaxSeqLenOpt,
-    StrideOpt,
-    load_with_head,
-    model_options,
-    tsv,
-)
-from .common import AttnOpt, DebugOpt, DeviceOpt, DtypeOpt, ModelOpt, RevisionOpt
-from .output import check_format, is_tty, make_console, write_json
-from .tag import read_source
+from .inputs import read_source
+from .options import AttnOpt, DebugOpt, DeviceOpt, DtypeOpt, ModelOpt, RevisionOpt
+from .output import check_format, is_tty, make_console, tsv, write_json
+from .task_options import FormatOpt, MaxSeqLenOpt, StrideOpt, load_with_head, model_options
 
 
 def register(app: typer.Typer) -> None:

@@ -11,7 +11,7 @@ import typer
 
 from .. import __version__
 from . import answer, bench, chat, classify, finetune, generate, info, models, tag, train_classifier
-from .common import guard_app, run_app, state
+from .errors import guard_app, run_app, state
 
 app = typer.Typer(
     name="gptneo",

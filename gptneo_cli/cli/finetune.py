@@ -12,7 +12,8 @@ from typing import Annotated
 import typer
 
 from ..settings import load_settings
-from .common import EXIT_INTERRUPTED, DebugOpt, DeviceOpt, RevisionOpt
+from .errors import EXIT_INTERRUPTED
+from .options import DebugOpt, DeviceOpt, RevisionOpt
 from .output import check_format
 from .progress import make_reporter
 from .train_common import ForceOpt, YesOpt, check_output, resolve_base, write_summary
@@ -153,8 +154,8 @@ def finetune(
             base_name=model_arg,
         )
     except TrainingInterrupted as stop:
-        typer.echo(f"Interrupted: {stop}; continue it with --resume {stop.checkpoint}",
-                   err=True)
+        typer.echo(f"Interrupted at step {stop.step}; continue it with --resume "
+                   f"{stop.checkpoint}", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except CheckpointMismatch as exc:
         raise ValueError(f"--resume {exc.folder} was trained on different data (or another "

@@ -18,8 +18,10 @@ from typing import IO, Annotated, Any
 import typer
 
 from ..settings import Settings, load_settings
-from .common import (
-    EXIT_INTERRUPTED,
+from .errors import EXIT_INTERRUPTED
+from .inputs import read_prompt, read_stdin, read_text_file
+from .loading import LoadedModel, ModelOptions, load_model, spinner
+from .options import (
     AttnOpt,
     CompileOpt,
     DebugOpt,
@@ -27,11 +29,9 @@ from .common import (
     DtypeOpt,
     FrequencyPenaltyOpt,
     GreedyOpt,
-    LoadedModel,
     MaxNewTokensOpt,
     MinPOpt,
     ModelOpt,
-    ModelOptions,
     NoRepeatNgramOpt,
     PresencePenaltyOpt,
     QuantizeOpt,
@@ -45,11 +45,6 @@ from .common import (
     TypicalPOpt,
     complete_from,
     generation_config,
-    load_model,
-    read_prompt,
-    read_stdin,
-    read_text_file,
-    spinner,
 )
 from .output import Diagnostics, TextStream, check_format, is_tty, write_json
 

@@ -11,7 +11,7 @@ import typer
 
 from .. import __version__
 from ..settings import KEYS, default_history_file, load_settings
-from .common import DebugOpt
+from .options import DebugOpt
 from .output import check_format, write_json, write_table
 
 PACKAGES = ("torch", "safetensors", "tokenizers", "huggingface-hub", "typer", "rich", "flash-attn")

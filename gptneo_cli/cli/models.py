@@ -22,7 +22,8 @@ from ..hub import (
     remove_cached,
 )
 from ..settings import load_settings
-from .common import EXIT_RUNTIME, DebugOpt, RevisionOpt, guard_app
+from .errors import EXIT_RUNTIME, guard_app
+from .options import DebugOpt, RevisionOpt
 from .output import check_format, is_tty, no_color, write_json, write_table
 
 models_app = typer.Typer(

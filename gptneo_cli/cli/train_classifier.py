@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from ..settings import load_settings
-from .common import DebugOpt, DeviceOpt, RevisionOpt
+from .options import DebugOpt, DeviceOpt, RevisionOpt
 from .output import check_format
 from .progress import make_reporter
 from .train_common import ForceOpt, YesOpt, check_output, resolve_base, write_summary

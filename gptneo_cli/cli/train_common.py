@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .common import EXIT_RUNTIME
+from .errors import EXIT_RUNTIME
 from .output import is_tty, write_json, write_table
 
 ForceOpt = Annotated[
