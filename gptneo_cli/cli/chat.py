@@ -18,6 +18,7 @@ import typer
 from ..conversation import Conversation, Turn
 from ..settings import default_history_file, load_settings
 from .errors import EXIT_USAGE, report_error
+from .help import examples
 from .inputs import read_text_file
 from .loading import LoadedModel, ModelOptions, load_model
 from .options import (
@@ -63,7 +64,19 @@ Ctrl-C stops a reply and keeps the session."""
 
 
 def register(app: typer.Typer) -> None:
-    app.command("chat")(chat)
+    app.command(
+        "chat",
+        epilog=examples(
+            (
+                'Chat with a system text',
+                'gptneo chat -m 125m --system "A Python expert answers in code."',
+            ),
+            (
+                "One turn per piped line, one JSON object per reply",
+                "printf 'hi\\nhow are you?\\n' | gptneo chat -m tiny --format jsonl",
+            ),
+        ),
+    )(chat)
 
 
 # --------------------------------------------------------------------------- the session

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from .errors import EXIT_RUNTIME, report_error
+from .help import examples
 from .inputs import read_stdin, read_text_file
 from .options import AttnOpt, DebugOpt, DeviceOpt, DtypeOpt, ModelOpt, RevisionOpt
 from .output import Diagnostics, check_format, is_tty, make_console, tsv, write_json
@@ -25,7 +26,19 @@ from .task_options import TASK_PANEL, FormatOpt, MaxSeqLenOpt, load_with_head, m
 DEFAULT_TEMPLATE = "{text}\\nTopic:"  # as typed on a command line; tasks.DEFAULT_TEMPLATE
 
 def register(app: typer.Typer) -> None:
-    app.command("classify")(classify)
+    app.command(
+        "classify",
+        epilog=examples(
+            (
+                'Label every file under a folder with a classification checkpoint',
+                'gptneo classify reviews/ --recursive -m ./sentiment',
+            ),
+            (
+                'Zero-shot with any causal LM',
+                'echo "Stocks fell sharply." | gptneo classify -m 125m --labels finance,sports',
+            ),
+        ),
+    )(classify)
 
 
 @dataclass

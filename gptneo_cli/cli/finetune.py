@@ -13,6 +13,7 @@ import typer
 
 from ..settings import load_settings
 from .errors import EXIT_INTERRUPTED
+from .help import examples
 from .options import DebugOpt, DeviceOpt, RevisionOpt
 from .output import check_format
 from .progress import make_reporter
@@ -24,7 +25,19 @@ RUN_PANEL = "Run"
 
 
 def register(app: typer.Typer) -> None:
-    app.command("finetune")(finetune)
+    app.command(
+        "finetune",
+        epilog=examples(
+            (
+                'Fine-tune the demo model on Python files',
+                'gptneo finetune tiny ./src --include .py -o ./tiny-code --max-steps 40',
+            ),
+            (
+                'Fine-tune 125M on notes and a JSON Lines file',
+                'gptneo finetune 125m notes/ posts.jsonl -o ./neo-notes --block-size 512',
+            ),
+        ),
+    )(finetune)
 
 
 def finetune(

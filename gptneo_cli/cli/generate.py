@@ -19,6 +19,7 @@ import typer
 
 from ..settings import Settings, load_settings
 from .errors import EXIT_INTERRUPTED
+from .help import examples
 from .inputs import read_prompt, read_stdin, read_text_file
 from .loading import LoadedModel, ModelOptions, load_model, spinner
 from .options import (
@@ -53,7 +54,23 @@ MORE_PANEL = "Generation"
 
 
 def register(app: typer.Typer) -> None:
-    app.command("generate")(generate)
+    app.command(
+        "generate",
+        epilog=examples(
+            (
+                'Continue a prompt with the bundled demo model',
+                'gptneo generate "def read_config(path):" -m tiny -n 40',
+            ),
+            (
+                'Pipe text in and get JSON back',
+                'echo "The Pile is" | gptneo generate -m 125m --format json',
+            ),
+            (
+                'A file of prompts, one per line, as JSON Lines',
+                'gptneo generate --input prompts.txt --format jsonl',
+            ),
+        ),
+    )(generate)
 
 
 def generate(

@@ -11,6 +11,7 @@ import typer
 
 from .. import __version__
 from ..settings import KEYS, default_history_file, load_settings
+from .help import examples
 from .options import DebugOpt
 from .output import check_format, write_json, write_table
 
@@ -18,7 +19,19 @@ PACKAGES = ("torch", "safetensors", "tokenizers", "huggingface-hub", "typer", "r
 
 
 def register(app: typer.Typer) -> None:
-    app.command("info")(info)
+    app.command(
+        "info",
+        epilog=examples(
+            (
+                'Versions, devices and the settings in force',
+                'gptneo info',
+            ),
+            (
+                'The same as JSON',
+                'gptneo info --format json',
+            ),
+        ),
+    )(info)
 
 
 def info(

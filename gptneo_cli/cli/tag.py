@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from .help import examples
 from .inputs import read_source
 from .options import AttnOpt, DebugOpt, DeviceOpt, DtypeOpt, ModelOpt, RevisionOpt
 from .output import Diagnostics, check_format, is_tty, make_console, tsv, write_json
@@ -14,7 +15,19 @@ from .task_options import FormatOpt, MaxSeqLenOpt, StrideOpt, load_with_head, mo
 
 
 def register(app: typer.Typer) -> None:
-    app.command("tag")(tag)
+    app.command(
+        "tag",
+        epilog=examples(
+            (
+                'Tag the tokens of a file',
+                'gptneo tag story.txt -m ./ner',
+            ),
+            (
+                'Tag piped text, as JSON',
+                'echo "Alice met Bob in London." | gptneo tag -m ./ner --format json',
+            ),
+        ),
+    )(tag)
 
 
 def tag(

@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from ..settings import load_settings
+from .help import examples
 from .options import DebugOpt, DeviceOpt, RevisionOpt
 from .output import check_format
 from .progress import make_reporter
@@ -23,7 +24,19 @@ OPT_PANEL = "Optimization"
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train-classifier")(train_classifier)
+    app.command(
+        "train-classifier",
+        epilog=examples(
+            (
+                'Train a classifier head on labeled lines',
+                'gptneo train-classifier tiny lines.jsonl -o ./code-or-comment --epochs 5',
+            ),
+            (
+                'Then use it',
+                'echo "the cache is cleared" | gptneo classify -m ./code-or-comment',
+            ),
+        ),
+    )(train_classifier)
 
 
 def train_classifier(
