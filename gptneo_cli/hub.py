@@ -26,6 +26,7 @@ from typing import Any
 
 from .config import GPTNeoConfig
 from .errors import ConfigError, GPTNeoError, HubError, ModelNotFoundError
+from .paths import name_problem
 
 DEFAULT_MODEL = "EleutherAI/gpt-neo-125M"
 
@@ -155,9 +156,15 @@ def shards_from_index(index_file: Path) -> list[str]:
     """The shard file names listed in a *.index.json weight map."""
     try:
         weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-        return sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise HubError(f"cannot read the weight index {index_file}: {exc}") from exc
+    for name in names:  # never download, or look for, a file outside the repo
+        problem = name_problem(name)
+        if problem is not None:
+            raise HubError(f"{index_file.name} lists the shard {name!r}, which {problem}: a "
+                           "checkpoint may only name files inside its own folder")
+    return names
 
 
 def weights_present(folder: Path) -> bool:
