@@ -23,7 +23,7 @@ from ..hub import (
 )
 from ..settings import load_settings
 from .common import EXIT_RUNTIME, DebugOpt, RevisionOpt, guard_app
-from .output import check_format, is_tty, no_color, write_json, write_table
+from .output import check_format, is_tty, make_console, write_json, write_table
 
 models_app = typer.Typer(
     name="models",
@@ -186,7 +186,6 @@ def _write_rows(headers: list[str], rows: list[list[str]], title: str | None = N
             out.write(line.rstrip() + "\n")
         out.flush()
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title, title_justify="left", box=None, header_style="bold")
@@ -194,7 +193,7 @@ def _write_rows(headers: list[str], rows: list[list[str]], title: str | None = N
         table.add_column(header, justify="right" if header in ("SIZE", "PARAMS") else "left")
     for row in rows:
         table.add_row(*row)
-    Console(file=out, highlight=False, no_color=no_color()).print(table)
+    make_console(out, soft_wrap=False).print(table)
 
 
 guard_app(models_app)
