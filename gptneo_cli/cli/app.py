@@ -11,7 +11,8 @@ import typer
 
 from .. import __version__
 from . import answer, bench, chat, classify, finetune, generate, info, models, tag, train_classifier
-from .common import guard_app, run_app, state
+from .errors import guard_app, run_app, state
+from .help import use_cli_help
 
 app = typer.Typer(
     name="gptneo",
@@ -47,6 +48,7 @@ for _module in (generate, chat, classify, tag, answer, models, info, finetune, t
                 bench):
     _module.register(app)
 
+use_cli_help(app)
 guard_app(app)
 
 

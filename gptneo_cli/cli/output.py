@@ -156,3 +156,8 @@ def write_table(title: str, rows: list[tuple[str, str]], stream: TextIO | None =
     for key, value in rows:
         table.add_row(key, value)
     make_console(out).print(table)
+
+
+def tsv(*fields: Any) -> str:
+    """One tab-separated line; tabs and newlines inside a field are written as \\t and \\n."""
+    return "\t".join(str(f).replace("\t", "\\t").replace("\n", "\\n") for f in fields) + "\n"

@@ -13,16 +13,30 @@ from typing import Annotated
 import typer
 
 from ..settings import load_settings
-from .common import DebugOpt, DeviceOpt, RevisionOpt
-from .output import check_format, write_json, write_table
+from .help import examples
+from .options import DebugOpt, DeviceOpt, RevisionOpt
+from .output import check_format
 from .progress import make_reporter
+from .train_common import ForceOpt, YesOpt, check_output, resolve_base, write_summary
 
 DATA_PANEL = "Data"
 OPT_PANEL = "Optimization"
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train-classifier")(train_classifier)
+    app.command(
+        "train-classifier",
+        epilog=examples(
+            (
+                'Train a classifier head on labeled lines',
+                'gptneo train-classifier tiny lines.jsonl -o ./code-or-comment --epochs 5',
+            ),
+            (
+                'Then use it',
+                'echo "the cache is cleared" | gptneo classify -m ./code-or-comment',
+            ),
+        ),
+    )(train_classifier)
 
 
 def train_classifier(
@@ -91,6 +105,8 @@ def train_classifier(
     ] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed for the split, data order and "
                                       "head init.")] = 0,
+    force: ForceOpt = False,
+    yes: YesOpt = False,
     fmt: Annotated[str, typer.Option("--format", help="Summary as text or json.")] = "text",
     debug: DebugOpt = False,
 ) -> None:
@@ -101,7 +117,8 @@ def train_classifier(
     """
     fmt = check_format(fmt)
     settings = load_settings()
-    from ..classifier_training import ClassifierConfig, fit_classifier
+    check_output(output, force=force, yes=yes)
+    from ..training.classifier import ClassifierConfig, fit_classifier
 
     config = ClassifierConfig(
         train=train.strip().lower(),  # type: ignore[arg-type]
@@ -110,12 +127,13 @@ def train_classifier(
         precision=precision.strip().lower(), seed=seed,
     )
     config.validate()
+    folder = resolve_base(model_arg, settings.get("revision", revision))
     result = fit_classifier(
-        model_arg, data, output, config, val_data=val_data or None, text_column=text_column,
+        folder, data, output, config, val_data=val_data or None, text_column=text_column,
         label_column=label_column, device=settings.get("device", device),
-        revision=settings.get("revision", revision), reporter=make_reporter(),
+        reporter=make_reporter(), base_name=model_arg,
     )
-    summary = {
+    write_summary("Classifier trained", {
         "output": str(result.output),
         "labels": result.labels,
         "steps": result.steps,
@@ -123,11 +141,4 @@ def train_classifier(
         "val_loss": result.val_loss,
         "train_examples": result.train_examples,
         "val_examples": result.val_examples,
-    }
-    if fmt != "text":
-        write_json(summary, lines=fmt == "jsonl")
-        return
-    rows = [(k, ", ".join(v) if isinstance(v, list) else
-             ("-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)))
-            for k, v in summary.items()]
-    write_table("Classifier trained", rows)
+    }, fmt)
