@@ -56,6 +56,7 @@ def match_checkpoint(
     seen: set[str] = set()
     unexpected: list[str] = []
     wrong: list[str] = []
+    wrong_dtype: list[str] = []
     for raw, tensor in tensors:
         name = our_name(raw, head_params, is_base)
         if name is None:
@@ -64,9 +65,11 @@ def match_checkpoint(
             unexpected.append(raw)
         elif tuple(tensor.shape) != expected[name]:
             wrong.append(f"{raw} {list(tensor.shape)} (expected {list(expected[name])})")
+        elif not tensor.dtype.is_floating_point:  # an edited header: bytes of another kind
+            wrong_dtype.append(f"{raw} {str(tensor.dtype).removeprefix('torch.')}")
         else:
             keep(name, tensor)
-            seen.add(name)
+        seen.add(name)  # present, even when refused: listed once, under its problem
     missing = [n for n in expected if n not in seen]
     new_head = [n for n in missing if n in head_params]
     missing = [n for n in missing if n not in head_params]
@@ -77,6 +80,8 @@ def match_checkpoint(
         problems.append("unexpected " + _listing(unexpected))
     if wrong:
         problems.append("wrongly shaped " + _listing(wrong))
+    if wrong_dtype:
+        problems.append("integer data for floating-point parameters in " + _listing(wrong_dtype))
     if problems:
         raise WeightsError(f"checkpoint {source} does not fit: " + "; ".join(problems))
     return new_head

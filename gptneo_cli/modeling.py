@@ -28,6 +28,7 @@ from .cache import KVCache
 from .checkpoint import match_checkpoint
 from .config import GPTNeoConfig
 from .device import resolve_device, resolve_dtype
+from .preflight import preflight
 from .weights import iter_tensors, save_safetensors, weight_files
 
 log = logging.getLogger("gptneo")
@@ -194,6 +195,7 @@ class GPTNeoPreTrainedModel(nn.Module):
         dev = resolve_device(device) if device is not None else torch.device("cpu")
         dt = resolve_dtype(dtype, dev, quantize)
         choose_backend(attn, dev, dt)
+        preflight(config, files, dt, dev, path.name or str(path), quantize)
         with torch.device("meta"):
             model = cls(config)
         model.base().attn_backend = attn
