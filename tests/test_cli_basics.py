@@ -13,7 +13,8 @@ import pytest
 from helpers_cli import ANSI_ESCAPE, cli_env, run_cli
 
 from gptneo_cli.cli import completions
-from gptneo_cli.cli.common import read_prompt, read_text_file, sigint_deferred
+from gptneo_cli.cli.inputs import read_prompt, read_text_file
+from gptneo_cli.cli.loading import sigint_deferred
 from gptneo_cli.settings import config_path, load_settings
 
 HEAVY = ("torch", "transformers")

@@ -9,7 +9,7 @@ import sys
 import pytest
 from helpers_cli import ANSI_ESCAPE, causal_checkpoint, cli_env, gptneo_command, run_cli
 
-from gptneo_cli.cli.chat import Conversation, Turn
+from gptneo_cli.conversation import Conversation, Turn
 
 pexpect = pytest.importorskip("pexpect")
 

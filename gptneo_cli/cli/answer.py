@@ -7,21 +7,27 @@ from typing import Annotated
 
 import typer
 
-from .classify import (
-    FormatOpt,
-    MaxSeqLenOpt,
-    StrideOpt,
-    load_with_head,
-    model_options,
-    tsv,
-)
-from .common import AttnOpt, DebugOpt, DeviceOpt, DtypeOpt, ModelOpt, RevisionOpt
-from .output import check_format, is_tty, make_console, write_json
-from .tag import read_source
+from .help import examples
+from .inputs import read_source
+from .options import AttnOpt, DebugOpt, DeviceOpt, DtypeOpt, ModelOpt, RevisionOpt
+from .output import check_format, is_tty, make_console, tsv, write_json
+from .task_options import FormatOpt, MaxSeqLenOpt, StrideOpt, load_with_head, model_options
 
 
 def register(app: typer.Typer) -> None:
-    app.command("answer")(answer)
+    app.command(
+        "answer",
+        epilog=examples(
+            (
+                'Answer from a context file',
+                'gptneo answer "Where did Alice meet Bob?" --context story.txt -m ./qa',
+            ),
+            (
+                'Context on stdin, as JSON',
+                'cat story.txt | gptneo answer "Who met Bob?" -m ./qa --format json',
+            ),
+        ),
+    )(answer)
 
 
 def answer(

@@ -10,8 +10,21 @@ import sys
 import typer
 
 from .. import __version__
-from . import answer, bench, chat, classify, finetune, generate, info, models, tag, train_classifier
-from .common import guard_app, run_app, state
+from . import (
+    answer,
+    bench,
+    chat,
+    classify,
+    finetune,
+    generate,
+    info,
+    models,
+    tag,
+    train_classifier,
+    train_spans,
+)
+from .errors import guard_app, run_app, state
+from .help import use_cli_help
 
 app = typer.Typer(
     name="gptneo",
@@ -44,9 +57,10 @@ def root(
 
 
 for _module in (generate, chat, classify, tag, answer, models, info, finetune, train_classifier,
-                bench):
+                train_spans, bench):
     _module.register(app)
 
+use_cli_help(app)
 guard_app(app)
 
 

@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from ..errors import GPTNeoError
+from .help import examples
 
 PANEL = "Benchmark"
 
@@ -28,6 +29,10 @@ def register(app: typer.Typer) -> None:
     app.command(
         "bench",
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+        epilog=examples(
+            ("A short smoke run on the CPU", "gptneo bench --quick"),
+            ("1.3B and 2.7B in half precision on a GPU", "gptneo bench --device cuda"),
+        ),
     )(bench)
 
 

@@ -3,9 +3,6 @@
 A sequence-classification checkpoint labels with its head; `--labels` turns any causal LM
 into a zero-shot classifier. One bad input (missing, binary, empty) costs one stderr line
 and exit code 1 at the end; every other input is still classified.
-
-Also home to the small pieces `tag` and `answer` share: loading a checkpoint that must
-have a given head, and tab-separated plain output.
 """
 
 from __future__ import annotations
@@ -19,43 +16,29 @@ from typing import Annotated, Any
 
 import typer
 
-from ..settings import load_settings
-from .common import (
-    EXIT_RUNTIME,
-    AttnOpt,
-    DebugOpt,
-    DeviceOpt,
-    DtypeOpt,
-    LoadedModel,
-    ModelOpt,
-    ModelOptions,
-    RevisionOpt,
-    load_model,
-    read_stdin,
-    read_text_file,
-    report_error,
-)
-from .output import Diagnostics, check_format, is_tty, make_console, write_json
+from .errors import EXIT_RUNTIME, report_error
+from .help import examples
+from .inputs import read_stdin, read_text_file
+from .options import AttnOpt, DebugOpt, DeviceOpt, DtypeOpt, ModelOpt, RevisionOpt
+from .output import Diagnostics, check_format, is_tty, make_console, tsv, write_json
+from .task_options import TASK_PANEL, FormatOpt, MaxSeqLenOpt, load_with_head, model_options
 
 DEFAULT_TEMPLATE = "{text}\\nTopic:"  # as typed on a command line; tasks.DEFAULT_TEMPLATE
-TASK_PANEL = "Task"
-
-FormatOpt = Annotated[
-    str, typer.Option("--format", "-f", help="text, json or jsonl.", show_default=True)
-]
-MaxSeqLenOpt = Annotated[
-    int | None,
-    typer.Option("--max-seq-len", min=2, rich_help_panel=TASK_PANEL, show_default=False,
-                 help="Tokens per forward pass at most (default: the model's positions)."),
-]
-StrideOpt = Annotated[
-    int, typer.Option("--stride", min=0, rich_help_panel=TASK_PANEL,
-                      help="Tokens each window repeats from the one before (long inputs).")
-]
-
 
 def register(app: typer.Typer) -> None:
-    app.command("classify")(classify)
+    app.command(
+        "classify",
+        epilog=examples(
+            (
+                'Label every file under a folder with a classification checkpoint',
+                'gptneo classify reviews/ --recursive -m ./sentiment',
+            ),
+            (
+                'Zero-shot with any causal LM',
+                'echo "Stocks fell sharply." | gptneo classify -m 125m --labels finance,sports',
+            ),
+        ),
+    )(classify)
 
 
 @dataclass
@@ -222,34 +205,6 @@ def read_jsonl(path: Path) -> list[Item]:
         source = str(record["id"]) if record.get("id") is not None else source
         items.append(_item(source, lambda record=record: record["text"]))
     return items
-
-
-# ---- model loading shared by classify, tag and answer -------------------------------------
-def model_options(model: str | None, revision: str | None, device: str | None,
-                  dtype: str | None, attn: str | None) -> ModelOptions:
-    return ModelOptions.merge(load_settings(), model=model, revision=revision, device=device,
-                              dtype=dtype, attn=attn)
-
-
-def load_with_head(options: ModelOptions, head: str, hint: str | None = None) -> LoadedModel:
-    """Load `head`, refusing a checkpoint without that head's weights (it would print noise)."""
-    from .. import modeling
-    from ..errors import WeightsError
-    from ..hub import resolve_model_dir
-    from ..tasks import missing_head
-
-    missing = missing_head(resolve_model_dir(options.model, options.revision),
-                           getattr(modeling, head))
-    if missing:
-        kind = head.removeprefix("GPTNeoFor")
-        raise WeightsError(f"{options.model} has no {kind} head ({', '.join(missing)} missing); "
-                           + (hint or f"use a checkpoint fine-tuned for {kind}"))
-    return load_model(options, head)
-
-
-def tsv(*fields: Any) -> str:
-    """One tab-separated line; tabs and newlines inside a field are written as \\t and \\n."""
-    return "\t".join(str(f).replace("\t", "\\t").replace("\n", "\\n") for f in fields) + "\n"
 
 
 # ---- output -------------------------------------------------------------------------------

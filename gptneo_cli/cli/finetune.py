@@ -12,9 +12,12 @@ from typing import Annotated
 import typer
 
 from ..settings import load_settings
-from .common import EXIT_INTERRUPTED, DebugOpt, DeviceOpt, RevisionOpt
-from .output import check_format, write_json, write_table
+from .errors import EXIT_INTERRUPTED
+from .help import examples
+from .options import DebugOpt, DeviceOpt, RevisionOpt
+from .output import check_format
 from .progress import make_reporter
+from .train_common import ForceOpt, YesOpt, check_output, resolve_base, write_summary
 
 DATA_PANEL = "Data"
 OPT_PANEL = "Optimization"
@@ -22,7 +25,19 @@ RUN_PANEL = "Run"
 
 
 def register(app: typer.Typer) -> None:
-    app.command("finetune")(finetune)
+    app.command(
+        "finetune",
+        epilog=examples(
+            (
+                'Fine-tune the demo model on Python files',
+                'gptneo finetune tiny ./src --include .py -o ./tiny-code --max-steps 40',
+            ),
+            (
+                'Fine-tune 125M on notes and a JSON Lines file',
+                'gptneo finetune 125m notes/ posts.jsonl -o ./neo-notes --block-size 512',
+            ),
+        ),
+    )(finetune)
 
 
 def finetune(
@@ -117,6 +132,8 @@ def finetune(
         bool, typer.Option("--keep-checkpoint", help="Keep OUTPUT/checkpoint after a run "
                            "that finished.", rich_help_panel=RUN_PANEL)
     ] = False,
+    force: ForceOpt = False,
+    yes: YesOpt = False,
     fmt: Annotated[str, typer.Option("--format", help="Summary as text or json.",
                                      rich_help_panel=RUN_PANEL)] = "text",
     debug: DebugOpt = False,
@@ -128,7 +145,8 @@ def finetune(
     """
     fmt = check_format(fmt)
     settings = load_settings()
-    from ..training import TrainConfig, TrainingInterrupted
+    check_output(output, force=force, yes=yes, resume=resume)
+    from ..training import CheckpointMismatch, TrainConfig, TrainingInterrupted
     from ..training import finetune as run
 
     config = TrainConfig(
@@ -140,17 +158,23 @@ def finetune(
     config.validate()
     dtype = _save_dtype(save_dtype)
     suffixes = [s if s.startswith(".") else f".{s}" for s in include] if include else None
+    folder = resolve_base(model_arg, settings.get("revision", revision))
     try:
         result = run(
-            model_arg, data, output, config, val_data=val_data or None, suffixes=suffixes,
+            folder, data, output, config, val_data=val_data or None, suffixes=suffixes,
             from_scratch=from_scratch, device=settings.get("device", device),
-            revision=settings.get("revision", revision), resume_from=resume,
-            reporter=make_reporter(), save_dtype=dtype,
+            resume_from=resume, reporter=make_reporter(), save_dtype=dtype,
+            base_name=model_arg,
         )
     except TrainingInterrupted as stop:
-        typer.echo(f"Interrupted: {stop}", err=True)
+        typer.echo(f"Interrupted at step {stop.step}; continue it with --resume "
+                   f"{stop.checkpoint}", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    summary = {
+    except CheckpointMismatch as exc:
+        raise ValueError(f"--resume {exc.folder} was trained on different data (or another "
+                         "--block-size, --val-fraction or --seed): resume with the same data "
+                         "and options") from None
+    write_summary("Fine-tuning finished", {
         "output": str(result.output),
         "steps": result.steps,
         "best_val_loss": result.best_val_loss,
@@ -158,11 +182,7 @@ def finetune(
         "final_train_loss": result.final_train_loss,
         "tokens_seen": result.tokens_seen,
         "train_time_s": round(result.train_time_s, 2),
-    }
-    if fmt != "text":
-        write_json(summary, lines=fmt == "jsonl")
-        return
-    write_table("Fine-tuning finished", [(k, _show(v)) for k, v in summary.items()])
+    }, fmt)
 
 
 def _save_dtype(name: str):  # type: ignore[no-untyped-def]
@@ -173,9 +193,3 @@ def _save_dtype(name: str):  # type: ignore[no-untyped-def]
     if key not in choices:
         raise ValueError(f"unknown --save-dtype {name!r}: use float32, bfloat16 or float16")
     return choices[key]
-
-
-def _show(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return "-" if value is None else str(value)

@@ -18,8 +18,11 @@ from typing import IO, Annotated, Any
 import typer
 
 from ..settings import Settings, load_settings
-from .common import (
-    EXIT_INTERRUPTED,
+from .errors import EXIT_INTERRUPTED
+from .help import examples
+from .inputs import read_prompt, read_stdin, read_text_file
+from .loading import LoadedModel, ModelOptions, load_model, spinner
+from .options import (
     AttnOpt,
     CompileOpt,
     DebugOpt,
@@ -27,11 +30,9 @@ from .common import (
     DtypeOpt,
     FrequencyPenaltyOpt,
     GreedyOpt,
-    LoadedModel,
     MaxNewTokensOpt,
     MinPOpt,
     ModelOpt,
-    ModelOptions,
     NoRepeatNgramOpt,
     PresencePenaltyOpt,
     QuantizeOpt,
@@ -45,11 +46,6 @@ from .common import (
     TypicalPOpt,
     complete_from,
     generation_config,
-    load_model,
-    read_prompt,
-    read_stdin,
-    read_text_file,
-    spinner,
 )
 from .output import Diagnostics, TextStream, check_format, is_tty, write_json
 
@@ -58,7 +54,23 @@ MORE_PANEL = "Generation"
 
 
 def register(app: typer.Typer) -> None:
-    app.command("generate")(generate)
+    app.command(
+        "generate",
+        epilog=examples(
+            (
+                'Continue a prompt with the bundled demo model',
+                'gptneo generate "def read_config(path):" -m tiny -n 40',
+            ),
+            (
+                'Pipe text in and get JSON back',
+                'echo "The Pile is" | gptneo generate -m 125m --format json',
+            ),
+            (
+                'A file of prompts, one per line, as JSON Lines',
+                'gptneo generate --input prompts.txt --format jsonl',
+            ),
+        ),
+    )(generate)
 
 
 def generate(

@@ -11,14 +11,27 @@ import typer
 
 from .. import __version__
 from ..settings import KEYS, default_history_file, load_settings
-from .common import DebugOpt
+from .help import examples
+from .options import DebugOpt
 from .output import check_format, write_json, write_table
 
 PACKAGES = ("torch", "safetensors", "tokenizers", "huggingface-hub", "typer", "rich", "flash-attn")
 
 
 def register(app: typer.Typer) -> None:
-    app.command("info")(info)
+    app.command(
+        "info",
+        epilog=examples(
+            (
+                'Versions, devices and the settings in force',
+                'gptneo info',
+            ),
+            (
+                'The same as JSON',
+                'gptneo info --format json',
+            ),
+        ),
+    )(info)
 
 
 def info(

@@ -22,8 +22,10 @@ from ..hub import (
     remove_cached,
 )
 from ..settings import load_settings
-from .common import EXIT_RUNTIME, DebugOpt, RevisionOpt, guard_app
-from .output import check_format, is_tty, no_color, write_json, write_table
+from .errors import EXIT_RUNTIME, guard_app
+from .help import examples
+from .options import DebugOpt, RevisionOpt
+from .output import check_format, is_tty, make_console, write_json, write_table
 
 models_app = typer.Typer(
     name="models",
@@ -53,7 +55,10 @@ def _model_name(model: str | None, revision: str | None) -> tuple[str, str | Non
     return settings.model(model), settings.get("revision", revision)
 
 
-@models_app.command("list")
+@models_app.command("list", epilog=examples(
+    ('Models in the cache', 'gptneo models list'),
+    ('As JSON', 'gptneo models list --format json'),
+))
 def list_models(fmt: FormatOpt = "text", debug: DebugOpt = False) -> None:
     """Show the cached GPT-Neo models: id, revision, size on disk, parameters."""
     fmt = check_format(fmt)
@@ -88,7 +93,10 @@ def list_models(fmt: FormatOpt = "text", debug: DebugOpt = False) -> None:
     _write_rows(["ID", "REVISION", "SIZE", "PARAMS", "NOTE"], rows)
 
 
-@models_app.command("pull")
+@models_app.command("pull", epilog=examples(
+    ('Download GPT-Neo 1.3B (prints its folder)', 'gptneo models pull 1.3b'),
+    ('A given revision', 'gptneo models pull EleutherAI/gpt-neo-125M --revision main'),
+))
 def pull(model: ModelArg = None, revision: RevisionOpt = None, debug: DebugOpt = False) -> None:
     """Download a model into the cache (progress on stderr); print its folder."""
     name, revision = _model_name(model, revision)
@@ -99,7 +107,10 @@ def pull(model: ModelArg = None, revision: RevisionOpt = None, debug: DebugOpt =
     sys.stdout.write(f"{snap.folder}\n")
 
 
-@models_app.command("rm")
+@models_app.command("rm", epilog=examples(
+    ('Remove a cached model (asks first)', 'gptneo models rm 1.3b'),
+    ('Without asking', 'gptneo models rm 1.3b --yes'),
+))
 def rm(
     model: Annotated[str, typer.Argument(help="Hub id or alias of a cached model.")],
     revision: Annotated[
@@ -130,7 +141,10 @@ def _confirm(question: str) -> bool:
         return False
 
 
-@models_app.command("info")
+@models_app.command("info", epilog=examples(
+    ('Shape and size of a model (reads config.json only)', 'gptneo models info 1.3b'),
+    ('As JSON', 'gptneo models info tiny --format json'),
+))
 def info(model: ModelArg = None, revision: RevisionOpt = None, fmt: FormatOpt = "text",
          debug: DebugOpt = False) -> None:
     """Config, parameter count, files and memory per dtype (needs only config.json)."""
@@ -186,7 +200,6 @@ def _write_rows(headers: list[str], rows: list[list[str]], title: str | None = N
             out.write(line.rstrip() + "\n")
         out.flush()
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title, title_justify="left", box=None, header_style="bold")
@@ -194,7 +207,7 @@ def _write_rows(headers: list[str], rows: list[list[str]], title: str | None = N
         table.add_column(header, justify="right" if header in ("SIZE", "PARAMS") else "left")
     for row in rows:
         table.add_row(*row)
-    Console(file=out, highlight=False, no_color=no_color()).print(table)
+    make_console(out, soft_wrap=False).print(table)
 
 
 guard_app(models_app)

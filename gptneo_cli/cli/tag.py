@@ -7,29 +7,27 @@ from typing import Annotated
 
 import typer
 
-from .classify import (
-    FormatOpt,
-    MaxSeqLenOpt,
-    StrideOpt,
-    load_with_head,
-    model_options,
-    tsv,
-)
-from .common import (
-    AttnOpt,
-    DebugOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ModelOpt,
-    RevisionOpt,
-    read_stdin,
-    read_text_file,
-)
-from .output import Diagnostics, check_format, is_tty, make_console, write_json
+from .help import examples
+from .inputs import read_source
+from .options import AttnOpt, DebugOpt, DeviceOpt, DtypeOpt, ModelOpt, RevisionOpt
+from .output import Diagnostics, check_format, is_tty, make_console, tsv, write_json
+from .task_options import FormatOpt, MaxSeqLenOpt, StrideOpt, load_with_head, model_options
 
 
 def register(app: typer.Typer) -> None:
-    app.command("tag")(tag)
+    app.command(
+        "tag",
+        epilog=examples(
+            (
+                'Tag the tokens of a file',
+                'gptneo tag story.txt -m ./ner',
+            ),
+            (
+                'Tag piped text, as JSON',
+                'echo "Alice met Bob in London." | gptneo tag -m ./ner --format json',
+            ),
+        ),
+    )(tag)
 
 
 def tag(
@@ -69,19 +67,6 @@ def tag(
             sys.stdout.write(tsv(s.label, s.start, s.end, f"{s.score:.4f}", s.text))
     if not spans and fmt == "text":
         Diagnostics().note("no tagged spans: every token was labelled O")
-
-
-def read_source(source: str | None) -> tuple[str, str]:
-    """(text, its name) from a file or stdin; an empty text is a usage error."""
-    if source is None and is_tty(sys.stdin):
-        raise ValueError("no input: give FILE, or - to read stdin")
-    if source in (None, "-"):
-        text, name = read_stdin(), "stdin"
-    else:
-        text, name = read_text_file(source), source
-    if not text.strip():
-        raise ValueError(f"{name} is empty: give some text")
-    return text, name
 
 
 def _table(spans: list) -> None:

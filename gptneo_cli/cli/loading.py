@@ -1,0 +1,160 @@
+"""Loading a model for a command: flags merged with the settings, torch imported with
+Ctrl-C held back, the name resolved, weights and tokenizer read under a spinner.
+
+Nothing here imports torch at module load; `load_model` imports the model code when called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..settings import Settings
+from .output import is_tty, make_console
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:0", "cuda:1", "mps")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+ATTN_CHOICES = ("auto", "eager", "sdpa", "flash")
+
+
+@contextlib.contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Hold Ctrl-C until the block ends, then raise KeyboardInterrupt.
+
+    `import torch` cannot be interrupted safely: a KeyboardInterrupt inside it is swallowed
+    (the run goes on), turns into an ImportError, or aborts the process from C++. Holding
+    the signal for the half second the import takes gives the documented exit 130 instead.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def import_torch() -> None:
+    """Import torch (once) with Ctrl-C held back; commands call this before model code."""
+    if "torch" in sys.modules:
+        return
+    with sigint_deferred():
+        import torch  # noqa: F401
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Which model to load and how, after flags, env and config file are merged."""
+
+    model: str
+    revision: str | None
+    device: str
+    dtype: str
+    attn: str
+    quantize: str | None = None
+    compile: bool = False
+
+    @classmethod
+    def merge(
+        cls,
+        settings: Settings,
+        *,
+        model: str | None,
+        revision: str | None,
+        device: str | None,
+        dtype: str | None,
+        attn: str | None,
+        quantize: str | None = None,
+        compile: bool = False,
+    ) -> ModelOptions:
+        """Flags win; then the settings (env > file > default). The backend name is checked
+        here so a typo fails before anything is read; device and dtype in `load_model`."""
+        opts = cls(
+            model=settings.model(model),
+            revision=settings.get("revision", revision),
+            device=settings.get("device", device).strip().lower(),
+            dtype=settings.get("dtype", dtype).strip().lower(),
+            attn=settings.get("attn", attn).strip().lower(),
+            quantize=quantize,
+            compile=compile,
+        )
+        if quantize is not None and quantize.strip().lower() not in (
+            "none", "int8", "int8-dynamic"
+        ):
+            raise ValueError(f"unknown --quantize {quantize!r}: use int8, int8-dynamic or none")
+        if opts.attn not in ATTN_CHOICES:
+            raise ValueError(
+                f"unknown attention backend {opts.attn!r}: use auto, eager, sdpa or flash"
+            )
+        return opts
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer and how long loading took (for --stats and JSON timings)."""
+
+    model: Any
+    tokenizer: Any
+    options: ModelOptions
+    path: Path
+    load_s: float
+
+
+def load_model(
+    options: ModelOptions, head: str = "GPTNeoForCausalLM", *, fast: bool = False
+) -> LoadedModel:
+    """Resolve the name, read weights and tokenizer; a spinner runs on a terminal's stderr.
+
+    fast=True (generation) loads a causal LM into gptneo_cli.fast.FastCausalLM: packed
+    weights, same outputs, plus options.quantize / options.compile.
+    """
+    start = time.perf_counter()
+    import_torch()
+    from ..device import resolve_device, resolve_dtype
+    from ..hub import resolve_model_dir
+
+    device = resolve_device(options.device)  # bad values fail before any download
+    dtype = resolve_dtype(options.dtype, device, options.quantize if fast else None)
+    # Resolve (and on first use download) outside the spinner: huggingface_hub's progress
+    # bars would fight a live spinner for the same stderr line.
+    path = resolve_model_dir(options.model, revision=options.revision)
+    with spinner(f"Loading {options.model}"):
+        from .. import modeling
+        from ..tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(path)
+        if fast and head == "GPTNeoForCausalLM":
+            from ..fast import FastCausalLM
+
+            model = FastCausalLM.from_pretrained(
+                path, dtype=dtype, device=device, attn=options.attn,
+                quantize=options.quantize, compile=options.compile,
+            )
+        else:
+            if options.quantize not in (None, "none") or options.compile:
+                raise ValueError("--quantize and --compile apply to text generation only")
+            model = getattr(modeling, head).from_pretrained(
+                path, dtype=dtype, device=device, attn=options.attn
+            )
+    return LoadedModel(model, tokenizer, options, path, time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def spinner(message: str) -> Iterator[None]:
+    """A Rich spinner on stderr when it is a terminal; silent otherwise (pipes, CI, logs)."""
+    if not is_tty(sys.stderr):
+        yield
+        return
+    with make_console(sys.stderr).status(f"{message}…", spinner="dots"):
+        yield
