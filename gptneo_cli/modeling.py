@@ -366,12 +366,13 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
             self.config, input_ids, attention_mask, position_ids, cache
         )
         new = input_ids.shape[1]
-        backend = choose_backend(self.attn_backend, self.wpe.weight.device, self.wpe.weight.dtype)
+        device, dtype = self.wpe.weight.device, self.wpe.weight.dtype  # the activations'
+        backend = choose_backend(self.attn_backend, device, dtype)
         if backend == "flash" and past > 0:
             backend = "sdpa"  # flash serves prefills; a cached step runs sdpa
         step = AttentionStep(
             plans={
-                kind: build_plan(kind, past, new, self.config.window_size, key_valid)
+                kind: build_plan(kind, past, new, self.config.window_size, key_valid, device)
                 for kind in set(self.config.attention_layers)
             },
             backend=backend,

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from .errors import EXIT_RUNTIME
+from .options import complete_model
 from .output import is_tty, write_json, write_table
 
 ForceOpt = Annotated[
@@ -116,7 +117,7 @@ OPT_PANEL = "Optimization"
 
 BaseModelArg = Annotated[
     str, typer.Argument(metavar="MODEL", help="Base model: folder, Hub id or alias (tiny, "
-                        "125m, ...).", show_default=False),
+                        "125m, ...).", show_default=False, autocompletion=complete_model),
 ]
 HeadOutputOpt = Annotated[
     Path, typer.Option("--output", "-o", help="Folder for the trained model (Hub format).",
