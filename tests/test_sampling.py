@@ -9,7 +9,14 @@ import torch
 from transformers.generation import logits_process as tlp
 
 from gptneo_cli import sampling
-from gptneo_cli.sampling import DecodeState, SamplingParams, build_chooser, build_logits_processor
+from gptneo_cli.options import GenerationConfig
+from gptneo_cli.sampling import DecodeState, build_chooser, build_logits_processor
+
+
+def SamplingParams(**settings):  # noqa: N802 - reads like the config it builds
+    """A GenerationConfig with every rule off unless given (greedy unless do_sample)."""
+    base = dict(do_sample=False, temperature=1.0, top_k=0)
+    return GenerationConfig(**{**base, **settings})
 
 VOCAB = 37  # not a multiple of 8
 
@@ -180,7 +187,7 @@ def test_presence_and_frequency_penalties() -> None:
 def test_min_new_tokens_matches_transformers(generated: int) -> None:
     prompt = HISTORIES[1][:, :10]
     history = HISTORIES[1][:, : 10 + generated]
-    proc = build_logits_processor(SamplingParams(min_new_tokens=3, eos_token_ids=(4, 9)))
+    proc = build_logits_processor(SamplingParams(min_new_tokens=3), (4, 9))
     assert proc is not None
     theirs = tlp.MinNewTokensLengthLogitsProcessor(prompt.shape[1], 3, [4, 9])(
         history, CASES[0].clone()
@@ -204,7 +211,6 @@ FULL = SamplingParams(
     repetition_penalty=1.3,
     no_repeat_ngram_size=3,
     min_new_tokens=20,
-    eos_token_ids=(2,),
 )
 
 
@@ -212,7 +218,7 @@ FULL = SamplingParams(
 def test_composition_matches_transformers_order(logits: torch.Tensor) -> None:
     history = HISTORIES[0]
     prompt_len = 20
-    ours = build_logits_processor(FULL)
+    ours = build_logits_processor(FULL, (2,))
     theirs = tlp.LogitsProcessorList(
         [
             tlp.RepetitionPenaltyLogitsProcessor(1.3),

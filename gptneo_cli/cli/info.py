@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from .. import __version__
-from ..settings import KEYS, default_history_file, load_settings
+from ..settings import default_history_file, keys, load_settings
 from .help import examples
 from .options import DebugOpt
 from .output import check_format, write_json, write_table
@@ -91,7 +91,7 @@ def collect() -> dict[str, Any]:
             "file_found": settings.file_found,
             "history_file": settings.get("history_file") or str(default_history_file()),
             "env": dict(sorted(settings.env.items())),
-            "settings": {key: settings.values[key] for key in KEYS},
+            "settings": {key: settings.values[key] for key in keys()},
             "sources": settings.sources,
         },
     }
