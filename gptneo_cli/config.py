@@ -52,9 +52,42 @@ def expand_attention_types(attention_types: list) -> list[str]:
                 layers.extend(kinds)
     except (TypeError, ValueError) as exc:
         raise ConfigError(
-            f"attention_types must look like [[['global', 'local'], 6]], got {attention_types!r}"
+            "attention_types must look like [[['global', 'local'], 6]], got "
+            f"{_shown(attention_types)}"
         ) from exc
     return layers
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _label_id(value: object, what: str) -> int:
+    """A label id: an integer, or (JSON object keys are strings) its decimal text."""
+    if _is_int(value):
+        return int(value)  # type: ignore[call-overload]
+    if isinstance(value, str) and len(value) < 20:
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise ConfigError(f"config.json: every {what} must be an integer label id, got "
+                      f"{_shown(value)}")
+
+
+def _label_name(value: object) -> str:
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise ConfigError(f"config.json: a label name must be text, got {_shown(value)}")
+    return str(value)
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    """A value for an error line: its repr, cut short (a config value may be huge or deep)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"a too deeply nested {type(value).__name__}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass
@@ -111,32 +144,66 @@ class GPTNeoConfig:
 
     # ---- validation -----------------------------------------------------------------
     def validate(self) -> None:
+        """Refuse what would build a wrong or unbuildable model, each with one clear line."""
         if self.model_type != "gpt_neo":
             raise ConfigError(
                 f"not a GPT-Neo model: config.json has model_type {self.model_type!r}, "
                 "expected 'gpt_neo'"
             )
+        self._check_sizes()
+        self._check_numbers()
+        self._check_layers()
+        self._check_labels()
+
+    def _check_sizes(self) -> None:
         for name in ("vocab_size", "max_position_embeddings", "hidden_size", "num_layers",
-                     "num_heads", "window_size"):
+                     "num_heads", "window_size", "num_labels"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"config.json: {name} must be a positive integer, got {value!r}")
+            if not _is_int(value) or value < 1:
+                raise ConfigError(
+                    f"config.json: {name} must be a positive integer, got {_shown(value)}"
+                )
+        if self.intermediate_size is not None and (
+            not _is_int(self.intermediate_size) or self.intermediate_size < 1
+        ):
+            raise ConfigError("config.json: intermediate_size must be a positive integer or "
+                              f"null, got {_shown(self.intermediate_size)}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"config.json: hidden_size {self.hidden_size} is not divisible by "
                 f"num_heads {self.num_heads}"
             )
-        if self.activation_function not in ACTIVATIONS:
+
+    def _check_numbers(self) -> None:
+        eps = self.layer_norm_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            # 0 or less divides by zero (or by a negative variance: NaN) in every LayerNorm
+            raise ConfigError("config.json: layer_norm_epsilon must be a small positive "
+                              f"number such as 1e-05, got {_shown(eps)}")
+        self.layer_norm_epsilon = float(eps)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 0):
+                raise ConfigError(f"config.json: {name} must be a token id (an integer >= 0) "
+                                  f"or null, got {_shown(value)}")
+        if not isinstance(self.activation_function, str) or (
+            self.activation_function not in ACTIVATIONS
+        ):
             raise ConfigError(
-                f"config.json: unsupported activation_function {self.activation_function!r}"
+                f"config.json: unsupported activation_function {_shown(self.activation_function)}"
             )
+        if self.torch_dtype is not None and not isinstance(self.torch_dtype, str):
+            raise ConfigError(f"config.json: torch_dtype must be a name such as 'float32', "
+                              f"got {_shown(self.torch_dtype)}")
+
+    def _check_layers(self) -> None:
         expanded = expand_attention_types(self.attention_types)
         if self.attention_layers and list(self.attention_layers) != expanded:
             raise ConfigError(
                 "config.json: attention_layers does not match the expansion of attention_types"
             )
         self.attention_layers = expanded
-        bad = sorted(set(expanded) - set(ATTENTION_KINDS))
+        bad = sorted({str(kind) for kind in expanded} - set(ATTENTION_KINDS))
         if bad:
             raise ConfigError(f"config.json: unknown attention type(s) {bad}; use global/local")
         if len(expanded) != self.num_layers:
@@ -144,12 +211,18 @@ class GPTNeoConfig:
                 f"config.json: attention_types expand to {len(expanded)} layers "
                 f"but num_layers is {self.num_layers}"
             )
+
+    def _check_labels(self) -> None:
+        if not isinstance(self.id2label, dict) or not isinstance(self.label2id, dict):
+            raise ConfigError("config.json: id2label and label2id must be JSON objects")
         if self.id2label:
-            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            self.id2label = {_label_id(k, "id2label key"): _label_name(v)
+                             for k, v in self.id2label.items()}
             self.num_labels = len(self.id2label)
         if not self.label2id and self.id2label:
             self.label2id = {v: k for k, v in self.id2label.items()}
-        self.label2id = {str(k): int(v) for k, v in self.label2id.items()}
+        self.label2id = {_label_name(k): _label_id(v, "label2id value")
+                         for k, v in self.label2id.items()}
         if not self.id2label:
             self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)}
             self.label2id = {v: k for k, v in self.id2label.items()}
@@ -188,6 +261,8 @@ class GPTNeoConfig:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"cannot read {path}: {exc}") from exc
+        except RecursionError:
+            raise ConfigError(f"cannot read {path}: its JSON is nested too deeply") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} does not hold a JSON object")
         return cls.from_dict(data)

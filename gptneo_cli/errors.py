@@ -34,3 +34,14 @@ class BackendError(GPTNeoError):
 
 class TokenizerError(GPTNeoError):
     """Tokenizer files are missing or unreadable."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an allocation failure: MemoryError, torch's OutOfMemoryError (CUDA,
+    MPS), or the RuntimeError torch's CPU allocator raises ("can't allocate memory")."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower()
+    )

@@ -46,6 +46,7 @@ from .config import GPTNeoConfig
 from .device import resolve_device, resolve_dtype
 from .errors import BackendError, GPTNeoError
 from .modeling import _ACTIVATIONS, GPTNeoForCausalLM, GPTNeoModel, GPTNeoOutput
+from .preflight import preflight
 from .weights import StoredTensor, iter_tensors, weight_files
 
 log = logging.getLogger("gptneo")
@@ -457,6 +458,7 @@ class FastCausalLM(nn.Module):
         dev = resolve_device(device) if device is not None else torch.device("cpu")
         dt = resolve_dtype(dtype, dev, quantize)
         choose_backend(attn, dev, dt)
+        preflight(config, files, dt, dev, folder.name or str(folder), quantize)
         with torch.device("meta"):
             skeleton = GPTNeoForCausalLM(config, attn=attn)
         packer = _Packer(config, dev, dt, quantize, compile)

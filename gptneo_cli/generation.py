@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from .errors import WeightsError, is_out_of_memory
 from .options import DEFAULT_MAX_NEW_TOKENS, GenerationConfig, OptionError
 from .sampling import PAD, DecodeState, TokenChooser, build_chooser
 
@@ -376,6 +377,11 @@ class _Engine:
             yield from self._loop()
         except KeyboardInterrupt:
             self.interrupted = True
+        except RuntimeError as exc:  # an allocation that failed mid-way (a huge batch)
+            if is_out_of_memory(exc):
+                raise MemoryError(f"out of memory while generating ({len(self.rows)} "
+                                  "sequences at once)") from exc
+            raise
         return self._finish_all("cancelled")
 
     def _loop(self) -> Generator[Deltas, None, None]:
@@ -433,8 +439,19 @@ class _Engine:
             history[:, : self.prompt_len + self.step] if history is not None else self.no_history,
             self.prompt_len,
         )
-        chosen = self.choose(logits, state, self.generator)
-        tokens = chosen.tolist()  # the one device->host sync per step
+        finite = torch.isfinite(logits).all()  # read after the sync below, at no extra wait
+        try:
+            chosen = self.choose(logits, state, self.generator)
+            tokens = chosen.tolist()  # the one device->host sync per step
+        except RuntimeError:  # sampling from NaN probabilities: say why, below
+            if bool(finite):
+                raise
+            tokens = []
+        if not bool(finite):
+            raise WeightsError(
+                "the model produced NaN or infinite scores, so generation stopped: its "
+                "checkpoint is likely corrupt (or float16 overflowed: try --dtype float32)"
+            )
         now = time.perf_counter()
         if self.step == 0:
             self.prefill_s = now - self.prefill_start

@@ -13,19 +13,22 @@ folder (and `gptneo --help`) never pays for it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import shutil
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import GPTNeoConfig
 from .errors import ConfigError, GPTNeoError, HubError, ModelNotFoundError
+from .paths import name_problem
 
 DEFAULT_MODEL = "EleutherAI/gpt-neo-125M"
 
@@ -155,9 +158,15 @@ def shards_from_index(index_file: Path) -> list[str]:
     """The shard file names listed in a *.index.json weight map."""
     try:
         weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-        return sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise HubError(f"cannot read the weight index {index_file}: {exc}") from exc
+    for name in names:  # never download, or look for, a file outside the repo
+        problem = name_problem(name)
+        if problem is not None:
+            raise HubError(f"{index_file.name} lists the shard {name!r}, which {problem}: a "
+                           "checkpoint may only name files inside its own folder")
+    return names
 
 
 def weights_present(folder: Path) -> bool:
@@ -272,8 +281,9 @@ def _list_repo(repo_id: str, revision: str) -> tuple[dict[str, int | None], str]
     from huggingface_hub import HfApi, constants
 
     try:
-        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True,
-                                  timeout=constants.HF_HUB_ETAG_TIMEOUT)
+        with hub_log_captured():
+            info = HfApi().model_info(repo_id, revision=revision, files_metadata=True,
+                                      timeout=constants.HF_HUB_ETAG_TIMEOUT)
     except Exception as exc:  # noqa: BLE001 - sorted into network trouble vs. answers
         if _is_network_error(exc) or _http_status(exc) in _RETRYABLE_STATUS:
             raise _NetworkTrouble(_short_reason(exc)) from exc
@@ -297,8 +307,9 @@ def _download(repo_id: str, revision: str, commit: str, listing: dict[str, int |
     def get(filename: str, rev: str) -> Path:
         nonlocal current
         current = filename
-        return Path(hf_hub_download(repo_id, filename, revision=rev, cache_dir=cache,
-                                    tqdm_class=_progress_bar(filename)))
+        with hub_log_captured():  # its retry lines would come before our one error line
+            return Path(hf_hub_download(repo_id, filename, revision=rev, cache_dir=cache,
+                                        tqdm_class=_progress_bar(filename)))
 
     try:
         # The config comes first, by branch name so the cache records the ref (offline use
@@ -566,8 +577,44 @@ def remove_cached(name: str, revision: str | None = None) -> tuple[list[CachedMo
     matches = find_cached(name, revision)
     strategy = scan_cache_dir(cache_dir()).delete_revisions(*(m.commit for m in matches))
     freed = strategy.expected_freed_size
-    strategy.execute()
+    paths = [*strategy.refs, *strategy.snapshots, *strategy.blobs, *strategy.repos]
+    locked = sorted({str(p.parent) for p in paths if not os.access(p.parent, os.W_OK)})
+    if locked:  # checked first, so that nothing is half removed
+        raise HubError(f"cannot remove {name} from the cache: {locked[0]} is read-only "
+                       "(permission denied); nothing was removed")
+    failures = _execute_quietly(strategy)
+    if failures:
+        raise HubError(f"could not remove all of {name} from the cache: {failures[0]}"
+                       + (f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""))
     return matches, freed
+
+
+def _execute_quietly(strategy: Any) -> list[str]:
+    """Run huggingface_hub's delete strategy; return the failures it would only have logged
+    as warnings (with tracebacks) instead of raising."""
+    with hub_log_captured() as records:
+        strategy.execute()
+    return [r.getMessage().removeprefix("Couldn't delete ") for r in records
+            if r.levelno >= logging.WARNING]
+
+
+@contextlib.contextmanager
+def hub_log_captured() -> Iterator[list[logging.LogRecord]]:
+    """Keep huggingface_hub's own log lines (retries, "Trying to resume download...",
+    failures it only warns about) off stderr: gptneo reports the outcome in one line."""
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("huggingface_hub")
+    handlers, propagate = logger.handlers[:], logger.propagate
+    logger.handlers, logger.propagate = [Collect()], False
+    try:
+        yield records
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
 
 
 def find_cached(name: str, revision: str | None = None) -> list[CachedModel]:

@@ -30,6 +30,7 @@ from .cache import KVCache
 from .config import GPTNeoConfig
 from .device import resolve_device, resolve_dtype
 from .errors import WeightsError
+from .preflight import preflight
 from .weights import iter_tensors, save_safetensors, weight_files
 
 log = logging.getLogger("gptneo")
@@ -244,6 +245,7 @@ class GPTNeoPreTrainedModel(nn.Module):
         dev = resolve_device(device) if device is not None else torch.device("cpu")
         dt = resolve_dtype(dtype, dev)
         choose_backend(attn, dev, dt)
+        preflight(config, files, dt, dev, folder.name or str(folder))
         with torch.device("meta"):
             model = cls(config, attn=attn)
         model._load(iter_tensors(files, dt), dev, dt, source=folder.name or str(folder))
@@ -273,6 +275,7 @@ class GPTNeoPreTrainedModel(nn.Module):
         seen: set[str] = set()
         unexpected: list[str] = []
         wrong: list[str] = []
+        wrong_dtype: list[str] = []
         for raw, tensor in tensors:
             name = self._checkpoint_name(raw)
             if name is None:
@@ -281,9 +284,11 @@ class GPTNeoPreTrainedModel(nn.Module):
                 unexpected.append(raw)
             elif tuple(tensor.shape) != expected[name]:
                 wrong.append(f"{raw} {list(tensor.shape)} (expected {list(expected[name])})")
+            elif not tensor.dtype.is_floating_point:  # an edited header: bytes of another kind
+                wrong_dtype.append(f"{raw} {str(tensor.dtype).removeprefix('torch.')}")
             else:
                 keep(name, tensor)
-                seen.add(name)
+            seen.add(name)  # present, even when refused: listed once, under its problem
         missing = [n for n in expected if n not in seen]
         new_head = [n for n in missing if n in self.head_params]
         missing = [n for n in missing if n not in self.head_params]
@@ -294,6 +299,9 @@ class GPTNeoPreTrainedModel(nn.Module):
             problems.append("unexpected " + _listing(unexpected))
         if wrong:
             problems.append("wrongly shaped " + _listing(wrong))
+        if wrong_dtype:
+            problems.append("integer data for floating-point parameters in "
+                            + _listing(wrong_dtype))
         if problems:
             raise WeightsError(f"checkpoint {source} does not fit: " + "; ".join(problems))
         return new_head

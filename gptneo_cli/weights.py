@@ -17,10 +17,10 @@ import functools
 import json
 import mmap
 import os
-import pickle
 import re
 import struct
 import sys
+import warnings
 import weakref
 import zipfile
 from collections.abc import Callable, Iterator
@@ -30,6 +30,7 @@ from typing import Any, BinaryIO
 import torch
 
 from .errors import WeightsError
+from .paths import model_file, name_problem
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -55,27 +56,51 @@ _MAX_HEADER = 100 * 2**20
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The files holding the weights in `folder`, safetensors preferred."""
+    """The files holding the weights in `folder`, safetensors preferred.
+
+    Every file, including each shard an index names, must lie inside `folder` (see
+    gptneo_cli.paths); that is checked here, before any of them is opened.
+    """
     for single, index in ((SAFETENSORS, SAFETENSORS_INDEX), (PYTORCH_BIN, PYTORCH_BIN_INDEX)):
         if (folder / single).is_file():
-            return [folder / single]
+            return [_inside(folder, single, single)]
         if (folder / index).is_file():
-            return _shards(folder / index)
+            return _shards(_inside(folder, index, index))
     raise WeightsError(
         f"no weights in {folder}: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH_BIN}"
     )
+
+
+def _inside(folder: Path, name: str, source: str) -> Path:
+    path, problem = model_file(folder, name)
+    if problem is not None:
+        raise WeightsError(
+            f"{source} names the file {name!r}, which {problem}: a checkpoint may only read "
+            f"files inside its own folder ({folder})"
+        )
+    return path
 
 
 def _shards(index_path: Path) -> list[Path]:
     try:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
         names = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise WeightsError(f"cannot read shard index {index_path}: {exc}") from exc
-    missing = [n for n in names if not (index_path.parent / n).is_file()]
+    if not names:
+        raise WeightsError(f"{index_path.name} lists no shards")
+    for name in names:  # every name is checked before any shard is opened
+        problem = name_problem(name)
+        if problem is not None:
+            raise WeightsError(
+                f"{index_path.name} lists the shard {name!r}, which {problem}: a checkpoint "
+                f"may only read files inside its own folder ({index_path.parent})"
+            )
+    shards = [_inside(index_path.parent, n, index_path.name) for n in names]
+    missing = [n for n, path in zip(names, shards, strict=True) if not path.is_file()]
     if missing:
         raise WeightsError(f"{index_path.name} lists missing shard(s): {', '.join(missing)}")
-    return [index_path.parent / n for n in names]
+    return shards
 
 
 class StoredTensor:
@@ -317,12 +342,13 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     # torch can memory-map only its zip format; a pre-1.6 (legacy) file is read whole.
     mappable = zipfile.is_zipfile(path)
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mappable)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise WeightsError(
-            f"{path.name} was refused: it is not a plain tensor checkpoint "
-            f"(read with weights_only=True: {_load_failure(exc)})"
-        ) from exc
+        with warnings.catch_warnings():  # torch warns about some refused files, then raises
+            warnings.simplefilter("ignore")
+            data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mappable)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - random bytes raise KeyError, IndexError, ...
+        raise WeightsError(_load_failure(path, exc)) from exc
     if not isinstance(data, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
     ):
@@ -330,15 +356,20 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     return data
 
 
-def _load_failure(exc: BaseException) -> str:
-    """The telling part of torch.load's error: its multi-paragraph weights_only message
-    (with terminal escapes, and advice to drop weights_only) names the refused object in
-    its "WeightsUnpickler error:" line."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        text = text.split(marker, 1)[1].strip().split(". ", 1)[0]
-    return text.splitlines()[0].strip() if text else type(exc).__name__
+def _load_failure(path: Path, exc: BaseException) -> str:
+    """One line for a .bin torch refused. A pickle that asks for a Python object (code may
+    run when it is built) says which; anything else is not a checkpoint at all. torch's own
+    text (paragraphs, terminal escapes, advice to switch the safety check off) is not shown."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    wanted = re.search(r"GLOBAL ([\w.]+)", text)
+    if wanted or "Unsupported global" in text:
+        what = wanted.group(1) if wanted else "a Python object"
+        return (f"{path.name} was refused: it is not a plain tensor checkpoint: its pickle "
+                f"asks for {what} (an unsupported global: building it could run code), and "
+                "gptneo loads tensors only; use a safetensors copy of the model")
+    why = f" ({exc.strerror})" if isinstance(exc, OSError) and exc.strerror else ""
+    return (f"{path.name} is not a readable PyTorch checkpoint: it is corrupt, truncated or "
+            f"another kind of file{why}")
 
 
 def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:

@@ -25,7 +25,7 @@ from ..settings import load_settings
 from .errors import EXIT_RUNTIME, guard_app
 from .help import examples
 from .options import DebugOpt, RevisionOpt
-from .output import check_format, is_tty, no_color, write_json, write_table
+from .output import check_format, is_tty, make_console, write_json, write_table
 
 models_app = typer.Typer(
     name="models",
@@ -200,7 +200,6 @@ def _write_rows(headers: list[str], rows: list[list[str]], title: str | None = N
             out.write(line.rstrip() + "\n")
         out.flush()
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title, title_justify="left", box=None, header_style="bold")
@@ -208,7 +207,7 @@ def _write_rows(headers: list[str], rows: list[list[str]], title: str | None = N
         table.add_column(header, justify="right" if header in ("SIZE", "PARAMS") else "left")
     for row in rows:
         table.add_row(*row)
-    Console(file=out, highlight=False, no_color=no_color()).print(table)
+    make_console(out, soft_wrap=False).print(table)
 
 
 guard_app(models_app)

@@ -7,12 +7,29 @@ progress always go to stderr. NO_COLOR turns colour off everywhere.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import sys
 from typing import Any, TextIO
 
 FORMATS = ("text", "json", "jsonl")
+
+#: Characters a terminal acts on instead of showing: C0 controls but tab and newline, DEL,
+#: and the C1 controls (U+0080-U+009F; U+009B alone starts a CSI sequence on some terminals).
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def inert(text: str, *, newlines: bool = True) -> str:
+    """`text` safe to show on a terminal: every control character that could move the
+    cursor, clear the screen, set the title or start an escape sequence is shown as a
+    visible escape (ESC -> \\x1b). Tab and, with `newlines`, newline are kept as they are.
+
+    Applied to everything that came from data (prompts, generated text, labels, file
+    names, error messages) on its way to a terminal; piped results stay byte-exact."""
+    text = _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return text if newlines else text.replace("\n", "\\n")
 
 
 def no_color() -> bool:
@@ -26,16 +43,25 @@ def is_tty(stream: Any) -> bool:
         return False
 
 
-def make_console(stream: TextIO) -> Any:
-    """A Rich console on `stream`; NO_COLOR removes every escape code, not only colours."""
+def make_console(stream: TextIO, **options: Any) -> Any:
+    """A Rich console on `stream`; NO_COLOR removes every escape code, not only colours.
+
+    Every string it renders (printed text, table cells, titles) goes through `inert` first:
+    Rich itself passes ESC and the other controls through, with or without colour."""
+    settings: dict[str, Any] = {"highlight": False, "soft_wrap": True,
+                                "color_system": None if no_color() else "auto"}
+    return _inert_console_class()(file=stream, **{**settings, **options})
+
+
+@functools.lru_cache(maxsize=1)
+def _inert_console_class() -> Any:
     from rich.console import Console
 
-    return Console(
-        file=stream,
-        highlight=False,
-        soft_wrap=True,
-        color_system=None if no_color() else "auto",
-    )
+    class InertConsole(Console):
+        def render_str(self, text: str, **kwargs: Any) -> Any:
+            return super().render_str(inert(text), **kwargs)
+
+    return InertConsole
 
 
 def check_format(fmt: str) -> str:

@@ -98,15 +98,25 @@ class RichReporter:
         self.progress.stop()
 
 
+def plural(count: int, noun: str, many: str | None = None) -> str:
+    """'1 document', '0 documents', '1,200 tokens': a count with its noun agreeing."""
+    return f"{count:,} {noun if count == 1 else many or noun + 's'}"
+
+
 def _describe(total_steps: int, info: dict[str, Any]) -> str:
+    steps = plural(total_steps, "step")
     if "train_tokens" in info:
-        return (f"{info['train_tokens']:,} training tokens in {info['train_blocks']:,} blocks "
-                f"({info['train_documents']} documents), {info['val_tokens']:,} held-out tokens "
-                f"({info['val_documents']} documents); {total_steps} steps on {info['device']}, "
+        return (f"{plural(info['train_tokens'], 'training token')} in "
+                f"{plural(info['train_blocks'], 'block')} "
+                f"({plural(info['train_documents'], 'document')}), "
+                f"{plural(info['val_tokens'], 'held-out token')} "
+                f"({plural(info['val_documents'], 'document')}); {steps} on {info['device']}, "
                 f"{info['autocast']}")
-    return (f"{info.get('train_examples', 0)} training and {info.get('val_examples', 0)} "
-            f"validation examples, labels {', '.join(info.get('labels', []))}; "
-            f"{total_steps} steps ({info.get('train')}) on {info.get('device')}")
+    labels = info.get("labels") or []
+    what = f", labels {', '.join(labels)}" if labels else ""
+    return (f"{plural(info.get('train_examples', 0), 'training example')} and "
+            f"{plural(info.get('val_examples', 0), 'validation example')}{what}; "
+            f"{steps} ({info.get('train')}) on {info.get('device')}")
 
 
 def _eval_text(stats: Any) -> str:

@@ -200,15 +200,20 @@ def export_model(
     target.config.torch_dtype = str(target.dtype).removeprefix("torch.")
     with staged_folder(folder) as staging:
         target.save_pretrained(staging)
-        copied = False
-        if tokenizer_source is not None:
-            for name in TOKENIZER_FILES:
-                if (tokenizer_source / name).is_file():
-                    shutil.copyfile(tokenizer_source / name, staging / name)
-                    copied = True
+        copied = copy_tokenizer_files(tokenizer_source, staging) if tokenizer_source else False
         if not copied and tokenizer is not None:
             tokenizer.save(staging)
     return folder
+
+
+def copy_tokenizer_files(source: Path, folder: Path) -> bool:
+    """Copy the tokenizer files `source` has into `folder`; False when it has none."""
+    copied = False
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
+            copied = True
+    return copied
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -1,0 +1,87 @@
+"""Generation never turns a broken model or a failed allocation into silent junk or a raw
+RuntimeError (issue 11: silent garbage, limits)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from gptneo_cli.errors import WeightsError, is_out_of_memory
+from gptneo_cli.fast import FastCausalLM
+from gptneo_cli.generation import GenerationConfig, generate, stream
+from gptneo_cli.hub import BUNDLED_DIR
+from gptneo_cli.modeling import GPTNeoForCausalLM
+from gptneo_cli.tokenizer import load_tokenizer
+
+LOADERS = [GPTNeoForCausalLM.from_pretrained, FastCausalLM.from_pretrained]
+
+
+@pytest.fixture
+def poisoned(tmp_path):
+    """Factory: a copy of the bundled demo model with one tensor filled with `value`."""
+
+    def make(value: float, name: str = "transformer.ln_f.weight"):
+        folder = tmp_path / f"tiny-{value}"
+        shutil.copytree(BUNDLED_DIR / "tiny", folder)
+        tensors = load_file(str(folder / "model.safetensors"))
+        tensors[name] = torch.full_like(tensors[name], value)
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return folder
+
+    return make
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("load", LOADERS, ids=["reference", "fast"])
+def test_non_finite_logits_stop_generation_with_a_clear_error(poisoned, value, greedy, load):
+    folder = poisoned(value)
+    model, tokenizer = load(folder), load_tokenizer(folder)
+    config = GenerationConfig(max_new_tokens=5, do_sample=not greedy, seed=1)
+    with pytest.raises(WeightsError, match="NaN or infinite scores.*checkpoint is likely corrupt"):
+        generate(model, tokenizer, "Once upon a time", config)
+    with pytest.raises(WeightsError, match="likely corrupt"):
+        for _ in stream(model, tokenizer, "Once upon a time", config):
+            pass
+
+
+def test_a_sound_model_still_generates(poisoned):
+    folder = poisoned(1.0)  # ln_f all ones: finite, just a different model
+    model, tokenizer = FastCausalLM.from_pretrained(folder), load_tokenizer(folder)
+    [result] = generate(model, tokenizer, "Once", GenerationConfig(max_new_tokens=4,
+                                                                    do_sample=False))
+    assert result.completion_tokens == 4
+
+
+def test_an_allocation_failure_mid_generation_is_a_memory_error(monkeypatch):
+    model = FastCausalLM.from_pretrained(BUNDLED_DIR / "tiny")
+    tokenizer = load_tokenizer(BUNDLED_DIR / "tiny")
+    real = model.forward
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:  # after the prefill and one decode step
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
+                               "allocate memory: you tried to allocate 123456789012 bytes.")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", failing)
+    with pytest.raises(MemoryError, match="out of memory while generating"):
+        generate(model, tokenizer, "Once", GenerationConfig(max_new_tokens=8, do_sample=False,
+                                                            ignore_eos=True))
+
+
+@pytest.mark.parametrize("exc, oom", [
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 bytes"),
+     True),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (MemoryError(), True),
+    (RuntimeError("shape mismatch"), False),
+    (ValueError("out of memory"), False),
+])
+def test_out_of_memory_is_recognised(exc, oom):
+    assert is_out_of_memory(exc) is oom
