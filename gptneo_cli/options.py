@@ -108,10 +108,11 @@ class Option:
             raise self._error("must be true or false", raw)
         if self.kind in (int, float):
             try:
-                return self.check(self.kind(text))
+                number = self.kind(text)
             except ValueError:
                 article = "an integer" if self.kind is int else "a number"
                 raise self._error(f"must be {article}", raw) from None
+            return self.check(number)
         return self.check(raw)
 
     def _in_range(self, value: float) -> bool:
@@ -156,7 +157,7 @@ class Option:
     def type_label(self) -> str:
         """What a CLI user types: INTEGER, FLOAT or TEXT, and the range in words."""
         if self.choices:
-            return "|".join(self.choices).upper()
+            return "|".join(self.choices)
         label = {int: "INTEGER", float: "FLOAT"}.get(self.kind, "TEXT")
         if self.kind in (int, float) and (self.low is not None or self.high is not None):
             words = self.range_words()

@@ -343,7 +343,7 @@ def _show_config(
 
     values = {**asdict(options), **config.to_dict()}
     if config.max_new_tokens is None and config.max_length is None:
-        from ..generation import DEFAULT_MAX_NEW_TOKENS
+        from ..options import DEFAULT_MAX_NEW_TOKENS
 
         values["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS  # the value in force, not "-"
     rows = [(key, f"{_show(value)} ({source(key)})") for key, value in values.items()]
