@@ -126,6 +126,8 @@ TORCH_PROBE = (
     (["generate", "hi", "--logprobs", "21"], "--logprobs must be at least 0 and at most 20"),
     (["chat", "--temperature", "-1"], "--temperature must be at least 0, got -1.0"),
     (["chat", "--stop", ""], "--stop must be non-empty text"),
+    (["generate", "hi", "--device", "tpu"], "unknown device 'tpu'"),
+    (["chat", "--dtype", "int3"], "unknown dtype 'int3'"),
 ])
 def test_bad_values_fail_before_torch_and_name_the_flag(tmp_path, args, message):
     done = subprocess.run([sys.executable, "-c", TORCH_PROBE, *args], capture_output=True,
