@@ -136,8 +136,8 @@ def test_tiny_resolves_to_the_package_offline(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_generates_code(model: GPTNeoForCausalLM) -> None:
-    from gptneo_cli.generation import GenerationConfig, generate
     from gptneo_cli import load_tokenizer
+    from gptneo_cli.generation import GenerationConfig, generate
 
     tok = load_tokenizer("tiny")  # the bundled name, resolved by the loader
     [result] = generate(model, tok, "def hello_world():",
