@@ -13,6 +13,7 @@ from .. import __version__
 from . import answer, bench, chat, classify, finetune, generate, info, models, tag, train_classifier
 from .errors import guard_app, run_app, state
 from .help import use_cli_help
+from .streams import stand_in_for_closed_streams
 
 app = typer.Typer(
     name="gptneo",
@@ -54,6 +55,10 @@ guard_app(app)
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: exit codes 0 ok, 1 runtime error, 2 usage, 130 interrupted."""
+    stand_in_for_closed_streams()
+    from .. import tokenizer
+
+    tokenizer.HIDE_NATIVE_PANIC_OUTPUT = True  # a Rust panic is reported in our one line
     sys.exit(run_app(app, argv))
 
 

@@ -143,9 +143,9 @@ def write_table(title: str, rows: list[tuple[str, str]], stream: TextIO | None =
     """A titled two-column table on a terminal; indented `key: value` lines otherwise."""
     out = stream or sys.stdout
     if not is_tty(out):
-        out.write(f"{title}\n")
-        for key, value in rows:
-            out.write(f"  {key}: {value}\n")
+        out.write(f"{inert(title)}\n")
+        for key, value in rows:  # values quote data (system text, labels): made inert too
+            out.write(f"  {inert(key)}: {inert(str(value), newlines=False)}\n")
         out.flush()
         return
     from rich.table import Table
