@@ -277,7 +277,7 @@ def measure_speed(
     gen = torch.Generator().manual_seed(1)
     prompt32 = torch.randint(0, 50000, (1, 32), generator=gen)
     prompt_long = torch.randint(0, 50000, (1, args.long_prompt), generator=gen)
-    batch8 = torch.randint(0, 50000, (8, 32), generator=gen)
+    batch8 = torch.randint(0, 50000, (args.batch, 32), generator=gen)  # the batch row
     samples = {e.label: Samples() for e in engines}
     models: dict[str, Any] = {}
     for engine in engines:
@@ -298,7 +298,7 @@ def measure_speed(
             s.add("ttft_32_ms", 1000 * run_generate(engine, model, prompt32, 1, device)[0])
             s.add("ttft_long_ms", 1000 * run_generate(engine, model, prompt_long, 1, device)[0])
             wall, rate = run_generate(engine, model, batch8, args.batch_tokens, device)
-            s.add("batch8_tok_s", 8 * args.batch_tokens / wall)
+            s.add("batch8_tok_s", args.batch * args.batch_tokens / wall)
             s.add("batch8_decode_tok_s", rate)
     for label in list(models):
         del models[label]
@@ -590,7 +590,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Command: `{meta['command']}`",
         "",
         f"| shape | dtype | engine | decode tok/s (×) | TTFT 32 ms (×) | TTFT {long} ms (×) | "
-        "batch-8 tok/s (×) | load s (×) | load peak ΔRSS MiB (÷ weights) | "
+        f"batch-{meta['args'].get('batch', 8)} tok/s (×) | load s (×) | "
+        "load peak ΔRSS MiB (÷ weights) | "
         "gen peak RSS MiB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -691,6 +692,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens for batch-1 decode")
     p.add_argument("--batch-tokens", type=int, default=64, help="new tokens per row at batch 8")
+    p.add_argument("--batch", type=int, default=8,
+                   help="rows of the batch row (default 8; the *batch8* keys hold it)")
     p.add_argument("--long-prompt", type=int, default=None,
                    help="the long TTFT prompt (default 512 on CPU, 2047 on CUDA)")
     p.add_argument("--repeats", type=int, default=3)

@@ -13,12 +13,14 @@ They are boolean, True = may attend, shaped [B or 1, 1, T, S]. Positions are cou
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import BackendError
 
@@ -90,13 +92,16 @@ def build_plan(
     new: int,
     window: int,
     key_valid: torch.Tensor | None,
+    device: torch.device | None = None,
 ) -> AttentionPlan:
     """The mask for `new` queries after `past` cached steps, for a global or local layer.
 
     key_valid is a bool [B, past + new] marking non-padding steps, or None when there is no
     padding. The key order matches what `KVCache.update` returns for this kind of layer.
+    The mask lives on `device` (the activations' device; default key_valid's, else CPU).
     """
-    device = key_valid.device if key_valid is not None else torch.device("cpu")
+    if device is None:
+        device = key_valid.device if key_valid is not None else torch.device("cpu")
     local = kind == "local"
     win = window if local else None
     if past == 0:
@@ -162,12 +167,32 @@ def sdpa_attention(
 ) -> torch.Tensor:
     """torch's fused kernel with scale 1.0. is_causal only when keys == queries (top-left)."""
     t = q.shape[-2]
+    if q.device.type == "cuda":
+        return _sdpa_cuda(q, k, v, plan)
     if (q.device.type == "cpu" and t >= BLOCKED_FROM and k.shape[-2] == t
             and (plan.causal or plan.mask is not None)):
         return _blocked_prefill(q, k, v, plan)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=plan.mask, is_causal=plan.causal and plan.mask is None, scale=1.0
     )
+
+
+#: SDPA kernels allowed on CUDA: not cuDNN's, which plans anew for every key length, so a
+#: decode (one more key each step) paid ~60 ms a token on an H200 (docs/PERFORMANCE.md).
+_CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _sdpa_cuda(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan
+) -> torch.Tensor:
+    t = q.shape[-2]
+    if (FLEX_FROM is not None and plan.window is not None
+            and t >= FLEX_FROM and k.shape[-2] == t):
+        return flex_window_prefill(q, k, v, plan)
+    with sdpa_kernel(_CUDA_SDPA):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=plan.mask, is_causal=plan.causal and plan.mask is None, scale=1.0
+        )
 
 
 def _blocked_prefill(
@@ -194,6 +219,49 @@ def _blocked_prefill(
             attn_mask=mask, scale=1.0,
         ))
     return torch.cat(out, dim=-2)
+
+
+#: On CUDA, a local layer's prefill of at least FLEX_FROM tokens runs through torch's
+#: flex_attention, which skips the key blocks outside the window (sdpa with an explicit mask
+#: computes every pair). None turns it off. See docs/PERFORMANCE.md for the measurement.
+FLEX_FROM: int | None = None
+
+
+@lru_cache(maxsize=2)
+def _flex(compiled: bool) -> tuple[Callable[..., torch.Tensor], Callable[..., object]]:
+    """(flex_attention, create_block_mask); flex_attention compiled unless asked otherwise
+    (uncompiled it is torch's slow reference, used by the CPU tests of the mask logic)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    kernel = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+    return kernel, create_block_mask
+
+
+def flex_window_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan,
+    compiled: bool = True,
+) -> torch.Tensor:
+    """A local layer's prefill (keys == queries) through flex_attention with scale 1.0.
+
+    Without padding the mask is the causal window itself; with padding it is read from the
+    plan's dense mask, so both paths attend exactly like `sdpa_attention`.
+    """
+    assert plan.window is not None, "flex prefill is for windowed layers"
+    kernel, create_block_mask = _flex(compiled)
+    t, window = q.shape[-2], plan.window
+    dense = plan.mask[:, 0] if plan.mask is not None else None  # [B|1, T, T]
+
+    def in_window(b: torch.Tensor, h: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor):
+        return (ki <= qi) & (ki > qi - window)
+
+    def from_plan(b: torch.Tensor, h: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor):
+        assert dense is not None
+        return dense[b if dense.shape[0] > 1 else 0, qi, ki]
+
+    batch = dense.shape[0] if dense is not None and dense.shape[0] > 1 else None
+    mask_mod = in_window if dense is None else from_plan
+    block = create_block_mask(mask_mod, batch, None, t, t, device=q.device)
+    return kernel(q, k, v, block_mask=block, scale=1.0)
 
 
 def flash_attention(

@@ -383,10 +383,21 @@ class FastCausalLM(nn.Module):
         self._attn = name
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
-        if self.compiled and batch_size == 1:  # static shapes: a few capacities only
-            bucket = -(-max_length // COMPILE_BUCKET) * COMPILE_BUCKET
-            max_length = min(bucket, self.config.max_position_embeddings)
-        return KVCache(self.config, batch_size, max_length, dtype=self.dtype, device=self.device)
+        if not (self.compiled and batch_size == 1):
+            return KVCache(
+                self.config, batch_size, max_length, dtype=self.dtype, device=self.device
+            )
+        # Static shapes: a few capacities only.
+        bucket = -(-max_length // COMPILE_BUCKET) * COMPILE_BUCKET
+        max_length = min(bucket, self.config.max_position_embeddings)
+        cache = KVCache(self.config, 1, max_length, dtype=self.dtype, device=self.device)
+        if self.device.type == "cuda":
+            # The CUDA graph writes the cache in place: its buffers must be static inputs
+            # (else inductor skips the graph for "mutated inputs"). No guard: a new cache
+            # re-records the graph instead of recompiling the step.
+            for buffer in (*cache.keys, *cache.values):
+                torch._dynamo.mark_static_address(buffer, guard=False)
+        return cache
 
     def weight_bytes(self) -> int:
         """Bytes held by the packed weights (what a decode step reads, plus wpe)."""
@@ -493,14 +504,19 @@ class FastCausalLM(nn.Module):
             self._step is not None and cache is not None and past > 0 and batch == 1
             and new == 1 and key_valid is None and not output_hidden_states
         ):
+            cuda = self.device.type == "cuda"
+            if cuda:  # a new graph replay: the previous step's outputs were consumed
+                torch.compiler.cudagraph_mark_step_begin()
             with _freezing():
                 logits = self._step(input_ids, position_ids.view(1, 1), cache.keys, cache.values)
+            if cuda:  # the graph's output buffer is overwritten by the next replay
+                logits = logits.clone()
             cache.advance(1)
             return GPTNeoOutput(logits=logits, cache=cache)
         x = self._embed(input_ids) + F.embedding(position_ids, self.wpe)
         backend = choose_backend(self._attn, x.device, x.dtype)
         plans = {
-            kind: build_plan(kind, past, new, self.config.window_size, key_valid)
+            kind: build_plan(kind, past, new, self.config.window_size, key_valid, x.device)
             for kind in set(self.config.attention_layers)
         }
         flash_valid = key_valid if past == 0 else None

@@ -385,7 +385,7 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
 
         backend = choose_backend(self._attn, x.device, x.dtype)
         plans = {
-            kind: build_plan(kind, past, new, self.config.window_size, key_valid)
+            kind: build_plan(kind, past, new, self.config.window_size, key_valid, x.device)
             for kind in set(self.config.attention_layers)
         }
         flash_valid = key_valid if past == 0 else None

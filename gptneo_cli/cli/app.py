@@ -10,7 +10,19 @@ import sys
 import typer
 
 from .. import __version__
-from . import answer, bench, chat, classify, finetune, generate, info, models, tag, train_classifier
+from . import (
+    answer,
+    bench,
+    chat,
+    classify,
+    finetune,
+    generate,
+    info,
+    models,
+    tag,
+    train_classifier,
+    train_spans,
+)
 from .errors import guard_app, run_app, state
 from .help import use_cli_help
 from .streams import stand_in_for_closed_streams
@@ -46,7 +58,7 @@ def root(
 
 
 for _module in (generate, chat, classify, tag, answer, models, info, finetune, train_classifier,
-                bench):
+                train_spans, bench):
     _module.register(app)
 
 use_cli_help(app)

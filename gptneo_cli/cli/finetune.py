@@ -14,7 +14,7 @@ import typer
 from ..settings import load_settings
 from .errors import EXIT_INTERRUPTED
 from .help import examples
-from .options import DebugOpt, DeviceOpt, RevisionOpt
+from .options import DebugOpt, DeviceOpt, RevisionOpt, complete_model
 from .output import check_format
 from .progress import make_reporter
 from .train_common import ForceOpt, YesOpt, check_output, resolve_base, write_summary
@@ -44,7 +44,7 @@ def finetune(
     model_arg: Annotated[
         str,
         typer.Argument(metavar="MODEL", help="Model to start from: folder, Hub id or alias "
-                       "(125m, tiny, ...).", show_default=False),
+                       "(125m, tiny, ...).", show_default=False, autocompletion=complete_model),
     ],
     data: Annotated[
         list[Path],

@@ -7,7 +7,7 @@ table on a terminal, aligned plain text when piped, JSON with --format json).
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, TextIO
 
 import typer
 
@@ -24,7 +24,7 @@ from ..hub import (
 from ..settings import load_settings
 from .errors import EXIT_RUNTIME, guard_app
 from .help import examples
-from .options import DebugOpt, RevisionOpt
+from .options import DebugOpt, RevisionOpt, complete_model
 from .output import check_format, is_tty, make_console, write_json, write_table
 
 models_app = typer.Typer(
@@ -38,6 +38,7 @@ ModelArg = Annotated[
     typer.Argument(
         help="Hub id (org/name), alias (125m, 1.3b, 2.7b) or folder. "
         "[default: GPTNEO_MODEL, else EleutherAI/gpt-neo-125M]",
+        autocompletion=complete_model,
         show_default=False,
     ),
 ]
@@ -60,7 +61,13 @@ def _model_name(model: str | None, revision: str | None) -> tuple[str, str | Non
     ('As JSON', 'gptneo models list --format json'),
 ))
 def list_models(fmt: FormatOpt = "text", debug: DebugOpt = False) -> None:
-    """Show the cached GPT-Neo models: id, revision, size on disk, parameters."""
+    """Show the cached GPT-Neo models: id, revision, size on disk, parameters.
+
+    With an empty cache, the models available without a Hub id are listed instead (on
+    stderr): the bundled demo model and the aliases one can pull, with their sizes.
+    """
+    from ..catalog import alias_offers, bundled_models
+
     fmt = check_format(fmt)
     models = cached_models()
     if fmt != "text":
@@ -79,11 +86,12 @@ def list_models(fmt: FormatOpt = "text", debug: DebugOpt = False) -> None:
                 }
                 for m in models
             ],
+            "bundled": [o.to_dict() for o in bundled_models()],
+            "aliases": [o.to_dict() for o in alias_offers()],
         }, lines=fmt == "jsonl")
         return
     if not models:
-        sys.stderr.write(f"No GPT-Neo models in {cache_dir()}. "
-                         "Download one with: gptneo models pull 125m\n")
+        _write_offers()
         return
     rows = [
         [m.repo_id, m.revision, format_bytes(m.size_on_disk), format_count(m.num_parameters or 0),
@@ -91,6 +99,19 @@ def list_models(fmt: FormatOpt = "text", debug: DebugOpt = False) -> None:
         for m in models
     ]
     _write_rows(["ID", "REVISION", "SIZE", "PARAMS", "NOTE"], rows)
+
+
+def _write_offers() -> None:
+    """What an empty cache can still run, or pull by alias (stderr: guidance, not data)."""
+    from ..catalog import alias_offers, bundled_models
+
+    rows = [[o.name, "bundled, no download", format_bytes(o.size),
+             format_count(o.parameters or 0), f"--model {o.name}"] for o in bundled_models()]
+    rows += [[o.name, o.repo_id or "", f"{format_bytes(o.size)} download",
+              format_count(o.parameters or 0), f"gptneo models pull {o.name}"]
+             for o in alias_offers()]
+    sys.stderr.write(f"No GPT-Neo models in {cache_dir()} yet. Available:\n")
+    _write_rows(["NAME", "MODEL", "SIZE", "PARAMS", "USE"], rows, out=sys.stderr)
 
 
 @models_app.command("pull", epilog=examples(
@@ -188,9 +209,10 @@ def info(model: ModelArg = None, revision: RevisionOpt = None, fmt: FormatOpt = 
         )
 
 
-def _write_rows(headers: list[str], rows: list[list[str]], title: str | None = None) -> None:
+def _write_rows(headers: list[str], rows: list[list[str]], title: str | None = None,
+                out: TextIO | None = None) -> None:
     """A Rich table on a terminal; aligned plain columns (no escape bytes) when piped."""
-    out = sys.stdout
+    out = out or sys.stdout
     if not is_tty(out):
         table = [headers, *rows]
         widths = [max(len(str(row[i])) for row in table) for i in range(len(headers))]

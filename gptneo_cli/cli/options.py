@@ -22,6 +22,13 @@ def complete_from(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
     return complete
 
 
+def complete_model(incomplete: str) -> list[tuple[str, str]]:
+    """Shell completion for a model: bundled models, aliases and the cache's repo ids."""
+    from ..catalog import model_completions
+
+    return model_completions(incomplete)
+
+
 MODEL_PANEL = "Model"
 
 ModelOpt = Annotated[
@@ -31,6 +38,7 @@ ModelOpt = Annotated[
         "-m",
         help="Model: local folder, Hub id (org/name) or alias (125m, 1.3b, 2.7b; "
         "tiny = the bundled demo). (env GPTNEO_MODEL; default EleutherAI/gpt-neo-125M)",
+        autocompletion=complete_model,
         rich_help_panel=MODEL_PANEL,
         show_default=False,
     ),

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from .errors import EXIT_RUNTIME
+from .options import complete_model
 from .output import is_tty, write_json, write_table
 
 ForceOpt = Annotated[
@@ -106,3 +107,84 @@ def _show(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
     return "-" if value is None else str(value)
+
+
+# --------------------------------------------------------------------------- head trainers
+# The options train-classifier, train-tagger and train-qa share (gptneo_cli.training.heads).
+
+DATA_PANEL = "Data"
+OPT_PANEL = "Optimization"
+
+BaseModelArg = Annotated[
+    str, typer.Argument(metavar="MODEL", help="Base model: folder, Hub id or alias (tiny, "
+                        "125m, ...).", show_default=False, autocompletion=complete_model),
+]
+HeadOutputOpt = Annotated[
+    Path, typer.Option("--output", "-o", help="Folder for the trained model (Hub format).",
+                       show_default=False),
+]
+ValDataOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--val-data", help="Held-out examples (repeatable); default: --val-fraction "
+                 "of the data.", rich_help_panel=DATA_PANEL, show_default=False),
+]
+ValFractionOpt = Annotated[
+    float, typer.Option("--val-fraction", help="Share of examples held out.",
+                        rich_help_panel=DATA_PANEL),
+]
+MaxLengthOpt = Annotated[
+    int, typer.Option("--max-length", help="Tokens kept per example (the start).",
+                      rich_help_panel=DATA_PANEL),
+]
+TrainOpt = Annotated[
+    str, typer.Option("--train", help="head: train only the new layer on frozen features "
+                      "(fast); all: the whole model.", rich_help_panel=OPT_PANEL),
+]
+EpochsOpt = Annotated[int, typer.Option("--epochs", help="Passes over the data.",
+                                        rich_help_panel=OPT_PANEL)]
+MaxStepsOpt = Annotated[
+    int | None, typer.Option("--max-steps", help="Optimizer steps; overrides --epochs.",
+                             rich_help_panel=OPT_PANEL, show_default=False),
+]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Examples per step.",
+                                           rich_help_panel=OPT_PANEL)]
+HeadLrOpt = Annotated[
+    float | None, typer.Option("--lr", help="Peak learning rate. (default 1e-3 for --train "
+                               "head, 2e-5 for --train all)", rich_help_panel=OPT_PANEL,
+                               show_default=False),
+]
+WeightDecayOpt = Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.",
+                                               rich_help_panel=OPT_PANEL)]
+PrecisionOpt = Annotated[
+    str, typer.Option("--precision", help="auto, float32, bfloat16 or float16.",
+                      rich_help_panel=OPT_PANEL),
+]
+HeadSeedOpt = Annotated[int, typer.Option("--seed", help="Seed for the split, data order and "
+                                          "head init.")]
+SummaryFormatOpt = Annotated[str, typer.Option("--format", help="Summary as text or json.")]
+
+
+def head_config(**options: Any) -> Any:
+    """A validated HeadConfig from the command's options (imports torch: call it late)."""
+    from ..training.heads import HeadConfig
+
+    options["train"] = options["train"].strip().lower()
+    options["precision"] = options["precision"].strip().lower()
+    config = HeadConfig(**options)
+    config.validate()
+    return config
+
+
+def head_summary(title: str, result: Any, fmt: str) -> None:
+    """The closing summary of a head run (what train-classifier has always printed)."""
+    summary = {"output": str(result.output)}
+    if result.labels:
+        summary["labels"] = result.labels
+    write_summary(title, {
+        **summary,
+        "steps": result.steps,
+        "val_accuracy": result.val_accuracy,
+        "val_loss": result.val_loss,
+        "train_examples": result.train_examples,
+        "val_examples": result.val_examples,
+    }, fmt)
