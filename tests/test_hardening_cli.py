@@ -291,3 +291,27 @@ def test_chat_save_then_load_round_trips(tmp_path):
                    input=f"Hello\n/save {saved}\n/load {saved}\n", home=tmp_path)
     assert done.returncode == 0, done.stderr
     assert json.loads(saved.read_text())["turns"][0]["user"] == "Hello"
+
+
+def test_sigterm_mid_write_keeps_the_old_output_and_leaves_no_temporary_file(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "out.txt"
+    out.write_text("precious\n")
+    proc = subprocess.Popen([*gptneo_command(), "generate", *TINY, "-n", "250", "--ignore-eos",
+                             "--num-return-sequences", "64", "--temperature", "1", "-o",
+                             str(out), "x"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=cli_env(tmp_path), cwd=tmp_path)
+    try:
+        for _ in range(1200):  # until the temporary file exists (a guard, not a measurement)
+            if any(p.name.endswith(".partial") for p in tmp_path.iterdir()):
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+    finally:
+        proc.kill()
+    assert b"Traceback" not in proc.stderr.read()
+    assert out.read_text() == "precious\n"
+    assert [p.name for p in tmp_path.iterdir() if "out.txt" in p.name] == ["out.txt"]

@@ -128,6 +128,38 @@ def test_atomic_write_failure_names_the_file_and_cleans_up(tmp_path, monkeypatch
     assert path.read_text() == "old" and sorted(tmp_path.iterdir()) == [path]
 
 
-def test_atomic_write_into_a_missing_folder_says_nothing_was_written(tmp_path):
+def test_atomic_write_into_a_missing_folder_is_a_usage_error_naming_it(tmp_path):
+    target = tmp_path / "no" / "f.txt"
+    with pytest.raises(ValueError, match=f"cannot write {target}: No such file or directory"):
+        write_text_atomic(target, "x")
+
+
+def test_atomic_write_failing_on_a_new_file_says_nothing_was_written(tmp_path, monkeypatch):
+    monkeypatch.setattr("os.fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space")))
     with pytest.raises(WriteError, match="nothing was written"):
-        write_text_atomic(tmp_path / "no" / "f.txt", "x")
+        write_text_atomic(tmp_path / "f.txt", "x")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- a held-out share that leaves nothing to train on -----------------------------------
+
+
+def test_val_fraction_that_leaves_no_training_block_names_val_fraction():
+    from gptneo_cli.training.data import Document
+    from gptneo_cli.training.packing import prepare_lm_data
+
+    tok = load_tokenizer(BUNDLED_DIR / "tiny")
+    docs = [Document("one.txt", "the cat sat on the mat and the dog ran far away " * 20)]
+    assert len(prepare_lm_data(docs, tok, 32, 0.05).train) > 0
+    with pytest.raises(ValueError, match="val_fraction: holding out 0.99 of the data leaves "
+                                         r"\d+ training tokens, fewer than one block of 33"):
+        prepare_lm_data(docs, tok, 32, 0.99)
+
+
+def test_val_fraction_never_holds_out_every_example_of_a_label():
+    from gptneo_cli.training.classifier import LabeledExample, split_examples
+
+    examples = [LabeledExample(f"text {i}", "pos" if i % 2 else "neg") for i in range(20)]
+    train, val = split_examples(examples, 0.99, seed=0)
+    assert {e.label for e in train} == {"pos", "neg"}
+    assert len(train) == 2 and len(val) == 18

@@ -232,7 +232,10 @@ class ChatSession:
             raise ValueError("usage: /save FILE")
         data = {**self.conv.to_dict(), "settings": self.config.to_dict()}
         # All or nothing: a full disk leaves an earlier save of the same name whole.
-        path = write_text_atomic(arg, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        try:
+            path = write_text_atomic(arg, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        except ValueError as exc:  # an unwritable path: still an error, not a warning
+            raise WriteError(str(exc)) from None
         self.diag.note(f"(saved {_turns(len(self.conv.turns))} to {path})")
 
     def _load(self, arg: str) -> None:

@@ -156,17 +156,19 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> int:
         return exc.exit_code
     except typer.Abort:
         return EXIT_INTERRUPTED
-    except SystemExit as exc:
-        # Click (and Rich) exit 1 when stdout is a closed pipe, e.g. while printing help
-        # into `| head -1`; the CLI's rule for a closed pipe is exit 0, quietly.
-        if isinstance(exc.__context__, OSError) and exc.__context__.errno == errno.EPIPE:
-            _silence_stdout()
-            return EXIT_OK
-        raise
-    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the CLI boundary
-        return exit_code_for(exc)
-    except BaseException as exc:
-        if is_native_panic(exc):
-            return exit_code_for(exc)
-        raise
+    except BaseException as exc:  # noqa: BLE001 - the CLI boundary
+        return _at_the_boundary(exc)
     return result if isinstance(result, int) else EXIT_OK
+
+
+def _at_the_boundary(exc: BaseException) -> int:
+    """The exit code for what reached the top; re-raises what is not ours to handle."""
+    if isinstance(exc, (Exception, KeyboardInterrupt)) or is_native_panic(exc):
+        return exit_code_for(exc)
+    # Click (and Rich) exit 1 when stdout is a closed pipe, e.g. while printing help into
+    # `| head -1`; the CLI's rule for a closed pipe is exit 0, quietly.
+    if isinstance(exc, SystemExit) and isinstance(exc.__context__, OSError) \
+            and exc.__context__.errno == errno.EPIPE:
+        _silence_stdout()
+        return EXIT_OK
+    raise exc

@@ -61,3 +61,25 @@ def stand_in_for_closed_streams() -> None:
     if sys.stderr is None or not _descriptor_open(2):
         sys.stderr = io.StringIO()  # nowhere to report to; the exit code still tells
 
+
+
+EXIT_TERMINATED = 128 + 15
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """`kill` (SIGTERM) ends the command like Ctrl-C does: through the normal unwinding, so
+    a file being written is dropped and the old one stays (exit 143). Without this Python
+    dies on the spot and leaves its temporary files behind."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(EXIT_TERMINATED)
+
+    try:
+        signal.signal(signal.SIGTERM, terminate)
+    except (ValueError, OSError):  # pragma: no cover - no SIGTERM to catch here
+        pass

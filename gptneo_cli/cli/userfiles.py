@@ -35,8 +35,8 @@ class AtomicTextFile:
         try:
             fd, temp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial",
                                         dir=self.path.parent)
-        except OSError as exc:
-            raise _failure(self.path, exc) from None
+        except OSError as exc:  # a path that cannot be written at all: a usage error
+            raise ValueError(f"cannot write {path}: {exc.strerror or exc}") from None
         self._temp = Path(temp)
         self._handle = os.fdopen(fd, "w", encoding="utf-8", newline="")
 
