@@ -163,3 +163,18 @@ def test_val_fraction_never_holds_out_every_example_of_a_label():
     train, val = split_examples(examples, 0.99, seed=0)
     assert {e.label for e in train} == {"pos", "neg"}
     assert len(train) == 2 and len(val) == 18
+
+
+def test_library_warnings_shown_by_the_cli_are_inert(capsys):
+    import logging
+
+    from gptneo_cli.cli.streams import library_warnings_inert
+
+    logger = logging.getLogger("gptneo")
+    before = list(logger.handlers)
+    library_warnings_inert()
+    try:
+        logger.warning("folder%s has no score.weight weights", "\x1b]0;x\x07")
+    finally:
+        logger.handlers = before
+    assert capsys.readouterr().err == "folder\\x1b]0;x\\x07 has no score.weight weights\n"

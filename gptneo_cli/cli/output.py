@@ -115,10 +115,10 @@ class TextStream:
 def write_json(obj: Any, stream: TextIO | None = None, *, lines: bool = False) -> None:
     """One JSON document (indented) or one JSON Lines record; never coloured."""
     out = stream or sys.stdout
-    if lines:
-        out.write(json.dumps(obj, ensure_ascii=False) + "\n")
-    else:
-        out.write(json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+    text = json.dumps(obj, ensure_ascii=False, indent=None if lines else 2)
+    if is_tty(out):  # json escapes C0 controls itself; DEL and C1 (U+009B: CSI) too here
+        text = re.sub("[\x7f-\x9f]", lambda m: f"\\u{ord(m.group()):04x}", text)
+    out.write(text + "\n")
     out.flush()
 
 

@@ -83,3 +83,24 @@ def exit_cleanly_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, terminate)
     except (ValueError, OSError):  # pragma: no cover - no SIGTERM to catch here
         pass
+
+
+def library_warnings_inert() -> None:
+    """The library logs a few warnings (logger "gptneo") that quote data, such as a model
+    folder's name; the CLI shows them as Python would (message only, on stderr, WARNING and
+    up), with control characters made inert."""
+    import logging
+
+    from .output import inert
+
+    class InertHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                sys.stderr.write(inert(record.getMessage(), newlines=False) + "\n")
+            except (OSError, ValueError):
+                pass
+
+    logger = logging.getLogger("gptneo")
+    if not any(type(h).__name__ == "InertHandler" for h in logger.handlers):
+        handler = InertHandler(logging.WARNING)
+        logger.addHandler(handler)
