@@ -88,7 +88,7 @@ def exit_code_for(exc: BaseException) -> int:
         report_error(str(exc))
         return EXIT_RUNTIME
     if isinstance(exc, ValueError):
-        report_error(str(exc))
+        report_error(getattr(exc, "cli", None) or str(exc))  # OptionError: in CLI flags
         return EXIT_USAGE
     if is_out_of_memory(exc):
         report_error(OUT_OF_MEMORY)

@@ -1,0 +1,180 @@
+"""A KV cache whose rows are at different positions: the scheduler's cache.
+
+`KVCache` serves one batch that starts together: every row has the same number of steps
+(left padding). Continuous batching needs rows that joined at different times, so here
+each row keeps its own position, keys are stored by position (global layers: at the
+position; local layers: in a ring slot, position % window), and the masks are built per
+row from those positions. Rows are kept compact (rows 0..n-1 are in use) so a decode step
+reads views, never copies of the whole cache: a leaving row is replaced by the last one.
+
+One forward call either decodes one token for each of the first n rows (`begin_decode`),
+or prefills a chunk of tokens for one row (`begin_chunk`); then `plans()` gives the masks
+for the model's attention and `update()` stores and returns keys as the model asks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import AttentionPlan
+from .config import GPTNeoConfig
+
+
+class RowCache:
+    """Keys and values of up to `rows` sequences, each at its own position."""
+
+    def __init__(
+        self,
+        config: GPTNeoConfig,
+        rows: int,
+        *,
+        capacity: int = 256,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.config = config
+        self.kinds = list(config.attention_layers)
+        self.window = config.window_size
+        self.limit = config.max_position_embeddings
+        self.rows = rows
+        self.dtype, self.device = dtype, torch.device(device)
+        self.capacity = max(1, min(capacity, self.limit))
+        heads, dim = config.num_heads, config.head_dim
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        for kind in self.kinds:
+            size = self.window if kind == "local" else self.capacity
+            shape = (rows, heads, size, dim)
+            self.keys.append(torch.zeros(shape, dtype=dtype, device=self.device))
+            self.values.append(torch.zeros(shape, dtype=dtype, device=self.device))
+        #: Non-zero so models that treat an empty cache as "prefill" never do here.
+        self.length = 1
+        self._mode = "decode"
+        self._n = 0
+        self._row = 0
+        self._start = 0
+        self._pos = torch.zeros(0, dtype=torch.long, device=self.device)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    # ---- room ---------------------------------------------------------------------------
+    def ensure(self, positions: int) -> None:
+        """Make global layers hold at least `positions` positions (grown by doubling)."""
+        if positions <= self.capacity:
+            return
+        if positions > self.limit:
+            raise ValueError(f"{positions} positions exceed the model's {self.limit}")
+        new = min(self.limit, max(positions, 2 * self.capacity))
+        for i, kind in enumerate(self.kinds):
+            if kind == "local":
+                continue
+            for store in (self.keys, self.values):
+                old = store[i]
+                grown = old.new_zeros(old.shape[0], old.shape[1], new, old.shape[3])
+                grown[:, :, : self.capacity] = old
+                store[i] = grown
+        self.capacity = new
+
+    def copy_row(self, dst: int, src_cache: RowCache, src: int, length: int) -> None:
+        """Copy the first `length` positions of row `src` of another cache into row `dst`."""
+        self.ensure(length + 1)
+        for i, kind in enumerate(self.kinds):
+            for mine, theirs in ((self.keys, src_cache.keys), (self.values, src_cache.values)):
+                if kind == "local":
+                    mine[i][dst] = theirs[i][src]
+                else:
+                    mine[i][dst, :, :length] = theirs[i][src, :, :length]
+
+    def move_row(self, dst: int, src: int, length: int) -> None:
+        """Row `src` takes the place of row `dst` (which is being freed)."""
+        if dst == src:
+            return
+        for i, kind in enumerate(self.kinds):
+            for store in (self.keys, self.values):
+                if kind == "local":
+                    store[i][dst] = store[i][src]
+                else:
+                    store[i][dst, :, :length] = store[i][src, :, :length]
+
+    # ---- one forward call ---------------------------------------------------------------
+    def begin_decode(self, positions: torch.Tensor) -> None:
+        """Next call: one new token for each of rows 0..n-1, at `positions` (LongTensor [n])."""
+        self._mode = "decode"
+        self._pos = positions.to(self.device)
+        self._n = int(positions.shape[0])
+        self.ensure(int(positions.max()) + 1)
+
+    def begin_chunk(self, row: int, start: int) -> None:
+        """Next call: a chunk of tokens for `row`, its first one at position `start`."""
+        self._mode = "chunk"
+        self._row, self._start = row, start
+
+    def plans(self, new: int) -> dict[str, AttentionPlan]:
+        """The attention masks of each layer kind for the call announced by begin_*."""
+        if self._mode == "chunk":
+            self.ensure(self._start + new)
+        out: dict[str, AttentionPlan] = {}
+        for kind in set(self.kinds):
+            local = kind == "local"
+            keys = self._chunk_key_positions(new, local) if self._mode == "chunk" else None
+            if self._mode == "chunk":
+                assert keys is not None
+                queries = torch.arange(self._start, self._start + new, device=self.device)
+                allowed = keys[None, :] <= queries[:, None]
+                if local:
+                    allowed &= keys[None, :] > queries[:, None] - self.window
+                mask = allowed[None, None]  # [1, 1, T, S]
+            else:
+                pos = self._pos[:, None]
+                span = int(self._pos.max()) + 1
+                if local:
+                    slots = torch.arange(min(self.window, span), device=self.device)[None]
+                    held = pos - torch.remainder(pos - slots, self.window)
+                    allowed = held >= 0
+                else:
+                    allowed = torch.arange(span, device=self.device)[None] <= pos
+                mask = allowed[:, None, None, :]  # [B, 1, 1, S]
+            out[kind] = AttentionPlan(mask, causal=False, window=self.window if local else None)
+        return out
+
+    def _chunk_key_positions(self, new: int, local: bool) -> torch.Tensor:
+        start = self._start
+        if not local:
+            return torch.arange(start + new, device=self.device)
+        filled = min(start, self.window)
+        slots = torch.arange(filled, device=self.device)
+        held = start - 1 - torch.remainder(start - 1 - slots, self.window)
+        return torch.cat([held, torch.arange(start, start + new, device=self.device)])
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a layer's new keys/values; return what to attend over (matches plans())."""
+        keys, values = self.keys[layer], self.values[layer]
+        local = self.kinds[layer] == "local"
+        if self._mode == "decode":
+            n = self._n
+            rows = torch.arange(n, device=self.device)
+            slot = torch.remainder(self._pos, self.window) if local else self._pos
+            keys[rows, :, slot] = k[:, :, 0]
+            values[rows, :, slot] = v[:, :, 0]
+            span = int(self._pos.max()) + 1
+            size = min(self.window, span) if local else span
+            return keys[:n, :, :size], values[:n, :, :size]
+        row, start, new = self._row, self._start, k.shape[2]
+        if not local:
+            keys[row, :, start : start + new] = k[0]
+            values[row, :, start : start + new] = v[0]
+            return keys[row : row + 1, :, : start + new], values[row : row + 1, :, : start + new]
+        filled = min(start, self.window)
+        attend_k = torch.cat([keys[row : row + 1, :, :filled], k], dim=2)
+        attend_v = torch.cat([values[row : row + 1, :, :filled], v], dim=2)
+        keep = min(new, self.window)
+        slots = torch.arange(start + new - keep, start + new, device=self.device) % self.window
+        keys[row][:, slots] = k[0, :, new - keep :]
+        values[row][:, slots] = v[0, :, new - keep :]
+        return attend_k, attend_v
+
+    def advance(self, new: int) -> None:
+        """Called by models after a forward pass; positions are the scheduler's business."""

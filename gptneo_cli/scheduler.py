@@ -1,0 +1,656 @@
+"""Continuous batching: one thread owns the model; requests join a running batch.
+
+The idea is vLLM's (a waiting queue, a running set, a token budget per step); the code is
+ours. Each step of the background thread:
+
+1. drops cancelled requests (their rows are freed at once);
+2. admits waiting requests while fewer than `max_running` rows are in use;
+3. decodes one token for every running row in one forward pass (rows sit at different
+   positions: see `rowcache.RowCache`);
+4. prefills at most `prefill_chunk` prompt tokens of the requests being admitted. A long
+   prompt is cut at fixed multiples of the chunk, so it delays the running rows' next
+   token by one chunk's compute, not by its whole prefill, and a prompt's chunks never
+   depend on what else is running.
+
+A request's result does not depend on its neighbours: every row has its own sampler and
+random generator (seeded per request), its own history, stop strings and budget. Finished
+rows leave after the step that finished them. Nothing here knows about HTTP: `submit`
+raises `QueueFull` when the queue is full (the server maps it to 429 with Retry-After).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import sampling
+from .errors import GPTNeoError, is_out_of_memory
+from .generation import (
+    FinishReason,
+    GenerationConfig,
+    GenerationResult,
+    StopGate,
+    Timings,
+    TokenizerLike,
+    TokenLogprob,
+    _budget,
+)
+from .rowcache import RowCache
+
+#: Prompt tokens prefilled per step (across admitted requests): bounds the extra delay a
+#: long prompt adds to the running rows' next token.
+DEFAULT_PREFILL_CHUNK = 256
+
+
+class QueueFull(GPTNeoError):
+    """The scheduler holds as many requests as it may; try again after `retry_after` s."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class SchedulerClosed(GPTNeoError):
+    """The scheduler is shutting down and takes no new requests."""
+
+
+@dataclass
+class Update:
+    """What one step did for one request: a new token, the text it released (maybe "",
+    never part of a stop string), its log-probability when asked, and the finish reason
+    on the last update."""
+
+    token_id: int | None
+    text: str
+    logprob: TokenLogprob | None = None
+    finish_reason: FinishReason | None = None
+
+
+_ids = itertools.count(1)
+
+
+class Request:
+    """One sequence to generate. Build it, `Scheduler.submit` it, then read updates from
+    `on_update` (called on the scheduler's thread: keep it quick) or `wait()` for the result.
+
+    prompt_logprobs: also compute each prompt token's log-probability (the first is None),
+    with config.logprobs alternatives: `echo` with `logprobs` in the OpenAI API.
+    """
+
+    def __init__(
+        self,
+        prompt_ids: Sequence[int],
+        config: GenerationConfig,
+        max_new: int,
+        *,
+        on_update: Callable[[Update], None] | None = None,
+        prompt_logprobs: bool = False,
+        seed: int | None = None,
+        truncated: int = 0,
+    ) -> None:
+        if not prompt_ids:
+            raise ValueError("a request needs at least one prompt token")
+        if max_new < 1:
+            raise ValueError(f"max_new must be at least 1, got {max_new}")
+        self.id = next(_ids)
+        self.prompt_ids = list(prompt_ids)
+        self.config = config
+        self.max_new = max_new
+        self.on_update = on_update
+        self.want_prompt_logprobs = prompt_logprobs
+        self.truncated = truncated
+        if config.greedy:
+            self.seed = None
+        elif seed is not None:
+            self.seed = seed
+        elif config.seed is not None:
+            self.seed = config.seed
+        else:
+            self.seed = random.SystemRandom().randrange(2**32)
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self.result: GenerationResult | None = None
+        self.error: BaseException | None = None
+        self.submitted_at = 0.0
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop generating: the row is freed within one step (finish_reason "cancelled")."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> GenerationResult:
+        """Block until finished; raise the error that ended it, if any."""
+        if not self._done.wait(timeout):
+            raise TimeoutError("the request is still running")
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+@dataclass
+class _Seq:
+    """The scheduler thread's state of one request."""
+
+    req: Request
+    decoder: Any
+    gate: StopGate | None
+    choose: Any
+    needs_history: bool
+    generator: torch.Generator | None
+    length: int = 0  # positions whose keys are cached
+    prefilled: int = 0
+    slot: int = -1  # row in the decode cache (running) or the prefill cache (prefilling)
+    last: int = 0  # the token to feed next
+    token_ids: list[int] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+    started_at: float = 0.0
+    prefill_s: float = 0.0
+    first_token_at: float = 0.0
+    finished_at: float = 0.0
+
+
+def _make_chooser(config: GenerationConfig, eos_ids: Sequence[int]) -> tuple[Any, bool]:
+    """The sampler of one request: the processors and sampler its config turns on."""
+    return sampling.build_chooser(config, tuple(eos_ids))
+
+
+def model_body(model: Any) -> Callable[[torch.Tensor, torch.Tensor, RowCache, int], torch.Tensor]:
+    """forward(ids [B, T], positions [B, T], cache, keep) -> logits of the last `keep`
+    positions (0: all), with the masks the row cache gives. Runs the model's own modules:
+    the embeddings, its blocks and the (tied) head."""
+    base = model.base()
+    try:
+        from .modeling import AttentionStep  # the one-model layout (issue 10)
+    except ImportError:
+        AttentionStep = None  # noqa: N806
+
+    def forward(ids: torch.Tensor, positions: torch.Tensor, cache: RowCache, keep: int):
+        setting = getattr(base, "attn_backend", None) or getattr(base, "_attn", "auto")
+        backend = "eager" if setting == "eager" else "sdpa"
+        plans = cache.plans(ids.shape[1])
+        if AttentionStep is not None and hasattr(base, "run"):
+            x = base.run(ids, positions, AttentionStep(plans=plans, backend=backend, cache=cache))
+        else:
+            x = base.wte(ids) + base.wpe(positions)
+            for block in base.h:
+                x = block(x, plans[block.attn.attention_type], backend, cache, None)
+            x = base.ln_f(x)
+        if keep:
+            x = x[:, -keep:]
+        return model.lm_head(x).float()
+
+    return forward
+
+
+class Scheduler:
+    """Owns `model` on one background thread and runs every submitted request.
+
+    max_running: rows decoded together (the KV cache holds that many sequences).
+    max_queue: requests waiting for a row; beyond it `submit` raises QueueFull.
+    prefill_chunk: prompt tokens prefilled per step (see the module's docstring).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: TokenizerLike,
+        *,
+        max_running: int = 16,
+        max_queue: int = 64,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        prefill_rows: int = 2,
+    ) -> None:
+        if max_running < 1:
+            raise ValueError(f"max_running must be at least 1, got {max_running}")
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be at least 0, got {max_queue}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
+        self.model, self.tokenizer = model, tokenizer
+        self.config = model.config
+        self.max_running, self.max_queue = max_running, max_queue
+        self.prefill_chunk = prefill_chunk
+        eos = {tokenizer.eos_id, getattr(model.config, "eos_token_id", None)}
+        self.eos_ids = sorted(t for t in eos if t is not None)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self._forward = model_body(model)
+        self._cache = RowCache(self.config, max_running, dtype=self.dtype, device=self.device)
+        self._prefill_rows = max(1, min(prefill_rows, max_running))
+        self._pcache = RowCache(
+            self.config, self._prefill_rows, dtype=self.dtype, device=self.device
+        )
+        self._lock = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._prefilling: list[_Seq] = []
+        self._running: list[_Seq] = []
+        self._closing = False
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        #: Counters for metrics: totals since start.
+        self.prompt_tokens_total = 0
+        self.generated_tokens_total = 0
+        self.steps = 0
+
+    # ---- the caller's side --------------------------------------------------------------
+    def prepare(
+        self, prompt: str | Sequence[int], config: GenerationConfig
+    ) -> tuple[list[int], int, int]:
+        """(prompt ids, new-token budget, tokens truncated) for one prompt; raises
+        ValueError before any compute when it does not fit or has bad ids."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            start = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else (
+                self.tokenizer.eos_id)
+            if start is None:
+                raise ValueError("the prompt is empty and the tokenizer has no bos token")
+            ids = [start]
+        vocab = self.config.vocab_size
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
+               or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"the prompt has token ids outside the vocabulary: {bad[:5]}")
+        kept, dropped, new = _budget(ids, config, self.config.max_position_embeddings)
+        return kept, new, dropped
+
+    def submit(self, request: Request) -> Request:
+        """Queue a request; raises QueueFull or SchedulerClosed instead of queueing."""
+        with self._lock:
+            if self._closing:
+                raise SchedulerClosed("the server is shutting down")
+            busy = len(self._running) + len(self._prefilling)
+            if busy >= self.max_running and len(self._waiting) >= self.max_queue:
+                raise QueueFull(
+                    f"{busy} requests are running and {len(self._waiting)} are queued "
+                    "(the most allowed): try again shortly",
+                    retry_after=1.0,
+                )
+            request.submitted_at = time.perf_counter()
+            self._waiting.append(request)
+            self._ensure_thread()
+            self._lock.notify_all()
+        return request
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "running": len(self._running) + len(self._prefilling),
+                "waiting": len(self._waiting),
+                "prompt_tokens_total": self.prompt_tokens_total,
+                "generated_tokens_total": self.generated_tokens_total,
+            }
+
+    def idle(self) -> bool:
+        with self._lock:
+            return not (self._waiting or self._prefilling or self._running)
+
+    def close(self, grace: float = 0.0) -> None:
+        """Stop taking requests, let running ones finish for up to `grace` seconds, cancel
+        the rest and stop the thread."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+        deadline = time.monotonic() + grace
+        while not self.idle() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with self._lock:
+            for req in list(self._waiting):
+                req.cancel()
+            for seq in self._prefilling + self._running:
+                seq.req.cancel()
+            self._stopped = True
+            self._lock.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+        self._thread = None
+
+    def __enter__(self) -> Scheduler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- the scheduler thread -----------------------------------------------------------
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._main, name="gptneo-scheduler",
+                                            daemon=True)
+            self._thread.start()
+
+    def _main(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._waiting or self._prefilling or self._running):
+                    if self._stopped:
+                        return
+                    self._lock.wait(timeout=0.5)
+            try:
+                with torch.inference_mode():
+                    self.step()
+            except BaseException as exc:  # noqa: BLE001 - fail the requests, keep serving
+                self._fail_all(exc)
+            with self._lock:
+                if self._stopped and not (self._waiting or self._prefilling or self._running):
+                    return
+
+    def step(self) -> None:
+        """One scheduling step (public for tests that drive the scheduler by hand)."""
+        self._drop_cancelled()
+        self._admit()
+        if self._running:
+            self._decode()
+        if self._prefilling:
+            self._prefill()
+        self.steps += 1
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            for req in [r for r in self._waiting if r.cancelled]:
+                self._waiting.remove(req)
+                self._finish_unstarted(req)
+        for seq in [s for s in self._prefilling if s.req.cancelled]:
+            self._end(seq, "cancelled")
+        for seq in [s for s in self._running if s.req.cancelled]:
+            self._end(seq, "cancelled")
+
+    def _admit(self) -> None:
+        with self._lock:
+            while (
+                self._waiting
+                and len(self._prefilling) < self._prefill_rows
+                and len(self._running) + len(self._prefilling) < self.max_running
+            ):
+                req = self._waiting.popleft()
+                used = {s.slot for s in self._prefilling}
+                slot = next(i for i in range(self._prefill_rows) if i not in used)
+                self._prefilling.append(self._new_seq(req, slot))
+
+    def _new_seq(self, req: Request, slot: int) -> _Seq:
+        cfg = req.config
+        choose, needs_history = _make_chooser(cfg, self.eos_ids)
+        generator = None
+        if not cfg.greedy:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(req.seed)
+        return _Seq(
+            req=req,
+            decoder=self.tokenizer.stream_decoder(),
+            gate=StopGate(cfg.stop) if cfg.stop else None,
+            choose=choose,
+            needs_history=needs_history,
+            generator=generator,
+            slot=slot,
+            logprobs=[] if cfg.logprobs is not None else None,
+            started_at=time.perf_counter(),
+        )
+
+    def _prefill(self) -> None:
+        """Up to prefill_chunk prompt tokens, chunk by chunk, oldest request first."""
+        budget = self.prefill_chunk
+        for seq in list(self._prefilling):
+            if budget <= 0:
+                break
+            prompt = seq.req.prompt_ids
+            start = seq.prefilled
+            end = min(len(prompt), (start // self.prefill_chunk + 1) * self.prefill_chunk)
+            budget -= end - start
+            ids = torch.tensor([prompt[start:end]], device=self.device)
+            positions = torch.arange(start, end, device=self.device)[None]
+            self._pcache.begin_chunk(seq.slot, start)
+            last = end == len(prompt)
+            want_all = seq.req.want_prompt_logprobs
+            logits = self._forward(ids, positions, self._pcache, 0 if want_all else 1)
+            if want_all:
+                self._record_prompt_logprobs(seq, logits[0], start, end)
+            seq.prefilled = seq.length = end
+            if not last:
+                continue
+            # The prompt is in: move the row to the decode cache and choose the first token.
+            self._prefilling.remove(seq)
+            seq.prefill_s = time.perf_counter() - seq.started_at
+            slot = len(self._running)
+            self._cache.copy_row(slot, self._pcache, seq.slot, seq.length)
+            seq.slot = slot
+            self._running.append(seq)
+            self.prompt_tokens_total += len(prompt)
+            self._take([seq], logits[:, -1])
+
+    def _record_prompt_logprobs(
+        self, seq: _Seq, logits: torch.Tensor, start: int, end: int
+    ) -> None:
+        req = seq.req
+        if req.prompt_logprobs is None:
+            req.prompt_logprobs = [None]
+        prompt = req.prompt_ids
+        targets = prompt[start + 1 : end + 1]  # position i predicts token i + 1
+        if not targets:
+            return
+        logp = logits[: len(targets)].log_softmax(dim=-1)
+        index = torch.tensor(targets, device=logp.device)[:, None]
+        picked = logp.gather(-1, index)[:, 0].tolist()
+        top_n = req.config.logprobs or 0
+        tops: list[list[TokenLogprob]] = [[] for _ in targets]
+        if top_n:
+            top = logp.topk(min(top_n, logp.shape[-1]), dim=-1)
+            tops = [
+                [TokenLogprob(t, v) for t, v in zip(ids, vals, strict=True)]
+                for ids, vals in zip(top.indices.tolist(), top.values.tolist(), strict=True)
+            ]
+        for token, value, alts in zip(targets, picked, tops, strict=True):
+            req.prompt_logprobs.append(TokenLogprob(token, value, top=alts))
+
+    def _decode(self) -> None:
+        seqs = self._running
+        ids = torch.tensor([[s.last] for s in seqs], device=self.device)
+        positions = torch.tensor([s.length for s in seqs], device=self.device)
+        self._cache.begin_decode(positions)
+        logits = self._forward(ids, positions[:, None], self._cache, 1)[:, -1]
+        for s in seqs:
+            s.length += 1
+        self._take(list(seqs), logits)
+
+    def _take(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        """Choose each row's next token from its logits row, hand it over, retire finished
+        rows. Plain greedy rows share one argmax (and one device->host copy)."""
+        if not torch.isfinite(logits).all():
+            raise GPTNeoError(
+                "the model produced NaN or infinite scores: its checkpoint is likely corrupt "
+                "(or float16 overflowed: try float32)"
+            )
+        plain = logits.argmax(dim=-1).tolist()
+        tokens: list[int] = []
+        for j, seq in enumerate(seqs):
+            if seq.generator is None and not seq.needs_history:
+                tokens.append(plain[j])
+                continue
+            history = torch.tensor(
+                [seq.req.prompt_ids + seq.token_ids], device=self.device
+            ) if seq.needs_history else torch.empty(1, 0, dtype=torch.long)
+            state = sampling.DecodeState(history, len(seq.req.prompt_ids))
+            tokens.append(int(seq.choose(logits[j : j + 1], state, seq.generator)[0]))
+        now = time.perf_counter()
+        finished: list[_Seq] = []
+        for j, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+            logprob = self._logprob(seq, logits[j], token) if seq.logprobs is not None else None
+            text = self._accept(seq, token, now)
+            seq.last = token
+            self.generated_tokens_total += 1
+            update = Update(token, text, logprob, seq.finish_reason)
+            self._emit(seq.req, update)
+            if seq.finish_reason is not None:
+                finished.append(seq)
+        for seq in finished:
+            self._retire(seq)
+
+    def _logprob(self, seq: _Seq, logits: torch.Tensor, token: int) -> TokenLogprob:
+        logp = logits.log_softmax(dim=-1)
+        top_n = seq.req.config.logprobs or 0
+        alts: list[TokenLogprob] = []
+        if top_n:
+            top = logp.topk(min(top_n, logp.shape[-1]))
+            alts = [TokenLogprob(t, v) for t, v in
+                    zip(top.indices.tolist(), top.values.tolist(), strict=True)]
+        item = TokenLogprob(token, float(logp[token]), top=alts)
+        assert seq.logprobs is not None
+        seq.logprobs.append(item)
+        return item
+
+    def _accept(self, seq: _Seq, token: int, now: float) -> str:
+        """Take one new token into a row; return the text it releases (maybe "")."""
+        if not seq.token_ids:
+            seq.first_token_at = now
+        seq.token_ids.append(token)
+        cfg = seq.req.config
+        if token in self.eos_ids and not cfg.ignore_eos:
+            return self._finish(seq, "eos", now)
+        delta = seq.decoder.push(token)
+        if seq.gate is not None and delta:
+            delta, hit = seq.gate.push(delta)
+            if hit:
+                return self._finish(seq, "stop", now, delta)
+        if len(seq.token_ids) >= seq.req.max_new:
+            return self._finish(seq, "length", now, delta)
+        if delta:
+            seq.pieces.append(delta)
+        return delta
+
+    def _finish(self, seq: _Seq, reason: FinishReason, now: float, delta: str = "") -> str:
+        seq.finish_reason, seq.finished_at = reason, now
+        if reason != "stop":
+            rest = seq.decoder.finish()
+            if seq.gate is not None:
+                released, hit = seq.gate.push(rest)
+                if hit:
+                    seq.finish_reason = "stop"
+                    delta += released
+                else:
+                    delta += released + seq.gate.flush()
+            else:
+                delta += rest
+        if delta:
+            seq.pieces.append(delta)
+        return delta
+
+    def _retire(self, seq: _Seq) -> None:
+        """Free a decode row: the last running row moves into its place."""
+        running = self._running
+        index = running.index(seq)
+        last = running[-1]
+        if last is not seq:
+            self._cache.move_row(index, last.slot, last.length)
+            last.slot = index
+            running[index] = last
+        running.pop()
+        self._complete(seq)
+
+    def _end(self, seq: _Seq, reason: FinishReason) -> None:
+        """A row ended outside a step's choices (cancelled): free it and report."""
+        seq.finish_reason, seq.finished_at = reason, time.perf_counter()
+        if seq in self._prefilling:
+            self._prefilling.remove(seq)
+            self._complete(seq)
+        else:
+            self._retire(seq)
+        self._emit(seq.req, Update(None, "", None, reason))
+
+    def _complete(self, seq: _Seq) -> None:
+        req = seq.req
+        n = len(seq.token_ids)
+        if seq.logprobs:
+            for item in seq.logprobs:
+                self._name(item)
+        if req.prompt_logprobs:
+            for item in req.prompt_logprobs:
+                if item is not None:
+                    self._name(item)
+        first = seq.first_token_at
+        decode_s = max(seq.finished_at - first, 0.0) if n else 0.0
+        req.result = GenerationResult(
+            text="".join(seq.pieces),
+            token_ids=list(seq.token_ids),
+            finish_reason=seq.finish_reason or "cancelled",
+            prompt_tokens=len(req.prompt_ids),
+            completion_tokens=n,
+            timings=Timings(
+                ttft_s=first - req.submitted_at if n else 0.0,
+                prompt_tok_s=len(req.prompt_ids) / seq.prefill_s if seq.prefill_s > 0 else 0.0,
+                gen_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+                prefill_s=seq.prefill_s,
+                decode_s=decode_s,
+                total_s=max(seq.finished_at - req.submitted_at, 0.0),
+            ),
+            seed=req.seed,
+            truncated_tokens=req.truncated,
+            logprobs=seq.logprobs,
+        )
+        req._done.set()
+
+    def _name(self, item: TokenLogprob) -> None:
+        decode = self.tokenizer.decode
+        if not item.token:
+            item.token = decode([item.token_id])
+        for alt in item.top:
+            if not alt.token:
+                alt.token = decode([alt.token_id])
+
+    def _finish_unstarted(self, req: Request) -> None:
+        now = time.perf_counter()
+        req.result = GenerationResult(
+            text="", token_ids=[], finish_reason="cancelled", prompt_tokens=len(req.prompt_ids),
+            completion_tokens=0, timings=Timings(total_s=max(now - req.submitted_at, 0.0)),
+            seed=req.seed, truncated_tokens=req.truncated,
+            logprobs=[] if req.config.logprobs is not None else None,
+        )
+        req._done.set()
+        self._emit(req, Update(None, "", None, "cancelled"))
+
+    def _emit(self, req: Request, update: Update) -> None:
+        if req.on_update is not None:
+            try:
+                req.on_update(update)
+            except Exception:  # noqa: BLE001 - a consumer's bug must not stop the others
+                req.cancel()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """A forward pass failed: every request in flight ends with that error."""
+        if isinstance(exc, RuntimeError) and is_out_of_memory(exc):
+            exc = MemoryError("out of memory while generating")
+        seqs = self._prefilling + self._running
+        self._prefilling, self._running = [], []
+        for seq in seqs:
+            seq.req.error = exc
+            seq.finish_reason = "cancelled"
+            seq.req._done.set()
+            self._emit(seq.req, Update(None, "", None, "cancelled"))
+
+
+def run_all(scheduler: Scheduler, requests: Sequence[Request]) -> list[GenerationResult]:
+    """Submit requests (waiting while the queue is full) and return their results in order."""
+    pending = deque(requests)
+    submitted: list[Request] = []
+    while pending:
+        try:
+            submitted.append(scheduler.submit(pending[0]))
+            pending.popleft()
+        except QueueFull:
+            submitted[-1].wait() if submitted else time.sleep(0.01)
+    return [r.wait() for r in submitted]
