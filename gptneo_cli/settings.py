@@ -36,6 +36,7 @@ _MODEL: dict[str, tuple[type, Any]] = {
     "device": (str, "auto"),
     "dtype": (str, "auto"),
     "attn": (str, "auto"),
+    "api_key": (str, None),  # `gptneo serve`: the key clients must send (GPTNEO_API_KEY)
 }
 # GenerationConfig fields of the same name, shared by `generate` and `chat`.
 _GENERATION: dict[str, tuple[type, Any]] = {
