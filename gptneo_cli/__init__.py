@@ -25,7 +25,7 @@ _LAZY = {
     "GPTNeoForQuestionAnswering": "modeling",
     "KVCache": "cache",
     "load_tokenizer": "tokenizer",
-    "GenerationConfig": "generation",
+    "GenerationConfig": "options",
     "GenerationResult": "generation",
     "generate": "generation",
     "stream": "generation",

@@ -139,6 +139,25 @@ def build_plan(
 # ---- the backends -----------------------------------------------------------------------
 
 
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: AttentionPlan,
+    backend: str,
+    key_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run the chosen backend ("eager", "sdpa" or "flash"; flash for prefills only).
+
+    key_valid: bool [B, T] of non-padding steps, read by the flash backend only.
+    """
+    if backend == "flash":
+        return flash_attention(q, k, v, plan, key_valid)
+    if backend == "eager":
+        return eager_attention(q, k, v, plan)
+    return sdpa_attention(q, k, v, plan)
+
+
 def eager_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan
 ) -> torch.Tensor:

@@ -170,27 +170,8 @@ class _Seq:
 
 
 def _make_chooser(config: GenerationConfig, eos_ids: Sequence[int]) -> tuple[Any, bool]:
-    """The sampler of one request (adapter: main's SamplingParams or the config itself)."""
-    params_cls = getattr(sampling, "SamplingParams", None)
-    if params_cls is None:
-        return sampling.build_chooser(config, tuple(eos_ids))
-    return sampling.build_chooser(
-        params_cls(
-            do_sample=not config.greedy,
-            temperature=config.temperature,
-            top_k=config.top_k,
-            top_p=config.top_p,
-            min_p=config.min_p,
-            typical_p=config.typical_p,
-            repetition_penalty=config.repetition_penalty,
-            repetition_window=config.repetition_window,
-            presence_penalty=config.presence_penalty,
-            frequency_penalty=config.frequency_penalty,
-            no_repeat_ngram_size=config.no_repeat_ngram_size,
-            min_new_tokens=config.min_new_tokens,
-            eos_token_ids=tuple(eos_ids),
-        )
-    )
+    """The sampler of one request: the processors and sampler its config turns on."""
+    return sampling.build_chooser(config, tuple(eos_ids))
 
 
 def model_body(model: Any) -> Callable[[torch.Tensor, torch.Tensor, RowCache, int], torch.Tensor]:

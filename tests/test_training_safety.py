@@ -149,6 +149,32 @@ def test_save_keeps_other_files_and_drops_stale_weights(old_model: Path,
     assert float(loaded.transformer.ln_f.bias.detach().mean()) == pytest.approx(1.0, abs=1e-6)
 
 
+def test_a_kill_between_the_fallback_renames_loses_nothing(old_model: Path,
+                                                           base_model: Path,  # noqa: F811
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           ) -> None:
+    before = digest(old_model)
+    # What a save killed between the fallback's two renames leaves: no folder, the old one
+    # under an -old- name of a process that is gone.
+    old_model.rename(old_model.with_name(f".{old_model.name}.saving-999999999-old-abcd"))
+    monkeypatch.setattr(saving, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(saving, "_alive", lambda pid: False)
+    export_model(changed_model(base_model), old_model, None, base_model)
+    after = digest(old_model)
+    assert after["NOTES.md"] == before["NOTES.md"]  # the old folder came back, then was saved
+    assert after["model.safetensors"] != before["model.safetensors"]
+    assert leftovers(old_model) == []
+
+
+def test_a_symlinked_output_stays_a_link(old_model: Path, base_model: Path,  # noqa: F811
+                                         tmp_path: Path) -> None:
+    link = tmp_path / "link"
+    link.symlink_to(old_model, target_is_directory=True)
+    export_model(changed_model(base_model), link, None, base_model)
+    assert link.is_symlink() and (old_model / "NOTES.md").is_file()
+    assert leftovers(old_model) == [] and leftovers(link) == []
+
+
 # ---------------------------------------------------------------------------- overwriting
 
 

@@ -77,7 +77,7 @@ def exit_code_for(exc: BaseException) -> int:
         report_error(str(exc))
         return EXIT_RUNTIME
     if isinstance(exc, ValueError):
-        report_error(str(exc))
+        report_error(getattr(exc, "cli", None) or str(exc))  # OptionError: in CLI flags
         return EXIT_USAGE
     if isinstance(exc, MemoryError):
         report_error("out of memory: try a smaller model, --dtype bfloat16, or a shorter input")

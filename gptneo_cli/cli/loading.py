@@ -7,6 +7,7 @@ Nothing here imports torch at module load; `load_model` imports the model code w
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import sys
 import threading
@@ -22,6 +23,9 @@ from .output import is_tty, make_console
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:0", "cuda:1", "mps")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 ATTN_CHOICES = ("auto", "eager", "sdpa", "flash")
+#: What gptneo_cli.device accepts, checked here by name so a typo fails before torch loads.
+_DEVICE_NAME = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "half")
 
 
 @contextlib.contextmanager
@@ -96,6 +100,14 @@ class ModelOptions:
         if opts.attn not in ATTN_CHOICES:
             raise ValueError(
                 f"unknown attention backend {opts.attn!r}: use auto, eager, sdpa or flash"
+            )
+        if not _DEVICE_NAME.match(opts.device):
+            raise ValueError(
+                f"unknown device {opts.device!r}: use auto, cpu, cuda, cuda:N or mps"
+            )
+        if opts.dtype not in _DTYPE_NAMES:
+            raise ValueError(
+                f"unknown dtype {opts.dtype!r}: use auto, float32, bfloat16 or float16"
             )
         return opts
 

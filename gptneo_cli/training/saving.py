@@ -9,7 +9,8 @@ RENAME_EXCHANGE; elsewhere two renames with a rollback) and the old one is delet
 A failure (an exception, a full disk, Ctrl-C) removes the staging folder and leaves the
 target untouched. A process killed outright (SIGKILL, power loss) cannot clean up: its
 staging folder stays beside the target, never inside it, and the next save to the same
-target removes it.
+target removes it (or, if the kill fell between the fallback's two renames, puts the old
+folder back first).
 """
 
 from __future__ import annotations
@@ -95,10 +96,9 @@ def staged_folder(folder: str | Path, carry: Callable[[str], bool] | None = None
     every entry that is not a model file). On any failure the staging folder is removed and
     `folder` is left as it was.
     """
-    target = Path(folder).expanduser().absolute()
+    target = Path(folder).expanduser().resolve()  # a symlinked folder is saved where it points
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in leftover_staging(target):
-        shutil.rmtree(stale, ignore_errors=True)
+    _recover(target)
     staging = target.with_name(f"{staging_prefix(target)}{os.getpid()}-{secrets.token_hex(4)}")
     staging.mkdir()
     try:
@@ -112,6 +112,19 @@ def staged_folder(folder: str | Path, carry: Callable[[str], bool] | None = None
         raise
     shutil.rmtree(staging, ignore_errors=True)  # after the switch it holds the old folder
     _fsync_dir(target.parent)
+
+
+def _recover(target: Path) -> None:
+    """Clear what a killed save left beside `target`. If it died between the two renames of
+    the fallback switch, `target` is missing and its old contents wait under an `-old-`
+    name: put them back first, so nothing is ever deleted that was the only copy."""
+    stale = leftover_staging(target)
+    old = [p for p in stale if "-old-" in p.name]
+    if old and not target.exists():
+        os.rename(old[0], target)
+        stale.remove(old[0])
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _carry_over(old: Path, new: Path, keep: Callable[[str], bool]) -> None:
