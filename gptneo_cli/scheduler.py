@@ -232,8 +232,10 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         eos = {tokenizer.eos_id, getattr(model.config, "eos_token_id", None)}
         self.eos_ids = sorted(t for t in eos if t is not None)
+        # The compute dtype and device (an int8 model's weights are int8, its activations not).
         param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        self.device = torch.device(getattr(model, "device", param.device))
+        self.dtype = getattr(model, "dtype", param.dtype)
         self._forward = model_body(model)
         self._cache = RowCache(self.config, max_running, dtype=self.dtype, device=self.device)
         self._prefill_rows = max(1, min(prefill_rows, max_running))

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gptneo_cli.hub import resolve_model_dir
-from gptneo_cli.modeling import GPTNeoForCausalLM
+from gptneo_cli.fast import FastCausalLM
 from gptneo_cli.scheduler import Scheduler
 from gptneo_cli.server.app import ServeOptions, create_app
 from gptneo_cli.server.run import bind, make_server, url
@@ -76,8 +76,8 @@ class Running:
 def tiny():
     from gptneo_cli.tokenizer import load_tokenizer
 
-    path = resolve_model_dir("tiny")
-    return GPTNeoForCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
+    path = resolve_model_dir("tiny")  # served as `gptneo serve` loads it: the fast layout
+    return FastCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
 
 
 @pytest.fixture(scope="module")

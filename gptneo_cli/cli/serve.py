@@ -17,7 +17,7 @@ import typer
 from ..settings import load_settings
 from .help import examples
 from .loading import ModelOptions, import_torch, load_model
-from .options import AttnOpt, DebugOpt, DeviceOpt, DtypeOpt, ModelOpt, RevisionOpt
+from .options import AttnOpt, DebugOpt, DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt, RevisionOpt
 
 SERVER_PANEL = "Server"
 
@@ -72,12 +72,13 @@ def serve(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     attn: AttnOpt = None,
+    quantize: QuantizeOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming)."""
     settings = load_settings()
     options = ModelOptions.merge(settings, model=model, revision=revision, device=device,
-                                 dtype=dtype, attn=attn)
+                                 dtype=dtype, attn=attn, quantize=quantize)
     key = settings.get("api_key", api_key) or os.environ.get("GPTNEO_API_KEY") or None
     from ..server.run import bind, make_server, url
 
@@ -91,7 +92,7 @@ def serve(
         print(f"Warning: listening on {host} without --api-key: anyone who can reach this "
               "machine can use the model", file=sys.stderr)
     import_torch()
-    loaded = load_model(options, fast=False)
+    loaded = load_model(options, fast=True)
     from ..scheduler import Scheduler
     from ..server.app import ServeOptions, create_app, stderr_log
 

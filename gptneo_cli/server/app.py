@@ -23,7 +23,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..conversation import Conversation, Turn
-from ..generation import DEFAULT_MAX_NEW_TOKENS, GenerationResult, TokenLogprob
+from ..generation import GenerationResult, TokenLogprob
+from ..options import DEFAULT_MAX_NEW_TOKENS
 from ..scheduler import QueueFull, Scheduler, SchedulerClosed, Update
 from ..scheduler import Request as Job
 from . import errors

@@ -9,12 +9,11 @@ once more in GenerationConfig, whose errors name our option; `to_config` maps th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from ..generation import MAX_LOGPROBS, GenerationConfig
+from ..options import MAX_LOGPROBS, GenerationConfig, Option, OptionError, option
 
 #: The most choices (`n`) one request may ask for, and prompts in one request.
 MAX_N = 16
@@ -37,59 +36,7 @@ SHARED = {
 }
 
 
-@dataclass(frozen=True)
-class _Spec:
-    """What the request schema needs to know of one option."""
-
-    kind: type
-    default: Any
-    help: str
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    optional: bool = False
-
-
-def _specs() -> dict[str, _Spec]:
-    """The options schema (gptneo_cli.options, issue 10). Until it lands on this branch,
-    an adapter reads GenerationConfig's own defaults with the ranges its validate() uses."""
-    try:
-        from ..options import GENERATION  # type: ignore[attr-defined]
-    except ImportError:
-        return _fallback_specs()
-    return {
-        o.name: _Spec(o.kind, o.default, o.help, o.low, o.high, o.low_open, o.optional)
-        for o in GENERATION
-    }
-
-
-def _fallback_specs() -> dict[str, _Spec]:
-    defaults = {f.name: f.default for f in fields(GenerationConfig)}
-    ranges: dict[str, tuple[Any, ...]] = {
-        "max_new_tokens": (int, 1, None, False, True, "New tokens at most."),
-        "min_new_tokens": (int, 0, None, False, False,
-                           "eos cannot end the text before this many new tokens."),
-        "temperature": (float, 0, None, False, False, "Sampling temperature; 0 means greedy."),
-        "top_k": (int, 0, None, False, False, "Keep the k most likely tokens; 0 disables."),
-        "top_p": (float, 0, 1, True, False, "Nucleus sampling mass."),
-        "min_p": (float, 0, 1, False, False, "Drop tokens below min_p x the top probability."),
-        "typical_p": (float, 0, 1, True, False, "Locally typical sampling mass."),
-        "repetition_penalty": (float, 0, None, True, False,
-                               "Above 1 discourages tokens already in the context."),
-        "presence_penalty": (float, None, None, False, False,
-                             "Subtracted once from every token already generated."),
-        "frequency_penalty": (float, None, None, False, False,
-                              "Subtracted per time a token was already generated."),
-        "seed": (int, 0, 2**63 - 1, False, True, "Sampling seed, to repeat a run exactly."),
-        "ignore_eos": (bool, None, None, False, False, "Keep going after end-of-text."),
-    }
-    return {
-        name: _Spec(kind, defaults[name], text, low, high, low_open, optional)
-        for name, (kind, low, high, low_open, optional, text) in ranges.items()
-    }
-
-
-def _field(api_name: str, spec: _Spec) -> tuple[Any, Any]:
+def _field(api_name: str, spec: Option) -> tuple[Any, Any]:
     """A pydantic (type, Field) for one option."""
     kind: Any = spec.kind
     default = spec.default
@@ -109,8 +56,8 @@ def _field(api_name: str, spec: _Spec) -> tuple[Any, Any]:
 
 
 def _sampling_fields() -> dict[str, Any]:
-    specs = _specs()
-    return {api: _field(api, specs[opt]) for api, opt in SHARED.items() if opt in specs}
+    """One pydantic field per shared option, read from gptneo_cli.options.GENERATION."""
+    return {api: _field(api, option(opt)) for api, opt in SHARED.items()}
 
 
 class StreamOptions(BaseModel):
@@ -212,12 +159,14 @@ def to_config(body: BaseModel, *, logprobs: int | None) -> GenerationConfig:
                                                                          "max_new_tokens")}
     try:
         return GenerationConfig(**values)
-    except ValueError as exc:
+    except OptionError as exc:
+        api = next((a for a, o in SHARED.items() if o == exc.option), None)
         message = str(exc)
-        for api, opt in SHARED.items():
-            if message.startswith(opt + " "):
-                raise FieldError(api, api + message[len(opt):]) from None
-        raise FieldError(None, message) from None
+        if api is not None and exc.option is not None and message.startswith(exc.option):
+            message = api + message[len(exc.option):]
+        raise FieldError(api, message) from None
+    except ValueError as exc:
+        raise FieldError(None, str(exc)) from None
 
 
 class FieldError(ValueError):
