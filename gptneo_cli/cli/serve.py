@@ -104,7 +104,7 @@ def serve(
         model_name=options.model, api_key=key, max_body_bytes=max_body * 1024,
         cors_origins=list(cors_origin or []), log_prompts=log_prompts,
         shutdown_timeout=shutdown_timeout, user_prefix=user_prefix,
-        assistant_prefix=assistant_prefix, log=stderr_log))
+        assistant_prefix=assistant_prefix, log=stderr_log, aliases=_aliases(options.model)))
     def ready() -> None:
         print(f"gptneo serve: {url(sock)} (model {options.model}); Ctrl-C stops",
               file=sys.stderr, flush=True)
@@ -112,3 +112,13 @@ def serve(
     server = make_server(app, shutdown_timeout, ready)
     server.run(sockets=[sock])
     scheduler.close(0)
+
+
+def _aliases(name: str) -> list[str]:
+    """Names clients may send as `model`: the alias and the repo id it stands for."""
+    from ..hub import ALIASES
+
+    lowered = name.strip().lower()
+    out = [ALIASES[lowered]] if lowered in ALIASES else []
+    out += [alias for alias, repo in ALIASES.items() if repo == name.strip()]
+    return out

@@ -55,6 +55,8 @@ class ServeOptions:
     user_prefix: str = "User:"
     assistant_prefix: str = "Assistant:"
     log: Callable[[str], None] | None = None
+    aliases: list[str] = field(default_factory=list)
+    """Other names a request's `model` may use for the served model (its repo id, alias)."""
 
 
 def create_app(model: Any, tokenizer: Any, scheduler: Scheduler, options: ServeOptions) -> FastAPI:
@@ -212,7 +214,7 @@ class _Api:
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     def _check_model(self, name: str | None) -> None:
-        if name and name != self.options.model_name:
+        if name and name != self.options.model_name and name not in self.options.aliases:
             raise APIError(404, f"model {name!r} is not served here: this server serves "
                            f"{self.options.model_name!r}", param="model",
                            code="model_not_found")
