@@ -19,6 +19,7 @@ from . import (
     generate,
     info,
     models,
+    serve,
     tag,
     train_classifier,
     train_spans,
@@ -62,7 +63,7 @@ def root(
 
 
 for _module in (generate, chat, classify, tag, answer, models, info, finetune, train_classifier,
-                train_spans, bench):
+                train_spans, bench, serve):
     _module.register(app)
 
 use_cli_help(app)
