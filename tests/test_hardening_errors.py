@@ -76,7 +76,7 @@ def test_a_tokenizer_panic_in_the_cli_is_one_line(tmp_path):
                           stdin=subprocess.DEVNULL)
     assert done.returncode == 1
     assert done.stderr.decode() == (
-        "Error: the tokenizer failed on this text (the tokenizers library panicked: regex "
+        "Error: the tokenizer failed (the tokenizers library panicked: regex "
         "panicked); its tokenizer files may be broken\n")
 
 
