@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from . import tokenizer as tokenizer_module
 from .device import resolve_device, resolve_dtype
 from .tokenizer import Tokenizer
 
@@ -83,7 +84,7 @@ def load_folder(
     if head not in HEADS:
         raise ValueError(f"unknown model class {head!r}: use one of {', '.join(HEADS)}")
     folder = Path(folder)
-    tokenizer = Tokenizer.from_folder(folder)
+    tokenizer = tokenizer_module.load_tokenizer(folder)
     if head == "GPTNeoForCausalLM" and not reference:
         from .fast import FastCausalLM
 
@@ -100,4 +101,4 @@ def load_folder(
 
 def load_tokenizer(name: str | os.PathLike[str], revision: str | None = None) -> Tokenizer:
     """The tokenizer of a model folder, Hub id or alias (downloads no weights)."""
-    return Tokenizer.from_folder(resolve(name, revision, weights=False))
+    return tokenizer_module.load_tokenizer(resolve(name, revision, weights=False))
