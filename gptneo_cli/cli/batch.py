@@ -123,8 +123,10 @@ def batch(
         bar = _Bar(remaining) if is_tty(sys.stderr) else None
         on_record = bar.update if bar is not None else None
         try:
-            if remaining == 0:
-                pass
+            if remaining == 0:  # nothing (left) to do: the output exists, no model loads
+                from ..batch.jobs import OutputWriter
+
+                OutputWriter(output).close()
             elif ray:
                 from ..batch.ray_job import RaySpec, run_on_ray
 
@@ -156,9 +158,11 @@ def batch(
 
 
 def _has_ray() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("ray") is not None
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _run_here(items: Any, output: Path, options: ModelOptions, max_running: int,
