@@ -18,7 +18,7 @@ import typer
 
 from .errors import EXIT_RUNTIME, report_error
 from .help import examples
-from .inputs import read_stdin, read_text_file
+from .inputs import check_text, read_stdin, read_text_file
 from .options import AttnOpt, DebugOpt, DeviceOpt, DtypeOpt, ModelOpt, RevisionOpt
 from .output import Diagnostics, check_format, is_tty, make_console, tsv, write_json
 from .task_options import TASK_PANEL, FormatOpt, MaxSeqLenOpt, load_with_head, model_options
@@ -132,7 +132,7 @@ def classify(
 
 # ---- inputs -------------------------------------------------------------------------------
 def parse_labels(raw: str) -> list[str]:
-    labels = [part.strip() for part in raw.split(",")]
+    labels = [part.strip() for part in check_text(raw, "--labels").split(",")]
     if not raw.strip() or any(not label for label in labels):
         raise ValueError("--labels must be comma-separated non-empty names, e.g. sports,politics")
     return labels
