@@ -8,6 +8,7 @@ inside the command only.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -134,7 +135,7 @@ def batch(
                                device=options.device, dtype=options.dtype, attn=options.attn,
                                quantize=options.quantize, max_running=max_running,
                                threads=threads or max(1, int(cpus_per_actor)),
-                               defaults=defaults)
+                               defaults=defaults, aliases=_aliases(options.model))
                 run_on_ray(items, output, spec, address=ray_address, actors=actors,
                            cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
                            progress=progress, on_record=on_record)
@@ -231,10 +232,12 @@ class _Bar:
             TimeRemainingColumn,
         )
 
+        # On a copy of the descriptor: `--ray` mutes Ray's native logging on fd 2.
+        self.stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", encoding="utf-8")
         self.progress = Progress(
             TextColumn("batch"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[rates]}"), TextColumn("ETA"), TimeRemainingColumn(),
-            console=make_console(sys.stderr), transient=True)
+            console=make_console(self.stream), transient=True)
         self.task = self.progress.add_task("batch", total=total or None, rates="")
         self.progress.start()
 
@@ -248,3 +251,4 @@ class _Bar:
 
     def close(self) -> None:
         self.progress.stop()
+        self.stream.close()
