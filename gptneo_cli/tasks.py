@@ -135,7 +135,10 @@ def encode_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tupl
     backend = getattr(tokenizer, "backend", tokenizer)
     if not isinstance(backend, Tokenizer):
         raise TokenizerError("this tokenizer gives no character offsets; tag and answer need them")
-    enc = backend.encode(text, add_special_tokens=False)
+    from .tokenizer import _check_utf8, _native
+
+    _check_utf8(text)
+    enc = _native(backend.encode, text, add_special_tokens=False)
     return list(enc.ids), [(int(a), int(b)) for a, b in enc.offsets]
 
 

@@ -167,6 +167,9 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
             header = json.loads(handle.read(length))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise WeightsError(f"{path.name} is not a readable safetensors file ({exc})") from exc
+    except RecursionError:
+        raise WeightsError(f"{path.name} is not a readable safetensors file (its header is "
+                           "nested too deeply)") from None
     if not isinstance(header, dict):
         raise WeightsError(f"{path.name} is not a readable safetensors file (header not a map)")
     header.pop("__metadata__", None)

@@ -42,7 +42,7 @@ def holds_model(folder: Path) -> bool:
         return True
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(config, dict)
 
