@@ -299,7 +299,8 @@ def _check_batch_memory(model: Any, sequences: int) -> None:
 
     config = model.config
     itemsize = getattr(getattr(model, "dtype", None), "itemsize", 4)
-    per_row = 4 * config.vocab_size + 2 * config.num_layers * config.hidden_size * itemsize
+    layers, hidden = getattr(config, "num_layers", 0), getattr(config, "hidden_size", 0)
+    per_row = 4 * config.vocab_size + 2 * layers * hidden * itemsize  # stand-in models: 0
     needed = sequences * per_row
     total = device_memory(_model_device(model))
     if total is not None and needed > total:
