@@ -470,10 +470,10 @@ class _Engine:
                 raise
             tokens = []
         if not bool(finite):
-            raise WeightsError(
-                "the model produced NaN or infinite scores, so generation stopped: its "
-                "checkpoint is likely corrupt (or float16 overflowed: try --dtype float32)"
-            )
+            problem = ("the model produced NaN or infinite scores, so generation stopped: its "
+                       "checkpoint is likely corrupt (or float16 overflowed: try {})")
+            raise WeightsError(problem.format("dtype float32"),
+                               cli=problem.format("--dtype float32"))
         now = time.perf_counter()
         if self.step == 0:
             self.prefill_s = now - self.prefill_start
