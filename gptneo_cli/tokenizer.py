@@ -296,8 +296,8 @@ def _native(call: Any, *args: Any, **kwargs: Any) -> Any:
             raise
         text = str(exc).strip()
         reason = text.splitlines()[0][:200] if text else "no message"
-        raise TokenizerError(f"the tokenizer failed on this text (the tokenizers library "
-                             f"panicked: {reason}); its tokenizer files may be broken") from None
+        raise TokenizerError(f"the tokenizer failed (the tokenizers library panicked: "
+                             f"{reason}); its tokenizer files may be broken") from None
 
 
 @contextlib.contextmanager
@@ -325,7 +325,9 @@ def build_gpt2_bpe(vocab_file: str | os.PathLike[str], merges_file: str | os.Pat
     from tokenizers import decoders, models, pre_tokenizers
 
     try:
-        bpe = models.BPE.from_file(str(vocab_file), str(merges_file))
+        bpe = _native(models.BPE.from_file, str(vocab_file), str(merges_file))
+    except TokenizerError:
+        raise
     except Exception as exc:  # noqa: BLE001 - the Rust side raises plain Exception
         raise TokenizerError(f"cannot read {vocab_file} / {merges_file}: {exc}") from exc
     backend = Backend(bpe)
@@ -338,7 +340,9 @@ def _load_tokenizer_json(path: Path) -> Any:
     from tokenizers import Tokenizer as Backend
 
     try:
-        return Backend.from_file(str(path))
+        return _native(Backend.from_file, str(path))
+    except TokenizerError:
+        raise
     except Exception as exc:  # noqa: BLE001 - the Rust side raises plain Exception
         raise TokenizerError(f"cannot read {path}: {exc}") from exc
 
@@ -350,6 +354,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TokenizerError(f"cannot read {path}: {exc}") from exc
+    except RecursionError:
+        raise TokenizerError(f"cannot read {path}: its JSON is nested too deeply") from None
     return data if isinstance(data, dict) else {}
 
 
@@ -397,9 +403,6 @@ def _fill_specials(specials: dict[str, str | None], folder: Path, backend: Any) 
         specials[role] = token
 
 
-def load_tokenizer(name_or_path: str | os.PathLike[str], revision: str | None = None) -> Tokenizer:
-    """The tokenizer of a model folder, Hub id or alias (downloads no weights)."""
-    from .hub import fetch
-
-    snapshot = fetch(name_or_path, revision, parts=("config", "tokenizer"))
-    return Tokenizer.from_folder(snapshot.folder)
+def load_tokenizer(folder: str | os.PathLike[str]) -> Tokenizer:
+    """The tokenizer of a model folder (gptneo_cli.load_tokenizer also takes Hub names)."""
+    return Tokenizer.from_folder(folder)

@@ -76,7 +76,7 @@ def test_a_tokenizer_panic_in_the_cli_is_one_line(tmp_path):
                           stdin=subprocess.DEVNULL)
     assert done.returncode == 1
     assert done.stderr.decode() == (
-        "Error: the tokenizer failed on this text (the tokenizers library panicked: regex "
+        "Error: the tokenizer failed (the tokenizers library panicked: regex "
         "panicked); its tokenizer files may be broken\n")
 
 
@@ -178,3 +178,48 @@ def test_library_warnings_shown_by_the_cli_are_inert(capsys):
     finally:
         logger.handlers = before
     assert capsys.readouterr().err == "folder\\x1b]0;x\\x07 has no score.weight weights\n"
+
+
+# ---- deeply nested JSON anywhere is one line, never a RecursionError ----------------------
+
+DEEP = "[" * 100000 + "]" * 100000
+
+
+def test_deep_json_in_inputs_is_a_clear_error(tmp_path):
+    from gptneo_cli.cli.generate import read_input_file
+    from gptneo_cli.training.data import read_documents
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": ' + DEEP + "}\n")
+    with pytest.raises(ValueError, match="line 1: JSON nested too deeply"):
+        read_input_file(prompts)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": ' + DEEP + "}\n")
+    with pytest.raises(ValueError, match="nested too deeply"):
+        read_documents([data])
+
+
+def test_deep_json_in_model_files_is_a_clear_error(tmp_path):
+    import struct
+
+    from gptneo_cli.errors import WeightsError
+    from gptneo_cli.tokenizer import _read_json
+    from gptneo_cli.weights import read_safetensors_header
+
+    (tmp_path / "tokenizer_config.json").write_text(DEEP)
+    with pytest.raises(TokenizerError, match="nested too deeply"):
+        _read_json(tmp_path / "tokenizer_config.json")
+    header = DEEP.encode()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(WeightsError, match="nested too deeply"):
+        read_safetensors_header(tmp_path / "model.safetensors")
+
+
+def test_training_data_that_is_a_fifo_is_refused_without_reading(tmp_path):
+    import os
+
+    from gptneo_cli.training.data import read_documents
+
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(ValueError, match="is not a regular file"):
+        read_documents([tmp_path / "fifo"])

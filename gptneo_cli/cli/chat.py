@@ -509,8 +509,8 @@ class _History:
         self.readline = readline
         if self.path is not None and self.path.is_file():
             try:
-                text = self.path.read_text(encoding="utf-8", errors="replace")
-            except OSError:
+                text = read_text_file(self.path)
+            except ValueError:  # unreadable, binary or huge: start without history
                 return
             for entry in text.splitlines()[-self.LIMIT :]:
                 readline.add_history(_decode_entry(entry))
@@ -532,10 +532,10 @@ class _History:
         count = self.readline.get_current_history_length()
         items = [self.readline.get_history_item(i) for i in range(1, count + 1)]
         lines = [_encode_entry(item) for item in items[-self.LIMIT :] if item]
-        try:
+        try:  # all or nothing: a full disk keeps the old history whole
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        except OSError:
+            write_text_atomic(self.path, "".join(line + "\n" for line in lines))
+        except (OSError, ValueError, WriteError):
             pass
 
 
@@ -549,7 +549,7 @@ def _decode_entry(line: str) -> str:
     if line.startswith('"'):
         try:
             value = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return line
         if isinstance(value, str):
             return value

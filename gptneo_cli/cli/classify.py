@@ -199,6 +199,9 @@ def read_jsonl(path: Path) -> list[Item]:
         except json.JSONDecodeError as exc:
             items.append(Item(source, error=f"{source}: not valid JSON ({exc.msg})"))
             continue
+        except RecursionError:
+            items.append(Item(source, error=f"{source}: JSON nested too deeply"))
+            continue
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             items.append(Item(source, error=f'{source}: expected {{"text": "..."}}'))
             continue
