@@ -264,7 +264,9 @@ def _prepare_rows(
     positions = model.config.max_position_embeddings
     start_id = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
     rows: list[_Row] = []
-    for index, prompt in enumerate(_normalize_prompts(prompts)):
+    normalized = _normalize_prompts(prompts)
+    _check_batch_memory(model, len(normalized) * config.num_return_sequences)
+    for index, prompt in enumerate(normalized):
         ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             if start_id is None:
@@ -287,6 +289,25 @@ def _prepare_rows(
                 )
             )
     return rows
+
+
+def _check_batch_memory(model: Any, sequences: int) -> None:
+    """Refuse, before a row is built, more sequences at once than the device can hold: each
+    needs at least its scores over the vocabulary (float32) and a key/value cache entry
+    per layer and position (a lower bound: only one position is counted per layer)."""
+    from .preflight import OutOfMemoryError, device_memory
+
+    config = model.config
+    itemsize = getattr(getattr(model, "dtype", None), "itemsize", 4)
+    per_row = 4 * config.vocab_size + 2 * config.num_layers * config.hidden_size * itemsize
+    needed = sequences * per_row
+    total = device_memory(_model_device(model))
+    if total is not None and needed > total:
+        raise OutOfMemoryError(
+            f"out of memory: {sequences} sequences at once need more than "
+            f"{needed / 1e9:.1f} GB but the device has {total / 1e9:.1f} GB; generate fewer "
+            "at once (num_return_sequences, prompts per batch)"
+        )
 
 
 def _fit_groups(rows: list[_Row], positions: int) -> list[list[_Row]]:
@@ -448,10 +469,10 @@ class _Engine:
                 raise
             tokens = []
         if not bool(finite):
-            raise WeightsError(
-                "the model produced NaN or infinite scores, so generation stopped: its "
-                "checkpoint is likely corrupt (or float16 overflowed: try --dtype float32)"
-            )
+            problem = ("the model produced NaN or infinite scores, so generation stopped: its "
+                       "checkpoint is likely corrupt (or float16 overflowed: try {})")
+            raise WeightsError(problem.format("dtype float32"),
+                               cli=problem.format("--dtype float32"))
         now = time.perf_counter()
         if self.step == 0:
             self.prefill_s = now - self.prefill_start

@@ -26,6 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -231,8 +232,10 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         eos = {tokenizer.eos_id, getattr(model.config, "eos_token_id", None)}
         self.eos_ids = sorted(t for t in eos if t is not None)
+        # The compute dtype and device (an int8 model's weights are int8, its activations not).
         param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        self.device = torch.device(getattr(model, "device", param.device))
+        self.dtype = getattr(model, "dtype", param.dtype)
         self._forward = model_body(model)
         self._cache = RowCache(self.config, max_running, dtype=self.dtype, device=self.device)
         self._prefill_rows = max(1, min(prefill_rows, max_running))
@@ -243,6 +246,7 @@ class Scheduler:
         self._waiting: deque[Request] = deque()
         self._prefilling: list[_Seq] = []
         self._running: list[_Seq] = []
+        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._closing = False
         self._stopped = False
         self._thread: threading.Thread | None = None
@@ -278,7 +282,7 @@ class Scheduler:
             if self._closing:
                 raise SchedulerClosed("the server is shutting down")
             busy = len(self._running) + len(self._prefilling)
-            if busy >= self.max_running and len(self._waiting) >= self.max_queue:
+            if busy + len(self._waiting) >= self.max_running + self.max_queue:
                 raise QueueFull(
                     f"{busy} requests are running and {len(self._waiting)} are queued "
                     "(the most allowed): try again shortly",
@@ -289,6 +293,18 @@ class Scheduler:
             self._ensure_thread()
             self._lock.notify_all()
         return request
+
+    def call(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run `fn` on the scheduler's thread between two steps (the model is used by one
+        thread only): other model work, such as zero-shot classification, goes here."""
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._closing:
+                raise SchedulerClosed("the server is shutting down")
+            self._calls.append((fn, future))
+            self._ensure_thread()
+            self._lock.notify_all()
+        return future
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -317,6 +333,9 @@ class Scheduler:
                 req.cancel()
             for seq in self._prefilling + self._running:
                 seq.req.cancel()
+            for _, future in self._calls:
+                future.cancel()
+            self._calls.clear()
             self._stopped = True
             self._lock.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -339,10 +358,20 @@ class Scheduler:
     def _main(self) -> None:
         while True:
             with self._lock:
-                while not (self._waiting or self._prefilling or self._running):
+                while not (self._waiting or self._prefilling or self._running or self._calls):
                     if self._stopped:
                         return
                     self._lock.wait(timeout=0.5)
+                calls = list(self._calls)
+                self._calls.clear()
+            for fn, future in calls:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                        future.set_exception(exc)
+            if not (self._waiting or self._prefilling or self._running):
+                continue
             try:
                 with torch.inference_mode():
                     self.step()
@@ -488,18 +517,17 @@ class Scheduler:
             state = sampling.DecodeState(history, len(seq.req.prompt_ids))
             tokens.append(int(seq.choose(logits[j : j + 1], state, seq.generator)[0]))
         now = time.perf_counter()
-        finished: list[_Seq] = []
+        updates: list[tuple[Request, Update]] = []
         for j, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             logprob = self._logprob(seq, logits[j], token) if seq.logprobs is not None else None
             text = self._accept(seq, token, now)
             seq.last = token
             self.generated_tokens_total += 1
-            update = Update(token, text, logprob, seq.finish_reason)
-            self._emit(seq.req, update)
-            if seq.finish_reason is not None:
-                finished.append(seq)
-        for seq in finished:
-            self._retire(seq)
+            updates.append((seq.req, Update(token, text, logprob, seq.finish_reason)))
+        for seq in [s for s in seqs if s.finish_reason is not None]:
+            self._retire(seq)  # the result is complete before its last update is sent
+        for req, update in updates:
+            self._emit(req, update)
 
     def _logprob(self, seq: _Seq, logits: torch.Tensor, token: int) -> TokenLogprob:
         logp = logits.log_softmax(dim=-1)

@@ -38,6 +38,7 @@ _MODEL: dict[str, tuple[type, Any]] = {
     "device": (str, "auto"),
     "dtype": (str, "auto"),
     "attn": (str, "auto"),
+    "api_key": (str, None),  # `gptneo serve`: the key clients must send (GPTNEO_API_KEY)
 }
 _CHAT: dict[str, tuple[type, Any]] = {
     "system": (str, None),

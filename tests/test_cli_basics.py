@@ -17,7 +17,7 @@ from gptneo_cli.cli.inputs import read_prompt, read_text_file
 from gptneo_cli.cli.loading import sigint_deferred
 from gptneo_cli.settings import config_path, load_settings
 
-HEAVY = ("torch", "transformers")
+HEAVY = ("torch", "transformers", "fastapi", "uvicorn", "starlette")
 
 
 def imported_modules(
@@ -62,7 +62,7 @@ def test_importing_the_app_does_not_import_torch(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["--help"], ["generate", "--help"], ["chat", "--help"],
-                                  ["info", "--help"], ["--version"]])
+                                  ["info", "--help"], ["serve", "--help"], ["--version"]])
 def test_help_does_not_import_torch(tmp_path, args):
     names, done = imported_modules(args, cli_env(tmp_path))
     assert done.returncode == 0, done.stderr[-2000:]

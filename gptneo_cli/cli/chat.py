@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,9 +19,9 @@ import typer
 from ..conversation import Conversation, Turn
 from ..options import GENERATION, Option, OptionError
 from ..settings import default_history_file, load_settings
-from .errors import EXIT_USAGE, report_error
+from .errors import EXIT_RUNTIME, EXIT_USAGE, report_error
 from .help import examples
-from .inputs import read_text_file
+from .inputs import MAX_PROMPT_BYTES, check_text, read_text_file
 from .loading import LoadedModel, ModelOptions, load_model
 from .options import (
     AttnOpt,
@@ -33,6 +34,7 @@ from .options import (
     generation_options,
 )
 from .output import Diagnostics, TextStream, is_tty, write_json
+from .userfiles import WriteError, write_text_atomic
 
 CHAT_PANEL = "Chat"
 #: Settings of the conversation itself, next to the generation options marked chat=True.
@@ -89,6 +91,7 @@ class ChatSession:
         self.replies = 0
         self.fmt = fmt
         self.printed = 0
+        self.failures = 0  # /save calls that failed: the exit code of a piped session says so
 
     def _max_new(self) -> int:
         from ..options import DEFAULT_MAX_NEW_TOKENS
@@ -193,6 +196,9 @@ class ChatSession:
             handler()
         except ValueError as exc:
             self.diag.warn(str(exc))
+        except WriteError as exc:  # not a mere warning: the session was not saved
+            report_error(str(exc))
+            self.failures += 1
         return True
 
     def _clear(self) -> None:
@@ -241,12 +247,12 @@ class ChatSession:
     def _save(self, arg: str) -> None:
         if not arg:
             raise ValueError("usage: /save FILE")
-        path = Path(arg).expanduser()
         data = {**self.conv.to_dict(), "settings": self.config.to_dict()}
+        # All or nothing: a full disk leaves an earlier save of the same name whole.
         try:
-            path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", "utf-8")
-        except OSError as exc:
-            raise ValueError(f"cannot write {arg}: {exc.strerror or exc}") from None
+            path = write_text_atomic(arg, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        except ValueError as exc:  # an unwritable path: still an error, not a warning
+            raise WriteError(str(exc)) from None
         self.diag.note(f"(saved {_turns(len(self.conv.turns))} to {path})")
 
     def _load(self, arg: str) -> None:
@@ -254,7 +260,7 @@ class ChatSession:
             raise ValueError("usage: /load FILE")
         try:
             data = json.loads(read_text_file(arg))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise ValueError(f"{arg} is not JSON saved by /save") from None
         conv = Conversation.from_dict(data, arg)
         self.config = self._saved_settings(data.get("settings"), arg)
@@ -362,6 +368,9 @@ def chat(
         user_prefix=settings.get("user_prefix", user_prefix),
         assistant_prefix=settings.get("assistant_prefix", assistant_prefix),
     )
+    check_text(conversation.system, "--system")
+    check_text(conversation.user_prefix, "--user-prefix")
+    check_text(conversation.assistant_prefix, "--assistant-prefix")
     if not conversation.user_prefix.strip() or not conversation.assistant_prefix.strip():
         raise ValueError("--user-prefix and --assistant-prefix must not be empty")
     options = ModelOptions.merge(
@@ -387,18 +396,46 @@ def _piped(session: ChatSession) -> None:
     """
     out = TextStream(sys.stdout)
     refused = 0
-    for raw in sys.stdin:
-        line = raw.rstrip("\r\n")
-        if not line.strip():
-            continue
+    for number, raw in enumerate(_stdin_lines(), start=1):
         try:
+            line = _decode_line(raw, number)
+            if not line.strip():
+                continue
             if not session.handle(line, out):
                 break
         except ValueError as exc:
             report_error(str(exc))
             refused += 1
+    if session.failures:
+        raise typer.Exit(EXIT_RUNTIME)
     if refused:
         raise typer.Exit(EXIT_USAGE)
+
+
+def _stdin_lines() -> Iterator[bytes | str]:
+    """stdin line by line, as bytes where there are bytes (each line is decoded on its own,
+    so one undecodable line is refused without ending the session). A line longer than a
+    prompt may be is cut at that size (and refused); the rest of it is skipped unread."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # a StringIO in tests, or a stdin the shell closed
+        yield from sys.stdin
+        return
+    while line := buffer.readline(MAX_PROMPT_BYTES + 1):
+        yield line
+        while len(line) > MAX_PROMPT_BYTES and not line.endswith(b"\n"):
+            line = buffer.readline(MAX_PROMPT_BYTES + 1)
+
+
+def _decode_line(raw: bytes | str, number: int) -> str:
+    if isinstance(raw, bytes):
+        if len(raw) > MAX_PROMPT_BYTES:
+            raise ValueError(f"stdin line {number} is longer than "
+                             f"{MAX_PROMPT_BYTES // 2**20} MB; skipped")
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"stdin line {number} is not valid UTF-8 text; skipped") from None
+    return raw.rstrip("\r\n")
 
 
 def _interactive(session: ChatSession, diag: Diagnostics, history_file: str | None) -> None:
@@ -472,8 +509,8 @@ class _History:
         self.readline = readline
         if self.path is not None and self.path.is_file():
             try:
-                text = self.path.read_text(encoding="utf-8", errors="replace")
-            except OSError:
+                text = read_text_file(self.path)
+            except ValueError:  # unreadable, binary or huge: start without history
                 return
             for entry in text.splitlines()[-self.LIMIT :]:
                 readline.add_history(_decode_entry(entry))
@@ -495,10 +532,10 @@ class _History:
         count = self.readline.get_current_history_length()
         items = [self.readline.get_history_item(i) for i in range(1, count + 1)]
         lines = [_encode_entry(item) for item in items[-self.LIMIT :] if item]
-        try:
+        try:  # all or nothing: a full disk keeps the old history whole
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        except OSError:
+            write_text_atomic(self.path, "".join(line + "\n" for line in lines))
+        except (OSError, ValueError, WriteError):
             pass
 
 
@@ -512,7 +549,7 @@ def _decode_entry(line: str) -> str:
     if line.startswith('"'):
         try:
             value = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return line
         if isinstance(value, str):
             return value

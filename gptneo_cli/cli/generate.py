@@ -21,7 +21,14 @@ import typer
 from ..settings import Settings, load_settings
 from .errors import EXIT_INTERRUPTED
 from .help import examples
-from .inputs import read_prompt, read_stdin, read_text_file
+from .inputs import (
+    MAX_PROMPT_BYTES,
+    check_text,
+    read_prompt,
+    read_stdin,
+    read_text_file,
+    stdin_has_input,
+)
 from .loading import LoadedModel, ModelOptions, load_model, spinner
 from .options import (
     AttnOpt,
@@ -36,6 +43,7 @@ from .options import (
     generation_options,
 )
 from .output import Diagnostics, TextStream, check_format, is_tty, write_json
+from .userfiles import AtomicTextFile
 
 IO_PANEL = "Input and output"
 MORE_PANEL = "Generation"
@@ -125,6 +133,8 @@ def generate(
     settings = load_settings()
     given = generation or {}
     config = generation_config(settings, given)
+    for text in config.stop:
+        check_text(text, "--stop")
     model_flags = dict(model=model, revision=revision, device=device, dtype=dtype, attn=attn)
     options = ModelOptions.merge(settings, **model_flags, quantize=quantize, compile=compile)
     diag = Diagnostics()
@@ -140,7 +150,10 @@ def generate(
                 return
             stdin = piped
     prompts = _collect_prompts(prompt, file, input_file, stdin)
-    sink: IO[str] = sys.stdout if output is None else _open_output(output)  # fail before loading
+    # --output is written beside the file and renamed over it at the end (the old file stays
+    # whole if anything fails); it is opened now so that a bad path fails before loading.
+    target = AtomicTextFile(output) if output is not None else None
+    sink: Any = sys.stdout if target is None else target
     try:
         loaded = load_model(options, fast=True)
         started = time.perf_counter()
@@ -149,16 +162,20 @@ def generate(
         else:
             results = _run_batches(loaded, prompts, config, batch_size, fmt, sink, echo)
         elapsed = time.perf_counter() - started
-    finally:
-        if sink is not sys.stdout:
-            sink.close()
+    except BaseException:
+        if target is not None:
+            target.discard()
+        raise
+    if target is not None:
+        target.commit()  # Ctrl-C too: what was generated is kept, as on stdout
     _report(diag, loaded, results, elapsed, stats)
 
 
 def _piped_after_show_config() -> IO[str] | None:
     """--show-config alone only shows the settings, unless a prompt is piped in: a terminal
     or an empty stdin (</dev/null, scripts) gives None (exit 0 after the table)."""
-    piped = "" if is_tty(sys.stdin) else read_stdin()
+    waiting = not is_tty(sys.stdin) and stdin_has_input(sys.stdin)  # never an idle pipe
+    piped = read_stdin(sys.stdin, MAX_PROMPT_BYTES) if waiting else ""
     return io.StringIO(piped) if piped.strip() else None
 
 
@@ -204,20 +221,19 @@ def read_input_file(path: Path) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path} line {lineno}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise ValueError(f"{path} line {lineno}: JSON nested too deeply") from None
         value = record.get("prompt") if isinstance(record, dict) else None
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f'{path} line {lineno}: expected {{"prompt": "<non-empty text>"}}')
         prompts.append(value)
+    for lineno, value in enumerate(prompts, start=1):
+        if len(value) > MAX_PROMPT_BYTES:
+            raise ValueError(f"{path}: prompt {lineno} is longer than "
+                             f"{MAX_PROMPT_BYTES // 2**20} MB, far more than a model's context")
     if not prompts:
         raise ValueError(f"{path} holds no prompts")
     return prompts
-
-
-def _open_output(path: Path) -> IO[str]:
-    try:
-        return path.expanduser().open("w", encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 # --------------------------------------------------------------------------- generation
