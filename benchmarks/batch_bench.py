@@ -4,6 +4,7 @@ actors; then peak memory of `gptneo batch` on a small and a large input.
 
     python benchmarks/batch_bench.py                      # 2,000 prompts (issue 13)
     python benchmarks/batch_bench.py --prompts 128 --memory-lines 1000,100000
+    python benchmarks/batch_bench.py --engines batch16,batch64 --memory-lines ""
 
 Every engine runs as users run it (a subprocess of the CLI) on the same prompts: about 32
 tokens each (random GPT-2 token ids, decoded), 64 new tokens each (greedy, ignore_eos), on
@@ -114,9 +115,10 @@ def main() -> None:
         if engine == "generate":
             cmd = [*gptneo(), "generate", "--input", str(src), "--batch-size", "8",
                    "--format", "jsonl", "-o", str(out), *gen]
-        elif engine == "batch":
-            cmd = [*gptneo(), "batch", str(src), "-o", str(out), "--max-running",
-                   str(args.max_running), *gen]
+        elif engine.startswith("batch"):  # batch, or batchN: --max-running N
+            rows_n = engine.removeprefix("batch") or str(args.max_running)
+            cmd = [*gptneo(), "batch", str(src), "-o", str(out), "--max-running", rows_n,
+                   *gen]
         else:
             actors = int(engine.removeprefix("ray"))
             cmd = [*gptneo(), "batch", str(src), "-o", str(out), "--max-running",
