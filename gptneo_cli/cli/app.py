@@ -20,8 +20,7 @@ from . import (
     info,
     models,
     tag,
-    train_classifier,
-    train_spans,
+    train_heads,
 )
 from .errors import guard_app, run_app, state
 from .help import use_cli_help
@@ -56,8 +55,8 @@ def root(
         state.debug = True
 
 
-for _module in (generate, chat, classify, tag, answer, models, info, finetune, train_classifier,
-                train_spans, bench):
+for _module in (generate, chat, classify, tag, answer, models, info, finetune, train_heads,
+                bench):
     _module.register(app)
 
 use_cli_help(app)
