@@ -26,7 +26,7 @@ HIDDEN, INNER, VOCAB, MATRICES = 768, 3072, 50257, 52
 
 
 def onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """oneDNN's linear on a plain or a prepacked weight (what fast.PackedDense calls)."""
+    """oneDNN's linear on a plain or a prepacked weight (what fast.PackedLinear calls)."""
     return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 

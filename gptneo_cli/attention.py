@@ -73,7 +73,8 @@ def choose_backend(requested: str, device: torch.device, dtype: torch.dtype) -> 
     if requested == "flash":
         reason = flash_unavailable_reason(device, dtype)
         if reason:
-            raise BackendError(f"--attn flash cannot run: {reason}")
+            raise BackendError(f"attention backend 'flash' cannot run: {reason}",
+                               cli=f"--attn flash cannot run: {reason}")
     return requested
 
 
@@ -137,6 +138,25 @@ def build_plan(
 
 
 # ---- the backends -----------------------------------------------------------------------
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: AttentionPlan,
+    backend: str,
+    key_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run the chosen backend ("eager", "sdpa" or "flash"; flash for prefills only).
+
+    key_valid: bool [B, T] of non-padding steps, read by the flash backend only.
+    """
+    if backend == "flash":
+        return flash_attention(q, k, v, plan, key_valid)
+    if backend == "eager":
+        return eager_attention(q, k, v, plan)
+    return sdpa_attention(q, k, v, plan)
 
 
 def eager_attention(

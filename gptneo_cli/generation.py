@@ -12,25 +12,19 @@ string handling per row; everything else stays on the device.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Protocol
 
 import torch
 
 from .errors import WeightsError, is_out_of_memory
-from .sampling import PAD, DecodeState, SamplingParams, TokenChooser, build_chooser
+from .options import DEFAULT_MAX_NEW_TOKENS, GenerationConfig, OptionError
+from .sampling import PAD, DecodeState, TokenChooser, build_chooser
 
 FinishReason = Literal["stop", "eos", "length", "cancelled"]
-
-#: New tokens when neither max_new_tokens nor max_length is given.
-DEFAULT_MAX_NEW_TOKENS = 100
-#: The most alternatives `logprobs` may ask for per step.
-MAX_LOGPROBS = 20
-
 
 class _StreamDecoder(Protocol):
     def push(self, token_id: int) -> str: ...
@@ -46,152 +40,6 @@ class TokenizerLike(Protocol):
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
     def stream_decoder(self) -> _StreamDecoder: ...
-
-
-# ---- configuration -----------------------------------------------------------------------
-
-
-@dataclass
-class GenerationConfig:
-    """Every generation option. Invalid values raise ValueError naming the parameter.
-
-    The defaults follow GPT-Neo's documented example (sampling, temperature 0.9) with
-    transformers' default top_k of 50. `dataclasses.replace(config, ...)` or
-    `config.replace(...)` make variants; both validate again.
-    """
-
-    max_new_tokens: int | None = None
-    """New tokens at most. None: DEFAULT_MAX_NEW_TOKENS, or what max_length leaves."""
-    max_length: int | None = None
-    """Prompt + new tokens at most, per prompt (transformers' meaning). The tighter of
-    max_length and max_new_tokens wins when both are set."""
-    min_new_tokens: int = 0
-    """eos cannot end the text before this many new tokens (stop strings still can)."""
-    do_sample: bool = True
-    """False, or temperature 0, decodes greedily."""
-    temperature: float = 0.9
-    top_k: int = 50
-    """0 disables."""
-    top_p: float = 1.0
-    min_p: float = 0.0
-    typical_p: float = 1.0
-    repetition_penalty: float = 1.0
-    repetition_window: int = 0
-    """Apply repetition_penalty to the last N tokens only (0: the whole context)."""
-    presence_penalty: float = 0.0
-    """Subtracted once from every token already generated (not prompt tokens)."""
-    frequency_penalty: float = 0.0
-    """Subtracted per occurrence from every token already generated."""
-    no_repeat_ngram_size: int = 0
-    seed: int | None = None
-    """Seed for sampling; None draws one, and the result reports it so a run can be repeated."""
-    stop: list[str] = field(default_factory=list)
-    """Strings that end the text; neither they nor anything after them is returned."""
-    ignore_eos: bool = False
-    """Keep going after eos (it becomes an ordinary token): useful for benchmarks."""
-    num_return_sequences: int = 1
-    """Samples per prompt (needs sampling)."""
-    logprobs: int | None = None
-    """None: off. N >= 0: the chosen token's log-probability plus the top N alternatives."""
-    truncate: Literal["left", "error"] = "error"
-    """When prompt + new tokens exceed the model's positions: drop the oldest prompt tokens
-    ("left", reported in GenerationResult.truncated_tokens) or raise ValueError ("error")."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        else:
-            self.stop = list(self.stop)
-        self.validate()
-
-    @property
-    def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0
-
-    def replace(self, **changes: Any) -> GenerationConfig:
-        return replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first invalid parameter."""
-        _int("max_new_tokens", self.max_new_tokens, low=1, optional=True)
-        _int("max_length", self.max_length, low=1, optional=True)
-        _int("min_new_tokens", self.min_new_tokens, low=0)
-        _bool("do_sample", self.do_sample)
-        _float("temperature", self.temperature, low=0.0, hint="0 means greedy decoding")
-        _int("top_k", self.top_k, low=0, hint="0 disables top-k")
-        _float("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
-        _float("min_p", self.min_p, low=0.0, high=1.0)
-        _float("typical_p", self.typical_p, low=0.0, high=1.0, low_open=True)
-        _float("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
-        _int("repetition_window", self.repetition_window, low=0)
-        _float("presence_penalty", self.presence_penalty)
-        _float("frequency_penalty", self.frequency_penalty)
-        _int("no_repeat_ngram_size", self.no_repeat_ngram_size, low=0)
-        _int("seed", self.seed, low=0, high=2**63 - 1, optional=True)
-        for s in self.stop:
-            if not isinstance(s, str) or not s:
-                raise ValueError(f"stop strings must be non-empty text, got {s!r}")
-        _bool("ignore_eos", self.ignore_eos)
-        _int("num_return_sequences", self.num_return_sequences, low=1)
-        _int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS, optional=True)
-        if self.truncate not in ("left", "error"):
-            raise ValueError(f"truncate must be 'left' or 'error', got {self.truncate!r}")
-        if self.num_return_sequences > 1 and self.greedy:
-            raise ValueError(
-                "num_return_sequences > 1 needs sampling: greedy decoding would repeat "
-                "the same text (set do_sample and a temperature > 0)"
-            )
-
-
-def _int(
-    name: str,
-    value: Any,
-    *,
-    low: int | None = None,
-    high: int | None = None,
-    optional: bool = False,
-    hint: str = "",
-) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        bounds = _bounds(low, high, False)
-        raise ValueError(f"{name} must be {bounds}, got {value}" + (f" ({hint})" if hint else ""))
-
-
-def _float(
-    name: str,
-    value: Any,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    hint: str = "",
-) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    too_low = low is not None and (value <= low if low_open else value < low)
-    if too_low or (high is not None and value > high):
-        bounds = _bounds(low, high, low_open)
-        raise ValueError(f"{name} must be {bounds}, got {value}" + (f" ({hint})" if hint else ""))
-
-
-def _bounds(low: float | None, high: float | None, low_open: bool) -> str:
-    if low is not None and high is not None:
-        return f"in {'(' if low_open else '['}{low}, {high}]"
-    if low is not None:
-        return f"{'>' if low_open else '>='} {low}"
-    return f"<= {high}"
-
-
-def _bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
 # ---- results -------------------------------------------------------------------------------
@@ -370,26 +218,37 @@ def _budget(ids: list[int], config: GenerationConfig, positions: int) -> tuple[l
     if config.max_length is not None:
         room = config.max_length - length
         if room < 1:
-            raise ValueError(
-                f"max_length {config.max_length} leaves no room for new tokens after a "
-                f"{length}-token prompt: raise max_length or use max_new_tokens"
+            problem = (
+                f"{{}} {config.max_length} leaves no room for new tokens after a "
+                f"{length}-token prompt: raise {{}} or use {{}}"
+            )
+            raise OptionError(
+                problem.format("max_length", "max_length", "max_new_tokens"),
+                option="max_length",
+                cli=problem.format("--max-length", "--max-length", "--max-new-tokens"),
             )
         new = room if config.max_new_tokens is None else min(config.max_new_tokens, room)
     else:
         new = config.max_new_tokens if config.max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS
     if new >= positions:
-        raise ValueError(
-            f"max_new_tokens {new} leaves no room for a prompt: the model has {positions} "
-            "positions in all"
+        problem = f"{{}} {new} leaves no room for a prompt: the model has {positions} positions"
+        raise OptionError(
+            problem.format("max_new_tokens"),
+            option="max_new_tokens",
+            cli=problem.format("--max-new-tokens"),
         )
     over = length + new - positions
     if over <= 0:
         return ids, 0, new
     if config.truncate == "error":
-        raise ValueError(
-            f"the prompt ({length} tokens) plus max_new_tokens ({new}) exceeds the model's "
-            f"{positions} positions by {over}: shorten the prompt, lower max_new_tokens, "
-            "or use truncate='left'"
+        problem = (
+            f"the prompt ({length} tokens) plus {{}} ({new}) exceeds the model's "
+            f"{positions} positions by {over}: shorten the prompt, lower {{}}, or {{}}"
+        )
+        raise OptionError(
+            problem.format("max_new_tokens", "max_new_tokens", "use truncate='left'"),
+            option="truncate",
+            cli=problem.format("--max-new-tokens", "--max-new-tokens", "pass --truncate left"),
         )
     return ids[over:], over, new
 
@@ -405,7 +264,9 @@ def _prepare_rows(
     positions = model.config.max_position_embeddings
     start_id = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
     rows: list[_Row] = []
-    for index, prompt in enumerate(_normalize_prompts(prompts)):
+    normalized = _normalize_prompts(prompts)
+    _check_batch_memory(model, len(normalized) * config.num_return_sequences)
+    for index, prompt in enumerate(normalized):
         ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             if start_id is None:
@@ -428,6 +289,26 @@ def _prepare_rows(
                 )
             )
     return rows
+
+
+def _check_batch_memory(model: Any, sequences: int) -> None:
+    """Refuse, before a row is built, more sequences at once than the device can hold: each
+    needs at least its scores over the vocabulary (float32) and a key/value cache entry
+    per layer and position (a lower bound: only one position is counted per layer)."""
+    from .preflight import OutOfMemoryError, device_memory
+
+    config = model.config
+    itemsize = getattr(getattr(model, "dtype", None), "itemsize", 4)
+    layers, hidden = getattr(config, "num_layers", 0), getattr(config, "hidden_size", 0)
+    per_row = 4 * config.vocab_size + 2 * layers * hidden * itemsize  # stand-in models: 0
+    needed = sequences * per_row
+    total = device_memory(_model_device(model))
+    if total is not None and needed > total:
+        raise OutOfMemoryError(
+            f"out of memory: {sequences} sequences at once need more than "
+            f"{needed / 1e9:.1f} GB but the device has {total / 1e9:.1f} GB; generate fewer "
+            "at once (num_return_sequences, prompts per batch)"
+        )
 
 
 def _fit_groups(rows: list[_Row], positions: int) -> list[list[_Row]]:
@@ -559,23 +440,7 @@ class _Engine:
             # Left padding: each row's next position is its own length, not the batch's.
             self.next_pos = lengths[:, None].clone()
 
-        self.choose, needs_history = build_chooser(
-            SamplingParams(
-                do_sample=not config.greedy,
-                temperature=config.temperature,
-                top_k=config.top_k,
-                top_p=config.top_p,
-                min_p=config.min_p,
-                typical_p=config.typical_p,
-                repetition_penalty=config.repetition_penalty,
-                repetition_window=config.repetition_window,
-                presence_penalty=config.presence_penalty,
-                frequency_penalty=config.frequency_penalty,
-                no_repeat_ngram_size=config.no_repeat_ngram_size,
-                min_new_tokens=config.min_new_tokens,
-                eos_token_ids=tuple(self.eos_ids),
-            )
-        )
+        self.choose, needs_history = build_chooser(config, self.eos_ids)
         if needs_history:
             self.history = torch.full((batch, total), PAD, dtype=torch.long, device=device)
             self.history[:, :prompt_len] = ids if mask is None else ids.masked_fill(~mask, PAD)
@@ -605,10 +470,10 @@ class _Engine:
                 raise
             tokens = []
         if not bool(finite):
-            raise WeightsError(
-                "the model produced NaN or infinite scores, so generation stopped: its "
-                "checkpoint is likely corrupt (or float16 overflowed: try --dtype float32)"
-            )
+            problem = ("the model produced NaN or infinite scores, so generation stopped: its "
+                       "checkpoint is likely corrupt (or float16 overflowed: try {})")
+            raise WeightsError(problem.format("dtype float32"),
+                               cli=problem.format("--dtype float32"))
         now = time.perf_counter()
         if self.step == 0:
             self.prefill_s = now - self.prefill_start
@@ -784,6 +649,13 @@ def generate(
     or a callable) is checked between tokens; Ctrl-C is caught too. Either way the partial
     results come back with finish_reason "cancelled": callers should check for it.
     """
+    config = config if config is not None else GenerationConfig()
+    config.validate()
+    rows = _prepare_rows(model, tokenizer, prompts, config)
+    if len(rows) > 1 and _schedulable(model):
+        seed = None if config.greedy else (
+            config.seed if config.seed is not None else _new_seed())
+        return _generate_scheduled(model, tokenizer, rows, config, seed, _cancel_check(cancel))
     results: list[GenerationResult] = []
     interrupted = False
     for engine in _engines(model, tokenizer, prompts, config, cancel):
@@ -797,6 +669,61 @@ def generate(
             pass
         interrupted = interrupted or engine.interrupted
         results.extend(engine.results())
+    return results
+
+
+def _schedulable(model: Any) -> bool:
+    """Whether the continuous-batching scheduler can run this model (a GPTNeo causal LM
+    whose body runs with an attention step: the reference and the fast layout)."""
+    base = getattr(model, "base", None)
+    return callable(base) and hasattr(base(), "run") and hasattr(model, "lm_head")
+
+
+def _generate_scheduled(
+    model: Any,
+    tokenizer: TokenizerLike,
+    rows: list[_Row],
+    config: GenerationConfig,
+    seed: int | None,
+    cancelled: CancelCheck | None,
+) -> list[GenerationResult]:
+    """Many sequences through the scheduler (gptneo_cli.scheduler): each row leaves the
+    batch as soon as it is done, and its result does not depend on the others. Sample j of
+    a prompt draws from seed + j, so a prompt gives the same text alone or among others."""
+    from .scheduler import Request, Scheduler
+
+    scheduler = Scheduler(model, tokenizer, max_running=len(rows), max_queue=len(rows),
+                          prefill_chunk=max(len(r.prompt_ids) for r in rows),
+                          prefill_rows=len(rows),
+                          prefill_budget=sum(len(r.prompt_ids) for r in rows))
+    sample: dict[int, int] = {}
+    requests: list[Request] = []
+    for row in rows:
+        j = sample[row.prompt_index] = sample.get(row.prompt_index, -1) + 1
+        requests.append(Request(row.prompt_ids, config, row.max_new, truncated=row.truncated,
+                                seed=None if seed is None else seed + j))
+    try:
+        for request in requests:
+            scheduler.submit(request)
+        for request in requests:
+            while not request.done:
+                if cancelled is not None and cancelled():
+                    for r in requests:
+                        r.cancel()
+                request._done.wait(0.05)
+    except KeyboardInterrupt:  # Ctrl-C: every row ends with what it has
+        for r in requests:
+            r.cancel()
+        for r in requests:
+            r._done.wait(30)
+    finally:
+        scheduler.close()
+    results = []
+    for row, request in zip(rows, requests, strict=True):
+        result = request.wait(0)
+        result.prompt_index = row.prompt_index
+        result.seed = seed
+        results.append(result)
     return results
 
 

@@ -1,8 +1,13 @@
-"""GPT-Neo in PyTorch: the base model and its four heads.
+"""GPT-Neo in PyTorch: one model, written once, for training, reference and fast inference.
 
 Parameter names equal the Hub checkpoint names, so checkpoints load without renaming:
 `transformer.wte.weight`, `transformer.h.{i}.attn.attention.q_proj.weight`, ... Reading order:
-MLP, attention, block, the base model, then the heads and loading.
+the activations, what every class shares (loading and saving), then the model top to
+bottom: MLP, attention, block, the base model, the four heads.
+
+The linear layers are plain nn.Linear here. `gptneo_cli.fast` swaps them, after loading,
+for modules that hold their weights in a faster layout (oneDNN-packed, transposed, int8);
+nothing else differs between the reference and the fast model.
 """
 
 from __future__ import annotations
@@ -12,28 +17,23 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import (
-    AttentionPlan,
-    build_plan,
-    choose_backend,
-    eager_attention,
-    flash_attention,
-    sdpa_attention,
-)
+from .attention import AttentionPlan, attend, build_plan, choose_backend
 from .cache import KVCache
+from .checkpoint import match_checkpoint
 from .config import GPTNeoConfig
 from .device import resolve_device, resolve_dtype
-from .errors import WeightsError
+from .errors import ModelNotFoundError
 from .preflight import preflight
 from .weights import iter_tensors, save_safetensors, weight_files
 
 log = logging.getLogger("gptneo")
+
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
@@ -46,7 +46,7 @@ def _laplace(x: torch.Tensor) -> torch.Tensor:
 
 #: Every parameter-free activation transformers accepts for GPT-Neo (its ACT2FN names);
 #: prelu and xielu carry weights of their own and are refused by the config.
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_new": _gelu_tanh,
     "gelu_fast": _gelu_tanh,
     "gelu_accurate": _gelu_tanh,
@@ -72,6 +72,7 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+
 @dataclass
 class GPTNeoOutput:
     """What a forward pass returns; each class fills the fields that apply to it."""
@@ -84,81 +85,28 @@ class GPTNeoOutput:
     cache: KVCache | None = None
 
 
-class GPTNeoMLP(nn.Module):
-    def __init__(self, config: GPTNeoConfig) -> None:
-        super().__init__()
-        self.c_fc = nn.Linear(config.hidden_size, config.inner_size)
-        self.c_proj = nn.Linear(config.inner_size, config.hidden_size)
-        self.act = _ACTIVATIONS[config.activation_function]
+class LayerCache(Protocol):
+    """What attention needs from a KV cache: store a layer's new keys and values, get back
+    the keys and values to attend over (KVCache; the compiled decode step's static one)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.act(self.c_fc(x)))
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-class GPTNeoSelfAttention(nn.Module):
-    """q/k/v without bias, out_proj with bias; the backend does the unscaled attention."""
+@dataclass
+class AttentionStep:
+    """How every layer attends during one forward call, decided once for all layers.
 
-    def __init__(self, config: GPTNeoConfig, layer: int) -> None:
-        super().__init__()
-        h = config.hidden_size
-        self.layer = layer
-        self.num_heads = config.num_heads
-        self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(h, h, bias=False)
-        self.k_proj = nn.Linear(h, h, bias=False)
-        self.v_proj = nn.Linear(h, h, bias=False)
-        self.out_proj = nn.Linear(h, h, bias=True)
+    plans: the mask of each layer kind ("global", "local"); backend: "eager", "sdpa" or
+    "flash"; cache: where keys and values go (None: no cache); key_valid: bool [B, T] of
+    non-padding steps for the flash backend's prefill.
+    """
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        plan: AttentionPlan,
-        backend: str,
-        cache: KVCache | None,
-        key_valid: torch.Tensor | None,
-    ) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = (
-            proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
-        )
-        prefill = cache is None or cache.length == 0
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)
-        if backend == "flash" and prefill:
-            out = flash_attention(q, k, v, plan, key_valid)
-        elif backend == "eager":
-            out = eager_attention(q, k, v, plan)
-        else:
-            out = sdpa_attention(q, k, v, plan)
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, c))
-
-
-class GPTNeoAttention(nn.Module):
-    """Holds the self-attention as `.attention`, which is where the Hub's names put it."""
-
-    def __init__(self, config: GPTNeoConfig, layer: int) -> None:
-        super().__init__()
-        self.attention_type = config.attention_layers[layer]
-        self.attention = GPTNeoSelfAttention(config, layer)
-
-    def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
-        return self.attention(x, *args)
-
-
-class GPTNeoBlock(nn.Module):
-    """Pre-LayerNorm transformer block."""
-
-    def __init__(self, config: GPTNeoConfig, layer: int) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self.attn = GPTNeoAttention(config, layer)
-        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self.mlp = GPTNeoMLP(config)
-
-    def forward(self, x: torch.Tensor, *attn_args: Any) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), *attn_args)
-        return x + self.mlp(self.ln_2(x))
+    plans: dict[str, AttentionPlan]
+    backend: str
+    cache: LayerCache | None = None
+    key_valid: torch.Tensor | None = None
 
 
 M = TypeVar("M", bound="GPTNeoPreTrainedModel")
@@ -170,7 +118,7 @@ class GPTNeoPreTrainedModel(nn.Module):
     #: Names of this class's head parameters (absent from a plain causal-LM checkpoint).
     head_params: tuple[str, ...] = ()
 
-    def __init__(self, config: GPTNeoConfig, attn: str = "auto") -> None:
+    def __init__(self, config: GPTNeoConfig) -> None:
         super().__init__()
         self.config = config
 
@@ -189,12 +137,12 @@ class GPTNeoPreTrainedModel(nn.Module):
     @property
     def attn_implementation(self) -> str:
         """The attention backend setting: auto, eager, sdpa or flash."""
-        return self.base()._attn
+        return self.base().attn_backend
 
     @attn_implementation.setter
     def attn_implementation(self, name: str) -> None:
         choose_backend(name, self.device, self.dtype)
-        self.base()._attn = name
+        self.base().attn_backend = name
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         """A preallocated KV cache for `batch_size` rows of up to `max_length` positions."""
@@ -221,98 +169,63 @@ class GPTNeoPreTrainedModel(nn.Module):
     def tie_weights(self) -> None:
         """Re-point tied parameters after loading replaced them (only the causal LM ties)."""
 
-    # ---- loading ------------------------------------------------------------------------
+    # ---- loading and saving ---------------------------------------------------------------
     @classmethod
     def from_pretrained(
         cls: type[M],
-        name_or_path: str | Path,
+        folder: str | Path,
         *,
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         attn: str = "auto",
-        revision: str | None = None,
+        quantize: str | None = None,
+        compile: bool = False,
     ) -> M:
-        """Load a Hub-format folder (or Hub id / alias) into this class, in eval mode.
+        """Load a Hub-format model folder into this class, in eval mode.
 
         dtype None keeps the reference float32; "auto" picks the fastest good dtype for the
-        device. device None means CPU; "auto" picks CUDA, then MPS, then CPU.
+        device. device None means CPU; "auto" picks CUDA, then MPS, then CPU. `quantize`
+        and `compile` belong to the fast causal LM (gptneo_cli.fast.FastCausalLM); other
+        classes refuse them. Hub ids and aliases are resolved by `gptneo_cli.load`.
         """
-        from .hub import resolve_model_dir
-
-        folder = resolve_model_dir(name_or_path, revision=revision)
-        config = GPTNeoConfig.from_json_file(folder / "config.json")
-        files = weight_files(folder)
+        path = Path(folder).expanduser()
+        if not path.is_dir():
+            what = "a file, not a model folder" if path.exists() else "model folder not found"
+            raise ModelNotFoundError(
+                f"{what}: {folder} (give the folder holding config.json; gptneo_cli.load "
+                "resolves Hub ids and aliases)"
+            )
+        config = GPTNeoConfig.from_json_file(path / "config.json")
+        files = weight_files(path)
         dev = resolve_device(device) if device is not None else torch.device("cpu")
-        dt = resolve_dtype(dtype, dev)
+        dt = resolve_dtype(dtype, dev, quantize)
         choose_backend(attn, dev, dt)
-        preflight(config, files, dt, dev, folder.name or str(folder))
+        preflight(config, files, dt, dev, path.name or str(path), quantize)
         with torch.device("meta"):
-            model = cls(config, attn=attn)
-        model._load(iter_tensors(files, dt), dev, dt, source=folder.name or str(folder))
+            model = cls(config)
+        model.base().attn_backend = attn
+        model._load(files, dev, dt, path.name or str(path), quantize=quantize, compile=compile)
         return model.eval()
 
-    def _checkpoint_name(self, name: str) -> str | None:
-        """Map a checkpoint tensor name to our parameter name; None means "ignore it"."""
-        if name.endswith((".attn.attention.bias", ".attn.attention.masked_bias")):
-            return None
-        head = name.split(".", 1)[0]
-        if head in _HEAD_MODULES:
-            return name if head in {p.split(".", 1)[0] for p in self.head_params} else None
-        is_base = isinstance(self, GPTNeoModel)
-        if name.startswith("transformer."):
-            return name[len("transformer."):] if is_base else name
-        return name if is_base else f"transformer.{name}"
-
-    def _match_checkpoint(
-        self, tensors: Any, keep: Callable[[str, torch.Tensor], None], source: str
-    ) -> list[str]:
-        """Hand each checkpoint tensor to `keep(our_name, tensor)` after checking it fits.
-
-        Raises WeightsError listing every missing, unexpected or wrongly shaped tensor.
-        Returns the head parameters the checkpoint lacks (they get a random init).
-        """
-        expected = {name: tuple(p.shape) for name, p in self.named_parameters()}
-        seen: set[str] = set()
-        unexpected: list[str] = []
-        wrong: list[str] = []
-        wrong_dtype: list[str] = []
-        for raw, tensor in tensors:
-            name = self._checkpoint_name(raw)
-            if name is None:
-                continue
-            if name not in expected:
-                unexpected.append(raw)
-            elif tuple(tensor.shape) != expected[name]:
-                wrong.append(f"{raw} {list(tensor.shape)} (expected {list(expected[name])})")
-            elif not tensor.dtype.is_floating_point:  # an edited header: bytes of another kind
-                wrong_dtype.append(f"{raw} {str(tensor.dtype).removeprefix('torch.')}")
-            else:
-                keep(name, tensor)
-            seen.add(name)  # present, even when refused: listed once, under its problem
-        missing = [n for n in expected if n not in seen]
-        new_head = [n for n in missing if n in self.head_params]
-        missing = [n for n in missing if n not in self.head_params]
-        problems = []
-        if missing:
-            problems.append("missing " + _listing(missing))
-        if unexpected:
-            problems.append("unexpected " + _listing(unexpected))
-        if wrong:
-            problems.append("wrongly shaped " + _listing(wrong))
-        if wrong_dtype:
-            problems.append("integer data for floating-point parameters in "
-                            + _listing(wrong_dtype))
-        if problems:
-            raise WeightsError(f"checkpoint {source} does not fit: " + "; ".join(problems))
-        return new_head
-
-    def _load(self, tensors: Any, device: torch.device, dtype: torch.dtype, source: str) -> None:
+    def _load(
+        self,
+        files: list[Path],
+        device: torch.device,
+        dtype: torch.dtype,
+        source: str,
+        *,
+        quantize: str | None,
+        compile: bool,
+    ) -> None:
+        """Fill this meta-device skeleton from the checkpoint files (overridden by fast.py)."""
+        if quantize not in (None, "none") or compile:
+            raise ValueError("quantize and compile apply to the fast causal LM only")
         state: dict[str, torch.Tensor] = {}
 
         def keep(name: str, tensor: torch.Tensor) -> None:
             state[name] = tensor.to(device=device, dtype=dtype)
 
-        new_head = self._match_checkpoint(tensors, keep, source)
+        new_head = self.match_checkpoint(iter_tensors(files, dtype), keep, source)
         self.load_state_dict(state, strict=False, assign=True)
         if new_head:
             for module_name in sorted({n.split(".", 1)[0] for n in new_head}):
@@ -328,7 +241,15 @@ class GPTNeoPreTrainedModel(nn.Module):
             )
         self.tie_weights()
 
-    # ---- saving -------------------------------------------------------------------------
+    def match_checkpoint(
+        self, tensors: Any, keep: Callable[[str, Any], None], source: str
+    ) -> list[str]:
+        """Hand each checkpoint tensor to `keep(our_name, tensor)`; see checkpoint.py."""
+        return match_checkpoint(
+            self, tensors, keep, head_params=self.head_params,
+            is_base=isinstance(self, GPTNeoModel), source=source,
+        )
+
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write config.json and model.safetensors in the Hub's layout (no lm_head: tied)."""
         folder = Path(folder)
@@ -339,13 +260,81 @@ class GPTNeoPreTrainedModel(nn.Module):
         return folder
 
 
-_HEAD_MODULES = {"lm_head", "score", "classifier", "qa_outputs"}
+# ---- the model, top to bottom ------------------------------------------------------------
 
 
-def _listing(names: list[str], limit: int = 8) -> str:
-    shown = ", ".join(names[:limit])
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return f"{len(names)} tensor(s): {shown}{more}"
+class GPTNeoMLP(nn.Module):
+    def __init__(self, config: GPTNeoConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.hidden_size, config.inner_size)
+        self.c_proj = nn.Linear(config.inner_size, config.hidden_size)
+        self.act = ACTIVATIONS[config.activation_function]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class GPTNeoSelfAttention(nn.Module):
+    """q/k/v without bias, out_proj with bias; the backend does the unscaled attention.
+
+    The fast path fuses q, k and v into one matrix (`qkv_proj`, one product instead of
+    three) and deletes the three; the reference keeps the Hub's three.
+    """
+
+    def __init__(self, config: GPTNeoConfig, layer: int) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.layer = layer
+        self.kind = config.attention_layers[layer]
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(h, h, bias=False)
+        self.k_proj = nn.Linear(h, h, bias=False)
+        self.v_proj = nn.Linear(h, h, bias=False)
+        self.qkv_proj: nn.Module | None = None
+        self.out_proj = nn.Linear(h, h, bias=True)
+
+    def forward(self, x: torch.Tensor, step: AttentionStep) -> torch.Tensor:
+        b, t, c = x.shape
+        heads, dim = self.num_heads, self.head_dim
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).view(b, t, 3, heads, dim).permute(2, 0, 3, 1, 4)
+        else:
+            q, k, v = (
+                proj(x).view(b, t, heads, dim).transpose(1, 2)
+                for proj in (self.q_proj, self.k_proj, self.v_proj)
+            )
+        if step.cache is not None:
+            k, v = step.cache.update(self.layer, k, v)
+        out = attend(q, k, v, step.plans[self.kind], step.backend, step.key_valid)
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, c))
+
+
+class GPTNeoAttention(nn.Module):
+    """Holds the self-attention as `.attention`, which is where the Hub's names put it."""
+
+    def __init__(self, config: GPTNeoConfig, layer: int) -> None:
+        super().__init__()
+        self.attention_type = config.attention_layers[layer]
+        self.attention = GPTNeoSelfAttention(config, layer)
+
+    def forward(self, x: torch.Tensor, step: AttentionStep) -> torch.Tensor:
+        return self.attention(x, step)
+
+
+class GPTNeoBlock(nn.Module):
+    """Pre-LayerNorm transformer block."""
+
+    def __init__(self, config: GPTNeoConfig, layer: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.attn = GPTNeoAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mlp = GPTNeoMLP(config)
+
+    def forward(self, x: torch.Tensor, step: AttentionStep) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), step)
+        return x + self.mlp(self.ln_2(x))
 
 
 def _embedding(count: int, dim: int) -> nn.Embedding:
@@ -357,9 +346,10 @@ def _embedding(count: int, dim: int) -> nn.Embedding:
 class GPTNeoModel(GPTNeoPreTrainedModel):
     """Embeddings, the stack of blocks and the final LayerNorm; returns hidden states."""
 
-    def __init__(self, config: GPTNeoConfig, attn: str = "auto") -> None:
-        super().__init__(config, attn)
-        self._attn = attn
+    def __init__(self, config: GPTNeoConfig) -> None:
+        super().__init__(config)
+        #: The attention backend setting (auto, eager, sdpa, flash), resolved per call.
+        self.attn_backend = "auto"
         self.wte = _embedding(config.vocab_size, config.hidden_size)
         self.wpe = _embedding(config.max_position_embeddings, config.hidden_size)
         self.h = nn.ModuleList(GPTNeoBlock(config, i) for i in range(config.num_layers))
@@ -381,30 +371,51 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
             self.config, input_ids, attention_mask, position_ids, cache
         )
         new = input_ids.shape[1]
-        x = self.wte(input_ids) + self.wpe(position_ids)
-
-        backend = choose_backend(self._attn, x.device, x.dtype)
-        plans = {
-            kind: build_plan(kind, past, new, self.config.window_size, key_valid, x.device)
-            for kind in set(self.config.attention_layers)
-        }
-        flash_valid = key_valid if past == 0 else None
-        hidden: list[torch.Tensor] = []
-        for block in self.h:
-            if output_hidden_states:
-                hidden.append(x)
-            plan = plans[block.attn.attention_type]
-            x = block(x, plan, backend, cache, flash_valid)
-        x = self.ln_f(x)
+        device, dtype = self.wpe.weight.device, self.wpe.weight.dtype  # the activations'
+        backend = choose_backend(self.attn_backend, device, dtype)
+        if backend == "flash" and past > 0:
+            backend = "sdpa"  # flash serves prefills; a cached step runs sdpa
+        step = AttentionStep(
+            plans={
+                kind: build_plan(kind, past, new, self.config.window_size, key_valid, device)
+                for kind in set(self.config.attention_layers)
+            },
+            backend=backend,
+            cache=cache,
+            key_valid=key_valid,
+        )
+        hidden: list[torch.Tensor] | None = [] if output_hidden_states else None
+        x = self.run(input_ids, position_ids, step, hidden)
         if cache is not None:
             cache.advance(new)
-        if output_hidden_states:
-            hidden.append(x)
         return GPTNeoOutput(
             last_hidden_state=x,
-            hidden_states=tuple(hidden) if output_hidden_states else None,
+            hidden_states=tuple(hidden) if hidden is not None else None,
             cache=cache,
         )
+
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        step: AttentionStep,
+        hidden: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Embeddings, blocks, final LayerNorm: the whole model body, once.
+
+        `forward` prepares the inputs and the attention step for it; the fast path's
+        compiled decode step calls it with a static-shape cache. `hidden` collects the
+        input of every block and the final output when given.
+        """
+        x = self.wte(input_ids) + self.wpe(position_ids)
+        for block in self.h:
+            if hidden is not None:
+                hidden.append(x)
+            x = block(x, step)
+        x = self.ln_f(x)
+        if hidden is not None:
+            hidden.append(x)
+        return x
 
     @classmethod
     def prepare_inputs(
@@ -415,10 +426,7 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
         position_ids: torch.Tensor | None,
         cache: KVCache | None,
     ) -> tuple[int, torch.Tensor | None, torch.Tensor]:
-        """Check the inputs; return (cached steps, key validity or None, position ids).
-
-        Shared with the inference-only model in fast.py so both treat inputs alike.
-        """
+        """Check the inputs; return (cached steps, key validity or None, position ids)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
         batch, new = input_ids.shape
@@ -470,9 +478,9 @@ class GPTNeoForCausalLM(GPTNeoPreTrainedModel):
 
     head_params = ()
 
-    def __init__(self, config: GPTNeoConfig, attn: str = "auto") -> None:
-        super().__init__(config, attn)
-        self.transformer = GPTNeoModel(config, attn)
+    def __init__(self, config: GPTNeoConfig) -> None:
+        super().__init__(config)
+        self.transformer = GPTNeoModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
@@ -504,9 +512,9 @@ class _GPTNeoHeadModel(GPTNeoPreTrainedModel):
     """GPTNeoModel under `transformer` plus one head; `_read` turns hidden states into the
     head's outputs. Shared by the three heads whose forward takes the same inputs."""
 
-    def __init__(self, config: GPTNeoConfig, attn: str = "auto") -> None:
-        super().__init__(config, attn)
-        self.transformer = GPTNeoModel(config, attn)
+    def __init__(self, config: GPTNeoConfig) -> None:
+        super().__init__(config)
+        self.transformer = GPTNeoModel(config)
 
     def base(self) -> GPTNeoModel:
         return self.transformer
@@ -534,8 +542,8 @@ class GPTNeoForSequenceClassification(_GPTNeoHeadModel):
 
     head_params = ("score.weight",)
 
-    def __init__(self, config: GPTNeoConfig, attn: str = "auto") -> None:
-        super().__init__(config, attn)
+    def __init__(self, config: GPTNeoConfig) -> None:
+        super().__init__(config)
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.init_weights(self.score)
 
@@ -567,8 +575,8 @@ class GPTNeoForTokenClassification(_GPTNeoHeadModel):
 
     head_params = ("classifier.weight", "classifier.bias")
 
-    def __init__(self, config: GPTNeoConfig, attn: str = "auto") -> None:
-        super().__init__(config, attn)
+    def __init__(self, config: GPTNeoConfig) -> None:
+        super().__init__(config)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.init_weights(self.classifier)
 
@@ -583,8 +591,8 @@ class GPTNeoForQuestionAnswering(_GPTNeoHeadModel):
 
     head_params = ("qa_outputs.weight", "qa_outputs.bias")
 
-    def __init__(self, config: GPTNeoConfig, attn: str = "auto") -> None:
-        super().__init__(config, attn)
+    def __init__(self, config: GPTNeoConfig) -> None:
+        super().__init__(config)
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
         self.init_weights(self.qa_outputs)
 

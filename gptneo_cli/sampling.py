@@ -3,8 +3,9 @@
 Every rule takes float logits of shape [batch, vocab] and returns a new tensor of the
 same shape; filtered tokens become -inf. Keeping each rule alone makes it testable
 against its transformers counterpart, and keeps the decode loop free of special cases:
-`build_logits_processor` picks only the rules a configuration turns on, in the order
-transformers applies them, so a step pays for nothing it does not use.
+`make_logits_processors` and `make_sampler` (mlx-lm's shape) build, from a
+GenerationConfig, only the rules it turns on, in the order transformers applies them, so a
+step pays for nothing it does not use.
 
 Token histories are LongTensors [batch, length] where -1 marks "no token" (left padding),
 so padded rows of a batch are treated exactly like their unpadded selves.
@@ -12,8 +13,9 @@ so padded rows of a batch are treated exactly like their unpadded selves.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -244,39 +246,39 @@ class DecodeState:
 
 LogitsProcessor = Callable[[torch.Tensor, DecodeState], torch.Tensor]
 TokenChooser = Callable[[torch.Tensor, DecodeState, "torch.Generator | None"], torch.Tensor]
+Sampler = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """Every rule's setting; the defaults turn each rule off."""
+class SamplingConfig(Protocol):
+    """What the builders read: gptneo_cli.options.GenerationConfig has all of it."""
 
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    typical_p: float = 1.0
-    repetition_penalty: float = 1.0
-    repetition_window: int = 0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    no_repeat_ngram_size: int = 0
-    min_new_tokens: int = 0
-    eos_token_ids: tuple[int, ...] = ()
-
-    @property
-    def sampling(self) -> bool:
-        return self.do_sample and self.temperature != 0
+    greedy: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    typical_p: float
+    repetition_penalty: float
+    repetition_window: int
+    presence_penalty: float
+    frequency_penalty: float
+    no_repeat_ngram_size: int
+    min_new_tokens: int
 
 
-def _processor_rules(params: SamplingParams) -> list[LogitsProcessor]:
-    """The rules applied in greedy decoding too, in transformers' order."""
+def make_logits_processors(
+    config: SamplingConfig, eos_token_ids: Sequence[int] = ()
+) -> list[LogitsProcessor]:
+    """The rules applied in greedy decoding too, in transformers' order: repetition
+    penalty, presence/frequency penalty (not in transformers; placed with the other
+    penalties), no-repeat n-gram, eos suppression before min_new_tokens. Only the rules the
+    config turns on, so a step pays for nothing it does not use."""
     rules: list[LogitsProcessor] = []
-    if params.repetition_penalty != 1.0:
-        penalty, window = params.repetition_penalty, params.repetition_window
+    if config.repetition_penalty != 1.0:
+        penalty, window = config.repetition_penalty, config.repetition_window
         rules.append(lambda x, s: repetition_penalty(x, s.history, penalty, window))
-    if params.presence_penalty or params.frequency_penalty:
-        presence, frequency = params.presence_penalty, params.frequency_penalty
+    if config.presence_penalty or config.frequency_penalty:
+        presence, frequency = config.presence_penalty, config.frequency_penalty
 
         def _presence(x: torch.Tensor, s: DecodeState) -> torch.Tensor:
             if s.num_generated == 0:
@@ -284,12 +286,12 @@ def _processor_rules(params: SamplingParams) -> list[LogitsProcessor]:
             return presence_frequency_penalty(x, s.generated, presence, frequency)
 
         rules.append(_presence)
-    if params.no_repeat_ngram_size > 0:
-        n = params.no_repeat_ngram_size
+    if config.no_repeat_ngram_size > 0:
+        n = config.no_repeat_ngram_size
         rules.append(lambda x, s: no_repeat_ngram(x, s.history, n))
-    if params.min_new_tokens > 0 and params.eos_token_ids:
-        eos = torch.tensor(params.eos_token_ids, dtype=torch.long)
-        minimum = params.min_new_tokens
+    if config.min_new_tokens > 0 and eos_token_ids:
+        eos = torch.tensor(tuple(eos_token_ids), dtype=torch.long)
+        minimum = config.min_new_tokens
 
         def _min_new(x: torch.Tensor, s: DecodeState) -> torch.Tensor:
             if s.num_generated >= minimum:
@@ -298,6 +300,24 @@ def _processor_rules(params: SamplingParams) -> list[LogitsProcessor]:
 
         rules.append(_min_new)
     return rules
+
+
+def make_sampler(config: SamplingConfig) -> Sampler:
+    """Choose one token per row from processed logits: argmax when greedy; else `warp`
+    (temperature, top-k, top-p, min-p, typical-p) then `sample`, restricted to the top-k
+    candidates when top-k is on, which is what makes it fast."""
+    if config.greedy:
+        return lambda logits, gen: greedy(logits)
+    temperature, top_k, top_p = config.temperature, config.top_k, config.top_p
+    min_p, typical_p = config.min_p, config.typical_p
+
+    def choose(logits: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        logits, ids = warp(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                           min_p=min_p, typical_p=typical_p)
+        picked = sample(logits, gen)
+        return picked if ids is None else ids.gather(-1, picked[:, None])[:, 0]
+
+    return choose
 
 
 def _compose(rules: list[LogitsProcessor]) -> LogitsProcessor | None:
@@ -314,56 +334,35 @@ def _compose(rules: list[LogitsProcessor]) -> LogitsProcessor | None:
     return process
 
 
-def build_logits_processor(params: SamplingParams) -> LogitsProcessor | None:
-    """All active rules as one full-vocabulary function, in transformers' order.
-
-    Order: repetition penalty, presence/frequency penalty (not in transformers; placed with
-    the other penalties), no-repeat n-gram, eos suppression before min_new_tokens, then,
-    only when sampling: temperature, top-k, top-p, min-p, typical-p. None when no rule is
-    active. This is the reference composition; `build_chooser` is its fast equivalent.
-    """
-    rules = _processor_rules(params)
-    if params.sampling:
-        p = params
-        if p.temperature != 1.0:
-            rules.append(lambda x, s: apply_temperature(x, p.temperature))
-        if p.top_k > 0:
-            rules.append(lambda x, s: top_k_filter(x, p.top_k))
-        if p.top_p < 1.0:
-            rules.append(lambda x, s: top_p_filter(x, p.top_p))
-        if p.min_p > 0.0:
-            rules.append(lambda x, s: min_p_filter(x, p.min_p))
-        if p.typical_p < 1.0:
-            rules.append(lambda x, s: typical_filter(x, p.typical_p))
+def build_logits_processor(
+    config: SamplingConfig, eos_token_ids: Sequence[int] = ()
+) -> LogitsProcessor | None:
+    """Every active rule as one full-vocabulary function: the processors, then, only when
+    sampling, the warpers one by one. None when no rule is active. This is the reference
+    composition the tests compare with transformers; `build_chooser` is its fast equivalent."""
+    rules = make_logits_processors(config, eos_token_ids)
+    if not config.greedy:
+        c = config
+        if c.temperature != 1.0:
+            rules.append(lambda x, s: apply_temperature(x, c.temperature))
+        if c.top_k > 0:
+            rules.append(lambda x, s: top_k_filter(x, c.top_k))
+        if c.top_p < 1.0:
+            rules.append(lambda x, s: top_p_filter(x, c.top_p))
+        if c.min_p > 0.0:
+            rules.append(lambda x, s: min_p_filter(x, c.min_p))
+        if c.typical_p < 1.0:
+            rules.append(lambda x, s: typical_filter(x, c.typical_p))
     return _compose(rules)
 
 
-def build_chooser(params: SamplingParams) -> tuple[TokenChooser, bool]:
-    """A function choosing the next token per row, and whether it reads the history.
-
-    Greedy: argmax after the processors. Sampling: processors, `warp`, then `sample`
-    (restricted to the top-k candidates when top-k is on, which is what makes it fast).
-    """
-    process = _compose(_processor_rules(params))
-    needs_history = process is not None
-    if not params.sampling:
-        if process is None:
-            return (lambda x, s, g: greedy(x)), False
-        return (lambda x, s, g: greedy(process(x, s))), True
-    p = params
-
-    def choose(logits: torch.Tensor, state: DecodeState, gen: torch.Generator | None):
-        if process is not None:
-            logits = process(logits, state)
-        logits, ids = warp(
-            logits,
-            temperature=p.temperature,
-            top_k=p.top_k,
-            top_p=p.top_p,
-            min_p=p.min_p,
-            typical_p=p.typical_p,
-        )
-        picked = sample(logits, gen)
-        return picked if ids is None else ids.gather(-1, picked[:, None])[:, 0]
-
-    return choose, needs_history
+def build_chooser(
+    config: SamplingConfig, eos_token_ids: Sequence[int] = ()
+) -> tuple[TokenChooser, bool]:
+    """The engine's step: the processors, then the sampler; and whether it reads the
+    token history (only the processors do)."""
+    process = _compose(make_logits_processors(config, eos_token_ids))
+    sampler = make_sampler(config)
+    if process is None:
+        return (lambda x, s, g: sampler(x, g)), False
+    return (lambda x, s, g: sampler(process(x, s), g)), True

@@ -26,13 +26,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from . import sampling
-from .errors import GPTNeoError, is_out_of_memory
+from .errors import GPTNeoError, WeightsError, is_out_of_memory
 from .generation import (
     FinishReason,
     GenerationConfig,
@@ -47,7 +48,7 @@ from .rowcache import RowCache
 
 #: Prompt tokens prefilled per step (across admitted requests): bounds the extra delay a
 #: long prompt adds to the running rows' next token.
-DEFAULT_PREFILL_CHUNK = 256
+DEFAULT_PREFILL_CHUNK = 128
 
 
 class QueueFull(GPTNeoError):
@@ -169,27 +170,8 @@ class _Seq:
 
 
 def _make_chooser(config: GenerationConfig, eos_ids: Sequence[int]) -> tuple[Any, bool]:
-    """The sampler of one request (adapter: main's SamplingParams or the config itself)."""
-    params_cls = getattr(sampling, "SamplingParams", None)
-    if params_cls is None:
-        return sampling.build_chooser(config, tuple(eos_ids))
-    return sampling.build_chooser(
-        params_cls(
-            do_sample=not config.greedy,
-            temperature=config.temperature,
-            top_k=config.top_k,
-            top_p=config.top_p,
-            min_p=config.min_p,
-            typical_p=config.typical_p,
-            repetition_penalty=config.repetition_penalty,
-            repetition_window=config.repetition_window,
-            presence_penalty=config.presence_penalty,
-            frequency_penalty=config.frequency_penalty,
-            no_repeat_ngram_size=config.no_repeat_ngram_size,
-            min_new_tokens=config.min_new_tokens,
-            eos_token_ids=tuple(eos_ids),
-        )
-    )
+    """The sampler of one request: the processors and sampler its config turns on."""
+    return sampling.build_chooser(config, tuple(eos_ids))
 
 
 def model_body(model: Any) -> Callable[[torch.Tensor, torch.Tensor, RowCache, int], torch.Tensor]:
@@ -225,7 +207,9 @@ class Scheduler:
 
     max_running: rows decoded together (the KV cache holds that many sequences).
     max_queue: requests waiting for a row; beyond it `submit` raises QueueFull.
-    prefill_chunk: prompt tokens prefilled per step (see the module's docstring).
+    prefill_chunk: prompt tokens per prefill forward pass (see the module's docstring).
+    prefill_rows: requests prefilled side by side; prefill_budget: prompt tokens per step
+    (default one chunk).
     """
 
     def __init__(
@@ -237,6 +221,7 @@ class Scheduler:
         max_queue: int = 64,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         prefill_rows: int = 2,
+        prefill_budget: int | None = None,
     ) -> None:
         if max_running < 1:
             raise ValueError(f"max_running must be at least 1, got {max_running}")
@@ -248,10 +233,14 @@ class Scheduler:
         self.config = model.config
         self.max_running, self.max_queue = max_running, max_queue
         self.prefill_chunk = prefill_chunk
+        #: Prompt tokens prefilled per step (whole chunks; the last one may overshoot).
+        self.prefill_budget = prefill_budget or prefill_chunk
         eos = {tokenizer.eos_id, getattr(model.config, "eos_token_id", None)}
         self.eos_ids = sorted(t for t in eos if t is not None)
+        # The compute dtype and device (an int8 model's weights are int8, its activations not).
         param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        self.device = torch.device(getattr(model, "device", param.device))
+        self.dtype = getattr(model, "dtype", param.dtype)
         self._forward = model_body(model)
         self._cache = RowCache(self.config, max_running, dtype=self.dtype, device=self.device)
         self._prefill_rows = max(1, min(prefill_rows, max_running))
@@ -262,6 +251,7 @@ class Scheduler:
         self._waiting: deque[Request] = deque()
         self._prefilling: list[_Seq] = []
         self._running: list[_Seq] = []
+        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._closing = False
         self._stopped = False
         self._thread: threading.Thread | None = None
@@ -297,7 +287,7 @@ class Scheduler:
             if self._closing:
                 raise SchedulerClosed("the server is shutting down")
             busy = len(self._running) + len(self._prefilling)
-            if busy >= self.max_running and len(self._waiting) >= self.max_queue:
+            if busy + len(self._waiting) >= self.max_running + self.max_queue:
                 raise QueueFull(
                     f"{busy} requests are running and {len(self._waiting)} are queued "
                     "(the most allowed): try again shortly",
@@ -308,6 +298,18 @@ class Scheduler:
             self._ensure_thread()
             self._lock.notify_all()
         return request
+
+    def call(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run `fn` on the scheduler's thread between two steps (the model is used by one
+        thread only): other model work, such as zero-shot classification, goes here."""
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._closing:
+                raise SchedulerClosed("the server is shutting down")
+            self._calls.append((fn, future))
+            self._ensure_thread()
+            self._lock.notify_all()
+        return future
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -336,6 +338,9 @@ class Scheduler:
                 req.cancel()
             for seq in self._prefilling + self._running:
                 seq.req.cancel()
+            for _, future in self._calls:
+                future.cancel()
+            self._calls.clear()
             self._stopped = True
             self._lock.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -358,10 +363,20 @@ class Scheduler:
     def _main(self) -> None:
         while True:
             with self._lock:
-                while not (self._waiting or self._prefilling or self._running):
+                while not (self._waiting or self._prefilling or self._running or self._calls):
                     if self._stopped:
                         return
                     self._lock.wait(timeout=0.5)
+                calls = list(self._calls)
+                self._calls.clear()
+            for fn, future in calls:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                        future.set_exception(exc)
+            if not (self._waiting or self._prefilling or self._running):
+                continue
             try:
                 with torch.inference_mode():
                     self.step()
@@ -424,7 +439,7 @@ class Scheduler:
 
     def _prefill(self) -> None:
         """Up to prefill_chunk prompt tokens, chunk by chunk, oldest request first."""
-        budget = self.prefill_chunk
+        budget = self.prefill_budget
         for seq in list(self._prefilling):
             if budget <= 0:
                 break
@@ -491,9 +506,9 @@ class Scheduler:
         """Choose each row's next token from its logits row, hand it over, retire finished
         rows. Plain greedy rows share one argmax (and one device->host copy)."""
         if not torch.isfinite(logits).all():
-            raise GPTNeoError(
-                "the model produced NaN or infinite scores: its checkpoint is likely corrupt "
-                "(or float16 overflowed: try float32)"
+            raise WeightsError(
+                "the model produced NaN or infinite scores, so generation stopped: its "
+                "checkpoint is likely corrupt (or float16 overflowed: try --dtype float32)"
             )
         plain = logits.argmax(dim=-1).tolist()
         tokens: list[int] = []
@@ -507,18 +522,17 @@ class Scheduler:
             state = sampling.DecodeState(history, len(seq.req.prompt_ids))
             tokens.append(int(seq.choose(logits[j : j + 1], state, seq.generator)[0]))
         now = time.perf_counter()
-        finished: list[_Seq] = []
+        updates: list[tuple[Request, Update]] = []
         for j, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             logprob = self._logprob(seq, logits[j], token) if seq.logprobs is not None else None
             text = self._accept(seq, token, now)
             seq.last = token
             self.generated_tokens_total += 1
-            update = Update(token, text, logprob, seq.finish_reason)
-            self._emit(seq.req, update)
-            if seq.finish_reason is not None:
-                finished.append(seq)
-        for seq in finished:
-            self._retire(seq)
+            updates.append((seq.req, Update(token, text, logprob, seq.finish_reason)))
+        for seq in [s for s in seqs if s.finish_reason is not None]:
+            self._retire(seq)  # the result is complete before its last update is sent
+        for req, update in updates:
+            self._emit(req, update)
 
     def _logprob(self, seq: _Seq, logits: torch.Tensor, token: int) -> TokenLogprob:
         logp = logits.log_softmax(dim=-1)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .options import GENERATION, OptionError, option
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
@@ -36,20 +38,7 @@ _MODEL: dict[str, tuple[type, Any]] = {
     "device": (str, "auto"),
     "dtype": (str, "auto"),
     "attn": (str, "auto"),
-}
-# GenerationConfig fields of the same name, shared by `generate` and `chat`.
-_GENERATION: dict[str, tuple[type, Any]] = {
-    "max_new_tokens": (int, None),
-    "temperature": (float, None),
-    "top_k": (int, None),
-    "top_p": (float, None),
-    "min_p": (float, None),
-    "typical_p": (float, None),
-    "repetition_penalty": (float, None),
-    "presence_penalty": (float, None),
-    "frequency_penalty": (float, None),
-    "no_repeat_ngram_size": (int, None),
-    "seed": (int, None),
+    "api_key": (str, None),  # `gptneo serve`: the key clients must send (GPTNEO_API_KEY)
 }
 _CHAT: dict[str, tuple[type, Any]] = {
     "system": (str, None),
@@ -57,8 +46,18 @@ _CHAT: dict[str, tuple[type, Any]] = {
     "assistant_prefix": (str, "Assistant:"),
     "history_file": (str, None),
 }
-KEYS: dict[str, tuple[type, Any]] = {**_MODEL, **_GENERATION, **_CHAT}
-GENERATION_KEYS = tuple(_GENERATION)
+
+
+def generation_keys() -> tuple[str, ...]:
+    """The generation options that are settings (gptneo_cli.options.GENERATION decides)."""
+    return tuple(opt.name for opt in GENERATION if opt.setting)
+
+
+def keys() -> dict[str, tuple[type, Any]]:
+    """Every settings key -> (type, default). Generation options default to None: "let the
+    library decide" (their own default applies)."""
+    gen = {opt.name: (opt.kind, None) for opt in GENERATION if opt.setting}
+    return {**_MODEL, **gen, **_CHAT}
 
 # Environment variables that are not settings keys but still shape behaviour.
 EXTRA_ENV = ("GPTNEO_CONFIG", "GPTNEO_DEBUG")
@@ -106,7 +105,7 @@ class Settings:
 
     def get(self, key: str, flag: Any = None) -> Any:
         """A flag given on the command line (not None) wins over everything else."""
-        if key not in KEYS:
+        if key not in keys():
             raise KeyError(key)
         return flag if flag is not None else self.values.get(key)
 
@@ -121,13 +120,21 @@ class Settings:
 
 
 def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
-    """Read the TOML file and GPTNEO_* variables. Bad values raise ValueError naming the source."""
+    """Read the TOML file and GPTNEO_* variables. Bad values raise ValueError naming the source.
+
+    The default file may be absent; a file named by GPTNEO_CONFIG must exist (a typo in it
+    would otherwise silently give the defaults).
+    """
     path = config_path(environ)
-    values = {key: default for key, (_, default) in KEYS.items()}
-    sources = {key: "default" for key in KEYS}
+    known = keys()
+    values = {key: default for key, (_, default) in known.items()}
+    sources = {key: "default" for key in known}
     file_found = path.is_file()
+    if not file_found and environ.get("GPTNEO_CONFIG"):
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ValueError(f"GPTNEO_CONFIG names {path}, which {what}")
     if file_found:
-        for key, value in _read_file(path).items():
+        for key, value in _read_file(path, known).items():
             values[key] = value
             sources[key] = f"file {path}"
     env: dict[str, str] = {}
@@ -136,13 +143,13 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
             continue
         env[name] = raw
         key = name[len(ENV_PREFIX) :].lower()
-        if key in KEYS and raw != "":
-            values[key] = _parse_env(name, raw, KEYS[key][0])
+        if key in known and raw != "":
+            values[key] = _parse_env(name, raw, key, known[key][0])
             sources[key] = f"env {name}"
     return Settings(values=values, sources=sources, path=path, file_found=file_found, env=env)
 
 
-def _read_file(path: Path) -> dict[str, Any]:
+def _read_file(path: Path, known: dict[str, tuple[type, Any]]) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -151,29 +158,33 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ValueError(f"config file {path} is not valid TOML: {exc}") from exc
     out: dict[str, Any] = {}
     for key, value in data.items():
-        if key not in KEYS:
-            known = ", ".join(KEYS)
-            raise ValueError(f"unknown key {key!r} in config file {path}; known keys: {known}")
-        out[key] = _check_type(f"{key} in {path}", value, KEYS[key][0])
+        if key not in known:
+            names = ", ".join(known)
+            raise ValueError(f"unknown key {key!r} in config file {path}; known keys: {names}")
+        where = f"{key} in {path}"
+        if key in generation_keys():
+            out[key] = _checked(where, lambda value=value, key=key: option(key).check(value))
+        else:
+            out[key] = _check_type(where, value, known[key][0])
     return out
 
 
+def _checked(where: str, check: Any) -> Any:
+    """Run an option's check; its error names `where` (the file or variable) instead."""
+    try:
+        return check()
+    except OptionError as exc:
+        problem = str(exc).split(" ", 1)[1]  # "<name> must be ..., got ..."
+        raise ValueError(f"{where} {problem}") from None
+
+
 def _check_type(where: str, value: Any, kind: type) -> Any:
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
     if isinstance(value, bool) or not isinstance(value, kind):
-        raise ValueError(f"{where} must be {_kind_name(kind)}, got {value!r}")
+        raise ValueError(f"{where} must be a string, got {value!r}")
     return value
 
 
-def _parse_env(name: str, raw: str, kind: type) -> Any:
-    if kind is str:
-        return raw
-    try:
-        return kind(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be {_kind_name(kind)}, got {raw!r}") from None
-
-
-def _kind_name(kind: type) -> str:
-    return {int: "an integer", float: "a number", str: "a string"}[kind]
+def _parse_env(name: str, raw: str, key: str, kind: type) -> Any:
+    if key in generation_keys():
+        return _checked(name, lambda: option(key).parse(raw))
+    return raw

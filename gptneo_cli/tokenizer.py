@@ -15,9 +15,10 @@ partial one: O(1) work per token, never half a character, never a correction.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -122,15 +123,20 @@ class Tokenizer:
         """Token ids of `text`; special tokens written in the text become their ids."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        return self.backend.encode(text, add_special_tokens=False).ids
+        _check_utf8(text)
+        return _native(self.backend.encode, text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Several texts at once (the Rust side runs them in parallel)."""
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        for text in texts:
+            _check_utf8(text)
+        encoded = _native(self.backend.encode_batch, list(texts), add_special_tokens=False)
+        return [e.ids for e in encoded]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; special tokens are kept unless asked, so decode(encode(x)) == x."""
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        return _native(self.backend.decode, [int(i) for i in ids],
+                       skip_special_tokens=skip_special_tokens)
 
     def stream_decoder(self) -> StreamDecoder:
         """A fresh incremental decoder for one stream of generated ids."""
@@ -259,6 +265,58 @@ class StreamDecoder:
         return delta
 
 
+# ---- calling the native library ----------------------------------------------------------
+
+#: Set by the CLI: while the tokenizers library works, the report a Rust panic writes
+#: straight to file descriptor 2 is kept off the terminal (the CLI says it in one line).
+#: Library users keep the default: a process-wide descriptor is not a library's to move.
+HIDE_NATIVE_PANIC_OUTPUT = False
+
+
+def _check_utf8(text: str) -> None:
+    """Undecodable bytes (a non-UTF-8 argument or input arrives as lone surrogates) would
+    fail deep in the native library; refuse them with a line that says what is wrong."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text is not valid UTF-8 (it holds undecodable bytes); give "
+                         "UTF-8 text") from None
+
+
+def _native(call: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call into `tokenizers`, turning a Rust panic (pyo3's PanicException, which is a
+    BaseException that `except Exception` misses) into a TokenizerError."""
+    try:
+        with _fd2_hidden() if HIDE_NATIVE_PANIC_OUTPUT else contextlib.nullcontext():
+            return call(*args, **kwargs)
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":
+            raise
+        text = str(exc).strip()
+        reason = text.splitlines()[0][:200] if text else "no message"
+        raise TokenizerError(f"the tokenizer failed (the tokenizers library panicked: "
+                             f"{reason}); its tokenizer files may be broken") from None
+
+
+@contextlib.contextmanager
+def _fd2_hidden() -> Iterator[None]:
+    try:
+        saved = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:  # no descriptor 2 (closed): nothing to hide
+        yield
+        return
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 # ---- building and loading -----------------------------------------------------------
 def build_gpt2_bpe(vocab_file: str | os.PathLike[str], merges_file: str | os.PathLike[str],
                    add_prefix_space: bool = False) -> Any:
@@ -267,7 +325,9 @@ def build_gpt2_bpe(vocab_file: str | os.PathLike[str], merges_file: str | os.Pat
     from tokenizers import decoders, models, pre_tokenizers
 
     try:
-        bpe = models.BPE.from_file(str(vocab_file), str(merges_file))
+        bpe = _native(models.BPE.from_file, str(vocab_file), str(merges_file))
+    except TokenizerError:
+        raise
     except Exception as exc:  # noqa: BLE001 - the Rust side raises plain Exception
         raise TokenizerError(f"cannot read {vocab_file} / {merges_file}: {exc}") from exc
     backend = Backend(bpe)
@@ -280,7 +340,9 @@ def _load_tokenizer_json(path: Path) -> Any:
     from tokenizers import Tokenizer as Backend
 
     try:
-        return Backend.from_file(str(path))
+        return _native(Backend.from_file, str(path))
+    except TokenizerError:
+        raise
     except Exception as exc:  # noqa: BLE001 - the Rust side raises plain Exception
         raise TokenizerError(f"cannot read {path}: {exc}") from exc
 
@@ -292,6 +354,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TokenizerError(f"cannot read {path}: {exc}") from exc
+    except RecursionError:
+        raise TokenizerError(f"cannot read {path}: its JSON is nested too deeply") from None
     return data if isinstance(data, dict) else {}
 
 
@@ -339,9 +403,6 @@ def _fill_specials(specials: dict[str, str | None], folder: Path, backend: Any) 
         specials[role] = token
 
 
-def load_tokenizer(name_or_path: str | os.PathLike[str], revision: str | None = None) -> Tokenizer:
-    """The tokenizer of a model folder, Hub id or alias (downloads no weights)."""
-    from .hub import fetch
-
-    snapshot = fetch(name_or_path, revision, parts=("config", "tokenizer"))
-    return Tokenizer.from_folder(snapshot.folder)
+def load_tokenizer(folder: str | os.PathLike[str]) -> Tokenizer:
+    """The tokenizer of a model folder (gptneo_cli.load_tokenizer also takes Hub names)."""
+    return Tokenizer.from_folder(folder)

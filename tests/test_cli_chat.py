@@ -136,7 +136,7 @@ def test_piped_message_too_long_is_skipped_and_the_rest_still_run(small_model, t
 def test_piped_chat_rejects_bad_values_before_loading(tmp_path):
     done = run_cli("chat", "--temperature", "-2", home=tmp_path, input="hi\n")
     assert done.returncode == 2
-    assert done.stderr.decode().startswith("Error: temperature must be >= 0")
+    assert done.stderr.decode().startswith("Error: --temperature must be at least 0")
 
 
 # --------------------------------------------------------------------------- pseudo-terminal
@@ -267,3 +267,94 @@ def test_pty_pasted_lines_are_one_message(model, tmp_path):
     assert finish(child) == 0
     saved = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
     assert [t["user"] for t in saved["turns"]] == ["first pasted line\nsecond pasted line"]
+
+
+# --------------------------------------------------------------------------- settings and output
+
+
+def _settings_rows(stderr: str) -> dict[str, str]:
+    """The rows /show lists under "Settings (/set KEY VALUE)"."""
+    lines = stderr.split("Settings (/set KEY VALUE)\n", 1)[1].splitlines()
+    rows = {}
+    for line in lines:
+        if not line.startswith("  ") or ": " not in line:
+            break
+        key, value = line.strip().split(": ", 1)
+        rows[key] = value
+    return rows
+
+
+def test_every_setting_show_lists_can_be_set(small_model, tmp_path):
+    from gptneo_cli.cli.chat import CHAT_OPTIONS
+
+    done = chat_piped(small_model, tmp_path, ["/show"], "--max-new-tokens", "2")
+    rows = _settings_rows(done.stderr.decode())
+    assert {"stop", "system", "user_prefix", "temperature", "seed"} <= set(rows)
+    samples = {"system": "Be brief.", "user_prefix": "Q:", "assistant_prefix": "A:",
+               "stop": "foo", "do_sample": "false", "ignore_eos": "true", "seed": "3",
+               "max_new_tokens": "3"}
+    for key, opt in CHAT_OPTIONS.items():
+        samples.setdefault(key, str(opt.default))
+    lines = [f"/set {key} {samples[key]}" for key in rows] + ["hello", "/save s.json", "/show"]
+    done = chat_piped(small_model, tmp_path, lines, "--max-new-tokens", "2")
+    err = done.stderr.decode()
+    assert done.returncode == 0, err
+    assert "unknown setting" not in err and "Warning" not in err
+    for key in rows:
+        assert f"({key} = {samples[key]})" in err
+    saved = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
+    assert saved["settings"]["stop"] == ["foo"] and saved["user_prefix"] == "Q:"
+    assert _settings_rows(err.rsplit("Chat\n", 1)[1])["stop"] == "'foo'"
+
+
+def test_piped_replies_are_separated_by_a_blank_line_and_jsonl_has_one_object_per_turn(
+    model, tmp_path
+):
+    lines = ["first", "/set temperature 0.7", "second", "third"]
+    args = ("--max-new-tokens", "6", "--stop", "\n")  # no reply holds a newline
+    records = [json.loads(line) for line in
+               chat_piped(model, tmp_path, lines, *args, "--format", "jsonl").stdout.splitlines()]
+    assert [r["user"] for r in records] == ["first", "second", "third"]
+    assert all(set(r) == {"user", "reply", "tokens", "prompt_tokens", "finish_reason"}
+               for r in records)
+    assert all(r["finish_reason"] in ("length", "stop", "eos") and r["tokens"] >= 1
+               for r in records)
+    text = chat_piped(model, tmp_path, lines, *args).stdout.decode()
+    expected = "\n\n".join(r["reply"] for r in records) + "\n"
+    assert "\n".join(line.rstrip() for line in text.split("\n")) == expected
+
+
+def test_context_note_mentions_the_system_text_only_when_there_is_one(small_model, tmp_path):
+    lines = ["/set ignore_eos true"] + [f"message number {i} is here" for i in range(6)]
+    without = chat_piped(small_model, tmp_path, lines, "--max-new-tokens", "8").stderr.decode()
+    assert "dropped out" in without and "system text" not in without
+    with_system = chat_piped(small_model, tmp_path, lines, "--max-new-tokens", "8",
+                             "--system", "SYS").stderr.decode()
+    assert "kept with the system text)" in with_system
+
+
+def test_pty_history_keeps_a_multiline_message_as_one_entry(model, tmp_path):
+    child = spawn(model, tmp_path, "--max-new-tokens", "3")
+    child.sendline('"""')
+    child.expect_exact("... ")
+    child.sendline("line one")
+    child.expect_exact("... ")
+    child.sendline('line two"""')
+    child.expect_exact(">>> ")
+    child.sendcontrol("d")
+    assert finish(child) == 0
+    history = tmp_path / "data" / "gptneo" / "chat_history"
+    entries = history.read_text(encoding="utf-8").splitlines()
+    assert entries[-1] == json.dumps('"""\nline one\nline two"""')
+
+    child = spawn(model, tmp_path, "--max-new-tokens", "3")
+    child.send("\x1b[A")  # Up: the whole block comes back as one entry
+    child.expect_exact("line two")
+    child.send("\r")
+    child.expect_exact(">>> ")
+    child.sendline("/save s.json")
+    child.expect_exact("(saved 1 turn to")
+    child.sendcontrol("d")
+    assert finish(child) == 0
+    saved = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
+    assert [t["user"] for t in saved["turns"]] == ["line one\nline two"]

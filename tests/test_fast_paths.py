@@ -63,8 +63,10 @@ def test_float32_fast_path_matches_transformers(tiny_checkpoint, config, attn, l
         monkeypatch.setattr(fast, "_mkldnn_packing_works", lambda dtype: False)
     folder, ref = tiny_checkpoint("causal_lm", config)
     model = FastCausalLM.from_pretrained(folder, attn=attn)
-    kind = fast.PackedDense if layout == "onednn" else fast.ColDense
-    assert isinstance(model.layers[0].qkv, kind)  # fused, in the layout chosen for CPU fp32
+    kind = fast.PackedLinear if layout == "onednn" else fast.ColumnLinear
+    attention = model.transformer.h[0].attn.attention
+    assert isinstance(attention.qkv_proj, kind)  # fused, in the layout chosen for CPU fp32
+    assert not hasattr(attention, "q_proj")
     assert model.lm_head.onednn == (layout == "onednn")
     vocab = TINY_CONFIGS[config]["vocab_size"]
     ids = torch.randint(1, vocab, (2, 19), generator=torch.Generator().manual_seed(1))
@@ -196,8 +198,11 @@ def test_int8_logits_stay_close_to_float32(tmp_path, dtype, shape):
     ref = build_reference("causal_lm", **config)
     folder = save_reference(ref, tmp_path / shape)
     model = FastCausalLM.from_pretrained(folder, dtype=dtype, quantize="int8")
-    assert isinstance(model.layers[0].qkv, fast.Int8Dense)
-    assert model.layers[0].qkv.packed == (shape == "int8pack")
+    qkv = model.transformer.h[0].attn.attention.qkv_proj
+    assert isinstance(qkv, fast.Int8Linear)
+    assert qkv.packed == (shape == "int8pack")
+    assert isinstance(model.transformer.wte, fast.Int8Embedding)
+    assert model.lm_head.qweight is model.transformer.wte.qweight  # shared, not copied
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(1, config["vocab_size"], (2, 21), generator=gen)
     with torch.no_grad():
@@ -240,7 +245,7 @@ def test_int8_dynamic_logits_stay_close_to_float32(tmp_path):
     ref = build_reference("causal_lm", **INT8_SHAPE)
     folder = save_reference(ref, tmp_path / "m")
     model = FastCausalLM.from_pretrained(folder, quantize="int8-dynamic")
-    assert isinstance(model.layers[0].fc, fast.DynamicInt8Dense)
+    assert isinstance(model.transformer.h[0].mlp.c_fc, fast.DynamicInt8Linear)
     ids = torch.randint(1, 203, (2, 21), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want, got = ref(ids).logits, model(ids).logits

@@ -85,3 +85,17 @@ def test_an_allocation_failure_mid_generation_is_a_memory_error(monkeypatch):
 ])
 def test_out_of_memory_is_recognised(exc, oom):
     assert is_out_of_memory(exc) is oom
+
+
+def test_more_sequences_than_memory_can_hold_are_refused_before_any_row_is_built(monkeypatch):
+    from gptneo_cli import generation, preflight
+
+    model = FastCausalLM.from_pretrained(BUNDLED_DIR / "tiny")
+    tokenizer = load_tokenizer(BUNDLED_DIR / "tiny")
+    built = []
+    monkeypatch.setattr(generation, "_Row", lambda *a, **k: built.append(1))
+    config = GenerationConfig(max_new_tokens=5, do_sample=True, num_return_sequences=10**9)
+    with pytest.raises(preflight.OutOfMemoryError, match="out of memory: 1000000000 sequences "
+                                                         "at once need more than"):
+        generate(model, tokenizer, "x", config)
+    assert built == []

@@ -60,13 +60,13 @@ def test_every_activation_matches_transformers():
     from transformers.activations import ACT2CLS, ACT2FN
 
     from gptneo_cli.config import ACTIVATIONS
-    from gptneo_cli.modeling import _ACTIVATIONS
+    from gptneo_cli.modeling import ACTIVATIONS as OURS
 
-    assert set(ACTIVATIONS) == set(_ACTIVATIONS)
+    assert set(ACTIVATIONS) == set(OURS)
     assert set(ACT2CLS) - {"prelu", "xielu"} <= set(ACTIVATIONS)
     x = torch.linspace(-30.0, 30.0, 4001)
     for name in set(ACTIVATIONS) & set(ACT2CLS):
-        assert max_diff(_ACTIVATIONS[name](x), ACT2FN[name](x)) < 1e-6, name
+        assert max_diff(OURS[name](x), ACT2FN[name](x)) < 1e-6, name
 
 
 def test_parameter_names_are_the_hub_names(tiny_checkpoint):

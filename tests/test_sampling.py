@@ -9,7 +9,14 @@ import torch
 from transformers.generation import logits_process as tlp
 
 from gptneo_cli import sampling
-from gptneo_cli.sampling import DecodeState, SamplingParams, build_chooser, build_logits_processor
+from gptneo_cli.options import GenerationConfig
+from gptneo_cli.sampling import DecodeState, build_chooser, build_logits_processor
+
+
+def rules(**settings):
+    """A GenerationConfig with every rule off unless given (greedy unless do_sample)."""
+    base = dict(do_sample=False, temperature=1.0, top_k=0)
+    return GenerationConfig(**{**base, **settings})
 
 VOCAB = 37  # not a multiple of 8
 
@@ -180,7 +187,7 @@ def test_presence_and_frequency_penalties() -> None:
 def test_min_new_tokens_matches_transformers(generated: int) -> None:
     prompt = HISTORIES[1][:, :10]
     history = HISTORIES[1][:, : 10 + generated]
-    proc = build_logits_processor(SamplingParams(min_new_tokens=3, eos_token_ids=(4, 9)))
+    proc = build_logits_processor(rules(min_new_tokens=3), (4, 9))
     assert proc is not None
     theirs = tlp.MinNewTokensLengthLogitsProcessor(prompt.shape[1], 3, [4, 9])(
         history, CASES[0].clone()
@@ -189,12 +196,12 @@ def test_min_new_tokens_matches_transformers(generated: int) -> None:
 
 
 def test_nothing_active_builds_no_processor() -> None:
-    assert build_logits_processor(SamplingParams(temperature=0.5, top_k=3)) is None
-    assert build_logits_processor(SamplingParams(do_sample=True)) is None
-    assert build_logits_processor(SamplingParams(do_sample=True, temperature=0, top_k=3)) is None
+    assert build_logits_processor(rules(temperature=0.5, top_k=3)) is None
+    assert build_logits_processor(rules(do_sample=True)) is None
+    assert build_logits_processor(rules(do_sample=True, temperature=0, top_k=3)) is None
 
 
-FULL = SamplingParams(
+FULL = rules(
     do_sample=True,
     temperature=0.7,
     top_k=20,
@@ -204,7 +211,6 @@ FULL = SamplingParams(
     repetition_penalty=1.3,
     no_repeat_ngram_size=3,
     min_new_tokens=20,
-    eos_token_ids=(2,),
 )
 
 
@@ -212,7 +218,7 @@ FULL = SamplingParams(
 def test_composition_matches_transformers_order(logits: torch.Tensor) -> None:
     history = HISTORIES[0]
     prompt_len = 20
-    ours = build_logits_processor(FULL)
+    ours = build_logits_processor(FULL, (2,))
     theirs = tlp.LogitsProcessorList(
         [
             tlp.RepetitionPenaltyLogitsProcessor(1.3),
@@ -230,7 +236,7 @@ def test_composition_matches_transformers_order(logits: torch.Tensor) -> None:
 
 
 def test_greedy_ignores_warpers() -> None:
-    proc = build_logits_processor(SamplingParams(repetition_penalty=2.0, top_k=1))
+    proc = build_logits_processor(rules(repetition_penalty=2.0, top_k=1))
     history = torch.tensor([[3]])
     logits = torch.tensor([[0.0, 1.0, 0.0, 1.5]])
     assert proc is not None
@@ -254,7 +260,7 @@ WARPS = [
 @pytest.mark.parametrize("settings", WARPS)
 def test_fast_warp_equals_the_full_vocabulary_rules(logits: torch.Tensor, settings) -> None:
     """warp() may cut to top-k candidates; scattered back it equals the reference rules."""
-    reference = build_logits_processor(SamplingParams(do_sample=True, **settings))
+    reference = build_logits_processor(rules(do_sample=True, **settings))
     assert reference is not None
     expected = reference(logits, DecodeState(DUMMY_IDS, 1))
     warped, ids = sampling.warp(logits, **settings)
@@ -274,13 +280,13 @@ def test_warp_keeps_every_token_tied_at_the_top_k_cut() -> None:
 def test_chooser_greedy_and_sampling() -> None:
     logits = CASES[0]
     history = HISTORIES[1][:, :10]
-    params = SamplingParams(repetition_penalty=1.5, no_repeat_ngram_size=2)
+    params = rules(repetition_penalty=1.5, no_repeat_ngram_size=2)
     choose, needs_history = build_chooser(params)
     reference = build_logits_processor(params)
     assert needs_history and reference is not None
     state = DecodeState(history, 5)
     assert torch.equal(choose(logits, state, None), reference(logits, state).argmax(-1))
-    choose, needs_history = build_chooser(SamplingParams(do_sample=True, top_k=1))
+    choose, needs_history = build_chooser(rules(do_sample=True, top_k=1))
     assert not needs_history
     assert torch.equal(choose(logits, state, torch.Generator()), logits.argmax(-1))
 
@@ -330,7 +336,7 @@ def test_top_k_candidate_sampling_matches_the_filtered_softmax() -> None:
     """The fast path (sampling among top-k candidates) draws from the right distribution."""
     logits = torch.tensor([1.0, 0.5, 0.0, -0.5, -1.0, 2.0])
     draws = 20_000
-    choose, _ = build_chooser(SamplingParams(do_sample=True, temperature=0.8, top_k=3))
+    choose, _ = build_chooser(rules(do_sample=True, temperature=0.8, top_k=3))
     state = DecodeState(torch.zeros(draws, 1, dtype=torch.long), 1)
     drawn = choose(logits.expand(draws, 6), state, torch.Generator().manual_seed(7))
     counts = torch.bincount(drawn, minlength=6).double()

@@ -16,6 +16,7 @@ import torch
 from gptneo_cli.config import GPTNeoConfig
 from gptneo_cli.generation import GenerationConfig
 from gptneo_cli.modeling import GPTNeoForCausalLM
+from gptneo_cli.rowcache import RowCache
 from gptneo_cli.scheduler import QueueFull, Request, Scheduler, SchedulerClosed, Update
 
 GREEDY = GenerationConfig(do_sample=False, ignore_eos=True)
@@ -95,6 +96,9 @@ def test_rows_joining_at_different_steps_equal_their_solo_runs(model) -> None:
     budgets = [20, 8, 14, 25, 10, 16]
     sched = Scheduler(model, tok, max_running=6, prefill_chunk=7)
     sched._ensure_thread = lambda: None  # no thread: step() by hand
+    # Start the caches small so rows and positions grow while rows run.
+    sched._cache = RowCache(model.config, 6, capacity=8)
+    sched._pcache = RowCache(model.config, 2, capacity=4)
     reqs = []
     join_at = {0: [0, 1], 1: [2], 3: [3, 4], 9: [5]}
     step = 0
@@ -215,3 +219,32 @@ def test_prompt_logprobs_match_the_full_forward(model) -> None:
         assert got[i].logprob == pytest.approx(float(logp[i - 1, ids[i]]), abs=1e-4)
         assert len(got[i].top) == 2
     assert res.logprobs is not None and len(res.logprobs) == 2
+
+
+def test_generate_with_many_prompts_runs_on_the_scheduler(model, monkeypatch) -> None:
+    """generate() hands several rows to the scheduler; each prompt's greedy result equals
+    the full forward pass, and seeded samples equal the prompt run alone."""
+    from gptneo_cli import generation
+
+    calls: list[int] = []
+    real = generation._generate_scheduled
+
+    def spy(*args, **kwargs):
+        calls.append(len(args[2]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "_generate_scheduled", spy)
+    tok = NumberTokenizer()
+    prompts = [prompt(n, 30 + n) for n in (3, 11, 6)]
+    results = generation.generate(model, tok, prompts, GREEDY.replace(max_new_tokens=9))
+    assert calls == [3]
+    for ids, res in zip(prompts, results, strict=True):
+        assert res.token_ids == reference_greedy(model, ids, 9)
+        assert res.finish_reason == "length" and res.prompt_tokens == len(ids)
+    sampled = GenerationConfig(max_new_tokens=12, seed=11, num_return_sequences=2,
+                               ignore_eos=True)
+    both = generation.generate(model, tok, prompts[:2], sampled)
+    alone = generation.generate(model, tok, [prompts[1]], sampled)
+    assert [r.prompt_index for r in both] == [0, 0, 1, 1]
+    assert [r.token_ids for r in both[2:]] == [r.token_ids for r in alone]
+    assert both[0].token_ids != both[1].token_ids and both[0].seed == 11

@@ -19,11 +19,17 @@ from . import (
     generate,
     info,
     models,
+    serve,
     tag,
     train_heads,
 )
 from .errors import guard_app, run_app, state
 from .help import use_cli_help
+from .streams import (
+    exit_cleanly_on_sigterm,
+    library_warnings_inert,
+    stand_in_for_closed_streams,
+)
 
 app = typer.Typer(
     name="gptneo",
@@ -56,7 +62,7 @@ def root(
 
 
 for _module in (generate, chat, classify, tag, answer, models, info, finetune, train_heads,
-                bench):
+                bench, serve):
     _module.register(app)
 
 use_cli_help(app)
@@ -65,6 +71,12 @@ guard_app(app)
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: exit codes 0 ok, 1 runtime error, 2 usage, 130 interrupted."""
+    stand_in_for_closed_streams()
+    exit_cleanly_on_sigterm()
+    library_warnings_inert()
+    from .. import tokenizer
+
+    tokenizer.HIDE_NATIVE_PANIC_OUTPUT = True  # a Rust panic is reported in our one line
     sys.exit(run_app(app, argv))
 
 

@@ -18,7 +18,7 @@ import typer
 
 from .errors import EXIT_RUNTIME, report_error
 from .help import examples
-from .inputs import read_stdin, read_text_file
+from .inputs import check_text, read_stdin, read_text_file
 from .options import AttnOpt, DebugOpt, DeviceOpt, DtypeOpt, ModelOpt, RevisionOpt
 from .output import Diagnostics, check_format, is_tty, make_console, tsv, write_json
 from .task_options import TASK_PANEL, FormatOpt, MaxSeqLenOpt, load_with_head, model_options
@@ -132,7 +132,7 @@ def classify(
 
 # ---- inputs -------------------------------------------------------------------------------
 def parse_labels(raw: str) -> list[str]:
-    labels = [part.strip() for part in raw.split(",")]
+    labels = [part.strip() for part in check_text(raw, "--labels").split(",")]
     if not raw.strip() or any(not label for label in labels):
         raise ValueError("--labels must be comma-separated non-empty names, e.g. sports,politics")
     return labels
@@ -198,6 +198,9 @@ def read_jsonl(path: Path) -> list[Item]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             items.append(Item(source, error=f"{source}: not valid JSON ({exc.msg})"))
+            continue
+        except RecursionError:
+            items.append(Item(source, error=f"{source}: JSON nested too deeply"))
             continue
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             items.append(Item(source, error=f'{source}: expected {{"text": "..."}}'))

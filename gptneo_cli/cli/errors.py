@@ -6,6 +6,7 @@ every command; `run_app` runs the Typer app without Click's own error printing.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -20,8 +21,8 @@ try:  # typer >= 0.2x vendors click as typer._click
 except ImportError:  # pragma: no cover - older typer with click as a dependency
     from click import exceptions as click_exceptions  # type: ignore[no-redef]
 
-from ..errors import GPTNeoError
-from .output import is_tty
+from ..errors import GPTNeoError, is_out_of_memory
+from .output import inert, is_tty
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
@@ -29,6 +30,15 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 PROG = "gptneo"
+#: The documented line for any allocation that fails (README "Exit codes").
+OUT_OF_MEMORY = "out of memory: try a smaller model, --dtype bfloat16, or a shorter input"
+
+
+def is_native_panic(exc: BaseException) -> bool:
+    """A Rust panic surfaced by pyo3 (tokenizers, safetensors): a BaseException, so
+    `except Exception` lets it through."""
+    return type(exc).__name__ == "PanicException"
+
 
 class _State:
     """Process-wide flags set by the root callback (`gptneo --debug ...`)."""
@@ -44,8 +54,9 @@ def debug_enabled() -> bool:
 
 
 def report_error(message: str) -> None:
-    """One line on stderr: the contract for every failure a user can cause."""
-    line = " ".join(str(message).split()) or "unknown error"
+    """One line on stderr: the contract for every failure a user can cause. Whatever the
+    message quotes from data (file names, labels, text) is made inert for the terminal."""
+    line = inert(" ".join(str(message).split())) or "unknown error"
     try:
         sys.stderr.write(f"Error: {line}\n")
         sys.stderr.flush()
@@ -74,13 +85,18 @@ def exit_code_for(exc: BaseException) -> int:
         _silence_stdout()
         return EXIT_OK
     if isinstance(exc, GPTNeoError):
-        report_error(str(exc))
+        report_error(exc.cli or str(exc))  # the CLI's wording names its flags
         return EXIT_RUNTIME
     if isinstance(exc, ValueError):
-        report_error(str(exc))
+        report_error(getattr(exc, "cli", None) or str(exc))  # OptionError: in CLI flags
         return EXIT_USAGE
-    if isinstance(exc, MemoryError):
-        report_error("out of memory: try a smaller model, --dtype bfloat16, or a shorter input")
+    if is_out_of_memory(exc):
+        report_error(OUT_OF_MEMORY)
+        return EXIT_RUNTIME
+    if is_native_panic(exc):
+        text = str(exc).strip()
+        report_error(f"internal error in a native library (it panicked: "
+                     f"{text.splitlines()[0][:200] if text else 'no message'})")
         return EXIT_RUNTIME
     if isinstance(exc, OSError):
         report_error(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
@@ -103,6 +119,10 @@ def guard(callback: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the CLI boundary
             raise typer.Exit(exit_code_for(exc)) from None
+        except BaseException as exc:
+            if is_native_panic(exc):
+                raise typer.Exit(exit_code_for(exc)) from None
+            raise
 
     return wrapper
 
@@ -136,6 +156,19 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> int:
         return exc.exit_code
     except typer.Abort:
         return EXIT_INTERRUPTED
-    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the CLI boundary
-        return exit_code_for(exc)
+    except BaseException as exc:  # noqa: BLE001 - the CLI boundary
+        return _at_the_boundary(exc)
     return result if isinstance(result, int) else EXIT_OK
+
+
+def _at_the_boundary(exc: BaseException) -> int:
+    """The exit code for what reached the top; re-raises what is not ours to handle."""
+    if isinstance(exc, (Exception, KeyboardInterrupt)) or is_native_panic(exc):
+        return exit_code_for(exc)
+    # Click (and Rich) exit 1 when stdout is a closed pipe, e.g. while printing help into
+    # `| head -1`; the CLI's rule for a closed pipe is exit 0, quietly.
+    if isinstance(exc, SystemExit) and isinstance(exc.__context__, OSError) \
+            and exc.__context__.errno == errno.EPIPE:
+        _silence_stdout()
+        return EXIT_OK
+    raise exc

@@ -20,7 +20,14 @@ import typer
 from ..settings import Settings, load_settings
 from .errors import EXIT_INTERRUPTED
 from .help import examples
-from .inputs import read_prompt, read_stdin, read_text_file
+from .inputs import (
+    MAX_PROMPT_BYTES,
+    check_text,
+    read_prompt,
+    read_stdin,
+    read_text_file,
+    stdin_has_input,
+)
 from .loading import LoadedModel, ModelOptions, load_model, spinner
 from .options import (
     AttnOpt,
@@ -28,26 +35,14 @@ from .options import (
     DebugOpt,
     DeviceOpt,
     DtypeOpt,
-    FrequencyPenaltyOpt,
-    GreedyOpt,
-    MaxNewTokensOpt,
-    MinPOpt,
     ModelOpt,
-    NoRepeatNgramOpt,
-    PresencePenaltyOpt,
     QuantizeOpt,
-    RepetitionPenaltyOpt,
     RevisionOpt,
-    SeedOpt,
-    StopOpt,
-    TemperatureOpt,
-    TopKOpt,
-    TopPOpt,
-    TypicalPOpt,
-    complete_from,
     generation_config,
+    generation_options,
 )
 from .output import Diagnostics, TextStream, check_format, is_tty, write_json
+from .userfiles import AtomicTextFile
 
 IO_PANEL = "Input and output"
 MORE_PANEL = "Generation"
@@ -73,6 +68,7 @@ def register(app: typer.Typer) -> None:
     )(generate)
 
 
+@generation_options("generate")
 def generate(
     prompt: Annotated[
         str | None,
@@ -119,50 +115,7 @@ def generate(
         int, typer.Option("--batch-size", help="Prompts per batch with --input.",
                           rich_help_panel=IO_PANEL),
     ] = 8,
-    max_new_tokens: MaxNewTokensOpt = None,
-    max_length: Annotated[
-        int | None,
-        typer.Option("--max-length", help="Prompt + new tokens at most.",
-                     rich_help_panel=MORE_PANEL, show_default=False),
-    ] = None,
-    min_new_tokens: Annotated[
-        int | None,
-        typer.Option("--min-new-tokens", help="eos cannot end the text before this many tokens.",
-                     rich_help_panel=MORE_PANEL, show_default=False),
-    ] = None,
-    temperature: TemperatureOpt = None,
-    top_k: TopKOpt = None,
-    top_p: TopPOpt = None,
-    min_p: MinPOpt = None,
-    typical_p: TypicalPOpt = None,
-    repetition_penalty: RepetitionPenaltyOpt = None,
-    presence_penalty: PresencePenaltyOpt = None,
-    frequency_penalty: FrequencyPenaltyOpt = None,
-    no_repeat_ngram_size: NoRepeatNgramOpt = None,
-    greedy: GreedyOpt = False,
-    seed: SeedOpt = None,
-    stop: StopOpt = None,
-    ignore_eos: Annotated[
-        bool, typer.Option("--ignore-eos", help="Keep going after the end-of-text token.",
-                           rich_help_panel=MORE_PANEL),
-    ] = False,
-    num_return_sequences: Annotated[
-        int | None, typer.Option("--num-return-sequences", help="Samples per prompt. "
-                                 "(default 1)", rich_help_panel=MORE_PANEL, show_default=False),
-    ] = None,
-    logprobs: Annotated[
-        int | None,
-        typer.Option("--logprobs", help="Report each token's log-probability and the top N "
-                     "alternatives (JSON formats).", rich_help_panel=MORE_PANEL,
-                     show_default=False),
-    ] = None,
-    truncate: Annotated[
-        str | None,
-        typer.Option("--truncate", help="When the prompt is too long: drop its oldest tokens "
-                     "(left) or stop with an error (error, the default).",
-                     rich_help_panel=MORE_PANEL, show_default=False,
-                     autocompletion=complete_from(("left", "error"))),
-    ] = None,
+    generation: dict[str, Any] | None = None,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
     device: DeviceOpt = None,
@@ -175,30 +128,12 @@ def generate(
     """Continue a prompt with a GPT-Neo model, streaming the text as it is generated."""
     fmt = check_format(fmt)
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     settings = load_settings()
-    flags = dict(
-        max_new_tokens=max_new_tokens,
-        max_length=max_length,
-        min_new_tokens=min_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        typical_p=typical_p,
-        repetition_penalty=repetition_penalty,
-        presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size,
-        do_sample=False if greedy else None,
-        seed=seed,
-        stop=stop or None,
-        ignore_eos=ignore_eos or None,
-        num_return_sequences=num_return_sequences,
-        logprobs=logprobs,
-        truncate=truncate.strip().lower() if truncate is not None else None,
-    )
-    config = generation_config(settings, **flags)
+    given = generation or {}
+    config = generation_config(settings, given)
+    for text in config.stop:
+        check_text(text, "--stop")
     model_flags = dict(model=model, revision=revision, device=device, dtype=dtype, attn=attn)
     options = ModelOptions.merge(settings, **model_flags, quantize=quantize, compile=compile)
     diag = Diagnostics()
@@ -206,29 +141,47 @@ def generate(
         diag.warn("--logprobs is reported in --format json or jsonl only")
     stdin: IO[str] = sys.stdin
     if show_config:
-        given = {k for k, v in {**flags, **model_flags}.items() if v is not None}
-        _show_config(diag, settings, options, config, given)
+        flags = {k for k, v in {**given, **model_flags}.items() if v is not None}
+        _show_config(diag, settings, options, config, flags)
         if input_file is None and file is None and prompt is None:
-            # Only the settings were asked for unless a prompt is piped in: a terminal or
-            # an empty stdin (</dev/null, scripts) ends here with exit 0.
-            piped = "" if is_tty(sys.stdin) else read_stdin()
-            if not piped.strip():
+            piped = _piped_after_show_config()
+            if piped is None:
                 return
-            stdin = io.StringIO(piped)
+            stdin = piped
     prompts = _collect_prompts(prompt, file, input_file, stdin)
-    sink: IO[str] = sys.stdout if output is None else _open_output(output)  # fail before loading
+    # --output is written beside the file and renamed over it at the end (the old file stays
+    # whole if anything fails); it is opened now so that a bad path fails before loading.
+    target = AtomicTextFile(output) if output is not None else None
+    sink: Any = sys.stdout if target is None else target
     try:
         loaded = load_model(options, fast=True)
-        single = len(prompts) == 1 and config.num_return_sequences == 1
         started = time.perf_counter()
-        if fmt == "text" and single:
+        if fmt == "text" and len(prompts) == 1 and config.num_return_sequences == 1:
             results = [_stream_one(loaded, prompts[0], config, TextStream(sink), echo)]
         else:
             results = _run_batches(loaded, prompts, config, batch_size, fmt, sink, echo)
         elapsed = time.perf_counter() - started
-    finally:
-        if sink is not sys.stdout:
-            sink.close()
+    except BaseException:
+        if target is not None:
+            target.discard()
+        raise
+    if target is not None:
+        target.commit()  # Ctrl-C too: what was generated is kept, as on stdout
+    _report(diag, loaded, results, elapsed, stats)
+
+
+def _piped_after_show_config() -> IO[str] | None:
+    """--show-config alone only shows the settings, unless a prompt is piped in: a terminal
+    or an empty stdin (</dev/null, scripts) gives None (exit 0 after the table)."""
+    waiting = not is_tty(sys.stdin) and stdin_has_input(sys.stdin)  # never an idle pipe
+    piped = read_stdin(sys.stdin, MAX_PROMPT_BYTES) if waiting else ""
+    return io.StringIO(piped) if piped.strip() else None
+
+
+def _report(
+    diag: Diagnostics, loaded: LoadedModel, results: list[Any], elapsed: float, stats: bool
+) -> None:
+    """After the text: truncation warnings, --stats, and exit 130 when Ctrl-C cut it short."""
     cut = [r.truncated_tokens for r in results if r.truncated_tokens]
     if cut:
         where = f" (in {len(cut)} of {len(results)} results)" if len(results) > 1 else ""
@@ -267,20 +220,19 @@ def read_input_file(path: Path) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path} line {lineno}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise ValueError(f"{path} line {lineno}: JSON nested too deeply") from None
         value = record.get("prompt") if isinstance(record, dict) else None
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f'{path} line {lineno}: expected {{"prompt": "<non-empty text>"}}')
         prompts.append(value)
+    for lineno, value in enumerate(prompts, start=1):
+        if len(value) > MAX_PROMPT_BYTES:
+            raise ValueError(f"{path}: prompt {lineno} is longer than "
+                             f"{MAX_PROMPT_BYTES // 2**20} MB, far more than a model's context")
     if not prompts:
         raise ValueError(f"{path} holds no prompts")
     return prompts
-
-
-def _open_output(path: Path) -> IO[str]:
-    try:
-        return path.expanduser().open("w", encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 # --------------------------------------------------------------------------- generation
@@ -407,7 +359,7 @@ def _show_config(
 
     values = {**asdict(options), **config.to_dict()}
     if config.max_new_tokens is None and config.max_length is None:
-        from ..generation import DEFAULT_MAX_NEW_TOKENS
+        from ..options import DEFAULT_MAX_NEW_TOKENS
 
         values["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS  # the value in force, not "-"
     rows = [(key, f"{_show(value)} ({source(key)})") for key, value in values.items()]

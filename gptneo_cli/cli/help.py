@@ -111,13 +111,14 @@ class Command(TyperCommand):
     def get_params(self, ctx: Any) -> list[Any]:
         params = super().get_params(ctx)
         for param in params:
-            label = type_label(param)
+            option = getattr(param, "param_type_name", "") == "option"
+            label = param.metavar if option and param.metavar else type_label(param)
             # Instance attributes shadow Typer's own label and range renderers (the range
             # is in the label); an older Typer, which has neither, uses the metavar.
             param.display_type_rich = lambda ctx, label=label: label
             param._get_number_range_help_str = lambda: None
-            if getattr(param, "param_type_name", "") == "option" and label:
-                param.metavar = param.metavar or label
+            if option and label:
+                param.metavar = label
         return params
 
 

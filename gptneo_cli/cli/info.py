@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from importlib import metadata
@@ -10,10 +11,10 @@ from typing import Annotated, Any
 import typer
 
 from .. import __version__
-from ..settings import KEYS, default_history_file, load_settings
+from ..settings import Settings, config_path, default_history_file, keys, load_settings
 from .help import examples
 from .options import DebugOpt
-from .output import check_format, write_json, write_table
+from .output import Diagnostics, check_format, write_json, write_table
 
 PACKAGES = ("torch", "safetensors", "tokenizers", "huggingface-hub", "typer", "rich", "flash-attn")
 
@@ -59,9 +60,12 @@ def info(
         rows.append(("auto picks", device["attention_auto"]))
         write_table(f"Attention on {device['name']} ({device['dtype']})", rows)
     cfg = report["config"]
+    if cfg["problem"]:
+        Diagnostics().warn(f"the settings cannot be used: {cfg['problem']}")
     write_table(
         "Configuration",
         [
+            *([("problem", f"{cfg['problem']} (defaults shown)")] if cfg["problem"] else []),
             ("default model", f"{cfg['model']} ({cfg['sources']['model']})"),
             ("config file", f"{cfg['file']} ({'found' if cfg['file_found'] else 'not found'})"),
             ("chat history", cfg["history_file"]),
@@ -76,9 +80,23 @@ def info(
     write_table("Settings from env and config file", changed or [("(none)", "all defaults")])
 
 
+def _settings() -> tuple[Settings, str | None]:
+    """The settings in force, or the defaults and why the settings could not be read: `info`
+    is where one looks when they are broken, so it must still run."""
+    try:
+        return load_settings(), None
+    except ValueError as exc:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("GPTNEO_")}
+        settings = load_settings(clean)
+        settings.path = config_path()
+        settings.file_found = settings.path.is_file()
+        settings.env = {k: v for k, v in os.environ.items() if k.startswith("GPTNEO_")}
+        return settings, str(exc)
+
+
 def collect() -> dict[str, Any]:
     """Everything `info` prints, as plain data (so --format json is the same report)."""
-    settings = load_settings()
+    settings, problem = _settings()
     return {
         "version": __version__,
         "python": f"{platform.python_version()} ({sys.executable})",
@@ -91,8 +109,9 @@ def collect() -> dict[str, Any]:
             "file_found": settings.file_found,
             "history_file": settings.get("history_file") or str(default_history_file()),
             "env": dict(sorted(settings.env.items())),
-            "settings": {key: settings.values[key] for key in KEYS},
+            "settings": {key: settings.values[key] for key in keys()},
             "sources": settings.sources,
+            "problem": problem,
         },
     }
 

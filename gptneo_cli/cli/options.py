@@ -1,17 +1,21 @@
-"""The Typer options commands share: the model panel and the generation panel.
+"""The Typer options commands share: the model panel, and the generation panel built from
+the options schema (gptneo_cli/options.py) by `generation_options`.
 
-Nothing here imports torch; `generation_config` imports the engine when called.
+Nothing here imports torch: every generation flag is checked before the model code loads.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
 
+from ..options import GENERATION, Option, config_from
 from ..settings import Settings
-from .loading import ATTN_CHOICES, DEVICE_CHOICES, DTYPE_CHOICES, import_torch
+from .loading import ATTN_CHOICES, DEVICE_CHOICES, DTYPE_CHOICES
 
 
 def complete_from(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
@@ -112,70 +116,77 @@ DebugOpt = Annotated[
 GEN_PANEL = "Generation"
 
 
-def _gen_option(*names: str, help: str, **kwargs: Any) -> Any:
-    return typer.Option(*names, help=help, rich_help_panel=GEN_PANEL, show_default=False, **kwargs)
+def generation_options(command: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command one flag per option of gptneo_cli.options.GENERATION.
 
-
-MaxNewTokensOpt = Annotated[
-    int | None,
-    _gen_option("--max-new-tokens", "-n", help="New tokens at most. (default 100)"),
-]
-TemperatureOpt = Annotated[
-    float | None,
-    _gen_option("--temperature", "-t", help="Sampling temperature; 0 means greedy. (default 0.9)"),
-]
-TopKOpt = Annotated[
-    int | None,
-    _gen_option("--top-k", help="Keep the k most likely tokens; 0 disables. (default 50)"),
-]
-TopPOpt = Annotated[
-    float | None, _gen_option("--top-p", help="Nucleus sampling mass in (0, 1]. (default 1.0)")
-]
-MinPOpt = Annotated[
-    float | None,
-    _gen_option("--min-p", help="Drop tokens below min_p x the top probability. (default 0)"),
-]
-TypicalPOpt = Annotated[
-    float | None, _gen_option("--typical-p", help="Locally typical sampling mass. (default 1.0)")
-]
-RepetitionPenaltyOpt = Annotated[
-    float | None,
-    _gen_option("--repetition-penalty", help="> 1 discourages repeating tokens. (default 1.0)"),
-]
-PresencePenaltyOpt = Annotated[
-    float | None,
-    _gen_option("--presence-penalty", help="Subtracted once per generated token. (default 0)"),
-]
-FrequencyPenaltyOpt = Annotated[
-    float | None,
-    _gen_option("--frequency-penalty", help="Subtracted per occurrence. (default 0)"),
-]
-NoRepeatNgramOpt = Annotated[
-    int | None,
-    _gen_option("--no-repeat-ngram-size", help="Never repeat an n-gram of this size. (default 0)"),
-]
-SeedOpt = Annotated[
-    int | None, _gen_option("--seed", "-s", help="Sampling seed, to repeat a run exactly.")
-]
-GreedyOpt = Annotated[
-    bool, _gen_option("--greedy", help="Always take the most likely token (no sampling).")
-]
-StopOpt = Annotated[
-    list[str] | None,
-    _gen_option("--stop", help="End the text at this string (repeatable); it is not printed."),
-]
-
-
-def generation_config(settings: Settings, **flags: Any) -> Any:
-    """A validated GenerationConfig from flags > env > config file > the engine's defaults.
-
-    `flags` are GenerationConfig field names; None means "not given". Invalid values raise
-    ValueError naming the parameter, before any model is loaded.
+    The command declares a `generation` parameter instead of one per option; it receives
+    {option name: the flag's value, or None when the flag was not given}. `chat` gets the
+    options marked chat=True. A new option in the schema is a new flag here, with no edit.
     """
-    import_torch()
-    from ..generation import GenerationConfig
-    from ..settings import GENERATION_KEYS
 
-    values = {key: settings.get(key, flags.pop(key, None)) for key in GENERATION_KEYS}
-    values.update(flags)
-    return GenerationConfig(**{k: v for k, v in values.items() if v is not None})
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        opts = [o for o in GENERATION if o.cli_flag and (command != "chat" or o.chat)]
+        signature = inspect.signature(func, eval_str=True)
+        params = list(signature.parameters.values())
+        at = [p.name for p in params].index("generation")
+        params[at : at + 1] = [_parameter(o) for o in opts]
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            given = {o.name: _flag_value(o, kwargs.pop(o.name, None)) for o in opts}
+            return func(*args, generation=given, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper
+
+    return decorate
+
+
+def _parameter(opt: Option) -> inspect.Parameter:
+    """The Typer parameter of one option: a valueless flag for a bool, else a typed value."""
+    names = [opt.cli_flag] + ([opt.short] if opt.short else [])
+    common: dict[str, Any] = dict(help=opt.help_text(), rich_help_panel=GEN_PANEL)
+    if opt.kind is bool:
+        annotation: Any = Annotated[bool, typer.Option(*names, **common)]
+        default: Any = False
+    else:
+        kind = {int: int, float: float}.get(opt.kind, str)
+        hint = list[str] if opt.kind is list else kind
+        extra: dict[str, Any] = {"metavar": opt.type_label(), "show_default": False}
+        if opt.choices:
+            extra["autocompletion"] = complete_from(opt.choices)
+        annotation = Annotated[hint | None, typer.Option(*names, **common, **extra)]
+        default = None
+    return inspect.Parameter(
+        opt.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation
+    )
+
+
+def _flag_value(opt: Option, value: Any) -> Any:
+    if opt.kind is bool:
+        return opt.flag_value if value else None
+    if opt.kind is list:
+        return list(value) if value else None
+    if isinstance(value, str) and opt.choices:
+        return value.strip().lower()
+    return value
+
+
+def generation_config(settings: Settings, given: dict[str, Any], *, command: str = "") -> Any:
+    """A validated GenerationConfig: flags > env > config file > the options' defaults.
+
+    No torch: this runs before the model code is imported. A bad flag raises OptionError,
+    whose `cli` wording (printed by the CLI) names the flag; settings were checked when
+    they were read, with their file or variable named.
+    """
+    values: dict[str, Any] = {}
+    for opt in GENERATION:
+        if command == "chat" and not opt.chat:
+            continue
+        value = given.get(opt.name)
+        if value is not None:
+            values[opt.name] = opt.check(value)
+        elif opt.setting:
+            values[opt.name] = settings.get(opt.name)
+    return config_from(values)

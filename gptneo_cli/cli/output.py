@@ -115,10 +115,10 @@ class TextStream:
 def write_json(obj: Any, stream: TextIO | None = None, *, lines: bool = False) -> None:
     """One JSON document (indented) or one JSON Lines record; never coloured."""
     out = stream or sys.stdout
-    if lines:
-        out.write(json.dumps(obj, ensure_ascii=False) + "\n")
-    else:
-        out.write(json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+    text = json.dumps(obj, ensure_ascii=False, indent=None if lines else 2)
+    if is_tty(out):  # json escapes C0 controls itself; DEL and C1 (U+009B: CSI) too here
+        text = re.sub("[\x7f-\x9f]", lambda m: f"\\u{ord(m.group()):04x}", text)
+    out.write(text + "\n")
     out.flush()
 
 
@@ -143,9 +143,9 @@ def write_table(title: str, rows: list[tuple[str, str]], stream: TextIO | None =
     """A titled two-column table on a terminal; indented `key: value` lines otherwise."""
     out = stream or sys.stdout
     if not is_tty(out):
-        out.write(f"{title}\n")
-        for key, value in rows:
-            out.write(f"  {key}: {value}\n")
+        out.write(f"{inert(title)}\n")
+        for key, value in rows:  # values quote data (system text, labels): made inert too
+            out.write(f"  {inert(key)}: {inert(str(value), newlines=False)}\n")
         out.flush()
         return
     from rich.table import Table

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Any, TextIO
 
-from .output import is_tty, no_color
+from .output import inert, is_tty, make_console
 
 
 def _duration(seconds: float) -> str:
@@ -25,7 +25,7 @@ class PlainReporter:
         self.stream = stream or sys.stderr
 
     def _line(self, text: str) -> None:
-        self.stream.write(text + "\n")
+        self.stream.write(inert(text) + "\n")
         self.stream.flush()
 
     def start(self, total_steps: int, info: dict[str, Any]) -> None:
@@ -51,7 +51,6 @@ class RichReporter:
     """A live bar with loss, tokens/s and ETA; evaluations print above it."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
-        from rich.console import Console
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -61,7 +60,7 @@ class RichReporter:
             TimeRemainingColumn,
         )
 
-        self.console = Console(file=stream or sys.stderr, no_color=no_color(), highlight=False)
+        self.console = make_console(stream or sys.stderr, soft_wrap=False)
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),

@@ -92,7 +92,7 @@ def read_checkpoint(folder: Path) -> dict[str, Any]:
                           f"{OPTIMIZER_STATE}); pass the 'checkpoint' folder of an earlier run")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise GPTNeoError(f"{path} is not valid JSON: the checkpoint is damaged") from exc
 
 

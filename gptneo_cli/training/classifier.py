@@ -117,8 +117,8 @@ def split_examples(
     for label in sorted(by_label):
         idx = by_label[label]
         rng.shuffle(idx)
-        if len(idx) >= 2:
-            held.update(idx[:max(1, round(len(idx) * val_fraction))])
+        if len(idx) >= 2:  # every label keeps at least one training example
+            held.update(idx[:min(len(idx) - 1, max(1, round(len(idx) * val_fraction)))])
     train = [e for i, e in enumerate(examples) if i not in held]
     val = [e for i, e in enumerate(examples) if i in held]
     return train, val

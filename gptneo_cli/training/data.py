@@ -63,6 +63,9 @@ def read_documents(
                 docs.extend(_file_documents(file, strict=False))
         elif path.is_file():
             docs.extend(_file_documents(path, strict=True))
+        elif path.exists():  # a FIFO or a device: reading it could block or never end
+            raise ValueError(f"data: {raw} is not a regular file; give text files, folders "
+                             "or .jsonl")
         else:
             raise ValueError(f"data: {raw} does not exist; give text files, folders or .jsonl")
     docs = [d for d in docs if d.text]
@@ -94,6 +97,8 @@ def read_jsonl(
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"data: {path}:{number} is not valid JSON ({exc.msg})") from exc
+            except RecursionError:
+                raise ValueError(f"data: {path}:{number} is JSON nested too deeply") from None
             if not isinstance(row, dict):
                 raise ValueError(f"data: {path}:{number} must be a JSON object")
             for key in required:

@@ -101,6 +101,14 @@ def prepare_lm_data(
         cut = len(train_ids) - max(2, int(len(train_ids) * val_fraction))
         train_ids, val_ids = train_ids[:cut], train_ids[cut:]
     train_rows = pack_blocks(train_ids, block_size)
+    if not train_rows and val_docs is None and val_fraction > 0 and pack_blocks(
+        train_ids + val_ids, block_size
+    ):
+        raise ValueError(
+            f"val_fraction: holding out {val_fraction:g} of the data leaves "
+            f"{len(train_ids)} training tokens, fewer than one block of {block_size + 1}; "
+            "lower val_fraction, give more text, or give held-out text of its own"
+        )
     if not train_rows:
         raise ValueError(
             f"block_size: the training text has {len(train_ids)} tokens, fewer than one block "

@@ -1,0 +1,177 @@
+"""The OpenAI-shaped request bodies, with the sampling fields derived from the one options
+schema (types, ranges, defaults and help come from there, not from a copy here).
+
+OpenAI's names map onto ours (`max_tokens` -> max_new_tokens, `min_tokens` ->
+min_new_tokens); vLLM's extras (`top_k`, `min_p`, `typical_p`, `repetition_penalty`,
+`min_tokens`, `ignore_eos`) are accepted in the body the same way. The semantic checks run
+once more in GenerationConfig, whose errors name our option; `to_config` maps them back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from ..options import MAX_LOGPROBS, GenerationConfig, Option, OptionError, option
+
+#: The most choices (`n`) one request may ask for, and prompts in one request.
+MAX_N = 16
+MAX_PROMPTS = 64
+
+#: API field -> option name, for the sampling fields both endpoints share.
+SHARED = {
+    "max_tokens": "max_new_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "seed": "seed",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "typical_p": "typical_p",
+    "repetition_penalty": "repetition_penalty",
+    "min_tokens": "min_new_tokens",
+    "ignore_eos": "ignore_eos",
+}
+
+
+def _field(api_name: str, spec: Option) -> tuple[Any, Any]:
+    """A pydantic (type, Field) for one option."""
+    kind: Any = spec.kind
+    default = spec.default
+    if api_name == "max_tokens":
+        low: float | None = 0  # OpenAI allows 0 with echo: score the prompt only
+    else:
+        low = spec.low
+    bounds: dict[str, Any] = {}
+    if kind in (int, float):
+        if low is not None:
+            bounds["gt" if spec.low_open and api_name != "max_tokens" else "ge"] = low
+        if spec.high is not None:
+            bounds["le"] = spec.high
+    if spec.optional or default is None:
+        kind = kind | None
+    return kind, Field(default, description=spec.help, **bounds)
+
+
+def _sampling_fields() -> dict[str, Any]:
+    """One pydantic field per shared option, read from gptneo_cli.options.GENERATION."""
+    return {api: _field(api, option(opt)) for api, opt in SHARED.items()}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, description="The served model's id (optional).")
+    n: int = Field(1, ge=1, le=MAX_N, description="Choices per prompt.")
+    stop: str | list[str] | None = Field(None, description="Strings that end the text.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+PromptType = str | list[str] | list[int] | list[list[int]]
+
+CompletionRequest = create_model(
+    "CompletionRequest",
+    __base__=_Base,
+    prompt=(PromptType, Field(..., description="Text, texts, token ids or lists of them.")),
+    echo=(bool, Field(False, description="Return the prompt before the completion (with "
+                                         "logprobs: the prompt tokens' too, the first null).")),
+    logprobs=(int | None, Field(None, ge=0, le=MAX_LOGPROBS,
+                                description="Top alternatives per token.")),
+    **_sampling_fields(),
+)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[dict[str, Any]] | None = ""
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(str(p.get("text", "")) for p in self.content if isinstance(p, dict))
+        return self.content or ""
+
+
+ChatRequest = create_model(
+    "ChatCompletionRequest",
+    __base__=_Base,
+    messages=(list[ChatMessage], Field(..., min_length=1)),
+    logprobs=(bool, Field(False, description="Return the chosen tokens' log-probabilities.")),
+    top_logprobs=(int | None, Field(None, ge=0, le=MAX_LOGPROBS)),
+    max_completion_tokens=(int | None, Field(None, ge=1, description="Alias of max_tokens.")),
+    **_sampling_fields(),
+)
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    content: str | None = Field(None, description="llama.cpp's name for prompt.")
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    input: str | list[str] = Field(..., description="One text or several.")
+    labels: list[str] = Field(..., min_length=1, description="The candidate labels.")
+    template: str | None = Field(None, description="Zero-shot prompt with {text}.")
+    calibrate: bool = True
+
+
+def to_config(body: BaseModel, *, logprobs: int | None) -> GenerationConfig:
+    """The request's GenerationConfig; ValueError names the API field on a bad value."""
+    values: dict[str, Any] = {}
+    for api, opt in SHARED.items():
+        if api in body.model_fields_set:
+            value = getattr(body, api, None)
+            if api == "max_tokens" and value == 0:
+                value = 1  # echo-only scoring: one token is generated and dropped
+            values[opt] = value
+    if getattr(body, "max_completion_tokens", None) is not None and "max_tokens" not in (
+        body.model_fields_set
+    ):
+        values["max_new_tokens"] = body.max_completion_tokens
+    stop = body.stop
+    values["stop"] = [stop] if isinstance(stop, str) else list(stop or [])
+    values["logprobs"] = logprobs
+    values = {k: v for k, v in values.items() if v is not None or k in ("seed", "logprobs",
+                                                                         "max_new_tokens")}
+    try:
+        return GenerationConfig(**values)
+    except OptionError as exc:
+        api = next((a for a, o in SHARED.items() if o == exc.option), None)
+        message = str(exc)
+        if api is not None and exc.option is not None and message.startswith(exc.option):
+            message = api + message[len(exc.option):]
+        raise FieldError(api, message) from None
+    except ValueError as exc:
+        raise FieldError(None, str(exc)) from None
+
+
+class FieldError(ValueError):
+    """A bad request field: the message, and the field it names (OpenAI's `param`)."""
+
+    def __init__(self, param: str | None, message: str) -> None:
+        super().__init__(message)
+        self.param = param
