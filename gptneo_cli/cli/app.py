@@ -12,6 +12,7 @@ import typer
 from .. import __version__
 from . import (
     answer,
+    batch,
     bench,
     chat,
     classify,
@@ -62,7 +63,7 @@ def root(
 
 
 for _module in (generate, chat, classify, tag, answer, models, info, finetune, train_heads,
-                bench, serve):
+                bench, serve, batch):
     _module.register(app)
 
 use_cli_help(app)
