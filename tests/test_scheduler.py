@@ -248,3 +248,33 @@ def test_generate_with_many_prompts_runs_on_the_scheduler(model, monkeypatch) ->
     assert [r.prompt_index for r in both] == [0, 0, 1, 1]
     assert [r.token_ids for r in both[2:]] == [r.token_ids for r in alone]
     assert both[0].token_ids != both[1].token_ids and both[0].seed == 11
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_keep_decoding(model) -> None:
+    """No timing: every step while the long prompt is prefilled (one chunk per step), each
+    running row still gets its next token."""
+    sched = Scheduler(model, NumberTokenizer(), max_running=4, prefill_chunk=8)
+    sched._ensure_thread = lambda: None
+    got: dict[str, int] = {"a": 0, "b": 0, "long": 0}
+
+    def counter(name: str):
+        def on_update(u: Update) -> None:
+            got[name] += u.token_id is not None
+        return on_update
+
+    sched.submit(Request(prompt(5, 1), GREEDY, 40, on_update=counter("a")))
+    sched.submit(Request(prompt(6, 2), GREEDY, 40, on_update=counter("b")))
+    with torch.inference_mode():
+        sched.step()
+        sched.step()
+        long = sched.submit(Request(prompt(60, 3), GREEDY, 5, on_update=counter("long")))
+        steps = 0
+        while got["long"] == 0:
+            before = dict(got)
+            sched.step()
+            steps += 1
+            assert got["a"] == before["a"] + 1 and got["b"] == before["b"] + 1
+        assert steps == 8  # ceil(60 / 8) chunks, one per step
+        while not long.done:
+            sched.step()
+    assert long.result.token_ids == reference_greedy(model, prompt(60, 3), 5)
