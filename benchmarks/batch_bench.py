@@ -71,11 +71,15 @@ def prompts(folder: Path, n: int, tokens: int, seed: int = 0) -> list[str]:
     return out
 
 
-def run(args: list[str], label: str) -> dict[str, Any]:
-    """Run a command; wall seconds and peak RSS (MiB) of the child."""
+def run(args: list[str], label: str, threads: int | None = None) -> dict[str, Any]:
+    """Run a command; wall seconds and peak RSS (MiB) of the child (the driver's only, for
+    --ray: the actors are Ray's processes, not the child's)."""
     log(f"{label}: {' '.join(args)}")
+    env = dict(os.environ)
+    if threads:  # generate has no --threads: torch reads OMP_NUM_THREADS at start
+        env["OMP_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     stderr = proc.stderr.read().decode() if proc.stderr else ""
@@ -94,6 +98,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-running", type=int, default=16)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--local-threads", type=int, default=None,
+                        help="threads of the local engines (OMP_NUM_THREADS); default: torch's")
     parser.add_argument("--engines", default="generate,batch,ray1,ray2")
     parser.add_argument("--memory-lines", default="1000,100000")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "gptneo-bench")
@@ -124,7 +130,9 @@ def main() -> None:
             cmd = [*gptneo(), "batch", str(src), "-o", str(out), "--max-running",
                    str(args.max_running), "--ray", "--actors", str(actors),
                    "--cpus-per-actor", "1", "--threads", "1", *gen]
-        row = run(cmd, engine)
+        row = run(cmd, engine, None if engine.startswith("ray") else args.local_threads)
+        if args.local_threads and not engine.startswith("ray"):
+            row["label"] = f"{engine} ({args.local_threads} thread)"
         tokens = args.prompts * args.max_tokens
         row.update(req_s=args.prompts / row["wall_s"], tok_s=tokens / row["wall_s"])
         rows.append(row)
@@ -146,7 +154,7 @@ def main() -> None:
 
 
 def table(rows: list[dict[str, Any]], memory: list[dict[str, Any]], args: Any) -> str:
-    base = next((r for r in rows if r["label"] == "generate"), None)
+    base = next((r for r in rows if r["label"].startswith("generate")), None)
     lines = [f"{args.prompts} prompts x ~{args.prompt_tokens} tokens, {args.max_tokens} new "
              f"tokens each, {args.dtype}, gpt-neo-125M shape (random weights); wall time "
              "includes loading the model (and starting Ray).", "",
