@@ -73,7 +73,8 @@ def choose_backend(requested: str, device: torch.device, dtype: torch.dtype) -> 
     if requested == "flash":
         reason = flash_unavailable_reason(device, dtype)
         if reason:
-            raise BackendError(f"--attn flash cannot run: {reason}")
+            raise BackendError(f"attention backend 'flash' cannot run: {reason}",
+                               cli=f"--attn flash cannot run: {reason}")
     return requested
 
 

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 
 class GPTNeoError(Exception):
-    """Base class for runtime and model errors a user can act on."""
+    """Base class for runtime and model errors a user can act on.
+
+    str() is the library's wording; `cli` is the same message for command-line users where
+    it differs (it names the flags: "--attn flash" rather than "attention backend 'flash'").
+    """
+
+    def __init__(self, message: str = "", *, cli: str | None = None) -> None:
+        super().__init__(message)
+        self.cli = cli
 
 
 class ConfigError(GPTNeoError):

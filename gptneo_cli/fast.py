@@ -574,8 +574,10 @@ class _Packer:
         if quantize == "int8-dynamic":
             if not cpu or not dynamic_int8_available():
                 raise BackendError(
-                    "int8-dynamic quantization needs a CPU with torch's fbgemm kernels; "
-                    "use int8"
+                    "quantize='int8-dynamic' needs a CPU with torch's fbgemm kernels; use "
+                    "quantize='int8'",
+                    cli="--quantize int8-dynamic needs a CPU with torch's fbgemm kernels; "
+                    "use --quantize int8",
                 )
             self.vnni = _cpu_has_vnni()
 

@@ -28,6 +28,7 @@ from .cache import KVCache
 from .checkpoint import match_checkpoint
 from .config import GPTNeoConfig
 from .device import resolve_device, resolve_dtype
+from .errors import ModelNotFoundError
 from .preflight import preflight
 from .weights import iter_tensors, save_safetensors, weight_files
 
@@ -187,9 +188,13 @@ class GPTNeoPreTrainedModel(nn.Module):
         and `compile` belong to the fast causal LM (gptneo_cli.fast.FastCausalLM); other
         classes refuse them. Hub ids and aliases are resolved by `gptneo_cli.load`.
         """
-        from .hub import resolve_model_dir  # step 3 of issue 10 moves this to gptneo_cli.load
-
-        path = resolve_model_dir(folder)
+        path = Path(folder).expanduser()
+        if not path.is_dir():
+            what = "a file, not a model folder" if path.exists() else "model folder not found"
+            raise ModelNotFoundError(
+                f"{what}: {folder} (give the folder holding config.json; gptneo_cli.load "
+                "resolves Hub ids and aliases)"
+            )
         config = GPTNeoConfig.from_json_file(path / "config.json")
         files = weight_files(path)
         dev = resolve_device(device) if device is not None else torch.device("cpu")

@@ -102,11 +102,12 @@ def check_fits(config: GPTNeoConfig, dtype: torch.dtype, device: torch.device,
     needed = weight_bytes(config, dtype, quantize)
     total = device_memory(device)
     if total is not None and needed > total:
-        raise OutOfMemoryError(
+        problem = (
             f"out of memory: this model's weights alone need {needed / 1e9:.1f} GB in "
             f"{str(dtype).removeprefix('torch.')} but {device} has {total / 1e9:.1f} GB; use "
-            "a smaller model or a smaller --dtype (bfloat16), or check config.json's sizes"
+            "a smaller model or a smaller {} (bfloat16), or check config.json's sizes"
         )
+        raise OutOfMemoryError(problem.format("dtype"), cli=problem.format("--dtype"))
 
 
 def preflight(config: GPTNeoConfig, files: list[Path], dtype: torch.dtype,

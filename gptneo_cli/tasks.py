@@ -166,16 +166,11 @@ def missing_head(folder: str | Path, model_cls: type) -> list[str]:
     a classifier); a task run on such a head prints noise, so commands check first. Only
     safetensors are inspected (their names cost nothing to read); .bin gives [].
     """
-    from safetensors import safe_open
+    from .weights import stored_names
 
-    from .weights import weight_files
-
-    names: set[str] = set()
-    for path in weight_files(Path(folder)):
-        if path.suffix != ".safetensors":
-            return []
-        with safe_open(str(path), framework="pt") as handle:
-            names.update(handle.keys())
+    names = stored_names(Path(folder))
+    if names is None:
+        return []
     return [name for name in model_cls.head_params if name not in names]
 
 

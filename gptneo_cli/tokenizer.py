@@ -403,9 +403,6 @@ def _fill_specials(specials: dict[str, str | None], folder: Path, backend: Any) 
         specials[role] = token
 
 
-def load_tokenizer(name_or_path: str | os.PathLike[str], revision: str | None = None) -> Tokenizer:
-    """The tokenizer of a model folder, Hub id or alias (downloads no weights)."""
-    from .hub import fetch
-
-    snapshot = fetch(name_or_path, revision, parts=("config", "tokenizer"))
-    return Tokenizer.from_folder(snapshot.folder)
+def load_tokenizer(folder: str | os.PathLike[str]) -> Tokenizer:
+    """The tokenizer of a model folder (gptneo_cli.load_tokenizer also takes Hub names)."""
+    return Tokenizer.from_folder(folder)

@@ -81,6 +81,18 @@ def _inside(folder: Path, name: str, source: str) -> Path:
     return path
 
 
+def stored_names(folder: Path) -> set[str] | None:
+    """The tensor names of the checkpoint in `folder`, read from safetensors headers alone;
+    None when it is in .bin files (naming their tensors means loading them)."""
+    names: set[str] = set()
+    for path in weight_files(folder):
+        if path.suffix != ".safetensors":
+            return None
+        header, _ = read_safetensors_header(path)
+        names.update(header)
+    return names
+
+
 def _shards(index_path: Path) -> list[Path]:
     try:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]

@@ -38,7 +38,7 @@ def meta() -> dict:
 
 @pytest.fixture(scope="module")
 def model() -> GPTNeoForCausalLM:
-    return GPTNeoForCausalLM.from_pretrained("tiny")
+    return GPTNeoForCausalLM.from_pretrained(TINY)
 
 
 @pytest.fixture(scope="module")
@@ -136,10 +136,10 @@ def test_tiny_resolves_to_the_package_offline(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_generates_code(model: GPTNeoForCausalLM) -> None:
+    from gptneo_cli import load_tokenizer
     from gptneo_cli.generation import GenerationConfig, generate
-    from gptneo_cli.tokenizer import load_tokenizer
 
-    tok = load_tokenizer("tiny")
+    tok = load_tokenizer("tiny")  # the bundled name, resolved by the loader
     [result] = generate(model, tok, "def hello_world():",
                         GenerationConfig(do_sample=False, max_new_tokens=40))
     text = result.text

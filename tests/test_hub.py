@@ -429,10 +429,10 @@ def test_load_tokenizer_from_the_hub_fetches_no_weights(env, server):
     assert "tokenizer.json" in server.downloaded()
 
 
-def test_from_pretrained_downloads_and_loads(env, server):
+def test_load_downloads_and_loads(env, server):
     pytest.importorskip("torch")
-    code = ("from gptneo_cli.modeling import GPTNeoForCausalLM;"
-            "m = GPTNeoForCausalLM.from_pretrained('tiny/gpt-neo', revision='v1');"
+    code = ("import gptneo_cli;"
+            "m, _ = gptneo_cli.load('tiny/gpt-neo', reference=True, revision='v1');"
             "print(m.config.window_size, sum(p.numel() for p in m.parameters()))")
     result = env.py(code)
     assert result.returncode == 0, result.stderr

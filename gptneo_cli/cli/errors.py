@@ -85,7 +85,7 @@ def exit_code_for(exc: BaseException) -> int:
         _silence_stdout()
         return EXIT_OK
     if isinstance(exc, GPTNeoError):
-        report_error(str(exc))
+        report_error(exc.cli or str(exc))  # the CLI's wording names its flags
         return EXIT_RUNTIME
     if isinstance(exc, ValueError):
         report_error(getattr(exc, "cli", None) or str(exc))  # OptionError: in CLI flags

@@ -124,41 +124,38 @@ class LoadedModel:
 
 
 def load_model(
-    options: ModelOptions, head: str = "GPTNeoForCausalLM", *, fast: bool = False
+    options: ModelOptions,
+    head: str = "GPTNeoForCausalLM",
+    *,
+    fast: bool = False,
+    path: Path | None = None,
 ) -> LoadedModel:
-    """Resolve the name, read weights and tokenizer; a spinner runs on a terminal's stderr.
+    """Resolve the name (unless `path` is the folder it resolved to already), read weights
+    and tokenizer through gptneo_cli.loader; a spinner runs on a terminal's stderr.
 
-    fast=True (generation) loads a causal LM into gptneo_cli.fast.FastCausalLM: packed
+    fast=True (generation) loads the causal LM as gptneo_cli.fast.FastCausalLM: packed
     weights, same outputs, plus options.quantize / options.compile.
     """
     start = time.perf_counter()
     import_torch()
     from ..device import resolve_device, resolve_dtype
-    from ..hub import resolve_model_dir
+    from ..loader import load_folder, resolve
 
+    reference = not (fast and head == "GPTNeoForCausalLM")
+    if reference and (options.quantize not in (None, "none") or options.compile):
+        raise ValueError("--quantize and --compile apply to text generation only")
     device = resolve_device(options.device)  # bad values fail before any download
-    dtype = resolve_dtype(options.dtype, device, options.quantize if fast else None)
+    dtype = resolve_dtype(options.dtype, device, None if reference else options.quantize)
     # Resolve (and on first use download) outside the spinner: huggingface_hub's progress
     # bars would fight a live spinner for the same stderr line.
-    path = resolve_model_dir(options.model, revision=options.revision)
+    if path is None:
+        path = resolve(options.model, options.revision)
     with spinner(f"Loading {options.model}"):
-        from .. import modeling
-        from ..tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(path)
-        if fast and head == "GPTNeoForCausalLM":
-            from ..fast import FastCausalLM
-
-            model = FastCausalLM.from_pretrained(
-                path, dtype=dtype, device=device, attn=options.attn,
-                quantize=options.quantize, compile=options.compile,
-            )
-        else:
-            if options.quantize not in (None, "none") or options.compile:
-                raise ValueError("--quantize and --compile apply to text generation only")
-            model = getattr(modeling, head).from_pretrained(
-                path, dtype=dtype, device=device, attn=options.attn
-            )
+        model, tokenizer = load_folder(
+            path, head=head, reference=reference, dtype=dtype, device=device,
+            attn=options.attn, quantize=None if reference else options.quantize,
+            compile=options.compile and not reference,
+        )
     return LoadedModel(model, tokenizer, options, path, time.perf_counter() - start)
 
 

@@ -38,13 +38,13 @@ def load_with_head(options: ModelOptions, head: str, hint: str | None = None) ->
     """Load `head`, refusing a checkpoint without that head's weights (it would print noise)."""
     from .. import modeling
     from ..errors import WeightsError
-    from ..hub import resolve_model_dir
+    from ..loader import resolve
     from ..tasks import missing_head
 
-    missing = missing_head(resolve_model_dir(options.model, options.revision),
-                           getattr(modeling, head))
+    path = resolve(options.model, options.revision)
+    missing = missing_head(path, getattr(modeling, head))
     if missing:
         kind = head.removeprefix("GPTNeoFor")
         raise WeightsError(f"{options.model} has no {kind} head ({', '.join(missing)} missing); "
                            + (hint or f"use a checkpoint fine-tuned for {kind}"))
-    return load_model(options, head)
+    return load_model(options, head, path=path)

@@ -88,9 +88,9 @@ def _inside(path: Path | None, folder: Path) -> bool:
 
 def resolve_base(model: str, revision: str | None) -> Path:
     """The folder of the base model (a folder, Hub id or alias; downloaded if needed)."""
-    from ..hub import resolve_model_dir
+    from ..loader import resolve
 
-    return resolve_model_dir(model, revision=revision)
+    return resolve(model, revision)
 
 
 def write_summary(title: str, summary: dict[str, Any], fmt: str) -> None:
