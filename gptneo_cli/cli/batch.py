@@ -33,7 +33,7 @@ from .options import (
 from .output import is_tty, make_console
 
 JOB_PANEL = "Batch job"
-RAY_PANEL = "Ray (pip install \"gptneo-cli[ray]\")"
+RAY_PANEL = "Ray (pip install \"gptneo-cli\\[ray]\")"  # \[: not Rich markup
 RAY_INSTALL = 'pip install "gptneo-cli[ray]"'
 
 
