@@ -297,11 +297,15 @@ def _check_batch_memory(model: Any, sequences: int) -> None:
     per layer and position (a lower bound: only one position is counted per layer)."""
     from .preflight import OutOfMemoryError, device_memory
 
-    config = model.config
+    config = model.config  # any model with a config: sizes it lacks count as zero
     itemsize = getattr(getattr(model, "dtype", None), "itemsize", 4)
-    per_row = 4 * config.vocab_size + 2 * config.num_layers * config.hidden_size * itemsize
+    layers, hidden = getattr(config, "num_layers", 0), getattr(config, "hidden_size", 0)
+    per_row = 4 * getattr(config, "vocab_size", 0) + 2 * layers * hidden * itemsize
     needed = sequences * per_row
-    total = device_memory(_model_device(model))
+    try:
+        total = device_memory(_model_device(model))
+    except (AttributeError, StopIteration, TypeError):  # a stand-in without parameters
+        return
     if total is not None and needed > total:
         raise OutOfMemoryError(
             f"out of memory: {sequences} sequences at once need more than "
@@ -648,6 +652,13 @@ def generate(
     or a callable) is checked between tokens; Ctrl-C is caught too. Either way the partial
     results come back with finish_reason "cancelled": callers should check for it.
     """
+    config = config if config is not None else GenerationConfig()
+    config.validate()
+    rows = _prepare_rows(model, tokenizer, prompts, config)
+    if len(rows) > 1 and _schedulable(model):
+        seed = None if config.greedy else (
+            config.seed if config.seed is not None else _new_seed())
+        return _generate_scheduled(model, tokenizer, rows, config, seed, _cancel_check(cancel))
     results: list[GenerationResult] = []
     interrupted = False
     for engine in _engines(model, tokenizer, prompts, config, cancel):
@@ -661,6 +672,61 @@ def generate(
             pass
         interrupted = interrupted or engine.interrupted
         results.extend(engine.results())
+    return results
+
+
+def _schedulable(model: Any) -> bool:
+    """Whether the continuous-batching scheduler can run this model (a GPTNeo causal LM
+    whose body runs with an attention step: the reference and the fast layout)."""
+    base = getattr(model, "base", None)
+    return callable(base) and hasattr(base(), "run") and hasattr(model, "lm_head")
+
+
+def _generate_scheduled(
+    model: Any,
+    tokenizer: TokenizerLike,
+    rows: list[_Row],
+    config: GenerationConfig,
+    seed: int | None,
+    cancelled: CancelCheck | None,
+) -> list[GenerationResult]:
+    """Many sequences through the scheduler (gptneo_cli.scheduler): each row leaves the
+    batch as soon as it is done, and its result does not depend on the others. Sample j of
+    a prompt draws from seed + j, so a prompt gives the same text alone or among others."""
+    from .scheduler import Request, Scheduler
+
+    scheduler = Scheduler(model, tokenizer, max_running=len(rows), max_queue=len(rows),
+                          prefill_chunk=max(len(r.prompt_ids) for r in rows),
+                          prefill_rows=len(rows),
+                          prefill_budget=sum(len(r.prompt_ids) for r in rows))
+    sample: dict[int, int] = {}
+    requests: list[Request] = []
+    for row in rows:
+        j = sample[row.prompt_index] = sample.get(row.prompt_index, -1) + 1
+        requests.append(Request(row.prompt_ids, config, row.max_new, truncated=row.truncated,
+                                seed=None if seed is None else seed + j))
+    try:
+        for request in requests:
+            scheduler.submit(request)
+        for request in requests:
+            while not request.done:
+                if cancelled is not None and cancelled():
+                    for r in requests:
+                        r.cancel()
+                request._done.wait(0.05)
+    except KeyboardInterrupt:  # Ctrl-C: every row ends with what it has
+        for r in requests:
+            r.cancel()
+        for r in requests:
+            r._done.wait(30)
+    finally:
+        scheduler.close()
+    results = []
+    for row, request in zip(rows, requests, strict=True):
+        result = request.wait(0)
+        result.prompt_index = row.prompt_index
+        result.seed = seed
+        results.append(result)
     return results
 
 

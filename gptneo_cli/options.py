@@ -8,7 +8,8 @@ here plus the code that uses it (usually a rule in sampling.py):
 - the settings file and GPTNEO_* variables (settings.py), for options with `setting=True`;
 - chat's `/set` and `/show`, for options with `chat=True`;
 - (next) the server's request schema and the batch line format: iterate `GENERATION` and
-  read each option's `kind`, `default`, `low`/`high`, `choices` and `help`.
+  read each option's `kind`, `default`, `low`/`high`, `choices` and `help`, or take
+  `Option.json_schema()`; `Option.check` validates a value from JSON as it does a flag's.
 
 Nothing here imports torch, so the CLI validates every flag before the model code loads.
 Errors keep the library's words (`top_p must be in (0, 1], got 0`); an `OptionError` also
@@ -165,6 +166,22 @@ class Option:
                 words = words.split(" and ")[0]
             label += ", " + words
         return label
+
+    def json_schema(self) -> dict[str, Any]:
+        """The option as a JSON Schema property (for a request model or a batch line)."""
+        kind = {bool: "boolean", int: "integer", float: "number", str: "string"}
+        schema: dict[str, Any] = {"description": self.help, "default": self.default}
+        if self.kind is list:
+            schema.update(type="array", items={"type": "string", "minLength": 1})
+        else:
+            schema["type"] = [kind[self.kind], "null"] if self.optional else kind[self.kind]
+        if self.choices:
+            schema["enum"] = list(self.choices)
+        if self.low is not None:
+            schema["exclusiveMinimum" if self.low_open else "minimum"] = self.low
+        if self.high is not None:
+            schema["maximum"] = self.high
+        return schema
 
     def help_text(self) -> str:
         """The help line with its default, e.g. "Nucleus sampling mass. (default 1.0)"."""

@@ -39,12 +39,15 @@ class RowCache:
         self.rows = rows
         self.dtype, self.device = dtype, torch.device(device)
         self.capacity = max(1, min(capacity, self.limit))
+        #: Rows and global-layer positions are allocated as they are needed (doubling), so
+        #: a server allowed 64 rows does not hold 64 full-length rows while 3 run.
+        self.allocated = min(rows, 4)
         heads, dim = config.num_heads, config.head_dim
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         for kind in self.kinds:
             size = self.window if kind == "local" else self.capacity
-            shape = (rows, heads, size, dim)
+            shape = (self.allocated, heads, size, dim)
             self.keys.append(torch.zeros(shape, dtype=dtype, device=self.device))
             self.values.append(torch.zeros(shape, dtype=dtype, device=self.device))
         #: Non-zero so models that treat an empty cache as "prefill" never do here.
@@ -59,26 +62,33 @@ class RowCache:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     # ---- room ---------------------------------------------------------------------------
-    def ensure(self, positions: int) -> None:
-        """Make global layers hold at least `positions` positions (grown by doubling)."""
-        if positions <= self.capacity:
-            return
+    def ensure(self, positions: int, rows: int = 0) -> None:
+        """Make global layers hold at least `positions` positions and every layer at least
+        `rows` rows (each grown by doubling; zeros, so unused keys and values are finite)."""
         if positions > self.limit:
             raise ValueError(f"{positions} positions exceed the model's {self.limit}")
-        new = min(self.limit, max(positions, 2 * self.capacity))
+        if rows > self.rows:
+            raise ValueError(f"{rows} rows exceed the cache's {self.rows}")
+        grow_pos = positions > self.capacity
+        grow_rows = rows > self.allocated
+        if not (grow_pos or grow_rows):
+            return
+        capacity = min(self.limit, max(positions, 2 * self.capacity)) if grow_pos else (
+            self.capacity)
+        allocated = min(self.rows, max(rows, 2 * self.allocated)) if grow_rows else (
+            self.allocated)
         for i, kind in enumerate(self.kinds):
-            if kind == "local":
-                continue
             for store in (self.keys, self.values):
                 old = store[i]
-                grown = old.new_zeros(old.shape[0], old.shape[1], new, old.shape[3])
-                grown[:, :, : self.capacity] = old
+                size = old.shape[2] if kind == "local" else capacity
+                grown = old.new_zeros(allocated, old.shape[1], size, old.shape[3])
+                grown[: old.shape[0], :, : old.shape[2]] = old
                 store[i] = grown
-        self.capacity = new
+        self.capacity, self.allocated = capacity, allocated
 
     def copy_row(self, dst: int, src_cache: RowCache, src: int, length: int) -> None:
         """Copy the first `length` positions of row `src` of another cache into row `dst`."""
-        self.ensure(length + 1)
+        self.ensure(length + 1, dst + 1)
         for i, kind in enumerate(self.kinds):
             for mine, theirs in ((self.keys, src_cache.keys), (self.values, src_cache.values)):
                 if kind == "local":
@@ -103,12 +113,13 @@ class RowCache:
         self._mode = "decode"
         self._pos = positions.to(self.device)
         self._n = int(positions.shape[0])
-        self.ensure(int(positions.max()) + 1)
+        self.ensure(int(positions.max()) + 1, self._n)
 
     def begin_chunk(self, row: int, start: int) -> None:
         """Next call: a chunk of tokens for `row`, its first one at position `start`."""
         self._mode = "chunk"
         self._row, self._start = row, start
+        self.ensure(0, row + 1)
 
     def plans(self, new: int) -> dict[str, AttentionPlan]:
         """The attention masks of each layer kind for the call announced by begin_*."""

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from . import sampling
-from .errors import GPTNeoError, is_out_of_memory
+from .errors import GPTNeoError, WeightsError, is_out_of_memory
 from .generation import (
     FinishReason,
     GenerationConfig,
@@ -48,7 +48,7 @@ from .rowcache import RowCache
 
 #: Prompt tokens prefilled per step (across admitted requests): bounds the extra delay a
 #: long prompt adds to the running rows' next token.
-DEFAULT_PREFILL_CHUNK = 256
+DEFAULT_PREFILL_CHUNK = 128
 
 
 class QueueFull(GPTNeoError):
@@ -207,7 +207,9 @@ class Scheduler:
 
     max_running: rows decoded together (the KV cache holds that many sequences).
     max_queue: requests waiting for a row; beyond it `submit` raises QueueFull.
-    prefill_chunk: prompt tokens prefilled per step (see the module's docstring).
+    prefill_chunk: prompt tokens per prefill forward pass (see the module's docstring).
+    prefill_rows: requests prefilled side by side; prefill_budget: prompt tokens per step
+    (default one chunk).
     """
 
     def __init__(
@@ -219,6 +221,7 @@ class Scheduler:
         max_queue: int = 64,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         prefill_rows: int = 2,
+        prefill_budget: int | None = None,
     ) -> None:
         if max_running < 1:
             raise ValueError(f"max_running must be at least 1, got {max_running}")
@@ -230,6 +233,8 @@ class Scheduler:
         self.config = model.config
         self.max_running, self.max_queue = max_running, max_queue
         self.prefill_chunk = prefill_chunk
+        #: Prompt tokens prefilled per step (whole chunks; the last one may overshoot).
+        self.prefill_budget = prefill_budget or prefill_chunk
         eos = {tokenizer.eos_id, getattr(model.config, "eos_token_id", None)}
         self.eos_ids = sorted(t for t in eos if t is not None)
         # The compute dtype and device (an int8 model's weights are int8, its activations not).
@@ -434,7 +439,7 @@ class Scheduler:
 
     def _prefill(self) -> None:
         """Up to prefill_chunk prompt tokens, chunk by chunk, oldest request first."""
-        budget = self.prefill_chunk
+        budget = self.prefill_budget
         for seq in list(self._prefilling):
             if budget <= 0:
                 break
@@ -501,9 +506,9 @@ class Scheduler:
         """Choose each row's next token from its logits row, hand it over, retire finished
         rows. Plain greedy rows share one argmax (and one device->host copy)."""
         if not torch.isfinite(logits).all():
-            raise GPTNeoError(
-                "the model produced NaN or infinite scores: its checkpoint is likely corrupt "
-                "(or float16 overflowed: try float32)"
+            raise WeightsError(
+                "the model produced NaN or infinite scores, so generation stopped: its "
+                "checkpoint is likely corrupt (or float16 overflowed: try --dtype float32)"
             )
         plain = logits.argmax(dim=-1).tolist()
         tokens: list[int] = []

@@ -197,3 +197,22 @@ def test_parse_reports_a_range_error_as_one():
     top_p = next(opt for opt in GENERATION if opt.name == "top_p")
     with pytest.raises(OptionError, match=r"top_p must be in \(0, 1\], got 2.0"):
         top_p.parse("2")
+
+
+def test_json_schema_states_what_check_enforces():
+    by_name = {opt.name: opt for opt in GENERATION}
+    top_p = by_name["top_p"].json_schema()
+    assert top_p["type"] == "number" and top_p["exclusiveMinimum"] == 0 and top_p["maximum"] == 1
+    assert by_name["seed"].json_schema()["type"] == ["integer", "null"]
+    assert by_name["truncate"].json_schema()["enum"] == ["left", "error"]
+    assert by_name["stop"].json_schema()["items"] == {"type": "string", "minLength": 1}
+    for opt in GENERATION:
+        schema = opt.json_schema()
+        assert opt.check(schema["default"]) == opt.default  # the default is valid
+        if "minimum" in schema:
+            opt.check(opt.kind(schema["minimum"]))
+            with pytest.raises(OptionError):
+                opt.check(opt.kind(schema["minimum"]) - 1)
+        if "exclusiveMinimum" in schema:
+            with pytest.raises(OptionError):
+                opt.check(opt.kind(schema["exclusiveMinimum"]))

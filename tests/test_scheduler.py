@@ -16,6 +16,7 @@ import torch
 from gptneo_cli.config import GPTNeoConfig
 from gptneo_cli.generation import GenerationConfig
 from gptneo_cli.modeling import GPTNeoForCausalLM
+from gptneo_cli.rowcache import RowCache
 from gptneo_cli.scheduler import QueueFull, Request, Scheduler, SchedulerClosed, Update
 
 GREEDY = GenerationConfig(do_sample=False, ignore_eos=True)
@@ -95,6 +96,9 @@ def test_rows_joining_at_different_steps_equal_their_solo_runs(model) -> None:
     budgets = [20, 8, 14, 25, 10, 16]
     sched = Scheduler(model, tok, max_running=6, prefill_chunk=7)
     sched._ensure_thread = lambda: None  # no thread: step() by hand
+    # Start the caches small so rows and positions grow while rows run.
+    sched._cache = RowCache(model.config, 6, capacity=8)
+    sched._pcache = RowCache(model.config, 2, capacity=4)
     reqs = []
     join_at = {0: [0, 1], 1: [2], 3: [3, 4], 9: [5]}
     step = 0
@@ -215,3 +219,62 @@ def test_prompt_logprobs_match_the_full_forward(model) -> None:
         assert got[i].logprob == pytest.approx(float(logp[i - 1, ids[i]]), abs=1e-4)
         assert len(got[i].top) == 2
     assert res.logprobs is not None and len(res.logprobs) == 2
+
+
+def test_generate_with_many_prompts_runs_on_the_scheduler(model, monkeypatch) -> None:
+    """generate() hands several rows to the scheduler; each prompt's greedy result equals
+    the full forward pass, and seeded samples equal the prompt run alone."""
+    from gptneo_cli import generation
+
+    calls: list[int] = []
+    real = generation._generate_scheduled
+
+    def spy(*args, **kwargs):
+        calls.append(len(args[2]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "_generate_scheduled", spy)
+    tok = NumberTokenizer()
+    prompts = [prompt(n, 30 + n) for n in (3, 11, 6)]
+    results = generation.generate(model, tok, prompts, GREEDY.replace(max_new_tokens=9))
+    assert calls == [3]
+    for ids, res in zip(prompts, results, strict=True):
+        assert res.token_ids == reference_greedy(model, ids, 9)
+        assert res.finish_reason == "length" and res.prompt_tokens == len(ids)
+    sampled = GenerationConfig(max_new_tokens=12, seed=11, num_return_sequences=2,
+                               ignore_eos=True)
+    both = generation.generate(model, tok, prompts[:2], sampled)
+    alone = generation.generate(model, tok, [prompts[1]], sampled)
+    assert [r.prompt_index for r in both] == [0, 0, 1, 1]
+    assert [r.token_ids for r in both[2:]] == [r.token_ids for r in alone]
+    assert both[0].token_ids != both[1].token_ids and both[0].seed == 11
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_keep_decoding(model) -> None:
+    """No timing: every step while the long prompt is prefilled (one chunk per step), each
+    running row still gets its next token."""
+    sched = Scheduler(model, NumberTokenizer(), max_running=4, prefill_chunk=8)
+    sched._ensure_thread = lambda: None
+    got: dict[str, int] = {"a": 0, "b": 0, "long": 0}
+
+    def counter(name: str):
+        def on_update(u: Update) -> None:
+            got[name] += u.token_id is not None
+        return on_update
+
+    sched.submit(Request(prompt(5, 1), GREEDY, 40, on_update=counter("a")))
+    sched.submit(Request(prompt(6, 2), GREEDY, 40, on_update=counter("b")))
+    with torch.inference_mode():
+        sched.step()
+        sched.step()
+        long = sched.submit(Request(prompt(60, 3), GREEDY, 5, on_update=counter("long")))
+        steps = 0
+        while got["long"] == 0:
+            before = dict(got)
+            sched.step()
+            steps += 1
+            assert got["a"] == before["a"] + 1 and got["b"] == before["b"] + 1
+        assert steps == 8  # ceil(60 / 8) chunks, one per step
+        while not long.done:
+            sched.step()
+    assert long.result.token_ids == reference_greedy(model, prompt(60, 3), 5)

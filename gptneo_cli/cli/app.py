@@ -12,6 +12,7 @@ import typer
 from .. import __version__
 from . import (
     answer,
+    batch,
     bench,
     chat,
     classify,
@@ -21,8 +22,7 @@ from . import (
     models,
     serve,
     tag,
-    train_classifier,
-    train_spans,
+    train_heads,
 )
 from .errors import guard_app, run_app, state
 from .help import use_cli_help
@@ -62,8 +62,8 @@ def root(
         state.debug = True
 
 
-for _module in (generate, chat, classify, tag, answer, models, info, finetune, train_classifier,
-                train_spans, bench, serve):
+for _module in (generate, chat, classify, tag, answer, models, info, finetune, train_heads,
+                bench, serve, batch):
     _module.register(app)
 
 use_cli_help(app)

@@ -1,8 +1,9 @@
 """`gptneo generate`: continue a prompt, or a file of prompts, with a causal LM.
 
-Thin on purpose: read prompts (common), build a GenerationConfig (validated before the
-model loads), call gptneo_cli.generation, render (output). The model code is imported
-inside the command so `gptneo --help` never imports torch.
+Thin on purpose: read prompts (inputs), build a GenerationConfig from the flags the
+options schema gives it (options; validated before torch loads), load the model (loading),
+call gptneo_cli.generation, render (output). The model code is imported inside the
+command so `gptneo --help` never imports torch.
 """
 
 from __future__ import annotations

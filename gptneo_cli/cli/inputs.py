@@ -61,10 +61,11 @@ def read_text_file(path: str | Path, limit: int = MAX_INPUT_BYTES) -> str:
         if stat.S_ISREG(info.st_mode) and info.st_size > limit:
             raise ValueError(f"{path} is {_megabytes(info.st_size)}: more than the "
                              f"{_megabytes(limit)} a text input may hold")
-        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        nonblock = getattr(os, "O_NONBLOCK", 0)  # POSIX: open() never waits for a writer
+        fd = os.open(p, os.O_RDONLY | nonblock)
         with os.fdopen(fd, "rb") as handle:
-            if hasattr(os, "set_blocking"):
-                os.set_blocking(fd, True)  # opened without waiting for a writer; now wait
+            if nonblock:
+                os.set_blocking(fd, True)  # opened; now reads wait for data as usual
             data = _read_limited(handle, limit, str(path))
     except FileNotFoundError:
         raise ValueError(f"file not found: {path}") from None

@@ -53,7 +53,7 @@ def serve(
     prefill_chunk: Annotated[int, typer.Option(
         "--prefill-chunk", min=1, max=8192, rich_help_panel=SERVER_PANEL,
         help="Prompt tokens prefilled per step: bounds how long a long prompt delays the "
-             "running streams.")] = 256,
+             "running streams.")] = 128,
     cors_origin: Annotated[list[str] | None, typer.Option(
         "--cors-origin", rich_help_panel=SERVER_PANEL, show_default=False,
         help="Allow browsers from this origin (repeatable). No CORS headers otherwise.")

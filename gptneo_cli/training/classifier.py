@@ -17,7 +17,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..device import resolve_device
 from ..modeling import GPTNeoForSequenceClassification
 from .data import read_jsonl
 from .heads import (
@@ -25,10 +24,10 @@ from .heads import (
     HeadResult,
     HeadTask,
     build_head_model,
+    fit_from_folder,
     fit_head,
     frozen_features,
 )
-from .optim import autocast_dtype
 from .report import Reporter
 
 #: Classifier runs take the options every head trainer takes.
@@ -132,8 +131,7 @@ def build_classifier(
     seed: int = 0,
 ) -> GPTNeoForSequenceClassification:
     """A sequence classifier for `labels` on top of the checkpoint in `folder`."""
-    return build_head_model(folder, GPTNeoForSequenceClassification, labels,
-                            "GPTNeoForSequenceClassification", device, seed,
+    return build_head_model(folder, GPTNeoForSequenceClassification, labels, device, seed,
                             {"problem_type": "single_label_classification"})
 
 
@@ -234,8 +232,6 @@ def fit_classifier(
     base_name: str | None = None,
 ) -> HeadResult:
     """Train a sequence classifier on labelled files; labels and id2label come from the data."""
-    from ..tokenizer import Tokenizer
-
     config.validate()
     examples = read_labeled(data, text_column, label_column)
     if val_data:
@@ -247,10 +243,8 @@ def fit_classifier(
         raise ValueError(f"data: a classifier needs at least two labels, found {labels}")
     if not train_ex:
         raise ValueError("data: no training examples are left after holding out val_fraction")
-    tokenizer = Tokenizer.from_folder(folder)
-    dev = resolve_device(device)
-    autocast_dtype(config.precision, dev)
-    model = build_classifier(folder, labels, dev, config.seed)
-    info = {"base_model": base_name or str(folder)}
-    return train_classifier(model, tokenizer, train_ex, val_ex, config, output,
-                            tokenizer_source=folder, reporter=reporter, info=info)
+    return fit_from_folder(
+        folder, output, config, GPTNeoForSequenceClassification, labels,
+        lambda model, tokenizer: ClassifierTask(model, tokenizer, config, train_ex, val_ex),
+        device=device, reporter=reporter, info={"base_model": base_name or str(folder)},
+        extra={"problem_type": "single_label_classification"})

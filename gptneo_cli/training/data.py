@@ -8,10 +8,11 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 #: Folders skipped when a data folder is walked (caches, VCS metadata, virtualenvs).
 SKIP_DIRS = {"__pycache__", ".git", ".hg", ".svn", ".venv", "venv", "node_modules"}
+T = TypeVar("T")
 
 
 @dataclass
@@ -108,6 +109,17 @@ def read_jsonl(
             yield number, row
 
 
+def hold_out(items: Sequence[T], val_fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """A seeded share of `items` held out (at least one, never all); nothing below two."""
+    if val_fraction <= 0 or len(items) < 2:
+        return list(items), []
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:min(len(items) - 1, max(1, round(len(items) * val_fraction)))])
+    return ([x for i, x in enumerate(items) if i not in held],
+            [x for i, x in enumerate(items) if i in held])
+
+
 def split_documents(
     docs: Sequence[Document], val_fraction: float, seed: int
 ) -> tuple[list[Document], list[Document]]:
@@ -116,12 +128,4 @@ def split_documents(
     With a single document nothing is held out here; `prepare_lm_data` then holds out the
     end of its token stream instead.
     """
-    if val_fraction <= 0 or len(docs) < 2:
-        return list(docs), []
-    order = list(range(len(docs)))
-    random.Random(seed).shuffle(order)
-    n_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction)))
-    held = set(order[:n_val])
-    train = [d for i, d in enumerate(docs) if i not in held]
-    val = [d for i, d in enumerate(docs) if i in held]
-    return train, val
+    return hold_out(docs, val_fraction, seed)

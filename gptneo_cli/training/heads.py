@@ -97,7 +97,6 @@ def build_head_model(
     folder: str | Path,
     model_cls: type,
     labels: Sequence[str] | None,
-    architecture: str,
     device: str | torch.device | None = None,
     seed: int = 0,
     extra: dict[str, Any] | None = None,
@@ -116,7 +115,7 @@ def build_head_model(
         config.num_labels = len(labels)
     if config.pad_token_id is None:
         config.pad_token_id = config.eos_token_id
-    config.extra["architectures"] = [architecture]
+    config.extra["architectures"] = [model_cls.__name__]
     config.extra.update(extra or {})
     config.validate()
     with torch.device("meta"):
@@ -192,6 +191,18 @@ class HeadTask:
         for p in self.model.transformer.parameters():
             p.requires_grad_(not self.head_only)
 
+    def token_features(self, reporter: Reporter,
+                       noun: str) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
+        """Every token's frozen features, train and held-out (None unless head-only)."""
+        if not self.head_only:
+            return None, None
+        count = len(self.train_rows) + len(self.val_rows)
+        reporter.message(f"computing features for {count} {noun}{'s' * (count != 1)}")
+        return tuple(  # type: ignore[return-value]
+            frozen_features(self.model, rows, self.pad_id, self.config.batch_size, self.amp,
+                            lambda h: h)
+            for rows in (self.train_rows, self.val_rows))
+
     def hidden(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states [B, T, H] of padded `rows` (float32) and their mask [B, T]."""
         ids, mask = padded(rows, self.pad_id)
@@ -253,6 +264,32 @@ def fit_head(
         **run_info,
     })
     return result
+
+
+def fit_from_folder(
+    folder: str | Path,
+    output: str | Path,
+    config: HeadConfig,
+    model_cls: type,
+    labels: Sequence[str] | None,
+    make_task: Callable[[Any, Any], HeadTask],
+    *,
+    device: str | torch.device | None = None,
+    reporter: Reporter | None = None,
+    info: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> HeadResult:
+    """A whole head run from a model folder: its tokenizer, a new `model_cls` head for
+    `labels` on its transformer, the task `make_task(model, tokenizer)` builds, the loop."""
+    from ..device import resolve_device
+    from ..tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_folder(folder)
+    dev = resolve_device(device)
+    autocast_dtype(config.precision, dev)  # reject e.g. float16 on CPU before loading
+    model = build_head_model(folder, model_cls, labels, dev, config.seed, extra)
+    return fit_head(make_task(model, tokenizer), output, tokenizer=tokenizer,
+                    tokenizer_source=Path(folder), reporter=reporter, info=info)
 
 
 class _HeadRun:

@@ -9,7 +9,6 @@ context tokens only, as `answer` reads them.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +16,10 @@ from typing import Any
 
 import torch
 
-from ..device import resolve_device
 from ..modeling import GPTNeoForQuestionAnswering
 from ..tasks import best_span, encode_with_offsets, question_prefix
-from .data import read_jsonl
-from .heads import HeadConfig, HeadResult, HeadTask, build_head_model, fit_head, frozen_features
-from .optim import autocast_dtype
+from .data import hold_out, read_jsonl
+from .heads import HeadConfig, HeadResult, HeadTask, fit_from_folder
 from .report import Reporter
 
 #: the longest span scored on the held-out split, in tokens (as `answer` defaults to)
@@ -151,13 +148,7 @@ class QATask(HeadTask):
         if self.cut:
             reporter.message(f"skipped {self.cut} example{'s' * (self.cut != 1)} whose answer "
                              "lies beyond max_length tokens")
-        if self.head_only:
-            count = len(self.train_rows) + len(self.val_rows)
-            reporter.message(f"computing features for {count} example{'s' * (count != 1)}")
-            self.train_x, self.val_x = (
-                frozen_features(self.model, rows, self.pad_id, self.config.batch_size,
-                                self.amp, lambda h: h)
-                for rows in (self.train_rows, self.val_rows))
+        self.train_x, self.val_x = self.token_features(reporter, "example")
 
     def scores(self, rows: list[list[int]], x: list[torch.Tensor] | None,
                targets: list[tuple[int, int, int]],
@@ -199,11 +190,7 @@ def split_questions(examples: Sequence[QAExample], val_fraction: float,
     """Hold out a seeded share of the contexts: questions on one context stay together, so
     held-out questions are asked about unseen text."""
     contexts = sorted({e.context for e in examples})
-    if val_fraction <= 0 or len(contexts) < 2:
-        return list(examples), []
-    random.Random(seed).shuffle(contexts)
-    n_val = min(len(contexts) - 1, max(1, round(len(contexts) * val_fraction)))
-    held = set(contexts[:n_val])
+    held = set(hold_out(contexts, val_fraction, seed)[1])
     return ([e for e in examples if e.context not in held],
             [e for e in examples if e.context in held])
 
@@ -220,20 +207,14 @@ def fit_qa(
     base_name: str | None = None,
 ) -> HeadResult:
     """Train a question-answering head on SQuAD-style jsonl."""
-    from ..tokenizer import Tokenizer
-
     config.validate()
     examples, unanswerable = read_squad(data)
     if val_data:
         train, val = examples, read_squad(val_data)[0]
     else:
         train, val = split_questions(examples, config.val_fraction, config.seed)
-    tokenizer = Tokenizer.from_folder(folder)
-    dev = resolve_device(device)
-    autocast_dtype(config.precision, dev)
-    model = build_head_model(folder, GPTNeoForQuestionAnswering, None,
-                             "GPTNeoForQuestionAnswering", dev, config.seed)
-    task = QATask(model, tokenizer, config, train, val)
     info = {"base_model": base_name or str(folder), "unanswerable_skipped": unanswerable}
-    return fit_head(task, output, tokenizer=tokenizer, tokenizer_source=Path(folder),
-                    reporter=reporter, info=info)
+    return fit_from_folder(
+        folder, output, config, GPTNeoForQuestionAnswering, None,
+        lambda model, tokenizer: QATask(model, tokenizer, config, train, val),
+        device=device, reporter=reporter, info=info)

@@ -9,7 +9,6 @@ tokens after the first of a `B-X` word learn `I-X`, so `tag` merges them into on
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +17,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..device import resolve_device
 from ..modeling import GPTNeoForTokenClassification
 from ..tasks import encode_with_offsets
-from .data import read_jsonl
-from .heads import HeadConfig, HeadResult, HeadTask, build_head_model, fit_head, frozen_features
-from .optim import autocast_dtype
+from .data import hold_out, read_jsonl
+from .heads import HeadConfig, HeadResult, HeadTask, fit_from_folder
 from .report import Reporter
 
 #: jsonl keys accepted for the labels, in order of preference
@@ -161,13 +158,7 @@ class TaggerTask(HeadTask):
 
     def prepare(self, reporter: Reporter) -> None:
         super().prepare(reporter)
-        if self.head_only:
-            count = len(self.train_rows) + len(self.val_rows)
-            reporter.message(f"computing features for {count} sentence{'s' * (count != 1)}")
-            self.train_x, self.val_x = (
-                frozen_features(self.model, rows, self.pad_id, self.config.batch_size,
-                                self.amp, lambda h: h)
-                for rows in (self.train_rows, self.val_rows))
+        self.train_x, self.val_x = self.token_features(reporter, "sentence")
 
     def logits(self, rows: list[list[int]], x: list[torch.Tensor] | None,
                indices: Sequence[int]) -> torch.Tensor:
@@ -194,18 +185,6 @@ class TaggerTask(HeadTask):
         return loss, float((logits.argmax(-1) == target).float().mean())
 
 
-def split_sentences(sentences: Sequence[TaggedSentence], val_fraction: float,
-                    seed: int) -> tuple[list[TaggedSentence], list[TaggedSentence]]:
-    """Hold out a seeded share of the sentences (at least one, never all)."""
-    if val_fraction <= 0 or len(sentences) < 2:
-        return list(sentences), []
-    order = list(range(len(sentences)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:min(len(sentences) - 1, max(1, round(len(sentences) * val_fraction)))])
-    return ([s for i, s in enumerate(sentences) if i not in held],
-            [s for i, s in enumerate(sentences) if i in held])
-
-
 def fit_tagger(
     folder: str | Path,
     data: Sequence[str | Path],
@@ -218,22 +197,16 @@ def fit_tagger(
     base_name: str | None = None,
 ) -> HeadResult:
     """Train a token classifier on tagged sentences; the label set comes from the data."""
-    from ..tokenizer import Tokenizer
-
     config.validate()
     sentences = read_tagged(data)
     if val_data:
         train, val = sentences, read_tagged(val_data)
     else:
-        train, val = split_sentences(sentences, config.val_fraction, config.seed)
+        train, val = hold_out(sentences, config.val_fraction, config.seed)
     labels = tag_names([*train, *val])
     if len(labels) < 2:
         raise ValueError(f"data: a tagger needs at least two labels, found {labels}")
-    tokenizer = Tokenizer.from_folder(folder)
-    dev = resolve_device(device)
-    autocast_dtype(config.precision, dev)
-    model = build_head_model(folder, GPTNeoForTokenClassification, labels,
-                             "GPTNeoForTokenClassification", dev, config.seed)
-    task = TaggerTask(model, tokenizer, config, train, val)
-    return fit_head(task, output, tokenizer=tokenizer, tokenizer_source=Path(folder),
-                    reporter=reporter, info={"base_model": base_name or str(folder)})
+    return fit_from_folder(
+        folder, output, config, GPTNeoForTokenClassification, labels,
+        lambda model, tokenizer: TaggerTask(model, tokenizer, config, train, val),
+        device=device, reporter=reporter, info={"base_model": base_name or str(folder)})

@@ -1,12 +1,15 @@
-"""`gptneo train-tagger` and `gptneo train-qa`: train the heads that `gptneo tag` and
-`gptneo answer` need, small like `train-classifier` (same options, same summary).
+"""`gptneo train-classifier`, `train-tagger` and `train-qa`: train the heads that
+`gptneo classify`, `tag` and `answer` load (gptneo_cli.training.classifier / tagger / qa).
 
-Both commands are one function built twice (`_command`), since only the data format, the
-library call and the wording differ. Training code (and torch) is imported inside.
+The three commands are one function built three times (`_command`): only the data format,
+the library call and the wording differ, and train-classifier alone has --text-column and
+--label-column. Thin: check the options, call the trainer, progress on stderr, a summary on
+stdout. Training code (and torch) is imported inside.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -19,6 +22,7 @@ from .options import DebugOpt, DeviceOpt, RevisionOpt
 from .output import check_format
 from .progress import make_reporter
 from .train_common import (
+    DATA_PANEL,
     BaseModelArg,
     BatchSizeOpt,
     EpochsOpt,
@@ -47,6 +51,15 @@ DataArg = Annotated[
                    help="Training files (formats above)."),
 ]
 
+CLASSIFIER_DOC = """Train a text classifier on labelled data; reports validation accuracy.
+
+DATA is .jsonl with {"text": ..., "label": ...} per line, or .csv/.tsv with a header
+(--text-column and --label-column pick the fields).
+
+Labels and id2label come from the data. The best epoch (by validation accuracy) is
+written to OUTPUT; use it with `gptneo classify --model OUTPUT FILE` (or - for stdin).
+"""
+
 TAGGER_DOC = """Train a token tagger (e.g. named entities) for `gptneo tag`.
 
 DATA is CoNLL-style text (one `word ... label` line per word: the first and last columns;
@@ -71,7 +84,27 @@ GPTNeoForQuestionAnswering names it; ask with `gptneo answer QUESTION --model OU
 """
 
 
+TextColumnOpt = Annotated[
+    str, typer.Option("--text-column", help="Field holding the text.",
+                      rich_help_panel=DATA_PANEL),
+]
+LabelColumnOpt = Annotated[
+    str, typer.Option("--label-column", help="Field holding the label.",
+                      rich_help_panel=DATA_PANEL),
+]
+#: The options only train-classifier has (its data has named columns).
+COLUMN_OPTIONS = ("text_column", "label_column")
+TITLES = {"classifier": "Classifier trained", "tagger": "Tagger trained",
+          "qa": "QA head trained"}
+DOCS = {"classifier": CLASSIFIER_DOC, "tagger": TAGGER_DOC, "qa": QA_DOC}
+
+
 def register(app: typer.Typer) -> None:
+    app.command("train-classifier", epilog=examples(
+        ("Train a classifier head on labeled lines",
+         "gptneo train-classifier tiny lines.jsonl -o ./code-or-comment --epochs 5"),
+        ("Then use it", 'echo "the cache is cleared" | gptneo classify -m ./code-or-comment'),
+    ))(_command("classifier"))
     app.command("train-tagger", epilog=examples(
         ("Train a tagger on the demo model", "gptneo train-tagger tiny words.conll -o ./tagger "
          "--epochs 20 --lr 0.01"),
@@ -86,7 +119,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _command(kind: str) -> Callable[..., None]:
-    """The train-tagger or train-qa command (identical options, different data)."""
+    """The train-classifier, train-tagger or train-qa command."""
 
     def command(
         model_arg: BaseModelArg,
@@ -96,6 +129,8 @@ def _command(kind: str) -> Callable[..., None]:
         device: DeviceOpt = None,
         val_data: ValDataOpt = None,
         val_fraction: ValFractionOpt = 0.1,
+        text_column: TextColumnOpt = "text",
+        label_column: LabelColumnOpt = "label",
         max_length: MaxLengthOpt = 256,
         train: TrainOpt = "head",
         epochs: EpochsOpt = 3,
@@ -118,15 +153,32 @@ def _command(kind: str) -> Callable[..., None]:
                              max_length=max_length, val_fraction=val_fraction,
                              precision=precision, seed=seed)
         folder = resolve_base(model_arg, settings.get("revision", revision))
-        if kind == "tagger":
-            from ..training.tagger import fit_tagger as fit
-        else:
-            from ..training.qa import fit_qa as fit
-        result = fit(folder, data, output, config, val_data=val_data or None,
-                     device=settings.get("device", device), reporter=make_reporter(),
-                     base_name=model_arg)
-        head_summary("Tagger trained" if kind == "tagger" else "QA head trained", result, fmt)
+        extra = ({"text_column": text_column, "label_column": label_column}
+                 if kind == "classifier" else {})
+        result = _trainer(kind)(folder, data, output, config, val_data=val_data or None,
+                                device=settings.get("device", device),
+                                reporter=make_reporter(), base_name=model_arg, **extra)
+        head_summary(TITLES[kind], result, fmt)
 
     command.__name__ = f"train_{kind}"
-    command.__doc__ = TAGGER_DOC if kind == "tagger" else QA_DOC
+    command.__doc__ = DOCS[kind]
+    if kind != "classifier":  # Typer reads the options from the signature
+        signature = inspect.signature(command, eval_str=True)
+        command.__signature__ = signature.replace(parameters=[  # type: ignore[attr-defined]
+            p for p in signature.parameters.values() if p.name not in COLUMN_OPTIONS])
     return command
+
+
+def _trainer(kind: str) -> Callable[..., object]:
+    """The library function of each command (imported late: it imports torch)."""
+    if kind == "classifier":
+        from ..training.classifier import fit_classifier
+
+        return fit_classifier
+    if kind == "tagger":
+        from ..training.tagger import fit_tagger
+
+        return fit_tagger
+    from ..training.qa import fit_qa
+
+    return fit_qa
