@@ -73,15 +73,13 @@ def match_checkpoint(
     missing = [n for n in expected if n not in seen]
     new_head = [n for n in missing if n in head_params]
     missing = [n for n in missing if n not in head_params]
-    problems = []
-    if missing:
-        problems.append("missing " + _listing(missing))
-    if unexpected:
-        problems.append("unexpected " + _listing(unexpected))
-    if wrong:
-        problems.append("wrongly shaped " + _listing(wrong))
-    if wrong_dtype:
-        problems.append("integer data for floating-point parameters in " + _listing(wrong_dtype))
+    problems = [
+        f"{what} {_listing(names)}"
+        for what, names in (("missing", missing), ("unexpected", unexpected),
+                            ("wrongly shaped", wrong),
+                            ("integer data for floating-point parameters in", wrong_dtype))
+        if names
+    ]
     if problems:
         raise WeightsError(f"checkpoint {source} does not fit: " + "; ".join(problems))
     return new_head

@@ -158,8 +158,10 @@ def test_weights_present_checks_every_shard(tmp_path):
 
 
 def test_full_disk_error_is_one_actionable_line():
-    err = hub._hub_error(OSError(errno.ENOSPC, "No space left on device"), "a/b", "main",
-                         "model.safetensors")
+    from gptneo_cli.hub.errors import hub_error
+
+    err = hub_error(OSError(errno.ENOSPC, "No space left on device"), "a/b", "main",
+                    "model.safetensors")
     assert isinstance(err, HubError)
     assert "disk is full" in str(err) and "HF_HUB_CACHE" in str(err) and "\n" not in str(err)
 
@@ -572,7 +574,7 @@ def test_hf_hub_cache_decides_where_models_go(env, server, tmp_path):
 def test_bundled_models_resolve_by_name(tmp_path, monkeypatch):
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / "config.json").write_text("{}")
-    monkeypatch.setattr(hub, "BUNDLED_DIR", tmp_path)
+    monkeypatch.setattr(hub.names, "BUNDLED_DIR", tmp_path)  # where names are resolved
     monkeypatch.chdir(tmp_path / "tiny")  # no folder named "tiny" here
     assert hub.resolve_model_dir("tiny") == tmp_path / "tiny"
     with pytest.raises(ModelNotFoundError):
