@@ -78,18 +78,17 @@ def run_cli(
 _CACHE: dict[str, Path] = {}
 
 
+def trained_bpe_json(corpus: list[str], vocab_size: int) -> str:
+    """tokenizer.json text of a GPT-2-style byte-level BPE trained on `corpus`, by the
+    package's own trainer (the one BPE trainer the tests use; every pair kept)."""
+    from gptneo_cli.training import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(corpus, vocab_size, min_frequency=0).backend.to_str()
+
+
 def tiny_tokenizer_json() -> str:
     """A GPT-2-style byte-level BPE with a few hundred tokens, trained on CORPUS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=350, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(CORPUS * 10, trainer)
-    return tok.to_str()
+    return trained_bpe_json(CORPUS * 10, vocab_size=350)
 
 
 def build_causal_checkpoint(folder: Path, *, max_positions: int = 256, seed: int = 0) -> Path:

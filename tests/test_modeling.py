@@ -317,7 +317,7 @@ def test_left_padded_batch_equals_rows_alone(tiny_checkpoint, config, attn):
         batch = model(ids, attention_mask=mask).logits
         cache = model.new_cache(3, ids.shape[1] + 12)
         first = model(ids, attention_mask=mask, cache=cache).logits
-        assert max_diff(first, batch) == 0.0 or max_diff(first, batch) < TOL
+        assert max_diff(first, batch) < TOL  # the cached prefill computes the same logits
         steps = []
         for t in range(12):
             mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from helpers_cli import trained_bpe_json
+from tokenizers import Tokenizer
 
 from gptneo_cli import tasks
 
@@ -47,14 +48,7 @@ TEXTS = [
 @functools.cache
 def tokenizer_json() -> str:
     """A GPT-2-style byte-level BPE (about 400 tokens), trained once per session."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(CORPUS * 20, trainer)
-    return tok.to_str()
+    return trained_bpe_json(CORPUS * 20, vocab_size=400)
 
 
 def raw_tokenizer() -> Tokenizer:
