@@ -708,12 +708,7 @@ def _generate_scheduled(
     try:
         for request in requests:
             scheduler.submit(request)
-        for request in requests:
-            while not request.done:
-                if cancelled is not None and cancelled():
-                    for r in requests:
-                        r.cancel()
-                request._done.wait(0.05)
+        _wait_all(requests, cancelled)
     except KeyboardInterrupt:  # Ctrl-C: every row ends with what it has
         for r in requests:
             r.cancel()
@@ -728,6 +723,16 @@ def _generate_scheduled(
         result.seed = seed
         results.append(result)
     return results
+
+
+def _wait_all(requests: list[Any], cancelled: CancelCheck | None) -> None:
+    """Wait for every request; a cancel check that fires cancels them all."""
+    for request in requests:
+        while not request.done:
+            if cancelled is not None and cancelled():
+                for r in requests:
+                    r.cancel()
+            request._done.wait(0.05)
 
 
 class Stream:

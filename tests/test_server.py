@@ -25,8 +25,8 @@ from helpers_cli import cli_env, gptneo_command
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gptneo_cli.hub import resolve_model_dir
 from gptneo_cli.fast import FastCausalLM
+from gptneo_cli.hub import resolve_model_dir
 from gptneo_cli.scheduler import Scheduler
 from gptneo_cli.server.app import ServeOptions, create_app
 from gptneo_cli.server.run import bind, make_server, url

@@ -62,6 +62,11 @@ def parse_line(text: str, line: int, *, plain: bool) -> Item | None:
         return Item(line, line_id(line), error=f"line {line}: not valid JSON ({exc.msg})")
     if not isinstance(record, dict):
         return Item(line, line_id(line), error=f"line {line}: not a JSON object")
+    return _parse_record(record, line)
+
+
+def _parse_record(record: dict[str, Any], line: int) -> Item:
+    """A JSON object line: the Batch API request shape, or the `{"prompt": ...}` shorthand."""
     if "custom_id" not in record:
         if "prompt" in record:  # the shorthand: the line is the completion body
             return Item(line, line_id(line), body=record)

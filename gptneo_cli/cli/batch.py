@@ -121,9 +121,8 @@ def batch(
         remaining = max(total - len(previous.done), 0)
         items = (it for it in source.items() if it.custom_id not in previous.done)
         progress = Progress()
-        bar = _Bar(remaining) if is_tty(sys.stderr) else None
-        on_record = bar.update if bar is not None else None
-        try:
+
+        def work(on_record: Any) -> None:
             if remaining == 0:  # nothing (left) to do: the output exists, no model loads
                 from ..batch.jobs import OutputWriter
 
@@ -142,20 +141,30 @@ def batch(
             else:
                 _run_here(items, output, options, max_running, threads, defaults, progress,
                           on_record)
-        except KeyboardInterrupt:
-            if bar is not None:
-                bar.close()
-            _summary(progress, previous, output)  # what is written stays: rerun to resume
-            raise
-        except BaseException:
-            if bar is not None:
-                bar.close()
-            raise
-        if bar is not None:
-            bar.close()
-        _summary(progress, previous, output)
+
+        _with_bar(remaining, work, lambda: _summary(progress, previous, output))
     if previous.failed + progress.failed:
         raise typer.Exit(1)
+
+
+def _with_bar(remaining: int, work: Any, summary: Any) -> None:
+    """Run work(on_record) under a progress bar on a terminal's stderr; the summary line
+    comes after it, also when Ctrl-C stops the job (what is written stays: rerun to resume)."""
+    bar = _Bar(remaining) if is_tty(sys.stderr) else None
+    try:
+        work(bar.update if bar is not None else None)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        summary()
+        raise
+    except BaseException:
+        if bar is not None:
+            bar.close()
+        raise
+    if bar is not None:
+        bar.close()
+    summary()
 
 
 def _has_ray() -> bool:

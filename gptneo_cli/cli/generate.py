@@ -128,27 +128,21 @@ def generate(
 ) -> None:
     """Continue a prompt with a GPT-Neo model, streaming the text as it is generated."""
     fmt = check_format(fmt)
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     settings = load_settings()
     given = generation or {}
     config = generation_config(settings, given)
-    for text in config.stop:
-        check_text(text, "--stop")
     model_flags = dict(model=model, revision=revision, device=device, dtype=dtype, attn=attn)
     options = ModelOptions.merge(settings, **model_flags, quantize=quantize, compile=compile)
     diag = Diagnostics()
-    if config.logprobs is not None and fmt == "text":
-        diag.warn("--logprobs is reported in --format json or jsonl only")
-    stdin: IO[str] = sys.stdin
+    _check_flags(diag, fmt, batch_size, config)
+    stdin: IO[str] | None = sys.stdin
     if show_config:
         flags = {k for k, v in {**given, **model_flags}.items() if v is not None}
         _show_config(diag, settings, options, config, flags)
         if input_file is None and file is None and prompt is None:
-            piped = _piped_after_show_config()
-            if piped is None:
-                return
-            stdin = piped
+            stdin = _piped_after_show_config()
+    if stdin is None:  # --show-config alone: the table was the whole job
+        return
     prompts = _collect_prompts(prompt, file, input_file, stdin)
     # --output is written beside the file and renamed over it at the end (the old file stays
     # whole if anything fails); it is opened now so that a bad path fails before loading.
@@ -169,6 +163,16 @@ def generate(
     if target is not None:
         target.commit()  # Ctrl-C too: what was generated is kept, as on stdout
     _report(diag, loaded, results, elapsed, stats)
+
+
+def _check_flags(diag: Diagnostics, fmt: str, batch_size: int, config: Any) -> None:
+    """What the flags say together, checked before any model loads."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    for text in config.stop:
+        check_text(text, "--stop")
+    if config.logprobs is not None and fmt == "text":
+        diag.warn("--logprobs is reported in --format json or jsonl only")
 
 
 def _piped_after_show_config() -> IO[str] | None:

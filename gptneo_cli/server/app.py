@@ -10,6 +10,7 @@ callbacks only hand updates to the event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import sys
@@ -109,13 +110,27 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = [0]
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
+        length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             await self._too_large(send)
             self._done(scope, 413, start)
             return
+        status = [0]
+        try:
+            await self.app(scope, self._limited(receive), self._watched(send, status))
+        except _BodyTooLarge:
+            if status[0] == 0:
+                await self._too_large(send)
+                status[0] = 413
+        except Exception as exc:  # noqa: BLE001 - answered in OpenAI's shape, no traceback
+            if status[0] == 0:
+                await self._internal_error(send, exc)
+                status[0] = 500
+        finally:
+            self._done(scope, status[0] or 500, start)
+
+    def _limited(self, receive: Callable) -> Callable:
+        """receive() that stops a body growing past the cap (a missing content-length)."""
         seen = [0]
 
         async def limited_receive() -> dict:
@@ -126,27 +141,26 @@ class _Guard:
                     raise _BodyTooLarge
             return message
 
+        return limited_receive
+
+    @staticmethod
+    def _watched(send: Callable, status: list[int]) -> Callable:
+        """send() that records the response status for the log line."""
+
         async def watched_send(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)
 
-        try:
-            await self.app(scope, limited_receive, watched_send)
-        except _BodyTooLarge:
-            if status[0] == 0:
-                await self._too_large(send)
-                status[0] = 413
-        except Exception as exc:  # noqa: BLE001 - answered in OpenAI's shape, no traceback
-            if status[0] == 0:
-                body = json.dumps(errors.error_body(
-                    500, f"internal error: {type(exc).__name__}: {exc}")).encode()
-                await send({"type": "http.response.start", "status": 500,
-                            "headers": [(b"content-type", b"application/json")]})
-                await send({"type": "http.response.body", "body": body})
-                status[0] = 500
-        finally:
-            self._done(scope, status[0] or 500, start)
+        return watched_send
+
+    @staticmethod
+    async def _internal_error(send: Callable, exc: Exception) -> None:
+        body = json.dumps(errors.error_body(
+            500, f"internal error: {type(exc).__name__}: {exc}")).encode()
+        await send({"type": "http.response.start", "status": 500,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
 
     async def _too_large(self, send: Callable) -> None:
         body = json.dumps(errors.error_body(
@@ -317,20 +331,11 @@ class _Api:
                                  rid: str, request: Request) -> AsyncIterator[dict[str, Any]]:
         created = int(time.time())
         name = self.options.model_name
-
-        def chunk(index: int, text: str, logprobs: Any = None, finish: str | None = None):
-            return {"id": rid, "object": "text_completion", "created": created, "model": name,
-                    "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                                 "finish_reason": finish}]}
-
+        chunk = functools.partial(_text_chunk, rid, created, name)
         if body.echo:
             for row in rows:
-                logprobs = None
-                if body.logprobs is not None:
-                    await self._wait_prompt_logprobs(row)
-                    prompt_only = Row(row.index, row.prompt, row.ids, row.job, drop_output=True)
-                    logprobs = self.ep.completion_logprobs(body, prompt_only, _empty_result())
-                yield chunk(row.index, self.tokenizer.decode(row.ids), logprobs)
+                yield chunk(row.index, self.tokenizer.decode(row.ids),
+                            await self._echo_logprobs(body, row))
         completion_tokens = 0
         async for row, update in self._events(rows, queue):
             if row.drop_output:
@@ -341,20 +346,31 @@ class _Api:
                 completion_tokens += 1
             logprobs = None
             if body.logprobs is not None and update.logprob is not None:
-                lp = update.logprob
-                text = self._token_text(lp.token_id)
-                top = {self._token_text(a.token_id): a.logprob for a in lp.top}
-                top.setdefault(text, lp.logprob)
-                logprobs = {"tokens": [text], "token_logprobs": [lp.logprob],
-                            "top_logprobs": [top], "text_offset": [0]}
+                logprobs = self._stream_logprobs(update.logprob)
             finish = finish_name(update.finish_reason)
             if update.text or logprobs is not None or finish is not None:
                 yield chunk(row.index, update.text, logprobs, finish)
         request.state.tokens = completion_tokens
-        if body.stream_options is not None and body.stream_options.include_usage:
+        if _wants_usage(body):
             prompts = [r.ids for r in rows if r.index % body.n == 0]
             yield {"id": rid, "object": "text_completion", "created": created, "model": name,
                    "choices": [], "usage": self._usage(prompts, completion_tokens)}
+
+    async def _echo_logprobs(self, body: Any, row: Row) -> Any:
+        """The echoed prompt's logprobs (completions shape), or None when not asked for."""
+        if body.logprobs is None:
+            return None
+        await self._wait_prompt_logprobs(row)
+        prompt_only = Row(row.index, row.prompt, row.ids, row.job, drop_output=True)
+        return self.ep.completion_logprobs(body, prompt_only, _empty_result())
+
+    def _stream_logprobs(self, lp: Any) -> dict[str, Any]:
+        """One streamed token's logprobs in the completions shape."""
+        text = self._token_text(lp.token_id)
+        top = {self._token_text(a.token_id): a.logprob for a in lp.top}
+        top.setdefault(text, lp.logprob)
+        return {"tokens": [text], "token_logprobs": [lp.logprob], "top_logprobs": [top],
+                "text_offset": [0]}
 
     async def _wait_prompt_logprobs(self, row: Row) -> Any:
         """The prompt's logprobs are set before the first token; wait for them."""
@@ -405,18 +421,36 @@ class _Api:
                 started[row.index] = bool(text)
             logprobs = None
             if body.logprobs and update.logprob is not None:
-                logprobs = self.ep.chat_logprobs([update.logprob])
-                for item in logprobs["content"]:
-                    item["token"] = item["token"] or self._token_text(update.logprob.token_id)
+                logprobs = self._chat_stream_logprobs(update.logprob)
             finish = finish_name(update.finish_reason)
             if text or logprobs is not None:
                 yield chunk(row.index, {"content": text}, logprobs)
             if finish is not None:
                 yield chunk(row.index, {}, None, finish)
         request.state.tokens = completion_tokens
-        if body.stream_options is not None and body.stream_options.include_usage:
+        if _wants_usage(body):
             yield {"id": rid, "object": "chat.completion.chunk", "created": created,
                    "model": name, "choices": [], "usage": self._usage(prompts, completion_tokens)}
+
+    def _chat_stream_logprobs(self, lp: Any) -> dict[str, Any]:
+        """One streamed token's logprobs in the chat shape."""
+        logprobs = self.ep.chat_logprobs([lp])
+        for item in logprobs["content"]:
+            item["token"] = item["token"] or self._token_text(lp.token_id)
+        return logprobs
+
+
+def _text_chunk(rid: str, created: int, name: str, index: int, text: str,
+                logprobs: Any = None, finish: str | None = None) -> dict[str, Any]:
+    """One streamed completions chunk."""
+    return {"id": rid, "object": "text_completion", "created": created, "model": name,
+            "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                         "finish_reason": finish}]}
+
+
+def _wants_usage(body: Any) -> bool:
+    """stream_options.include_usage: a last chunk with the usage counts."""
+    return body.stream_options is not None and bool(body.stream_options.include_usage)
 
 
 def _empty_result() -> GenerationResult:
