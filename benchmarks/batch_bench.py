@@ -87,8 +87,12 @@ def run(args: list[str], label: str, threads: int | None = None) -> dict[str, An
     if code != 0:
         raise SystemExit(f"{label} failed ({code}): {stderr[-2000:]}")
     # ru_maxrss is the largest child of the process tree it waited for (KiB on Linux)
-    return {"label": label, "wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024,
-            "stderr": stderr.strip().splitlines()[-1:] if stderr.strip() else []}
+    return {
+        "label": label,
+        "wall_s": wall,
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "stderr": stderr.strip().splitlines()[-1:] if stderr.strip() else [],
+    }
 
 
 def main() -> None:
@@ -98,8 +102,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-running", type=int, default=16)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--local-threads", type=int, default=None,
-                        help="threads of the local engines (OMP_NUM_THREADS); default: torch's")
+    parser.add_argument(
+        "--local-threads",
+        type=int,
+        default=None,
+        help="threads of the local engines (OMP_NUM_THREADS); default: torch's",
+    )
     parser.add_argument("--engines", default="generate,batch,ray1,ray2")
     parser.add_argument("--memory-lines", default="1000,100000")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "gptneo-bench")
@@ -112,24 +120,57 @@ def main() -> None:
     work.mkdir(parents=True)
     src = work / "prompts.txt"
     src.write_text("\n".join(prompts(folder, args.prompts, args.prompt_tokens)) + "\n")
-    gen = ["--max-new-tokens", str(args.max_tokens), "--ignore-eos", "--temperature", "0",
-           "--dtype", args.dtype, "-m", str(folder)]
+    gen = [
+        "--max-new-tokens",
+        str(args.max_tokens),
+        "--ignore-eos",
+        "--temperature",
+        "0",
+        "--dtype",
+        args.dtype,
+        "-m",
+        str(folder),
+    ]
     rows = []
     engines = args.engines.split(",")
     for engine in engines:
         out = work / f"{engine}.jsonl"
         if engine == "generate":
-            cmd = [*gptneo(), "generate", "--input", str(src), "--batch-size", "8",
-                   "--format", "jsonl", "-o", str(out), *gen]
+            cmd = [
+                *gptneo(),
+                "generate",
+                "--input",
+                str(src),
+                "--batch-size",
+                "8",
+                "--format",
+                "jsonl",
+                "-o",
+                str(out),
+                *gen,
+            ]
         elif engine.startswith("batch"):  # batch, or batchN: --max-running N
             rows_n = engine.removeprefix("batch") or str(args.max_running)
-            cmd = [*gptneo(), "batch", str(src), "-o", str(out), "--max-running", rows_n,
-                   *gen]
+            cmd = [*gptneo(), "batch", str(src), "-o", str(out), "--max-running", rows_n, *gen]
         else:
             actors = int(engine.removeprefix("ray"))
-            cmd = [*gptneo(), "batch", str(src), "-o", str(out), "--max-running",
-                   str(args.max_running), "--ray", "--actors", str(actors),
-                   "--cpus-per-actor", "1", "--threads", "1", *gen]
+            cmd = [
+                *gptneo(),
+                "batch",
+                str(src),
+                "-o",
+                str(out),
+                "--max-running",
+                str(args.max_running),
+                "--ray",
+                "--actors",
+                str(actors),
+                "--cpus-per-actor",
+                "1",
+                "--threads",
+                "1",
+                *gen,
+            ]
         row = run(cmd, engine, None if engine.startswith("ray") else args.local_threads)
         if args.local_threads and not engine.startswith("ray"):
             row["label"] = f"{engine} ({args.local_threads} thread)"
@@ -143,8 +184,20 @@ def main() -> None:
         with open(src_n, "w") as f:
             for i in range(n):
                 f.write(json.dumps({"prompt": f"line {i} of the input", "max_tokens": 1}) + "\n")
-        row = run([*gptneo(), "batch", str(src_n), "-o", str(work / f"mem-{n}.out"), "-m", "tiny",
-                   "--dtype", "float32"], f"memory {n} lines")
+        row = run(
+            [
+                *gptneo(),
+                "batch",
+                str(src_n),
+                "-o",
+                str(work / f"mem-{n}.out"),
+                "-m",
+                "tiny",
+                "--dtype",
+                "float32",
+            ],
+            f"memory {n} lines",
+        )
         row["lines"] = n
         memory.append(row)
         log(json.dumps(row))
@@ -155,20 +208,27 @@ def main() -> None:
 
 def table(rows: list[dict[str, Any]], memory: list[dict[str, Any]], args: Any) -> str:
     base = next((r for r in rows if r["label"].startswith("generate")), None)
-    lines = [f"{args.prompts} prompts x ~{args.prompt_tokens} tokens, {args.max_tokens} new "
-             f"tokens each, {args.dtype}, gpt-neo-125M shape (random weights); wall time "
-             "includes loading the model (and starting Ray).", "",
-             "| engine | wall s | req/s | tok/s | vs generate | peak RSS MiB |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"{args.prompts} prompts x ~{args.prompt_tokens} tokens, {args.max_tokens} new "
+        f"tokens each, {args.dtype}, gpt-neo-125M shape (random weights); wall time "
+        "includes loading the model (and starting Ray).",
+        "",
+        "| engine | wall s | req/s | tok/s | vs generate | peak RSS MiB |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         x = f"{r['tok_s'] / base['tok_s']:.2f}x" if base else "-"
-        lines.append(f"| {r['label']} | {r['wall_s']:.1f} | {r['req_s']:.2f} | "
-                     f"{r['tok_s']:.1f} | {x} | {r['peak_rss_mib']:.0f} |")
+        lines.append(
+            f"| {r['label']} | {r['wall_s']:.1f} | {r['req_s']:.2f} | "
+            f"{r['tok_s']:.1f} | {x} | {r['peak_rss_mib']:.0f} |"
+        )
     if memory:
-        lines += ["", "| input lines (tiny, 1 new token) | wall s | peak RSS MiB |",
-                  "|---|---|---|"]
-        lines += [f"| {m['lines']} | {m['wall_s']:.1f} | {m['peak_rss_mib']:.0f} |"
-                  for m in memory]
+        lines += [
+            "",
+            "| input lines (tiny, 1 new token) | wall s | peak RSS MiB |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {m['lines']} | {m['wall_s']:.1f} | {m['peak_rss_mib']:.0f} |" for m in memory]
     return "\n".join(lines)
 
 

@@ -160,8 +160,12 @@ class Engine:
         from gptneo_cli.fast import FastCausalLM
 
         return FastCausalLM.from_pretrained(
-            folder, dtype=self.dtype, device=device, attn=self.attn,
-            quantize=self.quantize, compile=self.compile,
+            folder,
+            dtype=self.dtype,
+            device=device,
+            attn=self.attn,
+            quantize=self.quantize,
+            compile=self.compile,
         )
 
 
@@ -228,8 +232,13 @@ def run_generate(
         start = time.perf_counter()
         with torch.inference_mode():
             model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                min_new_tokens=new, do_sample=False, pad_token_id=50256, streamer=stamps,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=50256,
+                streamer=stamps,
             )
         sync(device)
         wall = time.perf_counter() - start
@@ -386,7 +395,9 @@ def measure_loads(
             }
             proc = subprocess.run(
                 [sys.executable, __file__, "--child", json.dumps(spec)],
-                capture_output=True, text=True, check=False,
+                capture_output=True,
+                text=True,
+                check=False,
             )
             if proc.returncode != 0:
                 raise RuntimeError(f"load subprocess failed for {engine.label}:\n{proc.stderr}")
@@ -422,14 +433,17 @@ def agreement(model_dir: str, device: str, tokens: int = 4096) -> dict[str, Any]
     chunks = [ids[i : i + window] for i in range(0, len(ids) - 1, window)]
     variants = {
         "int8 (float32 model)": FastCausalLM.from_pretrained(
-            folder, dtype="float32", device=device, quantize="int8"),
+            folder, dtype="float32", device=device, quantize="int8"
+        ),
         "int8 (bfloat16 model)": FastCausalLM.from_pretrained(
-            folder, dtype="bfloat16", device=device, quantize="int8"),
+            folder, dtype="bfloat16", device=device, quantize="int8"
+        ),
         "bfloat16": FastCausalLM.from_pretrained(folder, dtype="bfloat16", device=device),
     }
     if device == "cpu":
         variants["int8-dynamic"] = FastCausalLM.from_pretrained(
-            folder, dtype="float32", device=device, quantize="int8-dynamic")
+            folder, dtype="float32", device=device, quantize="int8-dynamic"
+        )
     agree = {name: 0 for name in variants}
     total = 0
     with torch.inference_mode():
@@ -497,15 +511,15 @@ def plan(args: argparse.Namespace) -> list[tuple[str, list[Engine]]]:
         if flash:
             engines.append(Engine("gptneo-flash", "gptneo", dtype, attn="flash"))
         if "ref" in variants:
-            engines.append(Engine("gptneo-reference", "gptneo", dtype, attn="sdpa",
-                                  reference=True))
+            engines.append(Engine("gptneo-reference", "gptneo", dtype, attn="sdpa", reference=True))
         if "compile" in variants:
             engines.append(Engine("gptneo-compile", "gptneo", dtype, attn="sdpa", compile=True))
         if "int8" in variants:
             engines.append(Engine("gptneo-int8", "gptneo", dtype, attn="sdpa", quantize="int8"))
         if "int8-dynamic" in variants and dtype == "float32" and not cuda:
-            engines.append(Engine("gptneo-int8-dynamic", "gptneo", dtype, attn="sdpa",
-                                  quantize="int8-dynamic"))
+            engines.append(
+                Engine("gptneo-int8-dynamic", "gptneo", dtype, attn="sdpa", quantize="int8-dynamic")
+            )
         groups.append((dtype, engines))
     return groups
 
@@ -525,8 +539,12 @@ def ratio(ours: float | None, theirs: float | None) -> float | None:
 
 
 def summarize(
-    shape: str, device: str, groups: list[tuple[str, list[Engine]]],
-    speed: dict[str, Samples], loads: dict[str, Samples], args: argparse.Namespace,
+    shape: str,
+    device: str,
+    groups: list[tuple[str, list[Engine]]],
+    speed: dict[str, Samples],
+    loads: dict[str, Samples],
+    args: argparse.Namespace,
 ) -> list[dict[str, Any]]:
     rows = []
     config = hub_config(shape)
@@ -535,29 +553,48 @@ def summarize(
         for engine in engines:
             s, ld = speed[engine.label], loads.get(engine.label, Samples())
             # int8 is compared with transformers float32 (the target's yardstick).
-            base_label = baselines.get("float32", baselines[dtype]) if engine.quantize \
-                else baselines[dtype]
+            base_label = (
+                baselines.get("float32", baselines[dtype]) if engine.quantize else baselines[dtype]
+            )
             base, base_ld = speed[base_label], loads.get(base_label, Samples())
             row: dict[str, Any] = {
-                "shape": shape, "device": device, "engine": engine.name, "dtype": dtype,
-                "attn": engine.attn, "quantize": engine.quantize, "compile": engine.compile,
+                "shape": shape,
+                "device": device,
+                "engine": engine.name,
+                "dtype": dtype,
+                "attn": engine.attn,
+                "quantize": engine.quantize,
+                "compile": engine.compile,
                 "baseline": base_label,
                 "weights_mib": weight_bytes(config, dtype) / 2**20,
             }
-            for key in ("decode_tok_s", "ttft_32_ms", "ttft_long_ms", "batch8_tok_s",
-                        "batch8_decode_tok_s"):
+            for key in (
+                "decode_tok_s",
+                "ttft_32_ms",
+                "ttft_long_ms",
+                "batch8_tok_s",
+                "batch8_decode_tok_s",
+            ):
                 row[key] = s.median(key)
                 row[key + "_x"] = ratio(row[key], base.median(key))
-            for key in ("load_s", "load_delta_mib", "load_peak_mib", "rss_before_mib",
-                        "resident_after_load_mib", "gen_peak_mib", "cuda_peak_mib"):
+            for key in (
+                "load_s",
+                "load_delta_mib",
+                "load_peak_mib",
+                "rss_before_mib",
+                "resident_after_load_mib",
+                "gen_peak_mib",
+                "cuda_peak_mib",
+            ):
                 row[key] = ld.median(key)
             row["load_s_x"] = ratio(row["load_s"], base_ld.median("load_s"))
             if row["load_delta_mib"] is not None:
                 row["load_delta_over_weights"] = row["load_delta_mib"] / row["weights_mib"]
             if engine.kind != TRANSFORMERS and s.median("decode_tok_s"):
                 row["batch8_over_own_b1"] = s.median("batch8_tok_s") / s.median("decode_tok_s")
-                row["batch8_decode_over_own_b1"] = (
-                    s.median("batch8_decode_tok_s") / s.median("decode_tok_s"))
+                row["batch8_decode_over_own_b1"] = s.median("batch8_decode_tok_s") / s.median(
+                    "decode_tok_s"
+                )
             if engine.quantize and row["resident_after_load_mib"] is not None:
                 fp32 = weight_bytes(config, "float32") / 2**20
                 row["resident_over_fp32_weights"] = row["resident_after_load_mib"] / fp32
@@ -596,11 +633,15 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        engine = r["engine"] + (f" [{r['attn']}]" if r["attn"] not in ("auto", "sdpa", "eager")
-                                else "")
+        engine = r["engine"] + (
+            f" [{r['attn']}]" if r["attn"] not in ("auto", "sdpa", "eager") else ""
+        )
         delta = r.get("load_delta_mib")
-        delta_s = "–" if delta is None else (
-            f"{delta:.0f} ({r['load_delta_over_weights']:.2f}÷{r['weights_mib']:.0f})")
+        delta_s = (
+            "–"
+            if delta is None
+            else (f"{delta:.0f} ({r['load_delta_over_weights']:.2f}÷{r['weights_mib']:.0f})")
+        )
         lines.append(
             f"| {r['shape']} | {r['dtype']} | {engine} | "
             f"{with_ratio(r['decode_tok_s'], r['decode_tok_s_x'])} | "
@@ -611,36 +652,48 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{fmt(r.get('gen_peak_mib'), 0)} |"
         )
     lines.append("")
-    lines.append("× = ratio to the transformers row of the same dtype (int8 rows: to transformers "
-                 "float32). For tok/s higher is better; for ms, s and MiB lower is better.")
+    lines.append(
+        "× = ratio to the transformers row of the same dtype (int8 rows: to transformers "
+        "float32). For tok/s higher is better; for ms, s and MiB lower is better."
+    )
     extra = [r for r in rows if r.get("batch8_over_own_b1") is not None]
     if extra:
         lines.append("")
-        lines.append("| shape | dtype | engine | batch-8 decode tok/s (×) | batch-8 ÷ own "
-                     "batch-1 (end to end / decode only) | resident after load MiB |")
+        lines.append(
+            "| shape | dtype | engine | batch-8 decode tok/s (×) | batch-8 ÷ own "
+            "batch-1 (end to end / decode only) | resident after load MiB |"
+        )
         lines.append("|---|---|---|---|---|---|")
         for r in extra:
-            lines.append(f"| {r['shape']} | {r['dtype']} | {r['engine']} | "
-                         f"{with_ratio(r['batch8_decode_tok_s'], r['batch8_decode_tok_s_x'])} | "
-                         f"{fmt(r['batch8_over_own_b1'], 2, '×')} / "
-                         f"{fmt(r['batch8_decode_over_own_b1'], 2, '×')} | "
-                         f"{fmt(r.get('resident_after_load_mib'), 0)} |")
+            lines.append(
+                f"| {r['shape']} | {r['dtype']} | {r['engine']} | "
+                f"{with_ratio(r['batch8_decode_tok_s'], r['batch8_decode_tok_s_x'])} | "
+                f"{fmt(r['batch8_over_own_b1'], 2, '×')} / "
+                f"{fmt(r['batch8_decode_over_own_b1'], 2, '×')} | "
+                f"{fmt(r.get('resident_after_load_mib'), 0)} |"
+            )
     if meta.get("bandwidth_gbs"):
         lines.append("")
-        lines.append(f"Measured device copy bandwidth: {meta['bandwidth_gbs']:.0f} GB/s. "
-                     "Decode ceiling = bandwidth / weight bytes per token.")
+        lines.append(
+            f"Measured device copy bandwidth: {meta['bandwidth_gbs']:.0f} GB/s. "
+            "Decode ceiling = bandwidth / weight bytes per token."
+        )
         for r in rows:
             if r["decode_tok_s"] and r["engine"].startswith("gptneo"):
                 ceiling = meta["bandwidth_gbs"] * 1e9 / (r["weights_mib"] * 2**20)
-                lines.append(f"- {r['shape']} {r['dtype']} {r['engine']}: "
-                             f"{r['decode_tok_s']:.0f} tok/s = "
-                             f"{100 * r['decode_tok_s'] / ceiling:.0f}% of {ceiling:.0f}")
+                lines.append(
+                    f"- {r['shape']} {r['dtype']} {r['engine']}: "
+                    f"{r['decode_tok_s']:.0f} tok/s = "
+                    f"{100 * r['decode_tok_s'] / ceiling:.0f}% of {ceiling:.0f}"
+                )
     if meta.get("agreement"):
         a = meta["agreement"]
         lines.append("")
-        lines.append(f"Top-1 next-token agreement with float32 on {a['tokens']} tokens "
-                     f"({a['model']}): " + ", ".join(
-                         f"{k} {100 * v:.2f}%" for k, v in a["top1_agreement"].items()))
+        lines.append(
+            f"Top-1 next-token agreement with float32 on {a['tokens']} tokens "
+            f"({a['model']}): "
+            + ", ".join(f"{k} {100 * v:.2f}%" for k, v in a["top1_agreement"].items())
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -678,35 +731,62 @@ def log(message: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="bench.py", description=__doc__.split("\n\n")[0] if __doc__ else None,
+        prog="bench.py",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--shapes", default=None,
-                   help="comma list of 125m, 1.3b, 2.7b (default: 125m on CPU, 1.3b,2.7b on CUDA)")
-    p.add_argument("--dtypes", default=None,
-                   help="comma list (default: float32,bfloat16 on CPU; float16,bfloat16 on CUDA)")
-    p.add_argument("--variants", default="int8,int8-dynamic,compile",
-                   help="extra gptneo rows: int8, int8-dynamic, compile, ref "
-                   "(default int8,int8-dynamic,compile; '' for none)")
+    p.add_argument(
+        "--shapes",
+        default=None,
+        help="comma list of 125m, 1.3b, 2.7b (default: 125m on CPU, 1.3b,2.7b on CUDA)",
+    )
+    p.add_argument(
+        "--dtypes",
+        default=None,
+        help="comma list (default: float32,bfloat16 on CPU; float16,bfloat16 on CUDA)",
+    )
+    p.add_argument(
+        "--variants",
+        default="int8,int8-dynamic,compile",
+        help="extra gptneo rows: int8, int8-dynamic, compile, ref "
+        "(default int8,int8-dynamic,compile; '' for none)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens for batch-1 decode")
     p.add_argument("--batch-tokens", type=int, default=64, help="new tokens per row at batch 8")
-    p.add_argument("--batch", type=int, default=8,
-                   help="rows of the batch row (default 8; the *batch8* keys hold it)")
-    p.add_argument("--long-prompt", type=int, default=None,
-                   help="the long TTFT prompt (default 512 on CPU, 2047 on CUDA)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=8,
+        help="rows of the batch row (default 8; the *batch8* keys hold it)",
+    )
+    p.add_argument(
+        "--long-prompt",
+        type=int,
+        default=None,
+        help="the long TTFT prompt (default 512 on CPU, 2047 on CUDA)",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--load-repeats", type=int, default=3)
     p.add_argument("--no-load", action="store_true", help="skip the load/RSS subprocesses")
-    p.add_argument("--agreement-model", default=None,
-                   help="also measure int8/bf16 top-1 agreement with fp32 on this model")
-    p.add_argument("--cache-dir", default=None,
-                   help="where random checkpoints live (default ~/.cache/gptneo/bench)")
+    p.add_argument(
+        "--agreement-model",
+        default=None,
+        help="also measure int8/bf16 top-1 agreement with fp32 on this model",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where random checkpoints live (default ~/.cache/gptneo/bench)",
+    )
     p.add_argument("--json", default="bench-results.json", help="JSON output file")
     p.add_argument("--markdown", default="bench-results.md", help="markdown table output file")
-    p.add_argument("--quick", action="store_true",
-                   help="a smoke run: 1 repeat, 16 tokens, 128-token long prompt")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: 1 repeat, 16 tokens, 128-token long prompt",
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -737,9 +817,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     script = Path(sys.argv[0]).resolve()
     shown = script.relative_to(REPO) if script.is_relative_to(REPO) else script
-    meta: dict[str, Any] = {"machine": machine(), "args": vars(args).copy(),
-                            "command": " ".join(["python", str(shown), *sys.argv[1:]]),
-                            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    meta: dict[str, Any] = {
+        "machine": machine(),
+        "args": vars(args).copy(),
+        "command": " ".join(["python", str(shown), *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
     if args.device.startswith("cuda"):
         meta["bandwidth_gbs"] = copy_bandwidth_gbs(args.device)
     rows: list[dict[str, Any]] = []
@@ -751,14 +834,17 @@ def main(argv: list[str] | None = None) -> int:
         speed = measure_speed(engines, folder, args.device, args)
         loads = {} if args.no_load else measure_loads(engines, folder, args.device, args)
         rows += summarize(shape, args.device, groups, speed, loads, args)
-        raw[shape] = {"speed": {k: v.values for k, v in speed.items()},
-                      "load": {k: v.values for k, v in loads.items()}}
+        raw[shape] = {
+            "speed": {k: v.values for k, v in speed.items()},
+            "load": {k: v.values for k, v in loads.items()},
+        }
     if args.agreement_model:
         meta["agreement"] = agreement(args.agreement_model, args.device)
     meta["elapsed_s"] = time.perf_counter() - started
     table = markdown(rows, meta)
-    Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows, "samples": raw},
-                                          indent=2, default=str))
+    Path(args.json).write_text(
+        json.dumps({"meta": meta, "rows": rows, "samples": raw}, indent=2, default=str)
+    )
     Path(args.markdown).write_text(table)
     print(table)
     log(f"done in {meta['elapsed_s']:.0f} s: {args.json}, {args.markdown}")

@@ -46,8 +46,10 @@ def candidates(dtype: torch.dtype, weights: list[torch.Tensor]) -> dict[str, tup
     out: dict[str, tuple] = {
         "F.linear, rows [out, in]": (F.linear, weights),
         "oneDNN, plain rows": (onednn, weights),
-        "oneDNN, prepacked": (onednn, [torch.ops.mkldnn._reorder_linear_weight(w, 1)
-                                       for w in weights]),
+        "oneDNN, prepacked": (
+            onednn,
+            [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights],
+        ),
     }
     if dtype == torch.float32:
         out["x @ W, columns [in, out]"] = (torch.mm, [w.t().contiguous() for w in weights])
@@ -72,8 +74,11 @@ def table(dtype: torch.dtype, repeats: int) -> list[str]:
 
                 s = seconds(run, repeats if rows < 512 else max(1, repeats // 2))
                 cells.append(f"{2 * params * rows / s / 1e9:.1f}")
-            lines.append(f"| {str(dtype).removeprefix('torch.')} | {label} | {name} | "
-                         + " | ".join(cells) + " |")
+            lines.append(
+                f"| {str(dtype).removeprefix('torch.')} | {label} | {name} | "
+                + " | ".join(cells)
+                + " |"
+            )
             del stored
     return lines
 

@@ -65,9 +65,24 @@ class Server:
         env = dict(os.environ)
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
-        cmd = [sys.executable, "-m", "gptneo_cli.cli", "serve", "--model", str(folder),
-               "--port", "0", "--dtype", dtype, "--max-running", str(max_running),
-               "--max-queue", "256", "--shutdown-timeout", "1"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "gptneo_cli.cli",
+            "serve",
+            "--model",
+            str(folder),
+            "--port",
+            "0",
+            "--dtype",
+            dtype,
+            "--max-running",
+            str(max_running),
+            "--max-queue",
+            "256",
+            "--shutdown-timeout",
+            "1",
+        ]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
         while True:
             line = self.proc.stderr.readline()
@@ -86,12 +101,18 @@ class Server:
             self.proc.kill()
 
 
-async def one_stream(client: Any, url: str, prompt: list[int], max_tokens: int,
-                     gaps_out: list[float] | None = None) -> dict[str, Any]:
+async def one_stream(
+    client: Any, url: str, prompt: list[int], max_tokens: int, gaps_out: list[float] | None = None
+) -> dict[str, Any]:
     sent = time.perf_counter()
     stamps: list[float] = []
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True}
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
         async for line in r.aiter_lines():
             if line.startswith("data: {"):
@@ -99,8 +120,13 @@ async def one_stream(client: Any, url: str, prompt: list[int], max_tokens: int,
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     if gaps_out is not None:
         gaps_out.extend(gaps)
-    return {"sent": sent, "ttft": stamps[0] - sent if stamps else float("nan"),
-            "gaps": gaps, "stamps": stamps, "tokens": len(stamps)}
+    return {
+        "sent": sent,
+        "ttft": stamps[0] - sent if stamps else float("nan"),
+        "gaps": gaps,
+        "stamps": stamps,
+        "tokens": len(stamps),
+    }
 
 
 def pct(values: list[float], q: float) -> float:
@@ -123,9 +149,16 @@ async def run_clients(url: str, n: int, prompt_tokens: int, max_tokens: int) -> 
     tokens = sum(r["tokens"] for r in results)
     gaps = [g for r in results for g in r["gaps"]]
     ttfts = [r["ttft"] for r in results]
-    return {"clients": n, "tokens": tokens, "wall_s": end - start,
-            "tok_s": tokens / (end - start), "ttft_p50": pct(ttfts, 0.5),
-            "ttft_p95": pct(ttfts, 0.95), "itl_p50": pct(gaps, 0.5), "itl_p95": pct(gaps, 0.95)}
+    return {
+        "clients": n,
+        "tokens": tokens,
+        "wall_s": end - start,
+        "tok_s": tokens / (end - start),
+        "ttft_p50": pct(ttfts, 0.5),
+        "ttft_p95": pct(ttfts, 0.95),
+        "itl_p50": pct(gaps, 0.5),
+        "itl_p95": pct(gaps, 0.95),
+    }
 
 
 async def long_prompt(url: str, streams: int = 8, long_tokens: int = 2000) -> dict[str, Any]:
@@ -134,8 +167,10 @@ async def long_prompt(url: str, streams: int = 8, long_tokens: int = 2000) -> di
     rng = random.Random(7)
     async with httpx.AsyncClient(timeout=600) as c:
         await one_stream(c, url, [1, 2, 3], 2)
-        tasks = [asyncio.create_task(one_stream(c, url, [rng.randrange(50000) for _ in range(16)],
-                                                40)) for _ in range(streams)]
+        tasks = [
+            asyncio.create_task(one_stream(c, url, [rng.randrange(50000) for _ in range(16)], 40))
+            for _ in range(streams)
+        ]
         await asyncio.sleep(1.0)  # the streams are decoding
         arrived = time.perf_counter()
         long = await one_stream(c, url, [rng.randrange(50000) for _ in range(long_tokens)], 1)
@@ -145,9 +180,12 @@ async def long_prompt(url: str, streams: int = 8, long_tokens: int = 2000) -> di
     for r in results:
         for a, b in zip(r["stamps"], r["stamps"][1:], strict=False):
             (during if b >= arrived and a <= prefilled else other).append(b - a)
-    return {"long_prompt_tokens": long_tokens, "long_ttft_s": long["ttft"],
-            "max_gap_during_prefill_s": max(during) if during else float("nan"),
-            "median_gap_otherwise_s": statistics.median(other) if other else float("nan")}
+    return {
+        "long_prompt_tokens": long_tokens,
+        "long_ttft_s": long["ttft"],
+        "max_gap_during_prefill_s": max(during) if during else float("nan"),
+        "median_gap_otherwise_s": statistics.median(other) if other else float("nan"),
+    }
 
 
 def main() -> None:
@@ -162,15 +200,19 @@ def main() -> None:
     args = parser.parse_args()
     folder = model_folder(args.cache)
     clients = [int(x) for x in args.clients.split(",")]
-    report: dict[str, Any] = {"prompt_tokens": args.prompt_tokens,
-                              "max_tokens": args.max_tokens, "rows": []}
+    report: dict[str, Any] = {
+        "prompt_tokens": args.prompt_tokens,
+        "max_tokens": args.max_tokens,
+        "rows": [],
+    }
     for dtype in args.dtypes.split(","):
         for max_running in (64, 1):
             server = Server(folder, dtype, max_running, args.threads)
             try:
                 for n in clients if max_running > 1 else [c for c in clients if c in (1, 16)]:
-                    row = asyncio.run(run_clients(server.url, n, args.prompt_tokens,
-                                                  args.max_tokens))
+                    row = asyncio.run(
+                        run_clients(server.url, n, args.prompt_tokens, args.max_tokens)
+                    )
                     row.update(dtype=dtype, max_running=max_running)
                     report["rows"].append(row)
                     log(json.dumps(row))
@@ -187,18 +229,25 @@ def main() -> None:
 
 
 def table(report: dict[str, Any]) -> str:
-    lines = ["| dtype | --max-running | clients | tok/s | TTFT p50 s | TTFT p95 s | "
-             "inter-token p50 ms | inter-token p95 ms |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| dtype | --max-running | clients | tok/s | TTFT p50 s | TTFT p95 s | "
+        "inter-token p50 ms | inter-token p95 ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["rows"]:
-        lines.append(f"| {r['dtype']} | {r['max_running']} | {r['clients']} | {r['tok_s']:.1f} "
-                     f"| {r['ttft_p50']:.2f} | {r['ttft_p95']:.2f} | {1000 * r['itl_p50']:.0f} "
-                     f"| {1000 * r['itl_p95']:.0f} |")
+        lines.append(
+            f"| {r['dtype']} | {r['max_running']} | {r['clients']} | {r['tok_s']:.1f} "
+            f"| {r['ttft_p50']:.2f} | {r['ttft_p95']:.2f} | {1000 * r['itl_p50']:.0f} "
+            f"| {1000 * r['itl_p95']:.0f} |"
+        )
     for lp in report.get("long_prompt", []):
         lines.append("")
-        lines.append(f"{lp['dtype']}: a {lp['long_prompt_tokens']}-token prompt arriving while "
-                     f"8 streams run: their longest gap {lp['max_gap_during_prefill_s']:.2f} s "
-                     f"(median gap otherwise {lp['median_gap_otherwise_s']:.3f} s); the long "
-                     f"prompt's own TTFT {lp['long_ttft_s']:.2f} s")
+        lines.append(
+            f"{lp['dtype']}: a {lp['long_prompt_tokens']}-token prompt arriving while "
+            f"8 streams run: their longest gap {lp['max_gap_during_prefill_s']:.2f} s "
+            f"(median gap otherwise {lp['median_gap_otherwise_s']:.3f} s); the long "
+            f"prompt's own TTFT {lp['long_ttft_s']:.2f} s"
+        )
     return "\n".join(lines)
 
 

@@ -67,15 +67,21 @@ _TYPES = {
 }
 
 
-def error_body(status: int, message: str, param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     """A failure in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-    return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
+    return {
+        "error": {
+            "message": message,
+            "type": _TYPES.get(status, "invalid_request_error"),
+            "param": param,
+            "code": code,
+        }
+    }
 
 
-_TYPE_NAMES = ("str", "int", "list[str]", "list[int]", "list[list[int]]", "float", "bool",
-               "none")
+_TYPE_NAMES = ("str", "int", "list[str]", "list[int]", "list[list[int]]", "float", "bool", "none")
 
 
 def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
@@ -103,8 +109,7 @@ def parse_body(url: str, body: Any) -> BaseModel:
     """The validated request model of `body` sent to `url` (APIError 400/404 otherwise)."""
     schema = SCHEMAS.get(url)
     if schema is None:
-        raise APIError(404, f"no route POST {url}: use one of {', '.join(SCHEMAS)}",
-                       param="url")
+        raise APIError(404, f"no route POST {url}: use one of {', '.join(SCHEMAS)}", param="url")
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", param="body")
     try:
@@ -117,7 +122,8 @@ def parse_body(url: str, body: Any) -> BaseModel:
 def finish_name(reason: str | None) -> str | None:
     """Our finish reasons in OpenAI's words."""
     return {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "abort"}.get(
-        reason or "", None)
+        reason or "", None
+    )
 
 
 @dataclass
@@ -138,9 +144,16 @@ UpdateHook = Callable[[int], Callable[[Update], None] | None]
 class Endpoints:
     """Checks and builds requests for one loaded model (shared by the server and batch)."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, model_name: str,
-                 aliases: Sequence[str] = (), user_prefix: str = "User:",
-                 assistant_prefix: str = "Assistant:") -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        model_name: str,
+        aliases: Sequence[str] = (),
+        user_prefix: str = "User:",
+        assistant_prefix: str = "Assistant:",
+    ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.model_name, self.aliases = model_name, list(aliases)
         self.user_prefix, self.assistant_prefix = user_prefix, assistant_prefix
@@ -149,8 +162,12 @@ class Endpoints:
     # ---- checks -------------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
         if name and name != self.model_name and name not in self.aliases:
-            raise APIError(404, f"model {name!r} is not served here: this server serves "
-                           f"{self.model_name!r}", param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"model {name!r} is not served here: this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
 
     def prompts(self, prompt: Any) -> list[list[int]]:
         """The prompt field as token-id lists (text is encoded; empty text is bos)."""
@@ -169,12 +186,18 @@ class Endpoints:
         for item in items:
             ids = self.tokenizer.encode(item) if isinstance(item, str) else list(item)
             if not ids:
-                start = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else (
-                    self.tokenizer.eos_id)
+                start = (
+                    self.tokenizer.bos_id
+                    if self.tokenizer.bos_id is not None
+                    else (self.tokenizer.eos_id)
+                )
                 ids = [start]
             if any(not 0 <= t < vocab for t in ids):
-                raise APIError(400, f"prompt has token ids outside the vocabulary (0..{vocab - 1})",
-                               param="prompt")
+                raise APIError(
+                    400,
+                    f"prompt has token ids outside the vocabulary (0..{vocab - 1})",
+                    param="prompt",
+                )
             out.append(ids)
         return out
 
@@ -183,18 +206,25 @@ class Endpoints:
         room = self.positions - len(ids)
         if asked is None:
             if room < 1:
-                raise APIError(400, self.too_long(len(ids), 1), param="prompt",
-                               code="context_length_exceeded")
+                raise APIError(
+                    400, self.too_long(len(ids), 1), param="prompt", code="context_length_exceeded"
+                )
             return min(DEFAULT_MAX_NEW_TOKENS, room)
         if len(ids) + asked > self.positions:
-            raise APIError(400, self.too_long(len(ids), asked), param="max_tokens",
-                           code="context_length_exceeded")
+            raise APIError(
+                400,
+                self.too_long(len(ids), asked),
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         return asked
 
     def too_long(self, prompt: int, new: int) -> str:
-        return (f"This model's maximum context length is {self.positions} tokens. However, "
-                f"you requested {prompt + new} tokens ({prompt} in the prompt, {new} for the "
-                "completion). Please reduce the prompt or max_tokens.")
+        return (
+            f"This model's maximum context length is {self.positions} tokens. However, "
+            f"you requested {prompt + new} tokens ({prompt} in the prompt, {new} for the "
+            "completion). Please reduce the prompt or max_tokens."
+        )
 
     def config(self, body: Any, logprobs: int | None) -> Any:
         try:
@@ -219,13 +249,18 @@ class Endpoints:
                 turns.append(Turn("\n".join(user), m.text()))
                 user = []
         last = "\n".join([*user, talk[-1].text()])
-        conv = Conversation(system=system, user_prefix=self.user_prefix,
-                            assistant_prefix=self.assistant_prefix, turns=turns)
+        conv = Conversation(
+            system=system,
+            user_prefix=self.user_prefix,
+            assistant_prefix=self.assistant_prefix,
+            turns=turns,
+        )
         return conv.render(last)
 
     # ---- jobs ---------------------------------------------------------------------------
-    def completion_jobs(self, body: Any, hook: UpdateHook | None = None
-                        ) -> tuple[list[list[int]], list[Row]]:
+    def completion_jobs(
+        self, body: Any, hook: UpdateHook | None = None
+    ) -> tuple[list[list[int]], list[Row]]:
         """(prompt ids, one row per choice) of a validated completion body."""
         self.check_model(body.model)
         config = self.config(body, body.logprobs)
@@ -233,11 +268,11 @@ class Endpoints:
         if body.max_tokens == 0 and not body.echo:
             raise APIError(400, "max_tokens 0 is allowed with echo only", param="max_tokens")
         want_prompt_lp = body.echo and body.logprobs is not None
-        return prompts, self.rows(body, prompts, config, prompt_logprobs=want_prompt_lp,
-                                  hook=hook)
+        return prompts, self.rows(body, prompts, config, prompt_logprobs=want_prompt_lp, hook=hook)
 
-    def chat_jobs(self, body: Any, hook: UpdateHook | None = None
-                  ) -> tuple[list[list[int]], list[Row], str]:
+    def chat_jobs(
+        self, body: Any, hook: UpdateHook | None = None
+    ) -> tuple[list[list[int]], list[Row], str]:
         """(prompt ids, rows, the rendered prompt) of a validated chat body."""
         self.check_model(body.model)
         top = body.top_logprobs or 0
@@ -245,11 +280,17 @@ class Endpoints:
         config = config.replace(stop=[*config.stop, self.user_prefix])
         prompt = self.render_chat(body.messages)
         prompts = self.prompts(prompt)
-        return prompts, self.rows(body, prompts, config, prompt_logprobs=False,
-                                  hook=hook), prompt
+        return prompts, self.rows(body, prompts, config, prompt_logprobs=False, hook=hook), prompt
 
-    def rows(self, body: Any, prompts: list[list[int]], config: Any, *, prompt_logprobs: bool,
-             hook: UpdateHook | None = None) -> list[Row]:
+    def rows(
+        self,
+        body: Any,
+        prompts: list[list[int]],
+        config: Any,
+        *,
+        prompt_logprobs: bool,
+        hook: UpdateHook | None = None,
+    ) -> list[Row]:
         rows: list[Row] = []
         asked = body.max_tokens if "max_tokens" in body.model_fields_set else None
         if asked is None and getattr(body, "max_completion_tokens", None) is not None:
@@ -259,8 +300,14 @@ class Endpoints:
             for j in range(body.n):
                 index = p * body.n + j
                 seed = None if config.seed is None else config.seed + j
-                job = Job(ids, config, max_new, on_update=hook(index) if hook else None,
-                          prompt_logprobs=prompt_logprobs, seed=seed)
+                job = Job(
+                    ids,
+                    config,
+                    max_new,
+                    on_update=hook(index) if hook else None,
+                    prompt_logprobs=prompt_logprobs,
+                    seed=seed,
+                )
                 rows.append(Row(index, p, ids, job, drop_output=asked == 0))
         return rows
 
@@ -287,19 +334,29 @@ class Endpoints:
             from . import tasks
 
             with torch.inference_mode():
-                return tasks.zero_shot(self.model, self.tokenizer, texts, body.labels,
-                                       template=template, calibrate=body.calibrate)
+                return tasks.zero_shot(
+                    self.model,
+                    self.tokenizer,
+                    texts,
+                    body.labels,
+                    template=template,
+                    calibrate=body.calibrate,
+                )
 
         return run
 
     # ---- response bodies ----------------------------------------------------------------
     def usage(self, prompts: list[list[int]], completion: int) -> dict[str, int]:
         prompt = sum(len(p) for p in prompts)
-        return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
 
-    def completion_body(self, body: Any, prompts: list[list[int]], rows: list[Row],
-                        rid: str) -> dict[str, Any]:
+    def completion_body(
+        self, body: Any, prompts: list[list[int]], rows: list[Row], rid: str
+    ) -> dict[str, Any]:
         """The /v1/completions answer once every row is done."""
         choices = []
         completion_tokens = 0
@@ -310,43 +367,64 @@ class Endpoints:
             text = "" if row.drop_output else result.text
             if body.echo:
                 text = self.tokenizer.decode(row.ids) + text
-            choices.append({
-                "index": row.index, "text": text,
-                "logprobs": self.completion_logprobs(body, row, result),
-                "finish_reason": "length" if row.drop_output else finish_name(
-                    result.finish_reason),
-            })
-        return {"id": rid, "object": "text_completion", "created": int(time.time()),
-                "model": self.model_name, "choices": choices,
-                "usage": self.usage(prompts, completion_tokens)}
+            choices.append(
+                {
+                    "index": row.index,
+                    "text": text,
+                    "logprobs": self.completion_logprobs(body, row, result),
+                    "finish_reason": "length"
+                    if row.drop_output
+                    else finish_name(result.finish_reason),
+                }
+            )
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": choices,
+            "usage": self.usage(prompts, completion_tokens),
+        }
 
-    def chat_body(self, body: Any, prompts: list[list[int]], rows: list[Row],
-                  rid: str) -> dict[str, Any]:
+    def chat_body(
+        self, body: Any, prompts: list[list[int]], rows: list[Row], rid: str
+    ) -> dict[str, Any]:
         """The /v1/chat/completions answer once every row is done."""
         choices = []
         completion_tokens = 0
         for row in rows:
             result = row.job.wait(0)
             completion_tokens += result.completion_tokens
-            choices.append({
-                "index": row.index,
-                "message": {"role": "assistant", "content": result.text.strip()},
-                "logprobs": self.chat_logprobs(result.logprobs) if body.logprobs else None,
-                "finish_reason": finish_name(result.finish_reason),
-            })
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()),
-                "model": self.model_name, "choices": choices,
-                "usage": self.usage(prompts, completion_tokens)}
+            choices.append(
+                {
+                    "index": row.index,
+                    "message": {"role": "assistant", "content": result.text.strip()},
+                    "logprobs": self.chat_logprobs(result.logprobs) if body.logprobs else None,
+                    "finish_reason": finish_name(result.finish_reason),
+                }
+            )
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": choices,
+            "usage": self.usage(prompts, completion_tokens),
+        }
 
     def classify_body(self, results: list[Any]) -> dict[str, Any]:
-        return {"object": "list", "model": self.model_name, "data": [
-            {"index": i, **r.to_dict()} for i, r in enumerate(results)]}
+        return {
+            "object": "list",
+            "model": self.model_name,
+            "data": [{"index": i, **r.to_dict()} for i, r in enumerate(results)],
+        }
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
-    def completion_logprobs(self, body: Any, row: Row, result: GenerationResult
-                            ) -> dict[str, Any] | None:
+    def completion_logprobs(
+        self, body: Any, row: Row, result: GenerationResult
+    ) -> dict[str, Any] | None:
         if body.logprobs is None:
             return None
         items: list[TokenLogprob | None] = []
@@ -372,13 +450,20 @@ class Endpoints:
                 top = {(a.token or self.token_text(a.token_id)): a.logprob for a in item.top}
                 top.setdefault(text, item.logprob)
                 top_logprobs.append(top if body.logprobs else {text: item.logprob})
-        return {"tokens": tokens, "token_logprobs": token_logprobs,
-                "top_logprobs": top_logprobs, "text_offset": offsets}
+        return {
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": top_logprobs,
+            "text_offset": offsets,
+        }
 
     def chat_logprobs(self, items: list[TokenLogprob] | None) -> dict[str, Any]:
         def entry(item: TokenLogprob) -> dict[str, Any]:
             text = item.token or self.token_text(item.token_id)
             return {"token": text, "logprob": item.logprob, "bytes": list(text.encode())}
 
-        return {"content": [{**entry(i), "top_logprobs": [entry(a) for a in i.top]}
-                            for i in items or []]}
+        return {
+            "content": [
+                {**entry(i), "top_logprobs": [entry(a) for a in i.top]} for i in items or []
+            ]
+        }

@@ -73,8 +73,10 @@ def choose_backend(requested: str, device: torch.device, dtype: torch.dtype) -> 
     if requested == "flash":
         reason = flash_unavailable_reason(device, dtype)
         if reason:
-            raise BackendError(f"attention backend 'flash' cannot run: {reason}",
-                               cli=f"--attn flash cannot run: {reason}")
+            raise BackendError(
+                f"attention backend 'flash' cannot run: {reason}",
+                cli=f"--attn flash cannot run: {reason}",
+            )
     return requested
 
 
@@ -189,8 +191,12 @@ def sdpa_attention(
     t = q.shape[-2]
     if q.device.type == "cuda":
         return _sdpa_cuda(q, k, v, plan)
-    if (q.device.type == "cpu" and t >= BLOCKED_FROM and k.shape[-2] == t
-            and (plan.causal or plan.mask is not None)):
+    if (
+        q.device.type == "cpu"
+        and t >= BLOCKED_FROM
+        and k.shape[-2] == t
+        and (plan.causal or plan.mask is not None)
+    ):
         return _blocked_prefill(q, k, v, plan)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=plan.mask, is_causal=plan.causal and plan.mask is None, scale=1.0
@@ -206,8 +212,7 @@ def _sdpa_cuda(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan
 ) -> torch.Tensor:
     t = q.shape[-2]
-    if (FLEX_FROM is not None and plan.window is not None
-            and t >= FLEX_FROM and k.shape[-2] == t):
+    if FLEX_FROM is not None and plan.window is not None and t >= FLEX_FROM and k.shape[-2] == t:
         return flex_window_prefill(q, k, v, plan)
     with sdpa_kernel(_CUDA_SDPA):
         return F.scaled_dot_product_attention(
@@ -234,10 +239,15 @@ def _blocked_prefill(
             mask = keys <= queries
             if plan.window is not None:
                 mask = mask & (keys > queries - plan.window)
-        out.append(F.scaled_dot_product_attention(
-            q[..., start:end, :], k[..., first:end, :], v[..., first:end, :],
-            attn_mask=mask, scale=1.0,
-        ))
+        out.append(
+            F.scaled_dot_product_attention(
+                q[..., start:end, :],
+                k[..., first:end, :],
+                v[..., first:end, :],
+                attn_mask=mask,
+                scale=1.0,
+            )
+        )
     return torch.cat(out, dim=-2)
 
 
@@ -258,7 +268,10 @@ def _flex(compiled: bool) -> tuple[Callable[..., torch.Tensor], Callable[..., ob
 
 
 def flex_window_prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: AttentionPlan,
     compiled: bool = True,
 ) -> torch.Tensor:
     """A local layer's prefill (keys == queries) through flex_attention with scale 1.0.

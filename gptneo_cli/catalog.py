@@ -15,12 +15,24 @@ from .hub import ALIASES, BUNDLED_DIR, cache_dir
 
 #: The published EleutherAI configs (what differs from GPTNeoConfig's defaults).
 KNOWN_CONFIGS = {
-    "EleutherAI/gpt-neo-125M": {"hidden_size": 768, "num_layers": 12, "num_heads": 12,
-                                "attention_types": [[["global", "local"], 6]]},
-    "EleutherAI/gpt-neo-1.3B": {"hidden_size": 2048, "num_layers": 24, "num_heads": 16,
-                                "attention_types": [[["global", "local"], 12]]},
-    "EleutherAI/gpt-neo-2.7B": {"hidden_size": 2560, "num_layers": 32, "num_heads": 20,
-                                "attention_types": [[["global", "local"], 16]]},
+    "EleutherAI/gpt-neo-125M": {
+        "hidden_size": 768,
+        "num_layers": 12,
+        "num_heads": 12,
+        "attention_types": [[["global", "local"], 6]],
+    },
+    "EleutherAI/gpt-neo-1.3B": {
+        "hidden_size": 2048,
+        "num_layers": 24,
+        "num_heads": 16,
+        "attention_types": [[["global", "local"], 12]],
+    },
+    "EleutherAI/gpt-neo-2.7B": {
+        "hidden_size": 2560,
+        "num_layers": 32,
+        "num_heads": 20,
+        "attention_types": [[["global", "local"], 16]],
+    },
 }
 #: The Hub repos store float32 weights.
 STORED_BYTES_PER_PARAMETER = 4
@@ -39,8 +51,13 @@ class Offer:
     bundled: bool
 
     def to_dict(self) -> dict[str, object]:
-        return {"name": self.name, "id": self.repo_id, "parameters": self.parameters,
-                "size": self.size, "bundled": self.bundled}
+        return {
+            "name": self.name,
+            "id": self.repo_id,
+            "parameters": self.parameters,
+            "size": self.size,
+            "bundled": self.bundled,
+        }
 
 
 def bundled_models() -> list[Offer]:
@@ -77,8 +94,9 @@ def cached_repo_ids(cache: Path | None = None) -> list[str]:
         names = [p.name for p in (cache or cache_dir()).iterdir() if p.is_dir()]
     except OSError:
         return []
-    return sorted(n[len("models--"):].replace("--", "/") for n in names
-                  if n.startswith("models--"))
+    return sorted(
+        n[len("models--") :].replace("--", "/") for n in names if n.startswith("models--")
+    )
 
 
 def model_completions(incomplete: str) -> list[tuple[str, str]]:

@@ -34,7 +34,7 @@ def our_name(raw: str, head_params: tuple[str, ...], is_base: bool) -> str | Non
     if head in HEAD_MODULES:
         return raw if head in {p.split(".", 1)[0] for p in head_params} else None
     if raw.startswith("transformer."):
-        return raw[len("transformer."):] if is_base else raw
+        return raw[len("transformer.") :] if is_base else raw
     return raw if is_base else f"transformer.{raw}"
 
 
@@ -75,9 +75,12 @@ def match_checkpoint(
     missing = [n for n in missing if n not in head_params]
     problems = [
         f"{what} {_listing(names)}"
-        for what, names in (("missing", missing), ("unexpected", unexpected),
-                            ("wrongly shaped", wrong),
-                            ("integer data for floating-point parameters in", wrong_dtype))
+        for what, names in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrongly shaped", wrong),
+            ("integer data for floating-point parameters in", wrong_dtype),
+        )
         if names
     ]
     if problems:

@@ -71,8 +71,7 @@ def _label_id(value: object, what: str) -> int:
             return int(value.strip())
         except ValueError:
             pass
-    raise ConfigError(f"config.json: every {what} must be an integer label id, got "
-                      f"{_shown(value)}")
+    raise ConfigError(f"config.json: every {what} must be an integer label id, got {_shown(value)}")
 
 
 def _label_name(value: object) -> str:
@@ -156,8 +155,15 @@ class GPTNeoConfig:
         self._check_labels()
 
     def _check_sizes(self) -> None:
-        for name in ("vocab_size", "max_position_embeddings", "hidden_size", "num_layers",
-                     "num_heads", "window_size", "num_labels"):
+        for name in (
+            "vocab_size",
+            "max_position_embeddings",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "window_size",
+            "num_labels",
+        ):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ConfigError(
@@ -166,8 +172,10 @@ class GPTNeoConfig:
         if self.intermediate_size is not None and (
             not _is_int(self.intermediate_size) or self.intermediate_size < 1
         ):
-            raise ConfigError("config.json: intermediate_size must be a positive integer or "
-                              f"null, got {_shown(self.intermediate_size)}")
+            raise ConfigError(
+                "config.json: intermediate_size must be a positive integer or "
+                f"null, got {_shown(self.intermediate_size)}"
+            )
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"config.json: hidden_size {self.hidden_size} is not divisible by "
@@ -178,14 +186,18 @@ class GPTNeoConfig:
         eps = self.layer_norm_epsilon
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
             # 0 or less divides by zero (or by a negative variance: NaN) in every LayerNorm
-            raise ConfigError("config.json: layer_norm_epsilon must be a small positive "
-                              f"number such as 1e-05, got {_shown(eps)}")
+            raise ConfigError(
+                "config.json: layer_norm_epsilon must be a small positive "
+                f"number such as 1e-05, got {_shown(eps)}"
+            )
         self.layer_norm_epsilon = float(eps)
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 0):
-                raise ConfigError(f"config.json: {name} must be a token id (an integer >= 0) "
-                                  f"or null, got {_shown(value)}")
+                raise ConfigError(
+                    f"config.json: {name} must be a token id (an integer >= 0) "
+                    f"or null, got {_shown(value)}"
+                )
         if not isinstance(self.activation_function, str) or (
             self.activation_function not in ACTIVATIONS
         ):
@@ -193,8 +205,10 @@ class GPTNeoConfig:
                 f"config.json: unsupported activation_function {_shown(self.activation_function)}"
             )
         if self.torch_dtype is not None and not isinstance(self.torch_dtype, str):
-            raise ConfigError(f"config.json: torch_dtype must be a name such as 'float32', "
-                              f"got {_shown(self.torch_dtype)}")
+            raise ConfigError(
+                f"config.json: torch_dtype must be a name such as 'float32', "
+                f"got {_shown(self.torch_dtype)}"
+            )
 
     def _check_layers(self) -> None:
         expanded = expand_attention_types(self.attention_types)
@@ -216,13 +230,15 @@ class GPTNeoConfig:
         if not isinstance(self.id2label, dict) or not isinstance(self.label2id, dict):
             raise ConfigError("config.json: id2label and label2id must be JSON objects")
         if self.id2label:
-            self.id2label = {_label_id(k, "id2label key"): _label_name(v)
-                             for k, v in self.id2label.items()}
+            self.id2label = {
+                _label_id(k, "id2label key"): _label_name(v) for k, v in self.id2label.items()
+            }
             self.num_labels = len(self.id2label)
         if not self.label2id and self.id2label:
             self.label2id = {v: k for k, v in self.id2label.items()}
-        self.label2id = {_label_name(k): _label_id(v, "label2id value")
-                         for k, v in self.label2id.items()}
+        self.label2id = {
+            _label_name(k): _label_id(v, "label2id value") for k, v in self.label2id.items()
+        }
         if not self.id2label:
             self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)}
             self.label2id = {v: k for k, v in self.id2label.items()}

@@ -22,7 +22,7 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
-    """"auto" (or None) picks CUDA, then MPS, then CPU. A malformed name is a ValueError (a
+    """ "auto" (or None) picks CUDA, then MPS, then CPU. A malformed name is a ValueError (a
     usage error); a well-formed device this machine lacks is a BackendError (exit 1)."""
     if isinstance(name, torch.device):
         return name

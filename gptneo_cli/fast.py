@@ -201,8 +201,13 @@ class DynamicInt8Linear(FastLinear):
     as the weight-only kernel here.
     """
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                 reduce_range: bool) -> None:
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor | None,
+        reduce_range: bool,
+    ) -> None:
         super().__init__()
         with warnings.catch_warnings():  # the quantized-tensor constructors are deprecated
             warnings.simplefilter("ignore")
@@ -255,7 +260,6 @@ def _mkldnn_packing_works(dtype: torch.dtype) -> bool:
     return _PROBES[key]
 
 
-
 def _cpu_has_vnni() -> bool:
     """Integer dot-product instructions: without them fbgemm's uint8 x int8 sums can
     saturate, so activations must use 7 bits (reduce_range)."""
@@ -288,8 +292,9 @@ def _int8pack_works(device: torch.device, dtype: torch.dtype) -> bool:
         try:
             w = torch.ones(8, 32, dtype=torch.int8, device=device)
             out = torch._weight_int8pack_mm(
-                torch.ones(1, 32, dtype=dtype, device=device), w, torch.ones(8, dtype=dtype,
-                                                                             device=device)
+                torch.ones(1, 32, dtype=dtype, device=device),
+                w,
+                torch.ones(8, dtype=dtype, device=device),
             )
             _PROBES[key] = bool(torch.allclose(out.float().cpu(), torch.full((1, 8), 32.0)))
         except (RuntimeError, AttributeError, NotImplementedError):
@@ -417,8 +422,13 @@ class FastCausalLM(GPTNeoForCausalLM):
     ) -> GPTNeoOutput:
         """GPTNeoForCausalLM.forward; once compiled, one unpadded token after a prefill
         (batch 1) goes through the compiled step instead."""
-        if (self._step is not None and cache is not None and cache.length > 0
-                and tuple(input_ids.shape) == (1, 1) and not output_hidden_states):
+        if (
+            self._step is not None
+            and cache is not None
+            and cache.length > 0
+            and tuple(input_ids.shape) == (1, 1)
+            and not output_hidden_states
+        ):
             _, key_valid, position_ids = self.transformer.prepare_inputs(
                 self.config, input_ids, attention_mask, position_ids, cache
             )
@@ -427,8 +437,9 @@ class FastCausalLM(GPTNeoForCausalLM):
                 if cuda:  # a new graph replay: the previous step's outputs were consumed
                     torch.compiler.cudagraph_mark_step_begin()
                 with _freezing():
-                    logits = self._step(input_ids, position_ids.view(1, 1), cache.keys,
-                                        cache.values)
+                    logits = self._step(
+                        input_ids, position_ids.view(1, 1), cache.keys, cache.values
+                    )
                 if cuda:  # the graph's output buffer is overwritten by the next replay
                     logits = logits.clone()
                 cache.advance(1)
@@ -481,8 +492,9 @@ class StaticStepCache:
     """The compiled step's view of a KVCache: whole buffers, written at a tensor position,
     so the traced graph has the same shapes at every step."""
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor],
-                 step: torch.Tensor) -> None:
+    def __init__(
+        self, keys: list[torch.Tensor], values: list[torch.Tensor], step: torch.Tensor
+    ) -> None:
         self.keys, self.values, self.step = keys, values, step
 
     def update(
@@ -510,7 +522,10 @@ class _DecodeStep(nn.Module):
         self.model = model
 
     def forward(
-        self, ids: torch.Tensor, pos: torch.Tensor, keys: list[torch.Tensor],
+        self,
+        ids: torch.Tensor,
+        pos: torch.Tensor,
+        keys: list[torch.Tensor],
         values: list[torch.Tensor],
     ) -> torch.Tensor:
         return self.model._static_step(ids, pos, keys, values)

@@ -26,6 +26,7 @@ from .sampling import PAD, DecodeState, TokenChooser, build_chooser
 
 FinishReason = Literal["stop", "eos", "length", "cancelled"]
 
+
 class _StreamDecoder(Protocol):
     def push(self, token_id: int) -> str: ...
     def finish(self) -> str: ...
@@ -404,8 +405,9 @@ class _Engine:
             self.interrupted = True
         except RuntimeError as exc:  # an allocation that failed mid-way (a huge batch)
             if is_out_of_memory(exc):
-                raise MemoryError(f"out of memory while generating ({len(self.rows)} "
-                                  "sequences at once)") from exc
+                raise MemoryError(
+                    f"out of memory while generating ({len(self.rows)} sequences at once)"
+                ) from exc
             raise
         return self._finish_all("cancelled")
 
@@ -473,10 +475,13 @@ class _Engine:
                 raise
             tokens = []
         if not bool(finite):
-            problem = ("the model produced NaN or infinite scores, so generation stopped: its "
-                       "checkpoint is likely corrupt (or float16 overflowed: try {})")
-            raise WeightsError(problem.format("dtype float32"),
-                               cli=problem.format("--dtype float32"))
+            problem = (
+                "the model produced NaN or infinite scores, so generation stopped: its "
+                "checkpoint is likely corrupt (or float16 overflowed: try {})"
+            )
+            raise WeightsError(
+                problem.format("dtype float32"), cli=problem.format("--dtype float32")
+            )
         now = time.perf_counter()
         if self.step == 0:
             self.prefill_s = now - self.prefill_start
@@ -656,8 +661,7 @@ def generate(
     config.validate()
     rows = _prepare_rows(model, tokenizer, prompts, config)
     if len(rows) > 1 and _schedulable(model):
-        seed = None if config.greedy else (
-            config.seed if config.seed is not None else _new_seed())
+        seed = None if config.greedy else (config.seed if config.seed is not None else _new_seed())
         return _generate_scheduled(model, tokenizer, rows, config, seed, _cancel_check(cancel))
     results: list[GenerationResult] = []
     interrupted = False
@@ -695,25 +699,32 @@ def _generate_scheduled(
     a prompt draws from seed + j, so a prompt gives the same text alone or among others."""
     from .scheduler import Request, Scheduler
 
-    scheduler = Scheduler(model, tokenizer, max_running=len(rows), max_queue=len(rows),
-                          prefill_chunk=max(len(r.prompt_ids) for r in rows),
-                          prefill_rows=len(rows),
-                          prefill_budget=sum(len(r.prompt_ids) for r in rows))
+    scheduler = Scheduler(
+        model,
+        tokenizer,
+        max_running=len(rows),
+        max_queue=len(rows),
+        prefill_chunk=max(len(r.prompt_ids) for r in rows),
+        prefill_rows=len(rows),
+        prefill_budget=sum(len(r.prompt_ids) for r in rows),
+    )
     sample: dict[int, int] = {}
     requests: list[Request] = []
     for row in rows:
         j = sample[row.prompt_index] = sample.get(row.prompt_index, -1) + 1
-        requests.append(Request(row.prompt_ids, config, row.max_new, truncated=row.truncated,
-                                seed=None if seed is None else seed + j))
+        requests.append(
+            Request(
+                row.prompt_ids,
+                config,
+                row.max_new,
+                truncated=row.truncated,
+                seed=None if seed is None else seed + j,
+            )
+        )
     try:
         for request in requests:
             scheduler.submit(request)
-        for request in requests:
-            while not request.done:
-                if cancelled is not None and cancelled():
-                    for r in requests:
-                        r.cancel()
-                request._done.wait(0.05)
+        _wait_all(requests, cancelled)
     except KeyboardInterrupt:  # Ctrl-C: every row ends with what it has
         for r in requests:
             r.cancel()
@@ -728,6 +739,16 @@ def _generate_scheduled(
         result.seed = seed
         results.append(result)
     return results
+
+
+def _wait_all(requests: list[Any], cancelled: CancelCheck | None) -> None:
+    """Wait for every request; a cancel check that fires cancels them all."""
+    for request in requests:
+        while not request.done:
+            if cancelled is not None and cancelled():
+                for r in requests:
+                    r.cancel()
+            request._done.wait(0.05)
 
 
 class Stream:

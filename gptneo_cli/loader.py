@@ -65,8 +65,16 @@ def load(
     dev = resolve_device(device) if device is not None else torch.device("cpu")
     dt = resolve_dtype(dtype, dev, quantize if not reference else None)
     folder = resolve(name, revision)
-    return load_folder(folder, head=head, reference=reference, dtype=dt, device=dev,
-                       attn=attn, quantize=quantize, compile=compile)
+    return load_folder(
+        folder,
+        head=head,
+        reference=reference,
+        dtype=dt,
+        device=dev,
+        attn=attn,
+        quantize=quantize,
+        compile=compile,
+    )
 
 
 def load_folder(
@@ -88,8 +96,9 @@ def load_folder(
     if head == "GPTNeoForCausalLM" and not reference:
         from .fast import FastCausalLM
 
-        model = FastCausalLM.from_pretrained(folder, dtype=dtype, device=device, attn=attn,
-                                             quantize=quantize, compile=compile)
+        model = FastCausalLM.from_pretrained(
+            folder, dtype=dtype, device=device, attn=attn, quantize=quantize, compile=compile
+        )
         return model, tokenizer
     from . import modeling
 

@@ -72,7 +72,6 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-
 @dataclass
 class GPTNeoOutput:
     """What a forward pass returns; each class fills the fields that apply to it."""
@@ -146,9 +145,7 @@ class GPTNeoPreTrainedModel(nn.Module):
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         """A preallocated KV cache for `batch_size` rows of up to `max_length` positions."""
-        return KVCache(
-            self.config, batch_size, max_length, dtype=self.dtype, device=self.device
-        )
+        return KVCache(self.config, batch_size, max_length, dtype=self.dtype, device=self.device)
 
     def init_weights(self, module: nn.Module | None = None) -> None:
         """GPT-Neo's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorms."""
@@ -246,8 +243,12 @@ class GPTNeoPreTrainedModel(nn.Module):
     ) -> list[str]:
         """Hand each checkpoint tensor to `keep(our_name, tensor)`; see checkpoint.py."""
         return match_checkpoint(
-            self, tensors, keep, head_params=self.head_params,
-            is_base=isinstance(self, GPTNeoModel), source=source,
+            self,
+            tensors,
+            keep,
+            head_params=self.head_params,
+            is_base=isinstance(self, GPTNeoModel),
+            source=source,
         )
 
     def save_pretrained(self, folder: str | Path) -> Path:

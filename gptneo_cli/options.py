@@ -229,7 +229,11 @@ def _check_list(opt: Option, value: Any) -> list[str]:
 
 
 _KIND_CHECKS: dict[type, Callable[[Option, Any], Any]] = {
-    bool: _check_bool, int: _check_int, float: _check_float, str: _check_str, list: _check_list,
+    bool: _check_bool,
+    int: _check_int,
+    float: _check_float,
+    str: _check_str,
+    list: _check_list,
 }
 
 
@@ -247,45 +251,124 @@ def _either(choices: Iterable[str]) -> str:
 # ---- the schema -------------------------------------------------------------------------
 
 GENERATION: list[Option] = [
-    Option("max_new_tokens", int, None, "New tokens at most.", short="-n", low=1,
-           optional=True, shown_default=str(DEFAULT_MAX_NEW_TOKENS)),
-    Option("max_length", int, None, "Prompt + new tokens at most, per prompt (with "
-           "max_new_tokens too, the tighter limit wins).", low=1, optional=True, chat=False),
-    Option("min_new_tokens", int, 0, "eos cannot end the text before this many new tokens.",
-           low=0),
-    Option("do_sample", bool, True, "Always take the most likely token (no sampling).",
-           flag="--greedy", flag_value=False, shown_default=""),
-    Option("temperature", float, 0.9, "Sampling temperature; 0 means greedy.", short="-t",
-           low=0, hint="0 means greedy decoding"),
-    Option("top_k", int, 50, "Keep the k most likely tokens; 0 disables.", low=0,
-           hint="0 disables top-k"),
-    Option("top_p", float, 1.0, "Nucleus sampling: the smallest set of top tokens whose "
-           "probability reaches p.", low=0, high=1, low_open=True),
-    Option("min_p", float, 0.0, "Drop tokens below min_p x the top probability.", low=0,
-           high=1),
-    Option("typical_p", float, 1.0, "Locally typical sampling mass.", low=0, high=1,
-           low_open=True),
-    Option("repetition_penalty", float, 1.0, "Above 1 discourages tokens already in the "
-           "context.", low=0, low_open=True),
-    Option("repetition_window", int, 0, "Apply the repetition penalty to the last N tokens "
-           "only; 0 means the whole context.", low=0),
-    Option("presence_penalty", float, 0.0, "Subtracted once from every token already "
-           "generated."),
-    Option("frequency_penalty", float, 0.0, "Subtracted per time a token was already "
-           "generated."),
+    Option(
+        "max_new_tokens",
+        int,
+        None,
+        "New tokens at most.",
+        short="-n",
+        low=1,
+        optional=True,
+        shown_default=str(DEFAULT_MAX_NEW_TOKENS),
+    ),
+    Option(
+        "max_length",
+        int,
+        None,
+        "Prompt + new tokens at most, per prompt (with "
+        "max_new_tokens too, the tighter limit wins).",
+        low=1,
+        optional=True,
+        chat=False,
+    ),
+    Option("min_new_tokens", int, 0, "eos cannot end the text before this many new tokens.", low=0),
+    Option(
+        "do_sample",
+        bool,
+        True,
+        "Always take the most likely token (no sampling).",
+        flag="--greedy",
+        flag_value=False,
+        shown_default="",
+    ),
+    Option(
+        "temperature",
+        float,
+        0.9,
+        "Sampling temperature; 0 means greedy.",
+        short="-t",
+        low=0,
+        hint="0 means greedy decoding",
+    ),
+    Option(
+        "top_k",
+        int,
+        50,
+        "Keep the k most likely tokens; 0 disables.",
+        low=0,
+        hint="0 disables top-k",
+    ),
+    Option(
+        "top_p",
+        float,
+        1.0,
+        "Nucleus sampling: the smallest set of top tokens whose probability reaches p.",
+        low=0,
+        high=1,
+        low_open=True,
+    ),
+    Option("min_p", float, 0.0, "Drop tokens below min_p x the top probability.", low=0, high=1),
+    Option("typical_p", float, 1.0, "Locally typical sampling mass.", low=0, high=1, low_open=True),
+    Option(
+        "repetition_penalty",
+        float,
+        1.0,
+        "Above 1 discourages tokens already in the context.",
+        low=0,
+        low_open=True,
+    ),
+    Option(
+        "repetition_window",
+        int,
+        0,
+        "Apply the repetition penalty to the last N tokens only; 0 means the whole context.",
+        low=0,
+    ),
+    Option("presence_penalty", float, 0.0, "Subtracted once from every token already generated."),
+    Option("frequency_penalty", float, 0.0, "Subtracted per time a token was already generated."),
     Option("no_repeat_ngram_size", int, 0, "Never repeat an n-gram of this size.", low=0),
-    Option("seed", int, None, "Sampling seed, to repeat a run exactly.", short="-s", low=0,
-           high=2**63 - 1, optional=True, shown_default=""),
+    Option(
+        "seed",
+        int,
+        None,
+        "Sampling seed, to repeat a run exactly.",
+        short="-s",
+        low=0,
+        high=2**63 - 1,
+        optional=True,
+        shown_default="",
+    ),
     Option("stop", list, [], "End the text at this string (repeatable); it is not printed."),
-    Option("ignore_eos", bool, False, "Keep going after the end-of-text token.",
-           shown_default=""),
-    Option("num_return_sequences", int, 1, "Samples per prompt (needs sampling).", low=1,
-           setting=False, chat=False),
-    Option("logprobs", int, None, "Report each token's log-probability and the top N "
-           "alternatives (JSON formats).", low=0, high=MAX_LOGPROBS, optional=True,
-           setting=False, chat=False, shown_default=""),
-    Option("truncate", str, "error", "When the prompt is too long: drop its oldest tokens "
-           "(left) or stop with an error (error).", choices=("left", "error"), chat=False),
+    Option("ignore_eos", bool, False, "Keep going after the end-of-text token.", shown_default=""),
+    Option(
+        "num_return_sequences",
+        int,
+        1,
+        "Samples per prompt (needs sampling).",
+        low=1,
+        setting=False,
+        chat=False,
+    ),
+    Option(
+        "logprobs",
+        int,
+        None,
+        "Report each token's log-probability and the top N alternatives (JSON formats).",
+        low=0,
+        high=MAX_LOGPROBS,
+        optional=True,
+        setting=False,
+        chat=False,
+        shown_default="",
+    ),
+    Option(
+        "truncate",
+        str,
+        "error",
+        "When the prompt is too long: drop its oldest tokens (left) or stop with an error (error).",
+        choices=("left", "error"),
+        chat=False,
+    ),
 ]
 
 
@@ -348,8 +431,12 @@ def _make_config_class() -> type:
             return field(default_factory=lambda value=opt.default: list(value))
         return field(default=opt.default)
 
-    doc = ["Every generation option, validated on creation and on `replace`.", "",
-           "The fields come from gptneo_cli.options.GENERATION:", ""]
+    doc = [
+        "Every generation option, validated on creation and on `replace`.",
+        "",
+        "The fields come from gptneo_cli.options.GENERATION:",
+        "",
+    ]
     doc += [f"- {opt.name} (default {opt.default!r}): {opt.help}" for opt in GENERATION]
     cls = dataclasses.make_dataclass(
         "GenerationConfig",

@@ -50,6 +50,7 @@ def check_config_against_weights(
     config: GPTNeoConfig, shapes: dict[str, tuple[int, ...]], source: str
 ) -> None:
     """Refuse a config.json the weights contradict (layer count, vocabulary, widths)."""
+
     def shape_of(name: str) -> tuple[int, ...] | None:
         return shapes.get(f"transformer.{name}", shapes.get(name))
 
@@ -57,13 +58,17 @@ def check_config_against_weights(
     # fewer is what an absurd num_layers looks like, and would be built first.
     found = len({m.group(1) for name in shapes if (m := _LAYER.match(name))})
     if found and found < config.num_layers:
-        raise WeightsError(f"config.json does not match the weights in {source}: num_layers is "
-                           f"{config.num_layers} but the weights hold {found} layers")
+        raise WeightsError(
+            f"config.json does not match the weights in {source}: num_layers is "
+            f"{config.num_layers} but the weights hold {found} layers"
+        )
     h = config.hidden_size
     expected = {
         "wte.weight": ((config.vocab_size, h), "vocab_size x hidden_size"),
-        "wpe.weight": ((config.max_position_embeddings, h),
-                       "max_position_embeddings x hidden_size"),
+        "wpe.weight": (
+            (config.max_position_embeddings, h),
+            "max_position_embeddings x hidden_size",
+        ),
         "h.0.mlp.c_fc.weight": ((config.inner_size, h), "intermediate_size x hidden_size"),
     }
     for name, (want, what) in expected.items():
@@ -96,8 +101,9 @@ def device_memory(device: torch.device) -> int | None:
         return None
 
 
-def check_fits(config: GPTNeoConfig, dtype: torch.dtype, device: torch.device,
-               quantize: str | None = None) -> None:
+def check_fits(
+    config: GPTNeoConfig, dtype: torch.dtype, device: torch.device, quantize: str | None = None
+) -> None:
     """Refuse, before anything is allocated, weights larger than the device's memory."""
     needed = weight_bytes(config, dtype, quantize)
     total = device_memory(device)
@@ -110,8 +116,14 @@ def check_fits(config: GPTNeoConfig, dtype: torch.dtype, device: torch.device,
         raise OutOfMemoryError(problem.format("dtype"), cli=problem.format("--dtype"))
 
 
-def preflight(config: GPTNeoConfig, files: list[Path], dtype: torch.dtype,
-              device: torch.device, source: str, quantize: str | None = None) -> None:
+def preflight(
+    config: GPTNeoConfig,
+    files: list[Path],
+    dtype: torch.dtype,
+    device: torch.device,
+    source: str,
+    quantize: str | None = None,
+) -> None:
     """Everything that must hold before a model of `config` is built from `files`."""
     shapes = checkpoint_shapes(files)
     if shapes is not None:

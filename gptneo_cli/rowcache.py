@@ -73,10 +73,10 @@ class RowCache:
         grow_rows = rows > self.allocated
         if not (grow_pos or grow_rows):
             return
-        capacity = min(self.limit, max(positions, 2 * self.capacity)) if grow_pos else (
-            self.capacity)
-        allocated = min(self.rows, max(rows, 2 * self.allocated)) if grow_rows else (
-            self.allocated)
+        capacity = (
+            min(self.limit, max(positions, 2 * self.capacity)) if grow_pos else (self.capacity)
+        )
+        allocated = min(self.rows, max(rows, 2 * self.allocated)) if grow_rows else (self.allocated)
         for i, kind in enumerate(self.kinds):
             for store in (self.keys, self.values):
                 old = store[i]

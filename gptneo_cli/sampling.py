@@ -312,8 +312,14 @@ def make_sampler(config: SamplingConfig) -> Sampler:
     min_p, typical_p = config.min_p, config.typical_p
 
     def choose(logits: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-        logits, ids = warp(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                           min_p=min_p, typical_p=typical_p)
+        logits, ids = warp(
+            logits,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            typical_p=typical_p,
+        )
         picked = sample(logits, gen)
         return picked if ids is None else ids.gather(-1, picked[:, None])[:, 0]
 

@@ -268,14 +268,18 @@ class Scheduler:
         ValueError before any compute when it does not fit or has bad ids."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
-            start = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else (
-                self.tokenizer.eos_id)
+            start = (
+                self.tokenizer.bos_id
+                if self.tokenizer.bos_id is not None
+                else (self.tokenizer.eos_id)
+            )
             if start is None:
                 raise ValueError("the prompt is empty and the tokenizer has no bos token")
             ids = [start]
         vocab = self.config.vocab_size
-        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
-               or not 0 <= t < vocab]
+        bad = [
+            t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab
+        ]
         if bad:
             raise ValueError(f"the prompt has token ids outside the vocabulary: {bad[:5]}")
         kept, dropped, new = _budget(ids, config, self.config.max_position_embeddings)
@@ -356,8 +360,7 @@ class Scheduler:
     # ---- the scheduler thread -----------------------------------------------------------
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._main, name="gptneo-scheduler",
-                                            daemon=True)
+            self._thread = threading.Thread(target=self._main, name="gptneo-scheduler", daemon=True)
             self._thread.start()
 
     def _main(self) -> None:
@@ -516,9 +519,11 @@ class Scheduler:
             if seq.generator is None and not seq.needs_history:
                 tokens.append(plain[j])
                 continue
-            history = torch.tensor(
-                [seq.req.prompt_ids + seq.token_ids], device=self.device
-            ) if seq.needs_history else torch.empty(1, 0, dtype=torch.long)
+            history = (
+                torch.tensor([seq.req.prompt_ids + seq.token_ids], device=self.device)
+                if seq.needs_history
+                else torch.empty(1, 0, dtype=torch.long)
+            )
             state = sampling.DecodeState(history, len(seq.req.prompt_ids))
             tokens.append(int(seq.choose(logits[j : j + 1], state, seq.generator)[0]))
         now = time.perf_counter()
@@ -540,8 +545,10 @@ class Scheduler:
         alts: list[TokenLogprob] = []
         if top_n:
             top = logp.topk(min(top_n, logp.shape[-1]))
-            alts = [TokenLogprob(t, v) for t, v in
-                    zip(top.indices.tolist(), top.values.tolist(), strict=True)]
+            alts = [
+                TokenLogprob(t, v)
+                for t, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)
+            ]
         item = TokenLogprob(token, float(logp[token]), top=alts)
         assert seq.logprobs is not None
         seq.logprobs.append(item)
@@ -648,9 +655,14 @@ class Scheduler:
     def _finish_unstarted(self, req: Request) -> None:
         now = time.perf_counter()
         req.result = GenerationResult(
-            text="", token_ids=[], finish_reason="cancelled", prompt_tokens=len(req.prompt_ids),
-            completion_tokens=0, timings=Timings(total_s=max(now - req.submitted_at, 0.0)),
-            seed=req.seed, truncated_tokens=req.truncated,
+            text="",
+            token_ids=[],
+            finish_reason="cancelled",
+            prompt_tokens=len(req.prompt_ids),
+            completion_tokens=0,
+            timings=Timings(total_s=max(now - req.submitted_at, 0.0)),
+            seed=req.seed,
+            truncated_tokens=req.truncated,
             logprobs=[] if req.config.logprobs is not None else None,
         )
         req._done.set()

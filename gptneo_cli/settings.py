@@ -59,6 +59,7 @@ def keys() -> dict[str, tuple[type, Any]]:
     gen = {opt.name: (opt.kind, None) for opt in GENERATION if opt.setting}
     return {**_MODEL, **gen, **_CHAT}
 
+
 # Environment variables that are not settings keys but still shape behaviour.
 EXTRA_ENV = ("GPTNEO_CONFIG", "GPTNEO_DEBUG")
 

@@ -63,8 +63,13 @@ class Span:
     score: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "start": self.start, "end": self.end, "text": self.text,
-                "score": self.score}
+        return {
+            "label": self.label,
+            "start": self.start,
+            "end": self.end,
+            "text": self.text,
+            "score": self.score,
+        }
 
 
 @dataclass
@@ -81,8 +86,14 @@ class Answer:
     windows: int = 1
 
     def to_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "start": self.start, "end": self.end, "score": self.score,
-                "window": self.window, "windows": self.windows}
+        return {
+            "text": self.text,
+            "start": self.start,
+            "end": self.end,
+            "score": self.score,
+            "window": self.window,
+            "windows": self.windows,
+        }
 
 
 # ---- shared helpers -----------------------------------------------------------------------
@@ -105,8 +116,9 @@ def _pad_id(tokenizer: Any) -> int:
     return int(pad) if pad is not None else 0
 
 
-def _right_pad(rows: Sequence[Sequence[int]], pad_id: int,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _right_pad(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack token rows into ids [B, T] and an attention mask [B, T] of 1/0."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -176,8 +188,14 @@ def missing_head(folder: str | Path, model_cls: type) -> list[str]:
 
 # ---- classify with a sequence-classification head -----------------------------------------
 @torch.inference_mode()
-def classify(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], *,
-             batch_size: int = 8, max_seq_len: int | None = None) -> list[Classification]:
+def classify(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 8,
+    max_seq_len: int | None = None,
+) -> list[Classification]:
     """Label each text with a GPTNeoForSequenceClassification checkpoint.
 
     The head reads the hidden state of each text's last real token (the model finds it
@@ -196,8 +214,9 @@ def classify(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], *,
         logits = model(ids, attention_mask=mask).logits  # pooled at each last real token
         probs = torch.softmax(logits.float(), dim=-1).cpu()
         for row, i in enumerate(group):
-            results[i] = _verdict(labels, probs[row].tolist(),
-                                  truncated=len(encoded[i]) - len(rows[i]))
+            results[i] = _verdict(
+                labels, probs[row].tolist(), truncated=len(encoded[i]) - len(rows[i])
+            )
     return results  # type: ignore[return-value]
 
 
@@ -208,8 +227,9 @@ def _encode_nonempty(tokenizer: Any, text: str) -> list[int]:
     return list(ids)
 
 
-def _verdict(labels: Sequence[str], probs: Sequence[float], truncated: int,
-             **zero_shot_fields: Any) -> Classification:
+def _verdict(
+    labels: Sequence[str], probs: Sequence[float], truncated: int, **zero_shot_fields: Any
+) -> Classification:
     best = max(range(len(labels)), key=lambda i: probs[i])
     return Classification(
         label=labels[best],
@@ -238,10 +258,17 @@ def label_continuation(template: str, label: str) -> str:
 
 
 @torch.inference_mode()
-def zero_shot(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str],
-              labels: Sequence[str], *, template: str = DEFAULT_TEMPLATE,
-              calibrate: bool = True, batch_size: int = 8,
-              max_seq_len: int | None = None) -> list[Classification]:
+def zero_shot(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    labels: Sequence[str],
+    *,
+    template: str = DEFAULT_TEMPLATE,
+    calibrate: bool = True,
+    batch_size: int = 8,
+    max_seq_len: int | None = None,
+) -> list[Classification]:
     """Classify texts among `labels` by how likely a causal LM finds each label after them.
 
     Each label's score is the summed log-likelihood of its tokens after
@@ -272,23 +299,29 @@ def zero_shot(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str],
 
     pairs = [(p, j) for p in range(len(prompts)) for j in range(len(labels))]
     loglik = _continuation_logliks(
-        model, tokenizer, [(prompts[p], label_ids[j]) for p, j in pairs], batch_size)
+        model, tokenizer, [(prompts[p], label_ids[j]) for p, j in pairs], batch_size
+    )
     table = torch.tensor(loglik, dtype=torch.float64).view(len(prompts), len(labels))
 
     base = table[-1] if calibrate else torch.zeros(len(labels), dtype=torch.float64)
     results = []
     for i in range(len(texts)):
         probs = torch.softmax(table[i] - base, dim=0).tolist()
-        results.append(_verdict(
-            labels, probs, truncated=truncated[i],
-            logprobs=dict(zip(labels, table[i].tolist(), strict=True)),
-            calibration=dict(zip(labels, base.tolist(), strict=True)) if calibrate else None,
-        ))
+        results.append(
+            _verdict(
+                labels,
+                probs,
+                truncated=truncated[i],
+                logprobs=dict(zip(labels, table[i].tolist(), strict=True)),
+                calibration=dict(zip(labels, base.tolist(), strict=True)) if calibrate else None,
+            )
+        )
     return results
 
 
-def _fit_prompt(tokenizer: Any, template: str, text: str, bos: list[int],
-                room: int) -> tuple[list[int], int]:
+def _fit_prompt(
+    tokenizer: Any, template: str, text: str, bos: list[int], room: int
+) -> tuple[list[int], int]:
     """Encode bos + template(text), cutting the end of `text` until it fits in `room`."""
     ids = bos + tokenizer.encode(render_template(template, text))
     if not ids:
@@ -308,9 +341,12 @@ def _fit_prompt(tokenizer: Any, template: str, text: str, bos: list[int],
         kept = kept[:-1]
 
 
-def _continuation_logliks(model: torch.nn.Module, tokenizer: Any,
-                          pairs: Sequence[tuple[list[int], list[int]]],
-                          batch_size: int) -> list[float]:
+def _continuation_logliks(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[tuple[list[int], list[int]]],
+    batch_size: int,
+) -> list[float]:
     """Sum of log p(continuation tokens | prefix) for each (prefix, continuation) pair."""
     rows = [prefix + cont for prefix, cont in pairs]
     out = [0.0] * len(rows)
@@ -338,8 +374,14 @@ def _continuation_logliks(model: torch.nn.Module, tokenizer: Any,
 
 # ---- tag with a token-classification head -------------------------------------------------
 @torch.inference_mode()
-def tag(model: torch.nn.Module, tokenizer: Any, text: str, *, max_seq_len: int | None = None,
-        stride: int = DEFAULT_STRIDE) -> list[Span]:
+def tag(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    text: str,
+    *,
+    max_seq_len: int | None = None,
+    stride: int = DEFAULT_STRIDE,
+) -> list[Span]:
     """Tag `text` with a GPTNeoForTokenClassification checkpoint and merge tokens into spans.
 
     Long texts run in windows that repeat `stride` tokens of left context; a token takes
@@ -374,8 +416,12 @@ def _split_tag(label: str) -> tuple[str, str]:
     return "", label
 
 
-def merge_spans(text: str, labels: Sequence[str], offsets: Sequence[tuple[int, int]],
-                probs: Sequence[float] | None = None) -> list[Span]:
+def merge_spans(
+    text: str,
+    labels: Sequence[str],
+    offsets: Sequence[tuple[int, int]],
+    probs: Sequence[float] | None = None,
+) -> list[Span]:
     """Merge per-token labels into character spans of `text`.
 
     IOB/BIOES tags: B-X (or S-/U-) opens a span, I-X (or E-/L-) continues an X span right
@@ -420,9 +466,16 @@ def question_prefix(question: str) -> str:
 
 
 @torch.inference_mode()
-def answer(model: torch.nn.Module, tokenizer: Any, question: str, context: str, *,
-           max_answer_tokens: int = DEFAULT_MAX_ANSWER_TOKENS, max_seq_len: int | None = None,
-           stride: int = DEFAULT_STRIDE) -> Answer:
+def answer(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    question: str,
+    context: str,
+    *,
+    max_answer_tokens: int = DEFAULT_MAX_ANSWER_TOKENS,
+    max_seq_len: int | None = None,
+    stride: int = DEFAULT_STRIDE,
+) -> Answer:
     """Find the best answer span to `question` in `context` with a QA checkpoint.
 
     Input is `question + "\\n"` then the context's tokens, so every context token sees the
@@ -461,8 +514,9 @@ def answer(model: torch.nn.Module, tokenizer: Any, question: str, context: str, 
     return Answer(context[a:b], a, b, math.exp(logp), window=w, windows=len(spans))
 
 
-def best_span(start_scores: torch.Tensor, end_scores: torch.Tensor,
-              max_tokens: int) -> tuple[float, int, int]:
+def best_span(
+    start_scores: torch.Tensor, end_scores: torch.Tensor, max_tokens: int
+) -> tuple[float, int, int]:
     """(score, s, e) maximising start[s] + end[e] with s <= e < s + max_tokens."""
     n = start_scores.shape[0]
     total = start_scores[:, None] + end_scores[None, :]
@@ -472,4 +526,3 @@ def best_span(start_scores: torch.Tensor, end_scores: torch.Tensor,
     flat = int(total.argmax())
     s, e = divmod(flat, n)
     return float(total[s, e]), s, e
-

@@ -44,8 +44,11 @@ def bytes_to_unicode() -> dict[int, str]:
     Printable Latin-1 bytes map to themselves; the other 68 (controls, space, soft
     hyphen...) map to the characters 256, 257, ... in byte order.
     """
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
+    keep = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     mapping = {b: chr(b) for b in keep}
     extra = 0
     for b in range(256):
@@ -75,8 +78,9 @@ class Tokenizer:
         present = [t for t in tokens.values() if t]
         if present:
             # Registering keeps existing ids and makes the strings atomic in text.
-            backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                        for t in dict.fromkeys(present)])
+            backend.add_special_tokens(
+                [AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(present)]
+            )
         self.bos_token, self.eos_token = bos_token, eos_token
         self.unk_token = unk_token
         # GPT-Neo has no pad token: padding uses eos (masked out by the attention mask).
@@ -135,8 +139,9 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; special tokens are kept unless asked, so decode(encode(x)) == x."""
-        return _native(self.backend.decode, [int(i) for i in ids],
-                       skip_special_tokens=skip_special_tokens)
+        return _native(
+            self.backend.decode, [int(i) for i in ids], skip_special_tokens=skip_special_tokens
+        )
 
     def stream_decoder(self) -> StreamDecoder:
         """A fresh incremental decoder for one stream of generated ids."""
@@ -181,18 +186,28 @@ class Tokenizer:
         if (folder / TOKENIZER_JSON).is_file():
             backend = _load_tokenizer_json(folder / TOKENIZER_JSON)
         elif (folder / VOCAB_JSON).is_file() and (folder / MERGES_TXT).is_file():
-            backend = build_gpt2_bpe(folder / VOCAB_JSON, folder / MERGES_TXT,
-                                     add_prefix_space=bool(settings.get("add_prefix_space")))
+            backend = build_gpt2_bpe(
+                folder / VOCAB_JSON,
+                folder / MERGES_TXT,
+                add_prefix_space=bool(settings.get("add_prefix_space")),
+            )
         else:
-            raise TokenizerError(f"no tokenizer in {folder}: expected {TOKENIZER_JSON}, or "
-                                 f"{VOCAB_JSON} and {MERGES_TXT}")
+            raise TokenizerError(
+                f"no tokenizer in {folder}: expected {TOKENIZER_JSON}, or "
+                f"{VOCAB_JSON} and {MERGES_TXT}"
+            )
         _fill_specials(specials, folder, backend)
         max_length = settings.get("model_max_length")
         if not isinstance(max_length, int) or max_length >= _NO_LIMIT:
             max_length = _model_config(folder).get("max_position_embeddings")
-        return cls(backend, bos_token=specials.get("bos"), eos_token=specials.get("eos"),
-                   unk_token=specials.get("unk"), pad_token=specials.get("pad"),
-                   model_max_length=max_length if isinstance(max_length, int) else None)
+        return cls(
+            backend,
+            bos_token=specials.get("bos"),
+            eos_token=specials.get("eos"),
+            unk_token=specials.get("unk"),
+            pad_token=specials.get("pad"),
+            model_max_length=max_length if isinstance(max_length, int) else None,
+        )
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json.
@@ -213,8 +228,9 @@ class Tokenizer:
         }
         (out / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         mapping = {k: v for k, v in specials.items() if v is not None}
-        (out / SPECIAL_TOKENS_MAP).write_text(json.dumps(mapping, indent=2) + "\n",
-                                              encoding="utf-8")
+        (out / SPECIAL_TOKENS_MAP).write_text(
+            json.dumps(mapping, indent=2) + "\n", encoding="utf-8"
+        )
         return out
 
 
@@ -254,13 +270,13 @@ class StreamDecoder:
 
     def _window_delta(self, final: bool) -> str:
         decode = self._tokenizer.decode
-        before = decode(self._ids[:self._read])
+        before = decode(self._ids[: self._read])
         after = decode(self._ids)
         if not final and (len(after) <= len(before) or after.endswith("\ufffd")):
             return ""  # maybe half a character: wait for the next id
-        delta = after[len(before):]
+        delta = after[len(before) :]
         # The ids just emitted become the context of the next step; older ones are dropped.
-        self._ids = [] if final else self._ids[self._read:]
+        self._ids = [] if final else self._ids[self._read :]
         self._read = len(self._ids)
         return delta
 
@@ -281,8 +297,9 @@ def _check_utf8(text: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError("the text is not valid UTF-8 (it holds undecodable bytes); give "
-                         "UTF-8 text") from None
+        raise ValueError(
+            "the text is not valid UTF-8 (it holds undecodable bytes); give UTF-8 text"
+        ) from None
 
 
 def _native(call: Any, *args: Any, **kwargs: Any) -> Any:
@@ -296,8 +313,10 @@ def _native(call: Any, *args: Any, **kwargs: Any) -> Any:
             raise
         text = str(exc).strip()
         reason = text.splitlines()[0][:200] if text else "no message"
-        raise TokenizerError(f"the tokenizer failed (the tokenizers library panicked: "
-                             f"{reason}); its tokenizer files may be broken") from None
+        raise TokenizerError(
+            f"the tokenizer failed (the tokenizers library panicked: "
+            f"{reason}); its tokenizer files may be broken"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -318,8 +337,11 @@ def _fd2_hidden() -> Iterator[None]:
 
 
 # ---- building and loading -----------------------------------------------------------
-def build_gpt2_bpe(vocab_file: str | os.PathLike[str], merges_file: str | os.PathLike[str],
-                   add_prefix_space: bool = False) -> Any:
+def build_gpt2_bpe(
+    vocab_file: str | os.PathLike[str],
+    merges_file: str | os.PathLike[str],
+    add_prefix_space: bool = False,
+) -> Any:
     """GPT-2's byte-level BPE from vocab.json and merges.txt (for repos without tokenizer.json)."""
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, pre_tokenizers

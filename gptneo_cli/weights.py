@@ -135,8 +135,9 @@ class StoredTensor:
             with self.path.open("rb", buffering=0) as handle:
                 _read_into(handle, self.offset + start * row, _bytes_of(out))
         except OSError as exc:
-            raise WeightsError(f"{self.path.name} is not a readable safetensors file ({exc})") \
-                from exc
+            raise WeightsError(
+                f"{self.path.name} is not a readable safetensors file ({exc})"
+            ) from exc
         return out if dtype is None else out.to(dtype)
 
 
@@ -180,8 +181,9 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise WeightsError(f"{path.name} is not a readable safetensors file ({exc})") from exc
     except RecursionError:
-        raise WeightsError(f"{path.name} is not a readable safetensors file (its header is "
-                           "nested too deeply)") from None
+        raise WeightsError(
+            f"{path.name} is not a readable safetensors file (its header is nested too deeply)"
+        ) from None
     if not isinstance(header, dict):
         raise WeightsError(f"{path.name} is not a readable safetensors file (header not a map)")
     header.pop("__metadata__", None)
@@ -203,8 +205,9 @@ def _entry_problem(entry: object, data_size: int) -> str | None:
         return f"unsupported dtype {dtype!r}"
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         return "bad shape"
-    if not (isinstance(offsets, list) and len(offsets) == 2
-            and all(isinstance(o, int) for o in offsets)):
+    if not (
+        isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+    ):
         return "bad data_offsets"
     begin, end = offsets
     numel = 1
@@ -296,15 +299,17 @@ def _map_tensor(
     start = begin - begin % mmap.ALLOCATIONGRANULARITY
     no_fd: dict[str, Any] = {} if _MAPS_HOLD_FDS else {"trackfd": False}
     try:
-        mapped = mmap.mmap(handle.fileno(), begin - start + nbytes, offset=start,
-                           access=mmap.ACCESS_COPY, **no_fd)
+        mapped = mmap.mmap(
+            handle.fileno(), begin - start + nbytes, offset=start, access=mmap.ACCESS_COPY, **no_fd
+        )
     except (OSError, ValueError):  # a file system that cannot map: read it instead
         return None
     _LIVE_MAPS[0] += 1
     weakref.finalize(mapped, _unmapped)  # when the last tensor viewing it is gone
     # frombuffer keeps `mapped` alive for as long as the tensor (or a view of it) lives.
-    flat = torch.frombuffer(mapped, dtype=dtype, count=nbytes // dtype.itemsize,
-                            offset=begin - start)
+    flat = torch.frombuffer(
+        mapped, dtype=dtype, count=nbytes // dtype.itemsize, offset=begin - start
+    )
     return flat.view(shape)
 
 
@@ -379,12 +384,16 @@ def _load_failure(path: Path, exc: BaseException) -> str:
     wanted = re.search(r"GLOBAL ([\w.]+)", text)
     if wanted or "Unsupported global" in text:
         what = wanted.group(1) if wanted else "a Python object"
-        return (f"{path.name} was refused: it is not a plain tensor checkpoint: its pickle "
-                f"asks for {what} (an unsupported global: building it could run code), and "
-                "gptneo loads tensors only; use a safetensors copy of the model")
+        return (
+            f"{path.name} was refused: it is not a plain tensor checkpoint: its pickle "
+            f"asks for {what} (an unsupported global: building it could run code), and "
+            "gptneo loads tensors only; use a safetensors copy of the model"
+        )
     why = f" ({exc.strerror})" if isinstance(exc, OSError) and exc.strerror else ""
-    return (f"{path.name} is not a readable PyTorch checkpoint: it is corrupt, truncated or "
-            f"another kind of file{why}")
+    return (
+        f"{path.name} is not a readable PyTorch checkpoint: it is corrupt, truncated or "
+        f"another kind of file{why}"
+    )
 
 
 def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:

@@ -63,8 +63,16 @@ SEED = 1234
 VOCAB_SIZE = 2048
 #: Path parts never used: third-party packages, test suites, codec tables, the pydoc topic
 #: dump (one huge string) and the interpreter's build configuration.
-EXCLUDE = {"site-packages", "dist-packages", "test", "tests", "idle_test", "encodings",
-           "pydoc_data", "__pycache__"}
+EXCLUDE = {
+    "site-packages",
+    "dist-packages",
+    "test",
+    "tests",
+    "idle_test",
+    "encodings",
+    "pydoc_data",
+    "__pycache__",
+}
 #: Every VAL_EVERY-th file of the sorted list is held out for validation.
 VAL_EVERY = 25
 #: Held-out files whose first EVAL_BLOCKS blocks form the small check the tests recompute.
@@ -145,8 +153,10 @@ def build(output: Path, max_steps: int) -> dict:
     root, files = stdlib_files()
     val_files = files[::VAL_EVERY]
     train_files = [f for f in files if f not in set(val_files)]
-    print(f"{len(files)} files under {root}: {len(train_files)} train, {len(val_files)} held out",
-          file=sys.stderr)
+    print(
+        f"{len(files)} files under {root}: {len(train_files)} train, {len(val_files)} held out",
+        file=sys.stderr,
+    )
     started = time.perf_counter()
 
     work = Path(tempfile.mkdtemp(prefix="gptneo-demo-"))
@@ -156,17 +166,28 @@ def build(output: Path, max_steps: int) -> dict:
     tokenizer.model_max_length = MODEL["max_position_embeddings"]
     tokenizer.save(init)
     eos = tokenizer.eos_id
-    config = GPTNeoConfig(vocab_size=tokenizer.vocab_size, bos_token_id=eos, eos_token_id=eos,
-                          **MODEL)
+    config = GPTNeoConfig(
+        vocab_size=tokenizer.vocab_size, bos_token_id=eos, eos_token_id=eos, **MODEL
+    )
     config.save(init)
-    print(f"tokenizer: {tokenizer.vocab_size} ids ({time.perf_counter() - started:.0f} s)",
-          file=sys.stderr)
+    print(
+        f"tokenizer: {tokenizer.vocab_size} ids ({time.perf_counter() - started:.0f} s)",
+        file=sys.stderr,
+    )
 
     train = dataclasses.replace(TRAIN, max_steps=max_steps)
     staged = work / "tiny"
-    result = finetune(init, [root / f for f in train_files], staged, train,
-                      val_data=[root / f for f in val_files], from_scratch=True, device="cpu",
-                      reporter=PrintReporter(), save_dtype=torch.float16)
+    result = finetune(
+        init,
+        [root / f for f in train_files],
+        staged,
+        train,
+        val_data=[root / f for f in val_files],
+        from_scratch=True,
+        device="cpu",
+        reporter=PrintReporter(),
+        save_dtype=torch.float16,
+    )
     training = json.loads((staged / "training.json").read_text())
     (staged / "training.json").unlink()
 
@@ -174,13 +195,15 @@ def build(output: Path, max_steps: int) -> dict:
     shipped_model = GPTNeoForCausalLM.from_pretrained(staged)
     shipped_tok = Tokenizer.from_folder(staged)
     val_docs = read_documents([root / f for f in val_files])
-    val_blocks = [torch.tensor(b) for b in pack_blocks(
-        token_stream(val_docs, shipped_tok), train.block_size, keep_tail=True)]
+    val_blocks = [
+        torch.tensor(b)
+        for b in pack_blocks(token_stream(val_docs, shipped_tok), train.block_size, keep_tail=True)
+    ]
     metadata = {
         "name": "tiny",
         "description": "Demo GPT-Neo trained from scratch on the Python standard library's "
-                       "source by scripts/build_demo_model.py. For demos and offline tests, "
-                       "not a substitute for the real checkpoints.",
+        "source by scripts/build_demo_model.py. For demos and offline tests, "
+        "not a substitute for the real checkpoints.",
         "python": platform.python_version(),
         "python_implementation": platform.python_implementation(),
         "torch": torch.__version__,
@@ -198,8 +221,11 @@ def build(output: Path, max_steps: int) -> dict:
             "train_tokens": training["train_tokens"],
             "val_tokens": training["val_tokens"],
         },
-        "tokenizer": {"type": "byte-level BPE (tokenizers)", "vocab_size": tokenizer.vocab_size,
-                      "special": "<|endoftext|> = bos = eos = unk = pad"},
+        "tokenizer": {
+            "type": "byte-level BPE (tokenizers)",
+            "vocab_size": tokenizer.vocab_size,
+            "special": "<|endoftext|> = bos = eos = unk = pad",
+        },
         "config": config.to_dict(),
         "parameters": shipped_model.config.num_parameters(),
         "train": training["config"],
@@ -225,7 +251,8 @@ def build(output: Path, max_steps: int) -> dict:
         path.chmod(0o644)  # safetensors writes 0600; package data must be world-readable
     metadata["files"] = {
         p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-        for p in sorted(staged.iterdir()) if p.is_file()
+        for p in sorted(staged.iterdir())
+        if p.is_file()
     }
     (staged / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
     if output.exists():
@@ -246,12 +273,23 @@ def _content_hash(root: Path, files: list[str]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--check", action="store_true",
-                        help="rebuild into a temp folder and compare with the shipped metadata")
-    parser.add_argument("--max-steps", type=int, default=TRAIN.max_steps,
-                        help="for experiments only: the shipped model uses the default")
-    parser.add_argument("--threads", type=int, default=THREADS,
-                        help=f"torch CPU threads (default {THREADS}; see THREADS)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="rebuild into a temp folder and compare with the shipped metadata",
+    )
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=TRAIN.max_steps,
+        help="for experiments only: the shipped model uses the default",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=THREADS,
+        help=f"torch CPU threads (default {THREADS}; see THREADS)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.check:
@@ -260,23 +298,34 @@ def main() -> int:
             rebuilt = build(Path(tmp) / "tiny", args.max_steps)
         same_data = rebuilt["data"]["content_sha256"] == shipped["data"]["content_sha256"]
         diff = rebuilt["held_out"]["loss_float32"] - shipped["held_out"]["loss_float32"]
-        print(json.dumps({
-            "same_data": same_data,
-            "shipped_held_out_loss": shipped["held_out"]["loss_float32"],
-            "rebuilt_held_out_loss": rebuilt["held_out"]["loss_float32"],
-            "difference": diff,
-            "tolerance": TOLERANCE,
-            "rebuild_train_time_s": rebuilt["train_time_s"],
-            "torch_threads": torch.get_num_threads(),
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "same_data": same_data,
+                    "shipped_held_out_loss": shipped["held_out"]["loss_float32"],
+                    "rebuilt_held_out_loss": rebuilt["held_out"]["loss_float32"],
+                    "difference": diff,
+                    "tolerance": TOLERANCE,
+                    "rebuild_train_time_s": rebuilt["train_time_s"],
+                    "torch_threads": torch.get_num_threads(),
+                },
+                indent=2,
+            )
+        )
         if not same_data:
-            print("note: this standard library differs from the one the shipped model saw; "
-                  "the losses are not comparable", file=sys.stderr)
+            print(
+                "note: this standard library differs from the one the shipped model saw; "
+                "the losses are not comparable",
+                file=sys.stderr,
+            )
             return 0
         return 0 if abs(diff) <= TOLERANCE else 1
     meta = build(args.output, args.max_steps)
-    print(json.dumps({k: meta[k] for k in ("parameters", "steps", "train_time_s", "held_out")},
-                     indent=2))
+    print(
+        json.dumps(
+            {k: meta[k] for k in ("parameters", "steps", "train_time_s", "held_out")}, indent=2
+        )
+    )
     return 0
 
 

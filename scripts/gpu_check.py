@@ -62,8 +62,9 @@ class Report:
 
     def __init__(self, out: Path, budget_s: float) -> None:
         self.path = out / "gpu_report.json"
-        self.data: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC",
-                                                               time.gmtime())}
+        self.data: dict[str, Any] = {
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        }
         self.start = time.perf_counter()
         self.budget_s = budget_s
 
@@ -81,14 +82,18 @@ class Report:
         try:
             result = {"result": fn(), "ok": True}
         except Exception as exc:  # noqa: BLE001 - a failed section is reported, not fatal
-            result = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
-                      "traceback": traceback.format_exc()[-4000:]}
+            result = {
+                "ok": False,
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc()[-4000:],
+            }
             print(result["traceback"], flush=True)
         result["seconds"] = round(time.perf_counter() - began, 1)
         self.data[name] = result
         self.save()
-        print(f"== {name}: {'ok' if result['ok'] else 'FAILED'} in {result['seconds']} s",
-              flush=True)
+        print(
+            f"== {name}: {'ok' if result['ok'] else 'FAILED'} in {result['seconds']} s", flush=True
+        )
 
     def save(self) -> None:
         self.data["elapsed_s"] = round(time.perf_counter() - self.start, 1)
@@ -127,8 +132,9 @@ def load_fast(folder: Path, dtype: str, attn: str = "auto", compile: bool = Fals
     if fast is None:
         from gptneo_cli.fast import FastCausalLM
 
-        return FastCausalLM.from_pretrained(folder, dtype=dtype, device=DEVICE, attn=attn,
-                                            compile=compile)
+        return FastCausalLM.from_pretrained(
+            folder, dtype=dtype, device=DEVICE, attn=attn, compile=compile
+        )
     return fast(folder, dtype=dtype, device=DEVICE, attn=attn, compile=compile)
 
 
@@ -204,25 +210,38 @@ def section_parity(tmp: Path) -> dict[str, Any]:
             folder = save_reference(ref_cpu, tmp / f"{cfg_name}-{head}")
             ids, mask = padded_batch(cfg["vocab_size"], 21)
             pos = positions(mask)
-            valid = mask if head in ("base", "causal_lm", "token_classification",
-                                     "question_answering") else None
+            valid = (
+                mask
+                if head in ("base", "causal_lm", "token_classification", "question_answering")
+                else None
+            )
             kwargs = {"output_hidden_states": True} if head == "base" else {}
             with torch.inference_mode():
-                ref32 = outputs(ref_cpu.to(DEVICE)(ids, attention_mask=mask, position_ids=pos,
-                                                   **kwargs), head)
+                ref32 = outputs(
+                    ref_cpu.to(DEVICE)(ids, attention_mask=mask, position_ids=pos, **kwargs), head
+                )
             for dtype_name, dtype in DTYPES.items():
                 with torch.inference_mode():
-                    hf = ref_cpu.to(dtype)(ids, attention_mask=mask, position_ids=pos,
-                                           **kwargs)
+                    hf = ref_cpu.to(dtype)(ids, attention_mask=mask, position_ids=pos, **kwargs)
                 hf_err = max(max_err(t, ref32[n], valid) for n, t in outputs(hf, head).items())
                 candidates: list[tuple[str, Any]] = []
                 ours_cls = getattr(gptneo_cli, cls_name)
                 for attn in ("eager", "sdpa"):
-                    candidates.append((attn, lambda a=attn, c=ours_cls, f=folder, d=dtype_name:
-                                       c.from_pretrained(f, dtype=d, device=DEVICE, attn=a)))
+                    candidates.append(
+                        (
+                            attn,
+                            lambda a=attn, c=ours_cls, f=folder, d=dtype_name: c.from_pretrained(
+                                f, dtype=d, device=DEVICE, attn=a
+                            ),
+                        )
+                    )
                     if head == "causal_lm":
-                        candidates.append((f"fast-{attn}", lambda a=attn, f=folder, d=dtype_name:
-                                           load_fast(f, d, a)))
+                        candidates.append(
+                            (
+                                f"fast-{attn}",
+                                lambda a=attn, f=folder, d=dtype_name: load_fast(f, d, a),
+                            )
+                        )
                 for label, make in candidates:
                     model = make()
                     with torch.inference_mode():
@@ -230,16 +249,26 @@ def section_parity(tmp: Path) -> dict[str, Any]:
                     err = max(max_err(t, ref32[n], valid) for n, t in got.items())
                     limit = 1e-4 if dtype is torch.float32 else max(3 * hf_err, 2e-3)
                     ok = err <= limit
-                    row = {"config": cfg_name, "head": head, "dtype": dtype_name,
-                           "impl": label, "max_err": err, "transformers_err": hf_err,
-                           "limit": limit, "ok": ok}
+                    row = {
+                        "config": cfg_name,
+                        "head": head,
+                        "dtype": dtype_name,
+                        "impl": label,
+                        "max_err": err,
+                        "transformers_err": hf_err,
+                        "limit": limit,
+                        "ok": ok,
+                    }
                     rows.append(row)
                     if not ok:
                         failures.append(row)
                     del model
             ref_cpu.to("cpu", torch.float32)
-    return {"checked": len(rows), "failures": failures,
-            "worst": sorted(rows, key=lambda r: -r["max_err"] / r["limit"])[:8]}
+    return {
+        "checked": len(rows),
+        "failures": failures,
+        "worst": sorted(rows, key=lambda r: -r["max_err"] / r["limit"])[:8],
+    }
 
 
 def greedy_ours(model: Any, ids: torch.Tensor, new: int) -> list[int]:
@@ -267,9 +296,15 @@ def section_greedy(tmp: Path) -> dict[str, Any]:
 
     import gptneo_cli
 
-    cfg = dict(vocab_size=1000, hidden_size=128, num_layers=4, num_heads=4,
-               attention_types=[[["global", "local"], 2]], window_size=256,
-               max_position_embeddings=1024)
+    cfg = dict(
+        vocab_size=1000,
+        hidden_size=128,
+        num_layers=4,
+        num_heads=4,
+        attention_types=[[["global", "local"], 2]],
+        window_size=256,
+        max_position_embeddings=1024,
+    )
     ref = build_reference("causal_lm", seed=11, **cfg)
     with torch.no_grad():  # a sharper distribution: fewer near-ties for rounding to flip
         ref.lm_head.weight.mul_(4.0)
@@ -280,14 +315,22 @@ def section_greedy(tmp: Path) -> dict[str, Any]:
     for dtype_name, dtype in DTYPES.items():
         hf = ref.to(DEVICE, dtype)
         with torch.inference_mode():
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                              min_new_tokens=new, do_sample=False, pad_token_id=0)
-        want = out[0, ids.shape[1]:].tolist()
+            out = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        want = out[0, ids.shape[1] :].tolist()
         impls: dict[str, Callable[[], Any]] = {
             "reference-sdpa": lambda d=dtype_name: gptneo_cli.GPTNeoForCausalLM.from_pretrained(
-                folder, dtype=d, device=DEVICE, attn="sdpa"),
+                folder, dtype=d, device=DEVICE, attn="sdpa"
+            ),
             "reference-eager": lambda d=dtype_name: gptneo_cli.GPTNeoForCausalLM.from_pretrained(
-                folder, dtype=d, device=DEVICE, attn="eager"),
+                folder, dtype=d, device=DEVICE, attn="eager"
+            ),
             "fast": lambda d=dtype_name: load_fast(folder, d, "sdpa"),
         }
         if dtype is not torch.float16 and DEVICE == "cuda":  # CUDA graphs, one compile each
@@ -297,8 +340,11 @@ def section_greedy(tmp: Path) -> dict[str, Any]:
             began = time.perf_counter()
             model = make()
             got = greedy_ours(model, ids, new)
-            rows[label] = {"first_mismatch": first_mismatch(got, want),
-                           "identical": got == want, "seconds": time.perf_counter() - began}
+            rows[label] = {
+                "first_mismatch": first_mismatch(got, want),
+                "identical": got == want,
+                "seconds": time.perf_counter() - began,
+            }
             del model
         result[dtype_name] = rows
     ref.to("cpu", torch.float32)
@@ -315,44 +361,61 @@ def section_auto(tmp: Path) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         result[f"auto_{str(dtype)[6:]}"] = attention.choose_backend(
-            "auto", torch.device("cuda"), dtype)
+            "auto", torch.device("cuda"), dtype
+        )
     # A stand-in flash_attn (the real one has no wheels): auto must pick it in half precision.
     fake = types.ModuleType("flash_attn")
 
-    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
-                        window_size=(-1, -1)):
+    def flash_attn_func(
+        q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1)
+    ):
         t = q.shape[1]
         i = torch.arange(t, device=q.device)
         allowed = i[None, :] <= i[:, None]
         if window_size[0] >= 0:
             allowed &= i[None, :] >= i[:, None] - window_size[0]
         out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed,
-            scale=softmax_scale)
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=allowed,
+            scale=softmax_scale,
+        )
         return out.transpose(1, 2)
 
     fake.flash_attn_func = flash_attn_func
     fake.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
     from oracle import build_reference, save_reference
 
-    ref = build_reference("causal_lm", seed=2, vocab_size=300, hidden_size=64, num_layers=2,
-                          num_heads=4, attention_types=[[["global", "local"], 1]],
-                          window_size=8, max_position_embeddings=128)
+    ref = build_reference(
+        "causal_lm",
+        seed=2,
+        vocab_size=300,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        attention_types=[[["global", "local"], 1]],
+        window_size=8,
+        max_position_embeddings=128,
+    )
     folder = save_reference(ref, tmp / "auto")
     sys.modules["flash_attn"] = fake
     attention.flash_module.cache_clear()
     try:
         result["auto_bfloat16_with_flash"] = attention.choose_backend(
-            "auto", torch.device("cuda"), torch.bfloat16)
+            "auto", torch.device("cuda"), torch.bfloat16
+        )
         result["auto_float32_with_flash"] = attention.choose_backend(
-            "auto", torch.device("cuda"), torch.float32)
+            "auto", torch.device("cuda"), torch.float32
+        )
         ids = torch.randint(1, 300, (2, 40), generator=torch.Generator().manual_seed(1)).to(DEVICE)
         import gptneo_cli
 
         errs = {}
         with torch.inference_mode():
             want = gptneo_cli.GPTNeoForCausalLM.from_pretrained(
-                folder, dtype="bfloat16", device=DEVICE, attn="eager")(ids).logits.float()
+                folder, dtype="bfloat16", device=DEVICE, attn="eager"
+            )(ids).logits.float()
             for attn in ("auto", "flash"):
                 got = load_fast(folder, "bfloat16", attn)(ids).logits.float()
                 errs[attn] = float((got - want).abs().max())
@@ -372,8 +435,10 @@ def section_flex(tmp: Path) -> dict[str, Any]:
         for dtype in (torch.bfloat16,):
             t = 2048
             gen = torch.Generator(device=DEVICE).manual_seed(0)
-            q, k, v = (torch.randn(1, heads, t, dim, device=DEVICE, dtype=dtype,
-                                   generator=gen) * 0.3 for _ in range(3))
+            q, k, v = (
+                torch.randn(1, heads, t, dim, device=DEVICE, dtype=dtype, generator=gen) * 0.3
+                for _ in range(3)
+            )
             plan = attention.build_plan("local", 0, t, window, None, q.device)
             glob = attention.build_plan("global", 0, t, window, None, q.device)
             began = time.perf_counter()
@@ -386,19 +451,23 @@ def section_flex(tmp: Path) -> dict[str, Any]:
             qkv = (q, k, v)
             result[key] = {
                 "sdpa_window_mask_ms": cuda_time_ms(
-                    lambda x=qkv, p=plan: attention.sdpa_attention(*x, p)),
+                    lambda x=qkv, p=plan: attention.sdpa_attention(*x, p)
+                ),
                 "flex_window_ms": cuda_time_ms(
-                    lambda x=qkv, p=plan: attention.flex_window_prefill(*x, p)),
+                    lambda x=qkv, p=plan: attention.flex_window_prefill(*x, p)
+                ),
                 "sdpa_causal_global_ms": cuda_time_ms(
-                    lambda x=qkv, p=glob: attention.sdpa_attention(*x, p)),
+                    lambda x=qkv, p=glob: attention.sdpa_attention(*x, p)
+                ),
                 "flex_first_call_s": first_call_s,
                 "max_abs_diff": err,
             }
     # A second length: does a new prompt length recompile (and how long does it take)?
     q2 = torch.randn(1, 20, 1500, 128, device=DEVICE, dtype=torch.bfloat16)
     began = time.perf_counter()
-    attention.flex_window_prefill(q2, q2, q2, attention.build_plan("local", 0, 1500, 256, None,
-                                                                      q2.device))
+    attention.flex_window_prefill(
+        q2, q2, q2, attention.build_plan("local", 0, 1500, 256, None, q2.device)
+    )
     sync()
     result["second_length_first_call_s"] = time.perf_counter() - began
     # Padded batch through flex vs sdpa (the mask read from the plan).
@@ -409,7 +478,8 @@ def section_flex(tmp: Path) -> dict[str, Any]:
     got = attention.flex_window_prefill(qb, qb, qb, plan)
     want = attention.sdpa_attention(qb, qb, qb, plan)
     result["padded_max_abs_diff_valid_rows"] = float(
-        (got - want).float().abs()[valid[:, None, :, None].expand_as(got)].max())
+        (got - want).float().abs()[valid[:, None, :, None].expand_as(got)].max()
+    )
     return result
 
 
@@ -424,6 +494,7 @@ def section_flex_model(cache_dir: Path) -> dict[str, Any]:
     ids = torch.randint(0, 50000, (1, 2048), device=DEVICE)
     result: dict[str, Any] = {}
     with torch.inference_mode():
+
         def prefill() -> Any:
             return model(ids, logits_to_keep=1).logits
 
@@ -440,23 +511,47 @@ def section_flex_model(cache_dir: Path) -> dict[str, Any]:
 
 
 def section_bench(cache_dir: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, str(REPO / "benchmarks" / "bench.py"), "--device", "cuda",
-           "--shapes", args.shapes, "--dtypes", "float16,bfloat16", "--variants", "compile",
-           "--repeats", str(args.repeats), "--no-load", "--new-tokens", "64",
-           "--batch-tokens", "32", "--cache-dir", str(cache_dir),
-           "--json", str(out / "bench-gpu.json"), "--markdown", str(out / "bench-gpu.md")]
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "bench.py"),
+        "--device",
+        "cuda",
+        "--shapes",
+        args.shapes,
+        "--dtypes",
+        "float16,bfloat16",
+        "--variants",
+        "compile",
+        "--repeats",
+        str(args.repeats),
+        "--no-load",
+        "--new-tokens",
+        "64",
+        "--batch-tokens",
+        "32",
+        "--cache-dir",
+        str(cache_dir),
+        "--json",
+        str(out / "bench-gpu.json"),
+        "--markdown",
+        str(out / "bench-gpu.md"),
+    ]
     if args.batch:
         cmd += ["--batch", str(args.batch)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCH_LOGS": "perf_hints"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                          timeout=max(60, args.bench_timeout()))
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, timeout=max(60, args.bench_timeout())
+    )
     (out / "bench-gpu.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     hints = [line for line in proc.stderr.splitlines() if "cudagraph" in line.lower()]
     if proc.returncode != 0:
         raise RuntimeError(f"bench.py exited {proc.returncode}: {proc.stderr[-3000:]}")
-    return {"returncode": proc.returncode, "cudagraph_log_lines": hints[:10],
-            "table": (out / "bench-gpu.md").read_text() if proc.returncode == 0 else None,
-            "stderr_tail": proc.stderr[-3000:]}
+    return {
+        "returncode": proc.returncode,
+        "cudagraph_log_lines": hints[:10],
+        "table": (out / "bench-gpu.md").read_text() if proc.returncode == 0 else None,
+        "stderr_tail": proc.stderr[-3000:],
+    }
 
 
 def section_cli(cache_dir: Path, tmp: Path, assets: Path | None) -> dict[str, Any]:
@@ -475,17 +570,38 @@ def section_cli(cache_dir: Path, tmp: Path, assets: Path | None) -> dict[str, An
         tokenizer = "gpt2 vocab.json + merges.txt"
     else:
         raise RuntimeError("no GPT-2 vocabulary carried: pass --assets")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
-           "XDG_CONFIG_HOME": str(tmp / "cfg"), "NO_COLOR": "1"}
-    cmd = [sys.executable, "-m", "gptneo_cli.cli", "generate", "def hello_world():",
-           "--model", str(model_dir), "--device", "cuda", "--max-new-tokens", "48",
-           "--greedy", "--stats"]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO),
+        "XDG_CONFIG_HOME": str(tmp / "cfg"),
+        "NO_COLOR": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "gptneo_cli.cli",
+        "generate",
+        "def hello_world():",
+        "--model",
+        str(model_dir),
+        "--device",
+        "cuda",
+        "--max-new-tokens",
+        "48",
+        "--greedy",
+        "--stats",
+    ]
     runs = {}
     for label, extra in (("bf16", ["--dtype", "bfloat16"]), ("fp16", ["--dtype", "float16"])):
         began = time.perf_counter()
         proc = subprocess.run(cmd + extra, capture_output=True, text=True, env=env, timeout=240)
-        runs[label] = {"returncode": proc.returncode, "stdout": proc.stdout[-600:],
-                       "stderr": proc.stderr[-1500:], "wall_s": time.perf_counter() - began}
+        runs[label] = {
+            "returncode": proc.returncode,
+            "stdout": proc.stdout[-600:],
+            "stderr": proc.stderr[-1500:],
+            "wall_s": time.perf_counter() - began,
+        }
     failed = [label for label, run in runs.items() if run["returncode"] != 0]
     if failed:
         raise RuntimeError(f"gptneo generate failed for {failed}: {runs}")
@@ -502,8 +618,12 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--assets", default=None, help="folder with GPT-2 vocab.json/merges.txt")
     p.add_argument("--cache-dir", default="/tmp/gptneo-bench")
-    p.add_argument("--reserve-s", type=float, default=10,
-                   help="seconds the bench leaves for the sections after it")
+    p.add_argument(
+        "--reserve-s",
+        type=float,
+        default=10,
+        help="seconds the bench leaves for the sections after it",
+    )
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     args = p.parse_args()
     global DEVICE, GREEDY_TOKENS
@@ -531,8 +651,12 @@ def main() -> int:
     for name in wanted:
         fn, needs = sections[name]
         report.run(name, fn, needs)
-    print(json.dumps({k: (v.get("ok") if isinstance(v, dict) else v)
-                      for k, v in report.data.items()}, indent=1))
+    print(
+        json.dumps(
+            {k: (v.get("ok") if isinstance(v, dict) else v) for k, v in report.data.items()},
+            indent=1,
+        )
+    )
     return 0
 
 

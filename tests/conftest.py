@@ -18,8 +18,13 @@ from oracle import TINY_CONFIGS, build_reference, save_reference  # noqa: E402
 def tiny_checkpoint(tmp_path):
     """Factory: (folder, reference model) for a head, config name and file format."""
 
-    def make(head: str = "causal_lm", config: str = "local_first", fmt: str = "safetensors",
-             seed: int = 0, **overrides):
+    def make(
+        head: str = "causal_lm",
+        config: str = "local_first",
+        fmt: str = "safetensors",
+        seed: int = 0,
+        **overrides,
+    ):
         ref = build_reference(head, seed=seed, **{**TINY_CONFIGS[config], **overrides})
         folder = save_reference(ref, tmp_path / f"{head}-{config}-{fmt}-{seed}", fmt)
         return folder, ref

@@ -84,13 +84,23 @@ class _Handler(BaseHTTPRequestHandler):
     # ---- helpers -------------------------------------------------------------------
     def _record(self) -> None:
         auth = self.headers.get("Authorization")
-        entry = LoggedRequest(self.command, unquote(urlsplit(self.path).path),
-                              self.headers.get("Range"), auth is not None)
+        entry = LoggedRequest(
+            self.command,
+            unquote(urlsplit(self.path).path),
+            self.headers.get("Range"),
+            auth is not None,
+        )
         with self.state.lock:
             self.state.log.append(entry)
 
-    def _error(self, status: int, code: str | None, message: str, commit: str | None = None,
-               head: bool = False) -> None:
+    def _error(
+        self,
+        status: int,
+        code: str | None,
+        message: str,
+        commit: str | None = None,
+        head: bool = False,
+    ) -> None:
         body = json.dumps({"error": message}).encode()
         self.send_response(status)
         if code:
@@ -108,7 +118,7 @@ class _Handler(BaseHTTPRequestHandler):
         """Split "org/name/<more>" into the longest known repo id and the remainder."""
         for repo_id in sorted(self.state.repos, key=len, reverse=True):
             if rest == repo_id or rest.startswith(repo_id + "/"):
-                return self.state.repos[repo_id], rest[len(repo_id):].lstrip("/")
+                return self.state.repos[repo_id], rest[len(repo_id) :].lstrip("/")
         return None, rest
 
     def _access_denied(self, repo: FakeRepo, head: bool) -> bool:
@@ -134,7 +144,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._record()
         path = unquote(urlsplit(self.path).path).lstrip("/")
         if path.startswith("api/models/"):
-            self._api_model(path[len("api/models/"):], head)
+            self._api_model(path[len("api/models/") :], head)
             return
         if "/resolve/" in path:
             repo_part, _, rest = path.partition("/resolve/")
@@ -156,7 +166,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         revision = "main"
         if remainder.startswith("revision/"):
-            revision = remainder[len("revision/"):]
+            revision = remainder[len("revision/") :]
         sha = repo.resolve(revision)
         if sha is None:
             self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", head=head)
@@ -199,7 +209,7 @@ class _Handler(BaseHTTPRequestHandler):
         start = 0
         range_header = self.headers.get("Range")
         if range_header and range_header.startswith("bytes="):
-            first = range_header[len("bytes="):].split("-", 1)[0]
+            first = range_header[len("bytes=") :].split("-", 1)[0]
             start = int(first) if first else 0
         partial = start > 0
         self.send_response(206 if partial else 200)
@@ -335,17 +345,23 @@ def gpt_neo_tensors(config: dict, seed: int = 0) -> dict:
     }
     for i in range(config["num_layers"]):
         p = f"transformer.h.{i}."
-        tensors.update({
-            p + "ln_1.weight": np.ones(h, np.float32), p + "ln_1.bias": np.zeros(h, np.float32),
-            p + "ln_2.weight": np.ones(h, np.float32), p + "ln_2.bias": np.zeros(h, np.float32),
-            p + "attn.attention.q_proj.weight": rand(h, h),
-            p + "attn.attention.k_proj.weight": rand(h, h),
-            p + "attn.attention.v_proj.weight": rand(h, h),
-            p + "attn.attention.out_proj.weight": rand(h, h),
-            p + "attn.attention.out_proj.bias": rand(h),
-            p + "mlp.c_fc.weight": rand(inner, h), p + "mlp.c_fc.bias": rand(inner),
-            p + "mlp.c_proj.weight": rand(h, inner), p + "mlp.c_proj.bias": rand(h),
-        })
+        tensors.update(
+            {
+                p + "ln_1.weight": np.ones(h, np.float32),
+                p + "ln_1.bias": np.zeros(h, np.float32),
+                p + "ln_2.weight": np.ones(h, np.float32),
+                p + "ln_2.bias": np.zeros(h, np.float32),
+                p + "attn.attention.q_proj.weight": rand(h, h),
+                p + "attn.attention.k_proj.weight": rand(h, h),
+                p + "attn.attention.v_proj.weight": rand(h, h),
+                p + "attn.attention.out_proj.weight": rand(h, h),
+                p + "attn.attention.out_proj.bias": rand(h),
+                p + "mlp.c_fc.weight": rand(inner, h),
+                p + "mlp.c_fc.bias": rand(inner),
+                p + "mlp.c_proj.weight": rand(h, inner),
+                p + "mlp.c_proj.bias": rand(h),
+            }
+        )
     return tensors
 
 
@@ -365,14 +381,22 @@ def tokenizer_files(with_json: bool) -> dict[str, bytes]:
     files = {
         "vocab.json": json.dumps(vocab, ensure_ascii=False).encode(),
         "merges.txt": "#version: 0.2\nĠ t\nh e\n".encode(),
-        "tokenizer_config.json": json.dumps({
-            "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-            "unk_token": "<|endoftext|>", "add_prefix_space": False, "model_max_length": 32,
-        }).encode(),
-        "special_tokens_map.json": json.dumps({
-            "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-            "unk_token": "<|endoftext|>",
-        }).encode(),
+        "tokenizer_config.json": json.dumps(
+            {
+                "bos_token": "<|endoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "add_prefix_space": False,
+                "model_max_length": 32,
+            }
+        ).encode(),
+        "special_tokens_map.json": json.dumps(
+            {
+                "bos_token": "<|endoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+            }
+        ).encode(),
     }
     if with_json:
         import tempfile
@@ -409,12 +433,18 @@ def tiny_repo(repo_id: str, **kwargs: object) -> FakeRepo:
     """Two commits: v1 (window 4, vocab+merges only) and main (window 8, + tokenizer.json)."""
     v1_config = tiny_config()
     main_config = tiny_config(window_size=8)
-    v1 = {"config.json": json.dumps(v1_config).encode(),
-          "model.safetensors": safetensors_bytes(gpt_neo_tensors(v1_config, seed=1)),
-          **tokenizer_files(with_json=False), **DECOYS}
-    main = {"config.json": json.dumps(main_config).encode(),
-            "model.safetensors": safetensors_bytes(gpt_neo_tensors(main_config, seed=2)),
-            **tokenizer_files(with_json=True), **DECOYS}
+    v1 = {
+        "config.json": json.dumps(v1_config).encode(),
+        "model.safetensors": safetensors_bytes(gpt_neo_tensors(v1_config, seed=1)),
+        **tokenizer_files(with_json=False),
+        **DECOYS,
+    }
+    main = {
+        "config.json": json.dumps(main_config).encode(),
+        "model.safetensors": safetensors_bytes(gpt_neo_tensors(main_config, seed=2)),
+        **tokenizer_files(with_json=True),
+        **DECOYS,
+    }
     return FakeRepo(repo_id, {V1: v1, MAIN: main}, {"main": MAIN, "v1": V1}, **kwargs)
 
 
@@ -431,8 +461,10 @@ def build_repos() -> list[FakeRepo]:
     half = len(names) // 2
     shard_names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     shards = [{k: weights[k] for k in names[:half]}, {k: weights[k] for k in names[half:]}]
-    index = {"metadata": {"total_size": 0},
-             "weight_map": {k: shard_names[0 if k in shards[0] else 1] for k in names}}
+    index = {
+        "metadata": {"total_size": 0},
+        "weight_map": {k: shard_names[0 if k in shards[0] else 1] for k in names},
+    }
     sharded = {
         "config.json": json.dumps(config).encode(),
         "model.safetensors.index.json": json.dumps(index).encode(),
@@ -454,8 +486,9 @@ def build_repos() -> list[FakeRepo]:
         "model.safetensors": b"x" * 4096,
         **tokenizer_files(with_json=False),
     }
-    big_config = tiny_config(vocab_size=50257, hidden_size=64, num_layers=2,
-                             max_position_embeddings=32)
+    big_config = tiny_config(
+        vocab_size=50257, hidden_size=64, num_layers=2, max_position_embeddings=32
+    )
     big = {
         "config.json": json.dumps(big_config).encode(),
         "model.safetensors": safetensors_bytes(gpt_neo_tensors(big_config, seed=4)),

@@ -17,18 +17,33 @@ GPT2_ASSETS = Path(
 #: layers, vocab sizes that are not multiples of 8, intermediate_size set.
 TINY_CONFIGS = {
     "one_layer": dict(
-        vocab_size=101, hidden_size=24, num_layers=1, num_heads=3,
-        attention_types=[[["global"], 1]], window_size=4, max_position_embeddings=64,
+        vocab_size=101,
+        hidden_size=24,
+        num_layers=1,
+        num_heads=3,
+        attention_types=[[["global"], 1]],
+        window_size=4,
+        max_position_embeddings=64,
     ),
     "local_first": dict(
-        vocab_size=97, hidden_size=48, num_layers=3, num_heads=3,
-        attention_types=[[["local", "global"], 1], [["local"], 1]], window_size=5,
-        max_position_embeddings=64, intermediate_size=40,
+        vocab_size=97,
+        hidden_size=48,
+        num_layers=3,
+        num_heads=3,
+        attention_types=[[["local", "global"], 1], [["local"], 1]],
+        window_size=5,
+        max_position_embeddings=64,
+        intermediate_size=40,
     ),
     "alternating": dict(
-        vocab_size=131, hidden_size=32, num_layers=4, num_heads=2,
-        attention_types=[[["global", "local"], 2]], window_size=7,
-        max_position_embeddings=64, activation_function="gelu",
+        vocab_size=131,
+        hidden_size=32,
+        num_layers=4,
+        num_heads=2,
+        attention_types=[[["global", "local"], 2]],
+        window_size=7,
+        max_position_embeddings=64,
+        activation_function="gelu",
     ),
 }
 

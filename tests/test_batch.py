@@ -49,8 +49,9 @@ def run_items(tiny, items, max_running=4, **kw):
     return records
 
 
-def request(cid: str, prompt: str, max_tokens: int = 6, url: str = "/v1/completions",
-            **body) -> str:
+def request(
+    cid: str, prompt: str, max_tokens: int = 6, url: str = "/v1/completions", **body
+) -> str:
     if url == "/v1/completions":
         body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **body}
     return json.dumps({"custom_id": cid, "method": "POST", "url": url, "body": body})
@@ -143,8 +144,9 @@ def test_the_runner_reads_only_as_far_as_the_scheduler_has_room(tiny) -> None:
     def items():
         for i in range(40):
             pulled.append(i)
-            yield Item(i + 1, f"r{i}", body={"prompt": PROMPTS[i % 24], "max_tokens": 3,
-                                             "temperature": 0})
+            yield Item(
+                i + 1, f"r{i}", body={"prompt": PROMPTS[i % 24], "max_tokens": 3, "temperature": 0}
+            )
 
     runner, scheduler = make_runner(*tiny, model_name="tiny", max_running=2)
     records: list[dict] = []
@@ -166,13 +168,34 @@ def test_the_runner_reads_only_as_far_as_the_scheduler_has_room(tiny) -> None:
 def test_completion_chat_classify_and_errors_in_batch_output(tiny) -> None:
     items = [
         parse_line(request("c1", "Once upon a time", 5), 1, plain=False),
-        parse_line(json.dumps({"custom_id": "chat", "method": "POST",
-                               "url": "/v1/chat/completions",
-                               "body": {"messages": [{"role": "user", "content": "hi"}],
-                                        "max_tokens": 4, "temperature": 0}}), 2, plain=False),
-        parse_line(json.dumps({"custom_id": "cls", "method": "POST", "url": "/v1/classify",
-                               "body": {"input": ["a cat", "stock prices"],
-                                        "labels": ["animals", "finance"]}}), 3, plain=False),
+        parse_line(
+            json.dumps(
+                {
+                    "custom_id": "chat",
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": {
+                        "messages": [{"role": "user", "content": "hi"}],
+                        "max_tokens": 4,
+                        "temperature": 0,
+                    },
+                }
+            ),
+            2,
+            plain=False,
+        ),
+        parse_line(
+            json.dumps(
+                {
+                    "custom_id": "cls",
+                    "method": "POST",
+                    "url": "/v1/classify",
+                    "body": {"input": ["a cat", "stock prices"], "labels": ["animals", "finance"]},
+                }
+            ),
+            3,
+            plain=False,
+        ),
         parse_line(request("badtemp", "x", temperature=-1), 4, plain=False),
         parse_line(request("toolong", "x", max_tokens=100000), 5, plain=False),
         parse_line("{oops", 6, plain=False),
@@ -196,14 +219,13 @@ def test_completion_chat_classify_and_errors_in_batch_output(tiny) -> None:
 
 def test_results_equal_single_requests_whatever_the_batch(tiny) -> None:
     """Greedy and seeded rows do not depend on their neighbours or on max_running."""
-    items = [parse_line(request(f"p{i}", p, 8), i + 1, plain=False) for i, p in
-             enumerate(PROMPTS[:10])]
-    items.append(parse_line(request("seeded", "The", 8, temperature=0.9, seed=11), 11,
-                            plain=False))
+    items = [
+        parse_line(request(f"p{i}", p, 8), i + 1, plain=False) for i, p in enumerate(PROMPTS[:10])
+    ]
+    items.append(parse_line(request("seeded", "The", 8, temperature=0.9, seed=11), 11, plain=False))
     wide = {r["custom_id"]: r for r in run_items(tiny, items, max_running=8)}
     narrow = {r["custom_id"]: r for r in run_items(tiny, items, max_running=1)}
-    assert {k: text_of(v) for k, v in wide.items()} == {k: text_of(v) for k, v in
-                                                       narrow.items()}
+    assert {k: text_of(v) for k, v in wide.items()} == {k: text_of(v) for k, v in narrow.items()}
 
 
 # ---------------------------------------------------------------------------- the output
@@ -224,17 +246,32 @@ def test_scan_cuts_a_torn_last_line_and_refuses_foreign_files(tmp_path: Path) ->
 
 # ---------------------------------------------------------------------------- the command
 def write_requests(path: Path, n: int, max_tokens: int = 12) -> None:
-    path.write_text("".join(request(f"q{i}", PROMPTS[i % 24] + f" {i}", max_tokens) + "\n"
-                            for i in range(n)))
+    path.write_text(
+        "".join(request(f"q{i}", PROMPTS[i % 24] + f" {i}", max_tokens) + "\n" for i in range(n))
+    )
 
 
 def test_sigkill_part_way_then_resume_equals_an_uninterrupted_run(tiny, tmp_path: Path) -> None:
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_requests(src, 40)
-    cmd = [*gptneo_command(), "batch", str(src), "-o", str(out), "-m", "tiny",
-           "--max-running", "2", "--threads", "1", "--dtype", "float32"]
-    proc = subprocess.Popen(cmd, env=cli_env(tmp_path), cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cmd = [
+        *gptneo_command(),
+        "batch",
+        str(src),
+        "-o",
+        str(out),
+        "-m",
+        "tiny",
+        "--max-running",
+        "2",
+        "--threads",
+        "1",
+        "--dtype",
+        "float32",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=cli_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if out.exists() and out.read_bytes().count(b"\n") >= 5:
@@ -247,9 +284,18 @@ def test_sigkill_part_way_then_resume_equals_an_uninterrupted_run(tiny, tmp_path
     assert 5 <= first < 40
     with open(out, "ab") as f:  # what a kill inside a write leaves: a torn last line
         f.write(b'{"id": "batch_req_x", "custom_id": "q39", "response": {"status')
-    again = run_cli("batch", str(src), "-o", str(out), "-m", "tiny", "--dtype", "float32",
-                    home=tmp_path,
-                    timeout=300)
+    again = run_cli(
+        "batch",
+        str(src),
+        "-o",
+        str(out),
+        "-m",
+        "tiny",
+        "--dtype",
+        "float32",
+        home=tmp_path,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr
     summary = again.stderr.decode()
     assert f"{first} already in" in summary and "torn last line" in summary
@@ -257,8 +303,7 @@ def test_sigkill_part_way_then_resume_equals_an_uninterrupted_run(tiny, tmp_path
     assert set(resumed) == {f"q{i}" for i in range(40)}
     with BatchInput(src) as source:
         fresh = {r["custom_id"]: r for r in run_items(tiny, list(source.items()))}
-    assert {k: text_of(v) for k, v in resumed.items()} == {k: text_of(v) for k, v in
-                                                          fresh.items()}
+    assert {k: text_of(v) for k, v in resumed.items()} == {k: text_of(v) for k, v in fresh.items()}
     # a third run has nothing left to do and does not load the model
     third = run_cli("batch", str(src), "-o", str(out), "-m", "does-not-exist", home=tmp_path)
     assert third.returncode == 0 and "0 done" in third.stderr.decode()
@@ -267,10 +312,13 @@ def test_sigkill_part_way_then_resume_equals_an_uninterrupted_run(tiny, tmp_path
 
 def test_stdin_shorthand_bad_lines_exit_1_and_quiet_stderr(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-    text = '{"prompt": "Once upon", "max_tokens": 3}\n\n{broken\n{"prompt": "def f(", ' \
-           '"max_tokens": 2}\n'
-    result = run_cli("batch", "-", "-o", str(out), "-m", "tiny", "--temperature", "0",
-                     home=tmp_path, input=text)
+    text = (
+        '{"prompt": "Once upon", "max_tokens": 3}\n\n{broken\n{"prompt": "def f(", '
+        '"max_tokens": 2}\n'
+    )
+    result = run_cli(
+        "batch", "-", "-o", str(out), "-m", "tiny", "--temperature", "0", home=tmp_path, input=text
+    )
     assert result.returncode == 1  # one line failed; the others ran
     stderr = result.stderr.decode().strip().splitlines()
     assert len(stderr) == 1 and stderr[0].startswith("batch: 3 done (1 failed)")
@@ -293,8 +341,7 @@ def test_txt_input_and_restart_needs_yes(tmp_path: Path) -> None:
     redone = run_cli(*args, "--restart", "--yes", home=tmp_path)
     assert redone.returncode == 0 and "2 done" in redone.stderr.decode()
     again = by_id(out.read_text().splitlines())
-    assert {k: text_of(v) for k, v in again.items()} == {k: text_of(v) for k, v in
-                                                        first.items()}
+    assert {k: text_of(v) for k, v in again.items()} == {k: text_of(v) for k, v in first.items()}
 
 
 def test_unusable_input_is_exit_2_before_any_work(tmp_path: Path) -> None:
@@ -319,15 +366,24 @@ def test_ray_is_imported_by_nothing_but_the_ray_adapter(tmp_path: Path) -> None:
 
     import gptneo_cli
 
-    names = [m.name for m in pkgutil.walk_packages(gptneo_cli.__path__, "gptneo_cli.")
-             if not m.name.endswith("ray_job") and ".cli.__main__" not in m.name]
-    code = ("import importlib, sys\n"
-            f"for name in {names!r}:\n"
-            "    importlib.import_module(name)\n"
-            "print('ray' in sys.modules)\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(Path(gptneo_cli.__file__)
-                                                                 .parents[1])}, timeout=300)
+    names = [
+        m.name
+        for m in pkgutil.walk_packages(gptneo_cli.__path__, "gptneo_cli.")
+        if not m.name.endswith("ray_job") and ".cli.__main__" not in m.name
+    ]
+    code = (
+        "import importlib, sys\n"
+        f"for name in {names!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print('ray' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(gptneo_cli.__file__).parents[1])},
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
 
@@ -338,8 +394,17 @@ def test_ray_flag_without_ray_says_how_to_install(tmp_path: Path) -> None:
     (fake / "__init__.py").write_text("raise ImportError('No module named ray')\n")
     src = tmp_path / "p.txt"
     src.write_text("hi\n")
-    result = run_cli("batch", str(src), "-o", str(tmp_path / "o.jsonl"), "--ray", "-m", "tiny",
-                     home=tmp_path, env={"PYTHONPATH": str(tmp_path / "noray")})
+    result = run_cli(
+        "batch",
+        str(src),
+        "-o",
+        str(tmp_path / "o.jsonl"),
+        "--ray",
+        "-m",
+        "tiny",
+        home=tmp_path,
+        env={"PYTHONPATH": str(tmp_path / "noray")},
+    )
     lines = result.stderr.decode().strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1
     assert 'pip install "gptneo-cli[ray]"' in lines[0]

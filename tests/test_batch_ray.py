@@ -23,12 +23,25 @@ def _requests(n: int) -> list[str]:
         body = {"prompt": f"Once upon a time {i}", "max_tokens": 6, "temperature": 0}
         if i % 4 == 3:
             body.update(temperature=0.9, seed=100 + i)
-        lines.append(json.dumps({"custom_id": f"q{i}", "method": "POST",
-                                 "url": "/v1/completions", "body": body}))
-    lines.append(json.dumps({"custom_id": "chat", "method": "POST",
-                             "url": "/v1/chat/completions",
-                             "body": {"messages": [{"role": "user", "content": "hi"}],
-                                      "max_tokens": 4, "temperature": 0}}))
+        lines.append(
+            json.dumps(
+                {"custom_id": f"q{i}", "method": "POST", "url": "/v1/completions", "body": body}
+            )
+        )
+    lines.append(
+        json.dumps(
+            {
+                "custom_id": "chat",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 4,
+                    "temperature": 0,
+                },
+            }
+        )
+    )
     return lines
 
 
@@ -38,8 +51,7 @@ def _texts(path: Path) -> dict[str, str]:
         record = json.loads(line)
         assert record["custom_id"] not in out, f"{record['custom_id']} twice"
         choice = record["response"]["body"]["choices"][0]
-        out[record["custom_id"]] = choice.get("text", (choice.get("message") or {}).get(
-            "content"))
+        out[record["custom_id"]] = choice.get("text", (choice.get("message") or {}).get("content"))
     return out
 
 
@@ -62,9 +74,22 @@ def test_ray_job_resumes_and_equals_the_local_run(local_ray, tmp_path: Path) -> 
     # half the job was done by an earlier run: those lines are kept and not redone
     done = local_out.read_text().splitlines()[:7]
     ray_out.write_text("\n".join(done) + "\n")
-    result = run_cli("batch", str(src), "-o", str(ray_out), *common, "--ray",
-                     "--ray-address", "auto", "--actors", "2", "--cpus-per-actor", "1",
-                     home=tmp_path, timeout=600)
+    result = run_cli(
+        "batch",
+        str(src),
+        "-o",
+        str(ray_out),
+        *common,
+        "--ray",
+        "--ray-address",
+        "auto",
+        "--actors",
+        "2",
+        "--cpus-per-actor",
+        "1",
+        home=tmp_path,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     stderr = result.stderr.decode().strip().splitlines()
     assert len(stderr) == 1 and stderr[0].startswith("batch: 10 done (0 failed), 7 already")

@@ -26,7 +26,11 @@ def imported_modules(
     """Run `python -X importtime -m gptneo_cli.cli ARGS` and list every module it imported."""
     done = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "gptneo_cli.cli", *args],
-        capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=60,
+        capture_output=True,
+        text=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
     )
     names = {
         line.rsplit("|", 1)[1].strip()
@@ -44,8 +48,7 @@ def test_only_torchs_numpy_warning_is_hidden():
         "warnings.warn(\"Failed to initialize NumPy: No module named 'numpy'\", UserWarning)\n"
         "warnings.warn('something else', UserWarning)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "NumPy" not in done.stderr and "something else" in done.stderr
 
@@ -55,14 +58,28 @@ def test_importing_the_app_does_not_import_torch(tmp_path):
         "import sys, gptneo_cli.cli.app\n"
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=cli_env(tmp_path), timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=cli_env(tmp_path),
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("args", [["--help"], ["generate", "--help"], ["chat", "--help"],
-                                  ["info", "--help"], ["serve", "--help"], ["--version"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["generate", "--help"],
+        ["chat", "--help"],
+        ["info", "--help"],
+        ["serve", "--help"],
+        ["--version"],
+    ],
+)
 def test_help_does_not_import_torch(tmp_path, args):
     names, done = imported_modules(args, cli_env(tmp_path))
     assert done.returncode == 0, done.stderr[-2000:]
@@ -72,8 +89,9 @@ def test_help_does_not_import_torch(tmp_path, args):
 
 
 def test_completion_lists_commands_and_values_without_torch(tmp_path):
-    env = cli_env(tmp_path, _GPTNEO_COMPLETE="complete_bash", COMP_WORDS="gptneo gen",
-                  COMP_CWORD="1")
+    env = cli_env(
+        tmp_path, _GPTNEO_COMPLETE="complete_bash", COMP_WORDS="gptneo gen", COMP_CWORD="1"
+    )
     names, done = imported_modules([], env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["generate"]
@@ -286,8 +304,9 @@ def test_unknown_model_exits_1(tmp_path, model):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    done = run_cli("--debug", "generate", "hi", "--model", "./nowhere", "--device", "cpu",
-                   home=tmp_path)
+    done = run_cli(
+        "--debug", "generate", "hi", "--model", "./nowhere", "--device", "cpu", home=tmp_path
+    )
     assert done.returncode == 1
     err = done.stderr.decode()
     assert "Traceback (most recent call last)" in err
@@ -306,7 +325,7 @@ def test_no_arguments_prints_help(tmp_path):
 def test_info_piped_is_plain_and_json_is_complete(tmp_path):
     cfg = tmp_path / "config" / "gptneo" / "config.toml"
     cfg.parent.mkdir(parents=True)
-    cfg.write_text('temperature = 0.5\n')
+    cfg.write_text("temperature = 0.5\n")
     done = run_cli("info", home=tmp_path, env={"GPTNEO_MODEL": "125m", "FORCE_COLOR": "1"})
     assert done.returncode == 0, done.stderr
     assert ANSI_ESCAPE not in done.stdout
@@ -335,7 +354,9 @@ def test_info_piped_is_plain_and_json_is_complete(tmp_path):
 
 def test_module_entry_point_matches_console_script(tmp_path):
     a = run_cli("--version", home=tmp_path)
-    b = subprocess.run([sys.executable, "-m", "gptneo_cli.cli", "--version"], capture_output=True,
-                       env=cli_env(tmp_path))
+    b = subprocess.run(
+        [sys.executable, "-m", "gptneo_cli.cli", "--version"],
+        capture_output=True,
+        env=cli_env(tmp_path),
+    )
     assert a.stdout == b.stdout and a.stdout.startswith(b"gptneo ")
-

@@ -29,9 +29,21 @@ def small_model(tmp_path_factory):
 
 
 def chat_piped(model: str, home, lines: list[str], *args: str):
-    return run_cli("chat", "--model", model, "--device", "cpu", "--seed", "1",
-                   "--user-prefix", USER, *args, home=home, input="\n".join(lines) + "\n",
-                   timeout=180)
+    return run_cli(
+        "chat",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--seed",
+        "1",
+        "--user-prefix",
+        USER,
+        *args,
+        home=home,
+        input="\n".join(lines) + "\n",
+        timeout=180,
+    )
 
 
 # --------------------------------------------------------------------------- the template
@@ -56,9 +68,21 @@ def test_template_renders_turns_and_keeps_system_when_sliding():
 
 
 def test_piped_chat_one_turn_per_line_and_exits_at_eof(model, tmp_path):
-    done = chat_piped(model, tmp_path, [
-        "/set ignore_eos true", "hello", "", "how are you", "/save conv.json",
-    ], "--max-new-tokens", "6", "--system", "You are terse.")
+    done = chat_piped(
+        model,
+        tmp_path,
+        [
+            "/set ignore_eos true",
+            "hello",
+            "",
+            "how are you",
+            "/save conv.json",
+        ],
+        "--max-new-tokens",
+        "6",
+        "--system",
+        "You are terse.",
+    )
     assert done.returncode == 0, done.stderr.decode()
     assert ANSI_ESCAPE not in done.stdout
     saved = json.loads((tmp_path / "conv.json").read_text(encoding="utf-8"))
@@ -72,11 +96,30 @@ def test_piped_chat_one_turn_per_line_and_exits_at_eof(model, tmp_path):
 
 
 def test_piped_slash_commands_edit_the_conversation(model, tmp_path):
-    done = chat_piped(model, tmp_path, [
-        "one", "two", "/save a.json", "/undo", "/save b.json", "/regen", "/save c.json",
-        "/system Speak like a pirate.", "/clear", "/save d.json", "/load a.json",
-        "/save e.json", "/set temperature -1", "/bogus", "/exit", "never sent",
-    ], "--max-new-tokens", "4")
+    done = chat_piped(
+        model,
+        tmp_path,
+        [
+            "one",
+            "two",
+            "/save a.json",
+            "/undo",
+            "/save b.json",
+            "/regen",
+            "/save c.json",
+            "/system Speak like a pirate.",
+            "/clear",
+            "/save d.json",
+            "/load a.json",
+            "/save e.json",
+            "/set temperature -1",
+            "/bogus",
+            "/exit",
+            "never sent",
+        ],
+        "--max-new-tokens",
+        "4",
+    )
     assert done.returncode == 0, done.stderr.decode()
     read = lambda name: json.loads((tmp_path / name).read_text(encoding="utf-8"))  # noqa: E731
     a, b, c, d, e = (read(f"{x}.json") for x in "abcde")
@@ -92,10 +135,24 @@ def test_piped_slash_commands_edit_the_conversation(model, tmp_path):
 
 def test_piped_load_restores_conversation_and_settings(model, tmp_path):
     (tmp_path / "bad.json").write_text('{"turns": [], "settings": {"top_p": 7}}', "utf-8")
-    done = chat_piped(model, tmp_path, [
-        "/set temperature 0.5", "/set top_k 7", "one", "/save a.json", "/set temperature 0.8",
-        "/clear", "/load bad.json", "/save b.json", "/load a.json", "/save c.json",
-    ], "--max-new-tokens", "2")
+    done = chat_piped(
+        model,
+        tmp_path,
+        [
+            "/set temperature 0.5",
+            "/set top_k 7",
+            "one",
+            "/save a.json",
+            "/set temperature 0.8",
+            "/clear",
+            "/load bad.json",
+            "/save b.json",
+            "/load a.json",
+            "/save c.json",
+        ],
+        "--max-new-tokens",
+        "2",
+    )
     assert done.returncode == 0, done.stderr.decode()
     read = lambda name: json.loads((tmp_path / name).read_text(encoding="utf-8"))  # noqa: E731
     a, b, c = read("a.json"), read("b.json"), read("c.json")
@@ -107,8 +164,15 @@ def test_piped_load_restores_conversation_and_settings(model, tmp_path):
 
 def test_context_slides_and_says_so(small_model, tmp_path):
     lines = [f"message number {i} is here" for i in range(6)] + ["/save s.json"]
-    done = chat_piped(small_model, tmp_path, ["/set ignore_eos true", *lines],
-                      "--max-new-tokens", "8", "--system", "SYS")
+    done = chat_piped(
+        small_model,
+        tmp_path,
+        ["/set ignore_eos true", *lines],
+        "--max-new-tokens",
+        "8",
+        "--system",
+        "SYS",
+    )
     assert done.returncode == 0, done.stderr.decode()
     assert "dropped out" in done.stderr.decode()
     saved = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
@@ -119,9 +183,20 @@ def test_piped_message_too_long_is_skipped_and_the_rest_still_run(small_model, t
     """A line that cannot fit the context is one error line; later lines still get replies,
     and the exit code (2) tells that one turn was refused."""
     long = " ".join(["word"] * 200)  # far more than the 64 positions
-    done = chat_piped(small_model, tmp_path, [
-        "/set ignore_eos true", "first", long, "last", "/save s.json", "/show",
-    ], "--max-new-tokens", "4")
+    done = chat_piped(
+        small_model,
+        tmp_path,
+        [
+            "/set ignore_eos true",
+            "first",
+            long,
+            "last",
+            "/save s.json",
+            "/show",
+        ],
+        "--max-new-tokens",
+        "4",
+    )
     assert done.returncode == 2
     err = done.stderr.decode()
     assert [line for line in err.splitlines() if line.startswith("Error:")] == [
@@ -145,10 +220,27 @@ def test_piped_chat_rejects_bad_values_before_loading(tmp_path):
 def spawn(model: str, home, *args: str):
     env = cli_env(home, NO_COLOR="1", TERM="xterm")
     cmd = gptneo_command()
-    child = pexpect.spawn(cmd[0], [*cmd[1:], "chat", "--model", model, "--device", "cpu",
-                                   "--seed", "1", "--user-prefix", USER, *args],
-                          env=env, cwd=str(home), timeout=120, encoding="utf-8",
-                          dimensions=(40, 200))
+    child = pexpect.spawn(
+        cmd[0],
+        [
+            *cmd[1:],
+            "chat",
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--seed",
+            "1",
+            "--user-prefix",
+            USER,
+            *args,
+        ],
+        env=env,
+        cwd=str(home),
+        timeout=120,
+        encoding="utf-8",
+        dimensions=(40, 200),
+    )
     child.logfile_read = sys.stderr if "-s" in sys.argv else None
     child.expect_exact(">>> ")
     return child
@@ -207,9 +299,7 @@ def test_pty_history_persists_across_sessions(model, tmp_path):
     child.sendline("/exit")
     assert finish(child) == 0
     history = tmp_path / "data" / "gptneo" / "chat_history"
-    assert history.read_text(encoding="utf-8").splitlines()[-2:] == [
-        "remember this line", "/exit"
-    ]
+    assert history.read_text(encoding="utf-8").splitlines()[-2:] == ["remember this line", "/exit"]
 
     child = spawn(model, tmp_path, "--max-new-tokens", "3")
     child.send("\x1b[A\x1b[A")  # Up twice: past "/exit" to the message
@@ -292,9 +382,16 @@ def test_every_setting_show_lists_can_be_set(small_model, tmp_path):
     done = chat_piped(small_model, tmp_path, ["/show"], "--max-new-tokens", "2")
     rows = _settings_rows(done.stderr.decode())
     assert {"stop", "system", "user_prefix", "temperature", "seed"} <= set(rows)
-    samples = {"system": "Be brief.", "user_prefix": "Q:", "assistant_prefix": "A:",
-               "stop": "foo", "do_sample": "false", "ignore_eos": "true", "seed": "3",
-               "max_new_tokens": "3"}
+    samples = {
+        "system": "Be brief.",
+        "user_prefix": "Q:",
+        "assistant_prefix": "A:",
+        "stop": "foo",
+        "do_sample": "false",
+        "ignore_eos": "true",
+        "seed": "3",
+        "max_new_tokens": "3",
+    }
     for key, opt in CHAT_OPTIONS.items():
         samples.setdefault(key, str(opt.default))
     lines = [f"/set {key} {samples[key]}" for key in rows] + ["hello", "/save s.json", "/show"]
@@ -314,13 +411,19 @@ def test_piped_replies_are_separated_by_a_blank_line_and_jsonl_has_one_object_pe
 ):
     lines = ["first", "/set temperature 0.7", "second", "third"]
     args = ("--max-new-tokens", "6", "--stop", "\n")  # no reply holds a newline
-    records = [json.loads(line) for line in
-               chat_piped(model, tmp_path, lines, *args, "--format", "jsonl").stdout.splitlines()]
+    records = [
+        json.loads(line)
+        for line in chat_piped(
+            model, tmp_path, lines, *args, "--format", "jsonl"
+        ).stdout.splitlines()
+    ]
     assert [r["user"] for r in records] == ["first", "second", "third"]
-    assert all(set(r) == {"user", "reply", "tokens", "prompt_tokens", "finish_reason"}
-               for r in records)
-    assert all(r["finish_reason"] in ("length", "stop", "eos") and r["tokens"] >= 1
-               for r in records)
+    assert all(
+        set(r) == {"user", "reply", "tokens", "prompt_tokens", "finish_reason"} for r in records
+    )
+    assert all(
+        r["finish_reason"] in ("length", "stop", "eos") and r["tokens"] >= 1 for r in records
+    )
     text = chat_piped(model, tmp_path, lines, *args).stdout.decode()
     expected = "\n\n".join(r["reply"] for r in records) + "\n"
     assert "\n".join(line.rstrip() for line in text.split("\n")) == expected
@@ -330,8 +433,9 @@ def test_context_note_mentions_the_system_text_only_when_there_is_one(small_mode
     lines = ["/set ignore_eos true"] + [f"message number {i} is here" for i in range(6)]
     without = chat_piped(small_model, tmp_path, lines, "--max-new-tokens", "8").stderr.decode()
     assert "dropped out" in without and "system text" not in without
-    with_system = chat_piped(small_model, tmp_path, lines, "--max-new-tokens", "8",
-                             "--system", "SYS").stderr.decode()
+    with_system = chat_piped(
+        small_model, tmp_path, lines, "--max-new-tokens", "8", "--system", "SYS"
+    ).stderr.decode()
     assert "kept with the system text)" in with_system
 
 

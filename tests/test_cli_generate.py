@@ -14,8 +14,19 @@ import pytest
 from helpers_cli import ANSI_ESCAPE, causal_checkpoint, cli_env, gptneo_command, run_cli
 
 RECORD_KEYS = {
-    "model", "revision", "prompt", "text", "token_ids", "finish_reason", "usage", "timings",
-    "seed", "settings", "index", "sequence", "truncated_tokens",
+    "model",
+    "revision",
+    "prompt",
+    "text",
+    "token_ids",
+    "finish_reason",
+    "usage",
+    "timings",
+    "seed",
+    "settings",
+    "index",
+    "sequence",
+    "truncated_tokens",
 }
 
 
@@ -29,8 +40,18 @@ def gen(model, tmp_path):
     """gptneo generate on the tiny model (float32 on CPU, so runs are exactly repeatable)."""
 
     def run(*args: str, **kwargs):
-        return run_cli("generate", "--model", model, "--device", "cpu", "--dtype", "float32",
-                       *args, home=tmp_path, **kwargs)
+        return run_cli(
+            "generate",
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            *args,
+            home=tmp_path,
+            **kwargs,
+        )
 
     return run
 
@@ -54,8 +75,9 @@ def test_piped_output_is_only_the_text_without_escapes(gen):
 
 
 def test_stdin_comes_first_then_a_blank_line_then_the_argument(gen):
-    record = as_json(gen("Summarize it.", "-n", "2", "--format", "json",
-                         input="Some piped text.\n"))
+    record = as_json(
+        gen("Summarize it.", "-n", "2", "--format", "json", input="Some piped text.\n")
+    )
     assert record["prompt"] == "Some piped text.\n\nSummarize it."
     assert as_json(gen("-", "-n", "2", "--format", "json", input="Only stdin\n"))["prompt"] == (
         "Only stdin"
@@ -70,8 +92,18 @@ def test_input_file_results_come_in_input_order(gen, tmp_path):
     (tmp_path / "prompts.txt").write_text(
         f"{prompts[0]}\n\n{prompts[1]}\n{prompts[2]}\n{prompts[3]}\n", encoding="utf-8"
     )
-    done = gen("--input", "prompts.txt", "--greedy", "-n", "6", "--ignore-eos",
-               "--batch-size", "3", "--format", "jsonl")
+    done = gen(
+        "--input",
+        "prompts.txt",
+        "--greedy",
+        "-n",
+        "6",
+        "--ignore-eos",
+        "--batch-size",
+        "3",
+        "--format",
+        "jsonl",
+    )
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in done.stdout.decode().splitlines()]
     assert [r["prompt"] for r in records] == prompts
@@ -85,8 +117,18 @@ def test_input_file_results_come_in_input_order(gen, tmp_path):
         "\n".join(json.dumps({"prompt": p, "id": i}) for i, p in enumerate(prompts)) + "\n",
         encoding="utf-8",
     )
-    done = gen("--input", "prompts.jsonl", "--greedy", "-n", "6", "--ignore-eos",
-               "--output", "out.jsonl", "--format", "jsonl")
+    done = gen(
+        "--input",
+        "prompts.jsonl",
+        "--greedy",
+        "-n",
+        "6",
+        "--ignore-eos",
+        "--output",
+        "out.jsonl",
+        "--format",
+        "jsonl",
+    )
     assert done.returncode == 0 and done.stdout == b""
     lines = (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()
     assert [json.loads(line)["token_ids"] for line in lines] == [r["token_ids"] for r in records]
@@ -96,16 +138,37 @@ def test_text_format_with_several_results_gives_one_line_per_result(gen, tmp_pat
     (tmp_path / "p.txt").write_text("one\ntwo\nthree\n", encoding="utf-8")
     done = gen("--input", "p.txt", "-n", "3", "--seed", "1", "--ignore-eos")
     assert done.returncode == 0, done.stderr
-    texts = [r["text"] for r in map(json.loads, gen(
-        "--input", "p.txt", "-n", "3", "--seed", "1", "--ignore-eos", "--format", "jsonl"
-    ).stdout.decode().splitlines())]
+    texts = [
+        r["text"]
+        for r in map(
+            json.loads,
+            gen("--input", "p.txt", "-n", "3", "--seed", "1", "--ignore-eos", "--format", "jsonl")
+            .stdout.decode()
+            .splitlines(),
+        )
+    ]
     assert done.stdout.decode() == "".join(t + "\n" for t in texts)
 
 
 def test_json_schema(gen, model):
-    record = as_json(gen("Hello world", "--seed", "7", "-n", "5", "--ignore-eos",
-                         "--temperature", "0.7", "--top-k", "20", "--logprobs", "2",
-                         "--format", "json"))
+    record = as_json(
+        gen(
+            "Hello world",
+            "--seed",
+            "7",
+            "-n",
+            "5",
+            "--ignore-eos",
+            "--temperature",
+            "0.7",
+            "--top-k",
+            "20",
+            "--logprobs",
+            "2",
+            "--format",
+            "json",
+        )
+    )
     assert RECORD_KEYS | {"logprobs"} == set(record)
     assert record["model"] == model and record["revision"] is None
     assert record["prompt"] == "Hello world"
@@ -136,8 +199,9 @@ def test_json_schema(gen, model):
 
 
 def test_json_with_several_sequences_is_a_list(gen):
-    records = as_json(gen("Hi", "-n", "3", "--num-return-sequences", "2", "--seed", "1",
-                          "--format", "json"))
+    records = as_json(
+        gen("Hi", "-n", "3", "--num-return-sequences", "2", "--seed", "1", "--format", "json")
+    )
     assert isinstance(records, list) and [r["sequence"] for r in records] == [0, 1]
     assert {r["prompt"] for r in records} == {"Hi"}
 
@@ -157,8 +221,18 @@ def test_settings_precedence_end_to_end(gen, tmp_path):
 
 
 def test_show_config_and_stats_go_to_stderr(gen):
-    done = gen("Hi", "-n", "3", "--seed", "1", "--show-config", "--stats", "--top-p", "0.8",
-               env={"GPTNEO_TOP_K": "9"})
+    done = gen(
+        "Hi",
+        "-n",
+        "3",
+        "--seed",
+        "1",
+        "--show-config",
+        "--stats",
+        "--top-p",
+        "0.8",
+        env={"GPTNEO_TOP_K": "9"},
+    )
     assert done.returncode == 0
     err = done.stderr.decode()
     assert "Effective settings" in err and "top_p: 0.8 (flag)" in err
@@ -189,8 +263,10 @@ def test_usage_errors_that_need_the_model(gen):
     assert len(done.stderr.decode().splitlines()) == 1
     record = as_json(gen(long_prompt, "-n", "2", "--truncate", "left", "--format", "json"))
     assert record["truncated_tokens"] > 0
-    assert "Warning: prompt too long for the model: dropped its oldest" in gen(
-        long_prompt, "-n", "2", "--truncate", "left").stderr.decode()
+    assert (
+        "Warning: prompt too long for the model: dropped its oldest"
+        in gen(long_prompt, "-n", "2", "--truncate", "left").stderr.decode()
+    )
     assert record["usage"]["prompt_tokens"] == 2046
     done = gen("Hi", "--truncate", "middle")
     assert done.returncode == 2 and b"truncate must be 'left' or 'error'" in done.stderr
@@ -209,9 +285,24 @@ def test_broken_pipe_exits_quietly(model, tmp_path):
     """`gptneo generate ... | head -c 10`: no traceback, no message, exit 0. --stats would
     print to stderr at the end, so an empty stderr shows the pipe broke mid-generation."""
     proc = subprocess.Popen(
-        [*gptneo_command(), "generate", "x", "--model", model, "--device", "cpu",
-         "-n", "2000", "--ignore-eos", "--seed", "1", "--stats"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            *gptneo_command(),
+            "generate",
+            "x",
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "-n",
+            "2000",
+            "--ignore-eos",
+            "--seed",
+            "1",
+            "--stats",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         env=cli_env(tmp_path),
     )
     head = os.read(proc.stdout.fileno(), 10)
@@ -223,9 +314,23 @@ def test_broken_pipe_exits_quietly(model, tmp_path):
 
 def test_ctrl_c_keeps_the_text_and_exits_130(model, tmp_path):
     proc = subprocess.Popen(
-        [*gptneo_command(), "generate", "x", "--model", model, "--device", "cpu",
-         "-n", "2000", "--ignore-eos", "--seed", "1"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            *gptneo_command(),
+            "generate",
+            "x",
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "-n",
+            "2000",
+            "--ignore-eos",
+            "--seed",
+            "1",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         env=cli_env(tmp_path),
     )
     first = os.read(proc.stdout.fileno(), 1)  # generation has started
@@ -241,12 +346,26 @@ def run_on_a_terminal(model: str, home, *args: str, stderr_too: bool = True, **e
     """gptneo generate with stdout (and stderr unless stderr_too is False) on a
     pseudo-terminal; everything the terminal got."""
     pexpect = pytest.importorskip("pexpect")
-    command = [*gptneo_command(), "generate", "--model", model, "--device", "cpu",
-               "--dtype", "float32", *args]
+    command = [
+        *gptneo_command(),
+        "generate",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        *args,
+    ]
     line = shlex.join(command) + ("" if stderr_too else " 2>/dev/null")
-    child = pexpect.spawn("/bin/sh", ["-c", line],
-                          env=cli_env(home, TERM="xterm-256color", **env), cwd=str(home),
-                          timeout=120, dimensions=(40, 200))
+    child = pexpect.spawn(
+        "/bin/sh",
+        ["-c", line],
+        env=cli_env(home, TERM="xterm-256color", **env),
+        cwd=str(home),
+        timeout=120,
+        dimensions=(40, 200),
+    )
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0

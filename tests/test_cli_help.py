@@ -36,8 +36,17 @@ PYTHON_LABELS = re.compile(
 
 def test_the_walk_finds_every_command():
     names = {" ".join(path) for path, _ in COMMANDS}
-    assert {"generate", "chat", "classify", "tag", "answer", "info", "bench",
-            "models list", "models rm"} <= names
+    assert {
+        "generate",
+        "chat",
+        "classify",
+        "tag",
+        "answer",
+        "info",
+        "bench",
+        "models list",
+        "models rm",
+    } <= names
 
 
 @pytest.mark.parametrize("path,callback", COMMANDS, ids=[" ".join(p) for p, _ in COMMANDS])
@@ -47,9 +56,12 @@ def test_help_is_plain_and_ends_with_examples(tmp_path, path, callback):
     text = done.stdout.decode()
     assert not PYTHON_LABELS.search(text), PYTHON_LABELS.search(text).group(0)
     # ends with two or three examples, each a described gptneo command line
-    tail = text[text.rindex("Examples"):]
-    commands = [line.strip() for line in tail.splitlines() if line.strip().startswith(
-        ("gptneo ", "echo ", "printf ", "cat "))]
+    tail = text[text.rindex("Examples") :]
+    commands = [
+        line.strip()
+        for line in tail.splitlines()
+        if line.strip().startswith(("gptneo ", "echo ", "printf ", "cat "))
+    ]
     assert 2 <= len(commands) <= 3, tail
     assert all("gptneo " in c for c in commands)
     # every paragraph of the docstring is on one line of a wide terminal

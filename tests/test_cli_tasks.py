@@ -25,8 +25,10 @@ CPU = ("--device", "cpu", "--dtype", "float32")
 def ckpt(tmp_path_factory) -> dict[str, tuple[Path, torch.nn.Module]]:
     """One folder per head, with the transformers model that wrote it (the oracle)."""
     root = tmp_path_factory.mktemp("cli-tasks")
-    return {head: (root / head, make_checkpoint(root / head, head, scale=0.3))
-            for head in ("sequence", "causal", "token", "qa")}
+    return {
+        head: (root / head, make_checkpoint(root / head, head, scale=0.3))
+        for head in ("sequence", "causal", "token", "qa")
+    }
 
 
 @pytest.fixture
@@ -50,13 +52,26 @@ def test_classify_head_files_folder_and_stdin(ckpt, home):
     (home / "docs" / "deep" / "b.txt").write_text("Stocks fell.", encoding="utf-8")
     (home / "docs" / ".git").mkdir()
     (home / "docs" / ".git" / "HEAD").write_text("ref: hidden, skipped", encoding="utf-8")
-    proc = run_cli("classify", "a.txt", "docs", "-", "--recursive", "--model", str(folder),
-                   *CPU, "--format", "jsonl", home=home, input="Héllo café 🙂")
+    proc = run_cli(
+        "classify",
+        "a.txt",
+        "docs",
+        "-",
+        "--recursive",
+        "--model",
+        str(folder),
+        *CPU,
+        "--format",
+        "jsonl",
+        home=home,
+        input="Héllo café 🙂",
+    )
     assert proc.returncode == 0, proc.stderr
     got = records(proc.stdout)
     assert [r["source"] for r in got] == ["a.txt", str(Path("docs/deep/b.txt")), "stdin"]
-    for r, text in zip(got, ["Paris is the capital of France.", "Stocks fell.", "Héllo café 🙂"],
-                       strict=True):
+    for r, text in zip(
+        got, ["Paris is the capital of France.", "Stocks fell.", "Héllo café 🙂"], strict=True
+    ):
         want = oracle_probs(theirs, raw_tokenizer().encode(text).ids).tolist()
         assert list(r["scores"]) == ["negative", "neutral", "positive"]
         assert list(r["scores"].values()) == pytest.approx(want, abs=1e-5)
@@ -71,15 +86,31 @@ def test_classify_bad_items_fail_alone_and_exit_1(ckpt, home):
     (home / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (home / "empty.txt").write_text("  \n", encoding="utf-8")
     (home / "dir").mkdir()
-    proc = run_cli("classify", "blob.bin", "good.txt", "missing.txt", "latin1.txt",
-                   "empty.txt", "dir", "--model", str(folder), *CPU, home=home)
+    proc = run_cli(
+        "classify",
+        "blob.bin",
+        "good.txt",
+        "missing.txt",
+        "latin1.txt",
+        "empty.txt",
+        "dir",
+        "--model",
+        str(folder),
+        *CPU,
+        home=home,
+    )
     assert proc.returncode == 1
     lines = proc.stdout.decode().splitlines()
     assert len(lines) == 1 and lines[0].startswith("good.txt\t")
     errs = errors(proc.stderr)
     assert len(errs) == 5, proc.stderr
-    for name, words in [("blob.bin", "binary"), ("missing.txt", "not found"),
-                        ("latin1.txt", "UTF-8"), ("empty.txt", "empty"), ("dir", "--recursive")]:
+    for name, words in [
+        ("blob.bin", "binary"),
+        ("missing.txt", "not found"),
+        ("latin1.txt", "UTF-8"),
+        ("empty.txt", "empty"),
+        ("dir", "--recursive"),
+    ]:
         assert any(name in e and words in e for e in errs), (name, errs)
     # an empty folder is an error too, never a silent success
     proc = run_cli("classify", "dir", "--recursive", "--model", str(folder), *CPU, home=home)
@@ -91,8 +122,9 @@ def test_classify_bad_items_fail_alone_and_exit_1(ckpt, home):
 def test_classify_plain_output_when_piped(ckpt, home):
     folder, _ = ckpt["sequence"]
     (home / "a.txt").write_text("Stocks fell.", encoding="utf-8")
-    proc = run_cli("classify", "a.txt", "--model", str(folder), *CPU, home=home,
-                   env={"FORCE_COLOR": "1"})
+    proc = run_cli(
+        "classify", "a.txt", "--model", str(folder), *CPU, home=home, env={"FORCE_COLOR": "1"}
+    )
     assert proc.returncode == 0, proc.stderr
     assert ANSI_ESCAPE not in proc.stdout
     source, label, score, probs = proc.stdout.decode().rstrip("\n").split("\t")
@@ -107,10 +139,15 @@ def test_classify_table_on_a_terminal(ckpt, home):
     folder, _ = ckpt["causal"]
     (home / "a.txt").write_text("Stocks fell.", encoding="utf-8")
     cmd = gptneo_command()
-    child = pexpect.spawn(cmd[0], [*cmd[1:], "classify", "a.txt", "--labels", "finance,sport",
-                                   "--model", str(folder), *CPU],
-                          env=cli_env(home, NO_COLOR="1", TERM="xterm"), cwd=str(home),
-                          timeout=120, encoding="utf-8", dimensions=(24, 120))
+    child = pexpect.spawn(
+        cmd[0],
+        [*cmd[1:], "classify", "a.txt", "--labels", "finance,sport", "--model", str(folder), *CPU],
+        env=cli_env(home, NO_COLOR="1", TERM="xterm"),
+        cwd=str(home),
+        timeout=120,
+        encoding="utf-8",
+        dimensions=(24, 120),
+    )
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
@@ -130,9 +167,21 @@ def test_classify_zero_shot_matches_reference(ckpt, home):
     jsonl = "\n".join(json.dumps(x) for x in lines) + "\nnot json\n" + '{"txt": 1}\n'
     (home / "in.jsonl").write_text(jsonl, encoding="utf-8")
     labels = ["finance", "football match", "café 🙂"]
-    proc = run_cli("classify", "--input", "in.jsonl", "--labels", ",".join(labels),
-                   "--template", "Text: {text}\\nAbout:", "--model", str(folder), *CPU,
-                   "--format", "jsonl", home=home)
+    proc = run_cli(
+        "classify",
+        "--input",
+        "in.jsonl",
+        "--labels",
+        ",".join(labels),
+        "--template",
+        "Text: {text}\\nAbout:",
+        "--model",
+        str(folder),
+        *CPU,
+        "--format",
+        "jsonl",
+        home=home,
+    )
     assert proc.returncode == 1  # the two malformed lines
     got = records(proc.stdout)
     assert [r["source"] for r in got] == ["s1", "in.jsonl:2", "in.jsonl:3", "in.jsonl:4"]
@@ -147,12 +196,24 @@ def test_classify_zero_shot_matches_reference(ckpt, home):
 
 def test_classify_zero_shot_default_template_from_stdin(ckpt, home):
     folder, theirs = ckpt["causal"]
-    proc = run_cli("classify", "--labels", "finance, sport", "--no-calibrate", "--model",
-                   str(folder), *CPU, "--format", "json", home=home, input="Stocks fell.")
+    proc = run_cli(
+        "classify",
+        "--labels",
+        "finance, sport",
+        "--no-calibrate",
+        "--model",
+        str(folder),
+        *CPU,
+        "--format",
+        "json",
+        home=home,
+        input="Stocks fell.",
+    )
     assert proc.returncode == 0, proc.stderr
     (got,) = json.loads(proc.stdout)
-    want = reference_zero_shot(theirs, "Stocks fell.", ["finance", "sport"],
-                               tasks.DEFAULT_TEMPLATE, calibrate=False)
+    want = reference_zero_shot(
+        theirs, "Stocks fell.", ["finance", "sport"], tasks.DEFAULT_TEMPLATE, calibrate=False
+    )
     assert got["source"] == "stdin" and got["calibration"] is None
     assert list(got["scores"].values()) == pytest.approx(want, abs=1e-5)
 
@@ -167,8 +228,12 @@ def test_classify_refuses_checkpoint_without_head(ckpt, home):
 
 @pytest.mark.parametrize(
     ("args", "words"),
-    [(("--labels", "a,,b"), "--labels"), (("--labels", "a", "--template", "no slot"), "{text}"),
-     (("--batch-size", "0"), "batch-size"), (("--format", "xml"), "--format")],
+    [
+        (("--labels", "a,,b"), "--labels"),
+        (("--labels", "a", "--template", "no slot"), "{text}"),
+        (("--batch-size", "0"), "batch-size"),
+        (("--format", "xml"), "--format"),
+    ],
 )
 def test_classify_bad_values_exit_2(ckpt, home, args, words):
     folder, _ = ckpt["causal"]
@@ -197,7 +262,8 @@ def test_tag_prints_spans_from_file_and_stdin(ckpt, home):
     assert proc.returncode == 0, proc.stderr
     rows = [line.split("\t") for line in proc.stdout.decode().splitlines()]
     assert [(r[0], int(r[1]), int(r[2]), r[4]) for r in rows] == [
-        (s["label"], s["start"], s["end"], s["text"]) for s in want]
+        (s["label"], s["start"], s["end"], s["text"]) for s in want
+    ]
     assert all(text[int(r[1]) : int(r[2])] == r[4] for r in rows)
 
 
@@ -218,12 +284,26 @@ def test_answer_from_context_file_and_stdin(ckpt, home):
     model, tok = load_ours(folder, "qa")
     want = tasks.answer(model, tok, question, context)
 
-    proc = run_cli("answer", question, "--context", "ctx.txt", "--model", str(folder), *CPU,
-                   "--format", "json", home=home)
+    proc = run_cli(
+        "answer",
+        question,
+        "--context",
+        "ctx.txt",
+        "--model",
+        str(folder),
+        *CPU,
+        "--format",
+        "json",
+        home=home,
+    )
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)
     assert (got["question"], got["answer"], got["start"], got["end"]) == (
-        question, want.text, want.start, want.end)
+        question,
+        want.text,
+        want.start,
+        want.end,
+    )
     assert got["score"] == pytest.approx(want.score, rel=1e-4)
     assert context[got["start"] : got["end"]] == got["answer"]
 
@@ -239,18 +319,38 @@ def test_answer_long_context_uses_windows(ckpt, home):
     model, tok = load_ours(folder, "qa")
     want = tasks.answer(model, tok, "Who?", context, stride=8)
     assert want.windows > 2  # the context is several times the 64 positions
-    proc = run_cli("answer", "Who?", "-c", "-", "--stride", "8", "--model", str(folder), *CPU,
-                   "--format", "jsonl", home=home, input=context)
+    proc = run_cli(
+        "answer",
+        "Who?",
+        "-c",
+        "-",
+        "--stride",
+        "8",
+        "--model",
+        str(folder),
+        *CPU,
+        "--format",
+        "jsonl",
+        home=home,
+        input=context,
+    )
     assert proc.returncode == 0, proc.stderr
     (got,) = records(proc.stdout)
     assert (got["answer"], got["start"], got["window"], got["windows"]) == (
-        want.text, want.start, want.window, want.windows)
+        want.text,
+        want.start,
+        want.window,
+        want.windows,
+    )
 
 
 @pytest.mark.parametrize(
     ("args", "code", "words"),
-    [(("  ", "-c", "ctx.txt"), 2, "question"), (("Why?", "-c", "nope.txt"), 2, "not found"),
-     (("Why?", "-c", "ctx.txt", "--max-answer-tokens", "0"), 2, "max-answer-tokens")],
+    [
+        (("  ", "-c", "ctx.txt"), 2, "question"),
+        (("Why?", "-c", "nope.txt"), 2, "not found"),
+        (("Why?", "-c", "ctx.txt", "--max-answer-tokens", "0"), 2, "max-answer-tokens"),
+    ],
 )
 def test_answer_errors(ckpt, home, args, code, words):
     folder, _ = ckpt["qa"]

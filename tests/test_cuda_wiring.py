@@ -58,8 +58,9 @@ def test_cuda_sdpa_runs_without_cudnn(monkeypatch):
     assert torch.allclose(got, want, atol=1e-6)
 
 
-@pytest.mark.parametrize(("batch", "t", "window", "padded"),
-                         [(1, 40, 7, False), (3, 33, 5, True), (2, 20, 30, True)])
+@pytest.mark.parametrize(
+    ("batch", "t", "window", "padded"), [(1, 40, 7, False), (3, 33, 5, True), (2, 20, 30, True)]
+)
 def test_flex_window_prefill_attends_like_sdpa(batch, t, window, padded):
     pytest.importorskip("torch.nn.attention.flex_attention")
     q, k, v = _qkv(batch, t, seed=batch)
@@ -77,8 +78,9 @@ def test_flex_window_prefill_attends_like_sdpa(batch, t, window, padded):
 def test_flex_is_used_for_long_local_prefills_only(monkeypatch):
     calls = []
     monkeypatch.setattr(attention, "FLEX_FROM", 16)
-    monkeypatch.setattr(attention, "flex_window_prefill",
-                        lambda q, k, v, plan: calls.append(plan.window) or q)
+    monkeypatch.setattr(
+        attention, "flex_window_prefill", lambda q, k, v, plan: calls.append(plan.window) or q
+    )
     q, k, v = _qkv(1, 20)
     attention._sdpa_cuda(q, k, v, build_plan("local", 0, 20, 5, None))
     attention._sdpa_cuda(q, k, v, build_plan("global", 0, 20, 5, None))

@@ -43,8 +43,9 @@ def model() -> GPTNeoForCausalLM:
 
 @pytest.fixture(scope="module")
 def build_script():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("build_demo_model",
-                                                  REPO / "scripts" / "build_demo_model.py")
+    spec = importlib.util.spec_from_file_location(
+        "build_demo_model", REPO / "scripts" / "build_demo_model.py"
+    )
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     spec.loader.exec_module(module)
@@ -104,7 +105,7 @@ def test_file_list(meta: dict, build_script: object) -> None:
     assert files == sorted(files) and len(files) == data["files"]
     digest = hashlib.sha256("\n".join(files).encode("utf-8")).hexdigest()
     assert digest == data["file_list_sha256"]
-    assert data["val_files"] == files[::build_script.VAL_EVERY]
+    assert data["val_files"] == files[:: build_script.VAL_EVERY]
     assert data["train_files"] == len(files) - len(data["val_files"])
     if meta["python"] == platform.python_version():
         assert build_script.stdlib_files()[1] == files
@@ -117,12 +118,14 @@ def test_held_out_loss_reproduces(meta: dict, model: GPTNeoForCausalLM) -> None:
     for name, digest in subset["files"].items():
         path = root / name
         if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
-            pytest.skip(f"this Python's standard library differs from the build's "
-                        f"({meta['python']}): {name}")
+            pytest.skip(
+                f"this Python's standard library differs from the build's "
+                f"({meta['python']}): {name}"
+            )
     tok = Tokenizer.from_folder(TINY)
     docs = read_documents([root / name for name in subset["files"]])
     blocks = pack_blocks(token_stream(docs, tok), subset["block_size"], keep_tail=True)
-    blocks = [torch.tensor(b) for b in blocks[:subset["blocks"]]]
+    blocks = [torch.tensor(b) for b in blocks[: subset["blocks"]]]
     assert len(blocks) == subset["blocks"]
     loss = evaluate_lm(model, blocks, batch_size=len(blocks))
     assert loss == pytest.approx(subset["loss"], abs=2e-3)
@@ -140,11 +143,12 @@ def test_generates_code(model: GPTNeoForCausalLM) -> None:
     from gptneo_cli.generation import GenerationConfig, generate
 
     tok = load_tokenizer("tiny")  # the bundled name, resolved by the loader
-    [result] = generate(model, tok, "def hello_world():",
-                        GenerationConfig(do_sample=False, max_new_tokens=40))
+    [result] = generate(
+        model, tok, "def hello_world():", GenerationConfig(do_sample=False, max_new_tokens=40)
+    )
     text = result.text
     assert text.startswith("\n"), text  # the body goes on the next line...
-    assert "\n    " in text, text       # ...indented
+    assert "\n    " in text, text  # ...indented
     assert any(word in text for word in ("return", "print", "self", "if ", "=")), text
 
 
@@ -161,8 +165,16 @@ def test_loads_in_transformers_with_equal_logits(model: GPTNeoForCausalLM) -> No
 
 def test_quickstart_command_offline(tmp_path: Path) -> None:
     """The README's first command, with the Hub unreachable."""
-    proc = run_cli("generate", "def hello_world():", "--model", "tiny", "--max-new-tokens", "60",
-                   home=tmp_path, env={"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    proc = run_cli(
+        "generate",
+        "def hello_world():",
+        "--model",
+        "tiny",
+        "--max-new-tokens",
+        "60",
+        home=tmp_path,
+        env={"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"},
+    )
     assert proc.returncode == 0, proc.stderr.decode()
     out = proc.stdout.decode()
     assert len(out.strip()) > 20 and "\n" in out.strip()
@@ -171,8 +183,11 @@ def test_quickstart_command_offline(tmp_path: Path) -> None:
 
 # Code prefixes whose next word any model trained on Python knows; a random model does not.
 ZERO_SHOT_CASES = [
-    ("self", "class Point:\n    def __init__(self, x):\n        self.x = x\n\n"
-             "    def get_x(self):\n        return"),
+    (
+        "self",
+        "class Point:\n    def __init__(self, x):\n        self.x = x\n\n"
+        "    def get_x(self):\n        return",
+    ),
     ("self", "    def close(self):\n        self.file.close()\n        del"),
     ("self", "    def __repr__(self):\n        return '<%s>' % (self.name,)\n\n    def __len__("),
     ("None", "def run(callback=None):\n    if callback is"),
@@ -185,9 +200,22 @@ def test_zero_shot_classify_sanity(tmp_path: Path) -> None:
     """`classify --labels` on the demo model, calibrated (the default): the obvious label wins."""
     rows = [json.dumps({"id": str(i), "text": text}) for i, (_, text) in enumerate(ZERO_SHOT_CASES)]
     (tmp_path / "cases.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    proc = run_cli("classify", "--input", "cases.jsonl", "--model", "tiny", "--dtype", "float32",
-                   "--labels", "self,None,import", "--template", "{text}", "--format", "jsonl",
-                   home=tmp_path)
+    proc = run_cli(
+        "classify",
+        "--input",
+        "cases.jsonl",
+        "--model",
+        "tiny",
+        "--dtype",
+        "float32",
+        "--labels",
+        "self,None,import",
+        "--template",
+        "{text}",
+        "--format",
+        "jsonl",
+        home=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr.decode()
     got = [json.loads(line) for line in proc.stdout.decode().splitlines()]
     assert [r["label"] for r in got] == [want for want, _ in ZERO_SHOT_CASES]
@@ -203,12 +231,32 @@ def test_chat_with_the_demo_model(tmp_path: Path) -> None:
     the token limit; its 256 positions make the conversation slide; it exits at EOF.
     """
     limit = 80
-    messages = ["Close the connection.", "Return the list of names.", "Read the file.",
-                "Check the value."]
-    proc = run_cli("chat", "--model", "tiny", "--dtype", "float32", "--seed", "1",
-                   "--temperature", "0.6", "-n", str(limit), "--user-prefix", "#",
-                   "--assistant-prefix", "def", home=tmp_path,
-                   input="\n".join([*messages, "/save chat.json"]) + "\n", timeout=300)
+    messages = [
+        "Close the connection.",
+        "Return the list of names.",
+        "Read the file.",
+        "Check the value.",
+    ]
+    proc = run_cli(
+        "chat",
+        "--model",
+        "tiny",
+        "--dtype",
+        "float32",
+        "--seed",
+        "1",
+        "--temperature",
+        "0.6",
+        "-n",
+        str(limit),
+        "--user-prefix",
+        "#",
+        "--assistant-prefix",
+        "def",
+        home=tmp_path,
+        input="\n".join([*messages, "/save chat.json"]) + "\n",
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr.decode()
     assert b"\x1b" not in proc.stdout
     turns = json.loads((tmp_path / "chat.json").read_text(encoding="utf-8"))["turns"]

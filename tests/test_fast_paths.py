@@ -29,8 +29,13 @@ TINY_DEMO = Path(gptneo_cli.__file__).resolve().parent / "data" / "tiny"
 #: Widths that are multiples of 16 reach torch._weight_int8pack_mm; the oracle's odd widths
 #: reach the dequantizing fallback.
 INT8_SHAPE = dict(
-    vocab_size=203, hidden_size=64, num_layers=2, num_heads=4,
-    attention_types=[[["global", "local"], 1]], window_size=6, max_position_embeddings=64,
+    vocab_size=203,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    attention_types=[[["global", "local"], 1]],
+    window_size=6,
+    max_position_embeddings=64,
 )
 
 
@@ -53,8 +58,7 @@ def padded_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("layout", ["onednn", "columns"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("config", sorted(TINY_CONFIGS))
-def test_float32_fast_path_matches_transformers(tiny_checkpoint, config, attn, layout,
-                                                monkeypatch):
+def test_float32_fast_path_matches_transformers(tiny_checkpoint, config, attn, layout, monkeypatch):
     """Both CPU float32 layouts: oneDNN (packed layers, the plain tied head read in place),
     and the transposed-column fallback for builds where oneDNN packing does not work."""
     if layout == "onednn" and not fast._mkldnn_packing_works(torch.float32):
@@ -107,8 +111,14 @@ def test_optimize_for_inference_consumes_the_reference(tiny_checkpoint):
 
 def test_cached_decoding_across_the_window_equals_the_full_forward(tmp_path):
     ref = build_reference(
-        "causal_lm", vocab_size=67, hidden_size=16, num_layers=2, num_heads=2,
-        attention_types=[[["global", "local"], 1]], window_size=8, max_position_embeddings=128,
+        "causal_lm",
+        vocab_size=67,
+        hidden_size=16,
+        num_layers=2,
+        num_heads=2,
+        attention_types=[[["global", "local"], 1]],
+        window_size=8,
+        max_position_embeddings=128,
     )
     folder = save_reference(ref, tmp_path / "m")
     model = FastCausalLM.from_pretrained(folder)
@@ -227,8 +237,9 @@ def test_auto_dtype_keeps_float32_around_int8_weights(tmp_path, monkeypatch):
     assert device.resolve_dtype("auto", cpu, "none") == torch.bfloat16
     assert device.resolve_dtype("bfloat16", cpu, "int8") == torch.bfloat16  # asked for
     folder = save_reference(build_reference("causal_lm", **INT8_SHAPE), tmp_path / "m")
-    assert FastCausalLM.from_pretrained(folder, dtype="auto", quantize="int8").dtype == \
-        torch.float32
+    assert (
+        FastCausalLM.from_pretrained(folder, dtype="auto", quantize="int8").dtype == torch.float32
+    )
 
 
 def test_int8_memory_is_under_a_third_of_float32(tmp_path):
@@ -264,8 +275,9 @@ def test_int8_top1_agreement_on_the_demo_model(quantize, floor):
     from gptneo_cli.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(TINY_DEMO)
-    text = "\n\n".join(p.read_text(encoding="utf-8")
-                       for p in sorted(TINY_DEMO.parents[1].glob("*.py")))
+    text = "\n\n".join(
+        p.read_text(encoding="utf-8") for p in sorted(TINY_DEMO.parents[1].glob("*.py"))
+    )
     ids = tokenizer.encode(text)[:2048]
     reference = GPTNeoForCausalLM.from_pretrained(TINY_DEMO)
     model = FastCausalLM.from_pretrained(TINY_DEMO, quantize=quantize)
@@ -286,8 +298,14 @@ def test_int8_top1_agreement_on_the_demo_model(quantize, floor):
 def test_compiled_decode_step_equals_eager(tmp_path):
     """Tiny on purpose: compiling takes ~20 s on two cores."""
     ref = build_reference(
-        "causal_lm", vocab_size=64, hidden_size=32, num_layers=2, num_heads=2,
-        attention_types=[[["global", "local"], 1]], window_size=4, max_position_embeddings=300,
+        "causal_lm",
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        attention_types=[[["global", "local"], 1]],
+        window_size=4,
+        max_position_embeddings=300,
     )
     folder = save_reference(ref, tmp_path / "m")
     eager = FastCausalLM.from_pretrained(folder)

@@ -43,19 +43,51 @@ def make_stand_in():
     calls: list[dict] = []
     module = types.ModuleType("flash_attn")
 
-    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
-                        window_size=(-1, -1)):
-        calls.append(dict(api="func", shape=tuple(q.shape), scale=softmax_scale, causal=causal,
-                          window=tuple(window_size), dropout=dropout_p))
-        return torch.stack([_reference(q[b], k[b], v[b], softmax_scale, causal, window_size)
-                            for b in range(q.shape[0])])
+    def flash_attn_func(
+        q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1)
+    ):
+        calls.append(
+            dict(
+                api="func",
+                shape=tuple(q.shape),
+                scale=softmax_scale,
+                causal=causal,
+                window=tuple(window_size),
+                dropout=dropout_p,
+            )
+        )
+        return torch.stack(
+            [
+                _reference(q[b], k[b], v[b], softmax_scale, causal, window_size)
+                for b in range(q.shape[0])
+            ]
+        )
 
-    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                               dropout_p=0.0, softmax_scale=None, causal=False,
-                               window_size=(-1, -1)):
-        calls.append(dict(api="varlen", shape=tuple(q.shape), scale=softmax_scale, causal=causal,
-                          window=tuple(window_size), cu=cu_seqlens_q.tolist(),
-                          max_len=max_seqlen_q, dropout=dropout_p))
+    def flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        dropout_p=0.0,
+        softmax_scale=None,
+        causal=False,
+        window_size=(-1, -1),
+    ):
+        calls.append(
+            dict(
+                api="varlen",
+                shape=tuple(q.shape),
+                scale=softmax_scale,
+                causal=causal,
+                window=tuple(window_size),
+                cu=cu_seqlens_q.tolist(),
+                max_len=max_seqlen_q,
+                dropout=dropout_p,
+            )
+        )
         assert torch.equal(cu_seqlens_q, cu_seqlens_k) and cu_seqlens_q.dtype == torch.int32
         pieces = []
         bounds = cu_seqlens_q.tolist()
@@ -124,8 +156,9 @@ def test_flash_prefill_arguments_and_numerics(stand_in, tiny_checkpoint, monkeyp
         assert call["scale"] == 1.0 and call["causal"] is True and call["dropout"] == 0.0
 
 
-def test_flash_padded_batch_uses_varlen_and_matches_rows_alone(stand_in, tiny_checkpoint,
-                                                                monkeypatch):
+def test_flash_padded_batch_uses_varlen_and_matches_rows_alone(
+    stand_in, tiny_checkpoint, monkeypatch
+):
     folder, ref = tiny_checkpoint("causal_lm", "local_first")  # window 5, local first
     model = load(folder, "sdpa")
     force_flash(monkeypatch)
@@ -133,13 +166,13 @@ def test_flash_padded_batch_uses_varlen_and_matches_rows_alone(stand_in, tiny_ch
     ids = torch.zeros(3, 12, dtype=torch.long)
     mask = torch.zeros(3, 12, dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, 12 - len(r):] = r
-        mask[i, 12 - len(r):] = 1
+        ids[i, 12 - len(r) :] = r
+        mask[i, 12 - len(r) :] = 1
     with torch.no_grad():
         got = model(ids, attention_mask=mask).logits
         for i, r in enumerate(rows):
             want = ref(r[None]).logits[0]
-            assert (got[i, -len(r):] - want).abs().max().item() < TOL
+            assert (got[i, -len(r) :] - want).abs().max().item() < TOL
     assert {c["api"] for c in stand_in} == {"varlen"}
     assert stand_in[0]["cu"] == [0, 12, 16, 25] and stand_in[0]["max_len"] == 12
     assert [c["window"] for c in stand_in] == [(4, 0), (-1, -1), (4, 0)]

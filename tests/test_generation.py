@@ -564,7 +564,7 @@ def test_sampling_rules_change_the_output(small_window) -> None:
             banned = [b for a, b in zip(ids, ids[1:], strict=False) if a == ids[-1]]
             logits[banned] = float("-inf")
             ids.append(int(logits.argmax()))
-    assert no_repeat.token_ids == ids[len(prompt):]
+    assert no_repeat.token_ids == ids[len(prompt) :]
     [top1] = generate(model, tok, prompt, base.replace(do_sample=True, top_k=1, seed=7))
     assert top1.token_ids == plain.token_ids  # top_k=1 sampling is greedy
 

@@ -36,8 +36,16 @@ def _shard_to(folder, name):
 # ---- what a checkpoint may reference ---------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["../outside.safetensors", "sub/../../outside.safetensors",
-                                  "ABSOLUTE", "..\\outside.safetensors", "C:\\x.safetensors"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../outside.safetensors",
+        "sub/../../outside.safetensors",
+        "ABSOLUTE",
+        "..\\outside.safetensors",
+        "C:\\x.safetensors",
+    ],
+)
 @pytest.mark.parametrize("load", LOADERS, ids=["reference", "fast"])
 def test_a_shard_outside_the_folder_is_refused_before_it_is_opened(
     tiny_checkpoint, tmp_path, monkeypatch, name, load
@@ -79,13 +87,16 @@ def test_a_hub_cache_snapshot_with_blob_symlinks_loads(tiny_checkpoint, tmp_path
     tensors = load_file(str(folder / "model.safetensors"))
     names = sorted(tensors)
     half = len(names) // 2
-    for shard, part in (("model-1.safetensors", names[:half]),
-                        ("model-2.safetensors", names[half:])):
+    for shard, part in (
+        ("model-1.safetensors", names[:half]),
+        ("model-2.safetensors", names[half:]),
+    ):
         blob = repo / "blobs" / f"blob-{shard}"
         save_file({k: tensors[k] for k in part}, str(blob))
         os.symlink(os.path.join("..", "..", "blobs", blob.name), snapshot / shard)
-    weight_map = {k: "model-1.safetensors" if k in names[:half] else "model-2.safetensors"
-                  for k in names}
+    weight_map = {
+        k: "model-1.safetensors" if k in names[:half] else "model-2.safetensors" for k in names
+    }
     (repo / "blobs" / "index").write_text(json.dumps({"weight_map": weight_map}))
     os.symlink("../../blobs/index", snapshot / "model.safetensors.index.json")
     shutil.copy(folder / "config.json", repo / "blobs" / "config")
@@ -105,10 +116,18 @@ def test_the_hub_never_fetches_a_shard_named_outside_the_repo(tmp_path):
     assert not weights_present(tmp_path)
 
 
-@pytest.mark.parametrize("name, ok", [("model-00001-of-00002.safetensors", True),
-                                      ("sub/shard.safetensors", True), ("", False),
-                                      ("/etc/passwd", False), ("a/../../b", False),
-                                      ("x\x00y", False), (3, False)])
+@pytest.mark.parametrize(
+    "name, ok",
+    [
+        ("model-00001-of-00002.safetensors", True),
+        ("sub/shard.safetensors", True),
+        ("", False),
+        ("/etc/passwd", False),
+        ("a/../../b", False),
+        ("x\x00y", False),
+        (3, False),
+    ],
+)
 def test_shard_names_are_checked_as_text(name, ok):
     assert (name_problem(name) is None) == ok
 
@@ -140,8 +159,11 @@ def test_an_integer_dtype_in_the_header_is_refused(tiny_checkpoint, load):
     raw = json.dumps(header, separators=(",", ":")).encode().ljust(length)
     assert len(raw) == length
     path.write_bytes(data[:8] + raw + data[8 + length :])
-    with pytest.raises(WeightsError, match=r"integer data for floating-point parameters in 1 "
-                                           r"tensor\(s\): transformer.ln_f.weight int32"):
+    with pytest.raises(
+        WeightsError,
+        match=r"integer data for floating-point parameters in 1 "
+        r"tensor\(s\): transformer.ln_f.weight int32",
+    ):
         load(folder)
 
 
@@ -175,8 +197,9 @@ def test_a_bin_that_is_not_a_checkpoint_is_one_plain_line(tiny_checkpoint, capfd
 
 
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
-def test_a_refused_pickle_says_what_and_why_without_advice_to_bypass(tiny_checkpoint, capfd,
-                                                                     zip_format):
+def test_a_refused_pickle_says_what_and_why_without_advice_to_bypass(
+    tiny_checkpoint, capfd, zip_format
+):
     folder, _ = tiny_checkpoint("causal_lm", "one_layer", fmt="bin")
     path = folder / "pytorch_model.bin"
     state = torch.load(path, weights_only=True)
@@ -193,8 +216,13 @@ def test_a_refused_pickle_says_what_and_why_without_advice_to_bypass(tiny_checkp
 # ---- config.json --------------------------------------------------------------------------
 
 
-BASE = {"model_type": "gpt_neo", "hidden_size": 32, "num_heads": 4, "num_layers": 2,
-        "attention_types": [[["global", "local"], 1]]}
+BASE = {
+    "model_type": "gpt_neo",
+    "hidden_size": 32,
+    "num_heads": 4,
+    "num_layers": 2,
+    "attention_types": [[["global", "local"], 1]],
+}
 
 
 @pytest.mark.parametrize(
@@ -222,8 +250,9 @@ def test_bad_config_values_are_refused_when_read(change, message):
 
 
 def test_deeply_nested_config_json_is_one_line(tmp_path):
-    (tmp_path / "config.json").write_text('{"model_type": "gpt_neo", "x": ' + "[" * 100000
-                                          + "]" * 100000 + "}")
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "gpt_neo", "x": ' + "[" * 100000 + "]" * 100000 + "}"
+    )
     with pytest.raises(ConfigError, match="nested too deeply"):
         GPTNeoConfig.from_json_file(tmp_path)
 
@@ -241,13 +270,18 @@ def test_a_negative_epsilon_in_a_checkpoint_is_refused_on_load(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("load", LOADERS, ids=["reference", "fast"])
-@pytest.mark.parametrize("change, message", [
-    ({"num_layers": 1_000_000, "attention_types": [[["global"], 1_000_000]]},
-     "num_layers is 1000000 but the weights hold 1 layers"),
-    ({"vocab_size": 10_000_000}, r"vocab_size x hidden_size is \[10000000, 24\]"),
-    ({"max_position_embeddings": 999}, "max_position_embeddings"),
-    ({"intermediate_size": 7}, "intermediate_size"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"num_layers": 1_000_000, "attention_types": [[["global"], 1_000_000]]},
+            "num_layers is 1000000 but the weights hold 1 layers",
+        ),
+        ({"vocab_size": 10_000_000}, r"vocab_size x hidden_size is \[10000000, 24\]"),
+        ({"max_position_embeddings": 999}, "max_position_embeddings"),
+        ({"intermediate_size": 7}, "intermediate_size"),
+    ],
+)
 def test_a_config_the_weights_contradict_is_refused_before_building(
     tiny_checkpoint, monkeypatch, load, change, message
 ):
@@ -266,12 +300,16 @@ def test_a_config_the_weights_contradict_is_refused_before_building(
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-def test_weights_larger_than_the_memory_are_refused_before_building(tiny_checkpoint,
-                                                                    monkeypatch, fmt):
+def test_weights_larger_than_the_memory_are_refused_before_building(
+    tiny_checkpoint, monkeypatch, fmt
+):
     folder, _ = tiny_checkpoint("causal_lm", "one_layer", fmt=fmt)
     monkeypatch.setattr(preflight, "device_memory", lambda device: 1000)
-    with pytest.raises(preflight.OutOfMemoryError, match=r"out of memory: this model's weights "
-                                                          r"alone need 0\.0 GB"):
+    with pytest.raises(
+        preflight.OutOfMemoryError,
+        match=r"out of memory: this model's weights "
+        r"alone need 0\.0 GB",
+    ):
         LM.from_pretrained(folder)
 
 

@@ -27,8 +27,9 @@ def one_line(done: subprocess.CompletedProcess[bytes], code: int) -> str:
 def sh(command: str, home, **env: str) -> subprocess.CompletedProcess[bytes]:
     """Run a bash line (redirections such as `>&-`, `<(...)`) with gptneo as "$G"."""
     line = f"G={shlex.join(gptneo_command())}; {command}"
-    return subprocess.run(["bash", "-c", line], capture_output=True, timeout=120,
-                          env=cli_env(home, **env), cwd=home)
+    return subprocess.run(
+        ["bash", "-c", line], capture_output=True, timeout=120, env=cli_env(home, **env), cwd=home
+    )
 
 
 # ---- stdin it does not need ---------------------------------------------------------------
@@ -36,9 +37,14 @@ def sh(command: str, home, **env: str) -> subprocess.CompletedProcess[bytes]:
 
 def test_an_idle_stdin_pipe_does_not_hold_a_prompt_argument(tmp_path):
     """`sleep 1000 | gptneo generate "prompt"`: the pipe never sends and never closes."""
-    proc = subprocess.Popen([*gptneo_command(), *GEN, "Once upon a time"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=cli_env(tmp_path), cwd=tmp_path)
+    proc = subprocess.Popen(
+        [*gptneo_command(), *GEN, "Once upon a time"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(tmp_path),
+        cwd=tmp_path,
+    )
     try:
         out, err = proc.communicate(timeout=120)  # a guard, not a measurement
     finally:
@@ -50,15 +56,19 @@ def test_an_idle_stdin_pipe_does_not_hold_a_prompt_argument(tmp_path):
 
 
 def test_piped_text_is_still_put_before_the_argument(tmp_path):
-    both = run_cli(*GEN, "--format", "json", "and then", input="Once upon a time",
-                   home=tmp_path)
+    both = run_cli(*GEN, "--format", "json", "and then", input="Once upon a time", home=tmp_path)
     assert json.loads(both.stdout)["prompt"] == "Once upon a time\n\nand then"
 
 
 def test_show_config_does_not_wait_for_an_idle_pipe(tmp_path):
-    proc = subprocess.Popen([*gptneo_command(), "generate", "--show-config"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=cli_env(tmp_path), cwd=tmp_path)
+    proc = subprocess.Popen(
+        [*gptneo_command(), "generate", "--show-config"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(tmp_path),
+        cwd=tmp_path,
+    )
     try:
         _, err = proc.communicate(timeout=120)
     finally:
@@ -78,9 +88,10 @@ def test_file_on_a_fifo_nobody_writes_to_does_not_block(tmp_path):
 
 
 def test_file_from_process_substitution_still_works(tmp_path):
-    for line in ('$G generate --model tiny -n 2 --format json --file <(echo "Once upon")',
-                 'echo "Once upon" | $G generate --model tiny -n 2 --format json --file '
-                 '/dev/stdin'):
+    for line in (
+        '$G generate --model tiny -n 2 --format json --file <(echo "Once upon")',
+        'echo "Once upon" | $G generate --model tiny -n 2 --format json --file /dev/stdin',
+    ):
         done = sh(line, tmp_path)
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["prompt"] == "Once upon"
@@ -136,8 +147,13 @@ def test_closed_stdin_with_a_prompt_argument_generates(tmp_path):
 
 def test_help_into_a_closed_pipe_exits_0(tmp_path):
     for args in (["generate", "--help"], ["--help"], ["models", "list", "--help"]):
-        proc = subprocess.Popen([*gptneo_command(), *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=cli_env(tmp_path), cwd=tmp_path)
+        proc = subprocess.Popen(
+            [*gptneo_command(), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=cli_env(tmp_path),
+            cwd=tmp_path,
+        )
         proc.stdout.readline()  # `| head -1`
         proc.stdout.close()
         err = proc.stderr.read()
@@ -149,22 +165,30 @@ def _argv_bytes(*args: bytes) -> list[bytes]:
     return [os.fsencode(a) for a in gptneo_command()] + list(args)
 
 
-@pytest.mark.parametrize("args, named", [
-    ([b"generate", b"--model", b"tiny", b"caf\xe9 \xff"], "PROMPT"),
-    ([b"generate", b"--model", b"tiny", b"--stop", b"\xff", b"Hello"], "--stop"),
-    ([b"classify", b"--model", b"tiny", b"--labels", b"pos\xff,neg", b"-"], "--labels"),
-    ([b"chat", b"--model", b"tiny", b"--system", b"\xfe"], "--system"),
-])
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        ([b"generate", b"--model", b"tiny", b"caf\xe9 \xff"], "PROMPT"),
+        ([b"generate", b"--model", b"tiny", b"--stop", b"\xff", b"Hello"], "--stop"),
+        ([b"classify", b"--model", b"tiny", b"--labels", b"pos\xff,neg", b"-"], "--labels"),
+        ([b"chat", b"--model", b"tiny", b"--system", b"\xfe"], "--system"),
+    ],
+)
 def test_undecodable_argument_bytes_are_one_line(tmp_path, args, named):
-    done = subprocess.run(_argv_bytes(*args), input=b"great\n", capture_output=True,
-                          env=cli_env(tmp_path), cwd=tmp_path, timeout=120)
+    done = subprocess.run(
+        _argv_bytes(*args),
+        input=b"great\n",
+        capture_output=True,
+        env=cli_env(tmp_path),
+        cwd=tmp_path,
+        timeout=120,
+    )
     line = one_line(done, 2)
     assert f"{named} is not valid UTF-8 text" in line
 
 
 def test_an_undecodable_chat_line_is_refused_and_the_next_is_answered(tmp_path):
-    done = run_cli("chat", *TINY, "-n", "3", "--greedy", input=b"caf\xe9\nHello\n",
-                   home=tmp_path)
+    done = run_cli("chat", *TINY, "-n", "3", "--greedy", input=b"caf\xe9\nHello\n", home=tmp_path)
     assert done.returncode == 2
     assert done.stderr.decode() == "Error: stdin line 1 is not valid UTF-8 text; skipped\n"
     assert done.stdout.count(b"\n") == 1
@@ -178,9 +202,14 @@ EVIL = "\x1b]0;pwned\x07\x1b[2J\x9b31m"
 def on_a_terminal(home, command: str, **env: str) -> bytes:
     pexpect = pytest.importorskip("pexpect")
     line = f"G={shlex.join(gptneo_command())}; {command}"
-    child = pexpect.spawn("/bin/sh", ["-c", line], env=cli_env(home, TERM="xterm-256color",
-                                                                **env),
-                          cwd=str(home), timeout=120, dimensions=(40, 200))
+    child = pexpect.spawn(
+        "/bin/sh",
+        ["-c", line],
+        env=cli_env(home, TERM="xterm-256color", **env),
+        cwd=str(home),
+        timeout=120,
+        dimensions=(40, 200),
+    )
     child.expect(pexpect.EOF)
     child.close()
     return child.before
@@ -196,8 +225,9 @@ def _no_raw_data_escapes(shown: bytes) -> None:
 @pytest.mark.parametrize("no_color", ["1", ""])
 def test_a_prompt_file_echoed_on_a_terminal_is_inert(tmp_path, no_color):
     (tmp_path / "p.txt").write_text(f"Once {EVIL} upon", encoding="utf-8")
-    shown = on_a_terminal(tmp_path, "$G generate --model tiny -n 3 --greedy --file p.txt",
-                          NO_COLOR=no_color)
+    shown = on_a_terminal(
+        tmp_path, "$G generate --model tiny -n 3 --greedy --file p.txt", NO_COLOR=no_color
+    )
     _no_raw_data_escapes(shown)
 
 
@@ -237,8 +267,14 @@ main()
 
 
 def full_disk(home, *args: str, input: bytes | None = None):
-    return subprocess.run([sys.executable, "-c", _FULL_DISK, *args], input=input,
-                          capture_output=True, env=cli_env(home), cwd=home, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, *args],
+        input=input,
+        capture_output=True,
+        env=cli_env(home),
+        cwd=home,
+        timeout=120,
+    )
 
 
 def test_generate_output_on_a_full_disk_keeps_the_old_file_and_names_it(tmp_path):
@@ -265,8 +301,9 @@ def test_generate_output_replaces_the_file_when_it_succeeds(tmp_path):
 def test_a_failed_run_leaves_the_old_output_file(tmp_path):
     out = tmp_path / "out.txt"
     out.write_text("precious\n")
-    done = run_cli("generate", "--model", str(tmp_path / "nope"), "-o", str(out), "Hello",
-                   home=tmp_path)
+    done = run_cli(
+        "generate", "--model", str(tmp_path / "nope"), "-o", str(out), "Hello", home=tmp_path
+    )
     assert done.returncode == 1
     assert out.read_text() == "precious\n"
     assert [p.name for p in tmp_path.iterdir() if "out.txt" in p.name] == ["out.txt"]
@@ -275,20 +312,29 @@ def test_a_failed_run_leaves_the_old_output_file(tmp_path):
 def test_chat_save_on_a_full_disk_keeps_the_old_session_and_fails(tmp_path):
     saved = tmp_path / "s.json"
     saved.write_text('{"old": true}\n')
-    done = full_disk(tmp_path, "chat", *TINY, "-n", "2", "--greedy",
-                     input=f"Hello\n/save {saved}\n".encode())
+    done = full_disk(
+        tmp_path, "chat", *TINY, "-n", "2", "--greedy", input=f"Hello\n/save {saved}\n".encode()
+    )
     assert done.returncode == 1
     err = done.stderr.decode()
-    assert err == (f"Error: cannot write {saved}: No space left on device; the old file is "
-                   "unchanged\n")
+    assert err == (
+        f"Error: cannot write {saved}: No space left on device; the old file is unchanged\n"
+    )
     assert saved.read_text() == '{"old": true}\n'
     assert [p.name for p in tmp_path.iterdir() if "s.json" in p.name] == ["s.json"]
 
 
 def test_chat_save_then_load_round_trips(tmp_path):
     saved = tmp_path / "s.json"
-    done = run_cli("chat", *TINY, "-n", "2", "--greedy",
-                   input=f"Hello\n/save {saved}\n/load {saved}\n", home=tmp_path)
+    done = run_cli(
+        "chat",
+        *TINY,
+        "-n",
+        "2",
+        "--greedy",
+        input=f"Hello\n/save {saved}\n/load {saved}\n",
+        home=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(saved.read_text())["turns"][0]["user"] == "Hello"
 
@@ -299,10 +345,28 @@ def test_sigterm_mid_write_keeps_the_old_output_and_leaves_no_temporary_file(tmp
 
     out = tmp_path / "out.txt"
     out.write_text("precious\n")
-    proc = subprocess.Popen([*gptneo_command(), "generate", *TINY, "-n", "250", "--ignore-eos",
-                             "--num-return-sequences", "64", "--temperature", "1", "-o",
-                             str(out), "x"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=cli_env(tmp_path), cwd=tmp_path)
+    proc = subprocess.Popen(
+        [
+            *gptneo_command(),
+            "generate",
+            *TINY,
+            "-n",
+            "250",
+            "--ignore-eos",
+            "--num-return-sequences",
+            "64",
+            "--temperature",
+            "1",
+            "-o",
+            str(out),
+            "x",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(tmp_path),
+        cwd=tmp_path,
+    )
     try:
         for _ in range(1200):  # until the temporary file exists (a guard, not a measurement)
             if any(p.name.endswith(".partial") for p in tmp_path.iterdir()):

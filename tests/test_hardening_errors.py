@@ -34,8 +34,11 @@ class PanickingBackend:
 def test_a_tokenizer_panic_is_a_tokenizer_error():
     tok = load_tokenizer(BUNDLED_DIR / "tiny")
     broken = Tokenizer(PanickingBackend(tok.backend), eos_token=tok.eos_token)
-    with pytest.raises(TokenizerError, match="tokenizers library panicked: regex automaton "
-                                             "panicked\\); its tokenizer files may be broken"):
+    with pytest.raises(
+        TokenizerError,
+        match="tokenizers library panicked: regex automaton "
+        "panicked\\); its tokenizer files may be broken",
+    ):
         broken.encode("hello")
 
 
@@ -71,26 +74,38 @@ main()
 
 
 def test_a_tokenizer_panic_in_the_cli_is_one_line(tmp_path):
-    done = subprocess.run([sys.executable, "-c", _PANIC], capture_output=True,
-                          env=cli_env(tmp_path), cwd=tmp_path, timeout=120,
-                          stdin=subprocess.DEVNULL)
+    done = subprocess.run(
+        [sys.executable, "-c", _PANIC],
+        capture_output=True,
+        env=cli_env(tmp_path),
+        cwd=tmp_path,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     assert done.returncode == 1
     assert done.stderr.decode() == (
         "Error: the tokenizer failed (the tokenizers library panicked: regex "
-        "panicked); its tokenizer files may be broken\n")
+        "panicked); its tokenizer files may be broken\n"
+    )
 
 
 def test_a_raw_panic_at_the_boundary_is_one_line(capsys):
     assert exit_code_for(PanicException("boom\nmore")) == 1
-    assert capsys.readouterr().err == ("Error: internal error in a native library (it "
-                                       "panicked: boom)\n")
+    assert capsys.readouterr().err == (
+        "Error: internal error in a native library (it panicked: boom)\n"
+    )
 
 
-@pytest.mark.parametrize("exc", [
-    MemoryError(),
-    RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
-                 "memory: you tried to allocate 80000000000 bytes. Error code 12"),
-])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        MemoryError(),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 80000000000 bytes. Error code 12"
+        ),
+    ],
+)
 def test_allocation_failures_are_the_documented_line(capsys, exc):
     assert exit_code_for(exc) == 1
     assert capsys.readouterr().err == f"Error: {OUT_OF_MEMORY}\n"
@@ -122,8 +137,9 @@ def test_atomic_write_failure_names_the_file_and_cleans_up(tmp_path, monkeypatch
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("os.fsync", full)
-    with pytest.raises(WriteError, match=f"cannot write {path}: No space left on device; the "
-                                         "old file is unchanged"):
+    with pytest.raises(
+        WriteError, match=f"cannot write {path}: No space left on device; the old file is unchanged"
+    ):
         write_text_atomic(path, "new")
     assert path.read_text() == "old" and sorted(tmp_path.iterdir()) == [path]
 
@@ -151,8 +167,11 @@ def test_val_fraction_that_leaves_no_training_block_names_val_fraction():
     tok = load_tokenizer(BUNDLED_DIR / "tiny")
     docs = [Document("one.txt", "the cat sat on the mat and the dog ran far away " * 20)]
     assert len(prepare_lm_data(docs, tok, 32, 0.05).train) > 0
-    with pytest.raises(ValueError, match="val_fraction: holding out 0.99 of the data leaves "
-                                         r"\d+ training tokens, fewer than one block of 33"):
+    with pytest.raises(
+        ValueError,
+        match="val_fraction: holding out 0.99 of the data leaves "
+        r"\d+ training tokens, fewer than one block of 33",
+    ):
         prepare_lm_data(docs, tok, 32, 0.99)
 
 

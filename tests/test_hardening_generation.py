@@ -51,8 +51,9 @@ def test_non_finite_logits_stop_generation_with_a_clear_error(poisoned, value, g
 def test_a_sound_model_still_generates(poisoned):
     folder = poisoned(1.0)  # ln_f all ones: finite, just a different model
     model, tokenizer = FastCausalLM.from_pretrained(folder), load_tokenizer(folder)
-    [result] = generate(model, tokenizer, "Once", GenerationConfig(max_new_tokens=4,
-                                                                    do_sample=False))
+    [result] = generate(
+        model, tokenizer, "Once", GenerationConfig(max_new_tokens=4, do_sample=False)
+    )
     assert result.completion_tokens == 4
 
 
@@ -65,24 +66,37 @@ def test_an_allocation_failure_mid_generation_is_a_memory_error(monkeypatch):
     def failing(*args, **kwargs):
         calls.append(1)
         if len(calls) > 2:  # after the prefill and one decode step
-            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
-                               "allocate memory: you tried to allocate 123456789012 bytes.")
+            raise RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
+                "allocate memory: you tried to allocate 123456789012 bytes."
+            )
         return real(*args, **kwargs)
 
     monkeypatch.setattr(model, "forward", failing)
     with pytest.raises(MemoryError, match="out of memory while generating"):
-        generate(model, tokenizer, "Once", GenerationConfig(max_new_tokens=8, do_sample=False,
-                                                            ignore_eos=True))
+        generate(
+            model,
+            tokenizer,
+            "Once",
+            GenerationConfig(max_new_tokens=8, do_sample=False, ignore_eos=True),
+        )
 
 
-@pytest.mark.parametrize("exc, oom", [
-    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 bytes"),
-     True),
-    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
-    (MemoryError(), True),
-    (RuntimeError("shape mismatch"), False),
-    (ValueError("out of memory"), False),
-])
+@pytest.mark.parametrize(
+    "exc, oom",
+    [
+        (
+            RuntimeError(
+                "DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 bytes"
+            ),
+            True,
+        ),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+        (MemoryError(), True),
+        (RuntimeError("shape mismatch"), False),
+        (ValueError("out of memory"), False),
+    ],
+)
 def test_out_of_memory_is_recognised(exc, oom):
     assert is_out_of_memory(exc) is oom
 
@@ -95,7 +109,9 @@ def test_more_sequences_than_memory_can_hold_are_refused_before_any_row_is_built
     built = []
     monkeypatch.setattr(generation, "_Row", lambda *a, **k: built.append(1))
     config = GenerationConfig(max_new_tokens=5, do_sample=True, num_return_sequences=10**9)
-    with pytest.raises(preflight.OutOfMemoryError, match="out of memory: 1000000000 sequences "
-                                                         "at once need more than"):
+    with pytest.raises(
+        preflight.OutOfMemoryError,
+        match="out of memory: 1000000000 sequences at once need more than",
+    ):
         generate(model, tokenizer, "x", config)
     assert built == []

@@ -27,8 +27,15 @@ from gptneo_cli import hub  # noqa: E402
 from gptneo_cli.config import GPTNeoConfig  # noqa: E402
 from gptneo_cli.errors import HubError, ModelNotFoundError  # noqa: E402
 
-NEEDED_MAIN = {"config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt",
-               "tokenizer_config.json", "special_tokens_map.json"}
+NEEDED_MAIN = {
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+}
 
 
 # ---- fixtures -----------------------------------------------------------------------
@@ -53,8 +60,11 @@ class Env:
     def __init__(self, tmp_path: Path, endpoint: str) -> None:
         self.home = tmp_path / "hf"
         self.cache = self.home / "hub"
-        self.vars = {k: v for k, v in os.environ.items()
-                     if not k.startswith(("HF_", "HUGGINGFACE_", "GPTNEO_", "TRANSFORMERS_"))}
+        self.vars = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("HF_", "HUGGINGFACE_", "GPTNEO_", "TRANSFORMERS_"))
+        }
         self.vars.update(
             HF_HOME=str(self.home),
             HF_ENDPOINT=endpoint,
@@ -70,12 +80,23 @@ class Env:
 
     def cli(self, *args: str, input: str | None = None, **extra: str):
         command = [sys.executable, "-c", "from gptneo_cli.cli.app import main; main()", *args]
-        return subprocess.run(command, env={**self.vars, **extra}, input=input or "",
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            command,
+            env={**self.vars, **extra},
+            input=input or "",
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     def py(self, code: str, **extra: str):
-        return subprocess.run([sys.executable, "-c", code], env={**self.vars, **extra},
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-c", code],
+            env={**self.vars, **extra},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     def snapshot(self, repo_id: str, commit: str) -> Path:
         return self.cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / commit
@@ -141,7 +162,8 @@ def test_file_selection_prefers_safetensors_and_never_takes_decoys():
     assert hub.plan_files(both) == ["config.json", "vocab.json", "model.safetensors"]
     assert hub.select_weights(["pytorch_model.bin", *decoys]) == ["pytorch_model.bin"]
     assert hub.select_weights(["model.safetensors.index.json", "pytorch_model.bin"]) == [
-        "model.safetensors.index.json"]
+        "model.safetensors.index.json"
+    ]
     assert hub.select_weights(["pytorch_model.bin.index.json"]) == ["pytorch_model.bin.index.json"]
     assert hub.select_weights(decoys) == []
     assert hub.plan_files(both, parts=("config", "tokenizer")) == ["config.json", "vocab.json"]
@@ -160,8 +182,9 @@ def test_weights_present_checks_every_shard(tmp_path):
 def test_full_disk_error_is_one_actionable_line():
     from gptneo_cli.hub.errors import hub_error
 
-    err = hub_error(OSError(errno.ENOSPC, "No space left on device"), "a/b", "main",
-                    "model.safetensors")
+    err = hub_error(
+        OSError(errno.ENOSPC, "No space left on device"), "a/b", "main", "model.safetensors"
+    )
     assert isinstance(err, HubError)
     assert "disk is full" in str(err) and "HF_HUB_CACHE" in str(err) and "\n" not in str(err)
 
@@ -207,10 +230,17 @@ def test_progress_bars_go_to_stderr_on_a_terminal(env, server):
     master, slave = pty.openpty()
     # A fresh pty is 0 columns wide, which would squeeze the bars to nothing.
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    command = [sys.executable, "-c", "from gptneo_cli.cli.app import main; main()",
-               "models", "pull", "tiny/gpt-neo"]
-    proc = subprocess.Popen(command, env=env.vars, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=slave)
+    command = [
+        sys.executable,
+        "-c",
+        "from gptneo_cli.cli.app import main; main()",
+        "models",
+        "pull",
+        "tiny/gpt-neo",
+    ]
+    proc = subprocess.Popen(
+        command, env=env.vars, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave
+    )
     os.close(slave)
     chunks = []
     while True:
@@ -241,9 +271,11 @@ def test_cached_model_loads_with_the_server_gone(env, server):
     assert env.cli("models", "pull", "tiny/gpt-neo").returncode == 0
     folder = env.snapshot("tiny/gpt-neo", MAIN)
     server.stop()
-    code = ("from gptneo_cli.hub import resolve_model_dir; from gptneo_cli import load_tokenizer;"
-            "print(resolve_model_dir('tiny/gpt-neo')); print(load_tokenizer('tiny/gpt-neo')"
-            ".encode('he the'))")
+    code = (
+        "from gptneo_cli.hub import resolve_model_dir; from gptneo_cli import load_tokenizer;"
+        "print(resolve_model_dir('tiny/gpt-neo')); print(load_tokenizer('tiny/gpt-neo')"
+        ".encode('he the'))"
+    )
     result = env.py(code)
     assert result.returncode == 0, result.stderr
     path, ids = result.stdout.splitlines()
@@ -279,14 +311,17 @@ def test_revision_pins_a_commit(env, server, repos):
     assert folder == env.snapshot("tiny/gpt-neo", V1)
     assert GPTNeoConfig.from_json_file(folder).window_size == 4
     assert not (folder / "tokenizer.json").exists()  # v1 had none
-    assert (folder / "model.safetensors").read_bytes() == \
-        repos["tiny/gpt-neo"].commits[V1]["model.safetensors"]
+    assert (folder / "model.safetensors").read_bytes() == repos["tiny/gpt-neo"].commits[V1][
+        "model.safetensors"
+    ]
     main = Path(env.cli("models", "pull", "tiny/gpt-neo").stdout.strip())
     assert GPTNeoConfig.from_json_file(main).window_size == 8
     # A cached commit id is immutable: no request at all, even with the Hub up.
     server.clear_log()
-    code = ("from gptneo_cli.hub import resolve_model_dir; "
-            f"print(resolve_model_dir('tiny/gpt-neo', '{V1}'))")
+    code = (
+        "from gptneo_cli.hub import resolve_model_dir; "
+        f"print(resolve_model_dir('tiny/gpt-neo', '{V1}'))"
+    )
     result = env.py(code)
     assert result.returncode == 0 and Path(result.stdout.strip()) == folder
     assert server.log == []
@@ -347,8 +382,11 @@ def test_sharded_checkpoint_fetches_index_and_every_shard(env, server):
     result = env.cli("models", "pull", "tiny/gpt-neo-sharded")
     assert result.returncode == 0, result.stderr
     got = set(server.downloaded())
-    assert {"model.safetensors.index.json", "model-00001-of-00002.safetensors",
-            "model-00002-of-00002.safetensors"} <= got
+    assert {
+        "model.safetensors.index.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    } <= got
     assert not any(name.endswith(".bin") or name.endswith(".bin.index.json") for name in got)
     assert hub.weights_present(Path(result.stdout.strip()))
 
@@ -363,8 +401,12 @@ def test_cut_off_transfer_resumes_with_a_range_request(env, server, repos):
     # huggingface_hub keeps what it received in whole 10 MiB chunks and asks for the rest.
     assert gets[1].range == f"bytes={10 * 1024 * 1024}-"
     data = (Path(result.stdout.strip()) / "model.safetensors").read_bytes()
-    assert hashlib.sha256(data).digest() == \
-        hashlib.sha256(repos["tiny/big"].commits[commit_id("tiny/big")]["model.safetensors"]).digest()
+    assert (
+        hashlib.sha256(data).digest()
+        == hashlib.sha256(
+            repos["tiny/big"].commits[commit_id("tiny/big")]["model.safetensors"]
+        ).digest()
+    )
 
 
 def test_transfer_that_stays_broken_fails_cleanly_and_the_next_try_finishes(env, server):
@@ -382,9 +424,11 @@ def test_transfer_that_stays_broken_fails_cleanly_and_the_next_try_finishes(env,
 
 
 def test_not_enough_disk_space_is_caught_before_downloading(env, server):
-    code = ("import shutil, sys; shutil.disk_usage = lambda p: shutil._ntuple_diskusage("
-            "10**9, 10**9 - 100, 100); from gptneo_cli.cli.app import main; "
-            "sys.argv = ['gptneo', 'models', 'pull', 'tiny/gpt-neo']; main()")
+    code = (
+        "import shutil, sys; shutil.disk_usage = lambda p: shutil._ntuple_diskusage("
+        "10**9, 10**9 - 100, 100); from gptneo_cli.cli.app import main; "
+        "sys.argv = ['gptneo', 'models', 'pull', 'tiny/gpt-neo']; main()"
+    )
     line = one_error_line(env.py(code))
     assert "not enough disk space" in line and "HF_HUB_CACHE" in line
     assert server.downloaded() == ["config.json"]
@@ -422,8 +466,10 @@ def test_disk_filling_up_during_the_download(env, server):
 
 
 def test_load_tokenizer_from_the_hub_fetches_no_weights(env, server):
-    code = ("from gptneo_cli import load_tokenizer; t = load_tokenizer('tiny/gpt-neo');"
-            "print(t.encode('the he'), t.eos_id, t.pad_id)")
+    code = (
+        "from gptneo_cli import load_tokenizer; t = load_tokenizer('tiny/gpt-neo');"
+        "print(t.encode('the he'), t.eos_id, t.pad_id)"
+    )
     result = env.py(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[116, 257, 32, 257] 258 258"  # t he Ġ he
@@ -433,16 +479,21 @@ def test_load_tokenizer_from_the_hub_fetches_no_weights(env, server):
 
 def test_load_downloads_and_loads(env, server):
     pytest.importorskip("torch")
-    code = ("import gptneo_cli;"
-            "m, _ = gptneo_cli.load('tiny/gpt-neo', reference=True, revision='v1');"
-            "print(m.config.window_size, sum(p.numel() for p in m.parameters()))")
+    code = (
+        "import gptneo_cli;"
+        "m, _ = gptneo_cli.load('tiny/gpt-neo', reference=True, revision='v1');"
+        "print(m.config.window_size, sum(p.numel() for p in m.parameters()))"
+    )
     result = env.py(code)
     assert result.returncode == 0, result.stderr
     window, count = result.stdout.split()
     assert window == "4"
-    assert int(count) == GPTNeoConfig.from_dict(
-        json.loads((env.snapshot("tiny/gpt-neo", V1) / "config.json").read_text())
-    ).num_parameters()
+    assert (
+        int(count)
+        == GPTNeoConfig.from_dict(
+            json.loads((env.snapshot("tiny/gpt-neo", V1) / "config.json").read_text())
+        ).num_parameters()
+    )
 
 
 # ---- the cache commands -----------------------------------------------------------------
@@ -518,18 +569,27 @@ def test_models_info_answers_from_config_alone(env, server):
     info = json.loads(result.stdout)
     assert server.downloaded() == ["config.json"]
     assert not info["weights_present"]
-    assert info["parameters"] == GPTNeoConfig.from_dict(
-        json.loads((Path(info["folder"]) / "config.json").read_text())).num_parameters()
+    assert (
+        info["parameters"]
+        == GPTNeoConfig.from_dict(
+            json.loads((Path(info["folder"]) / "config.json").read_text())
+        ).num_parameters()
+    )
     needed = {f["name"] for f in info["files"] if f["needed"]}
-    assert {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-            "model.safetensors.index.json", "config.json"} <= needed
+    assert {
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "config.json",
+    } <= needed
     assert not any(name.endswith(".bin") for name in needed)
     text = env.cli("models", "info", "tiny/gpt-neo-sharded")
     assert "not downloaded" in text.stdout and "float32" in text.stdout
     # With the Hub gone, info still answers from the cached config.json.
     server.stop()
-    offline = json.loads(env.cli("models", "info", "tiny/gpt-neo-sharded", "--format",
-                                 "json").stdout)
+    offline = json.loads(
+        env.cli("models", "info", "tiny/gpt-neo-sharded", "--format", "json").stdout
+    )
     assert offline["parameters"] == info["parameters"]
     assert [f["name"] for f in offline["files"]] == ["config.json"]
 
@@ -537,8 +597,13 @@ def test_models_info_answers_from_config_alone(env, server):
 def test_models_info_on_a_local_folder(env, tmp_path):
     folder = tmp_path / "local"
     folder.mkdir()
-    GPTNeoConfig(hidden_size=16, num_layers=2, num_heads=2,
-                 attention_types=[[["global", "local"], 1]], vocab_size=100).save(folder)
+    GPTNeoConfig(
+        hidden_size=16,
+        num_layers=2,
+        num_heads=2,
+        attention_types=[[["global", "local"], 1]],
+        vocab_size=100,
+    ).save(folder)
     result = env.cli("models", "info", str(folder), "--format", "json")
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
@@ -550,13 +615,21 @@ def test_pinned_commit_with_only_the_config_cached_still_fetches_the_rest(env, s
     assert env.cli("models", "info", "tiny/gpt-neo", "--revision", V1).returncode == 0
     assert server.downloaded() == ["config.json"]
     server.clear_log()
-    code = ("from gptneo_cli import load_tokenizer; from gptneo_cli.hub import resolve_model_dir;"
-            f"load_tokenizer('tiny/gpt-neo', '{V1}'); resolve_model_dir('tiny/gpt-neo', '{V1}')")
+    code = (
+        "from gptneo_cli import load_tokenizer; from gptneo_cli.hub import resolve_model_dir;"
+        f"load_tokenizer('tiny/gpt-neo', '{V1}'); resolve_model_dir('tiny/gpt-neo', '{V1}')"
+    )
     result = env.py(code)
     assert result.returncode == 0, result.stderr
     assert sorted(server.downloaded()) == sorted(
-        ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
-         "model.safetensors"])
+        [
+            "vocab.json",
+            "merges.txt",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "model.safetensors",
+        ]
+    )
 
 
 def test_hf_hub_cache_decides_where_models_go(env, server, tmp_path):
@@ -565,8 +638,9 @@ def test_hf_hub_cache_decides_where_models_go(env, server, tmp_path):
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()).is_relative_to(elsewhere)
     assert not env.cache.exists()
-    listed = json.loads(env.cli("models", "list", "--format", "json",
-                                HF_HUB_CACHE=str(elsewhere)).stdout)
+    listed = json.loads(
+        env.cli("models", "list", "--format", "json", HF_HUB_CACHE=str(elsewhere)).stdout
+    )
     assert listed["cache_dir"] == str(elsewhere) and len(listed["models"]) == 1
     assert json.loads(env.cli("models", "list", "--format", "json").stdout)["models"] == []
 

@@ -17,15 +17,28 @@ LM = gptneo_cli.GPTNeoForCausalLM
 
 def test_attention_types_expand_one_entry_per_layer():
     assert expand_attention_types([[["global", "local"], 6]]) == ["global", "local"] * 6
-    config = GPTNeoConfig.from_dict({"model_type": "gpt_neo", "num_layers": 3,
-                                     "attention_types": [[["local"], 1], [["global"], 2]]})
+    config = GPTNeoConfig.from_dict(
+        {
+            "model_type": "gpt_neo",
+            "num_layers": 3,
+            "attention_types": [[["local"], 1], [["global"], 2]],
+        }
+    )
     assert config.attention_layers == ["local", "global", "global"]
 
 
 def test_config_defaults_and_derived_values():
-    config = GPTNeoConfig.from_dict({"model_type": "gpt_neo", "hidden_size": 64, "num_heads": 4,
-                                     "num_layers": 2, "attention_types": [[["global", "local"], 1]],
-                                     "intermediate_size": None, "dtype": "bfloat16"})
+    config = GPTNeoConfig.from_dict(
+        {
+            "model_type": "gpt_neo",
+            "hidden_size": 64,
+            "num_heads": 4,
+            "num_layers": 2,
+            "attention_types": [[["global", "local"], 1]],
+            "intermediate_size": None,
+            "dtype": "bfloat16",
+        }
+    )
     assert config.inner_size == 256 and config.head_dim == 16
     assert config.torch_dtype == "bfloat16"
     assert config.window_size == 256 and config.eos_token_id == 50256
@@ -33,9 +46,14 @@ def test_config_defaults_and_derived_values():
 
 
 def test_config_reads_labels():
-    config = GPTNeoConfig.from_dict({"model_type": "gpt_neo", "num_layers": 1,
-                                     "attention_types": [[["global"], 1]],
-                                     "id2label": {"0": "neg", "1": "pos"}})
+    config = GPTNeoConfig.from_dict(
+        {
+            "model_type": "gpt_neo",
+            "num_layers": 1,
+            "attention_types": [[["global"], 1]],
+            "id2label": {"0": "neg", "1": "pos"},
+        }
+    )
     assert config.num_labels == 2 and config.id2label == {0: "neg", 1: "pos"}
     assert config.label2id == {"neg": 0, "pos": 1}
 
@@ -52,8 +70,13 @@ def test_config_reads_labels():
     ],
 )
 def test_bad_configs_are_refused(change, message):
-    data = {"model_type": "gpt_neo", "hidden_size": 32, "num_heads": 4, "num_layers": 4,
-            "attention_types": [[["global", "local"], 2]]}
+    data = {
+        "model_type": "gpt_neo",
+        "hidden_size": 32,
+        "num_heads": 4,
+        "num_layers": 4,
+        "attention_types": [[["global", "local"], 2]],
+    }
     data.update(change)
     with pytest.raises(ConfigError, match=message):
         GPTNeoConfig.from_dict(data)
@@ -108,8 +131,11 @@ def test_wrongly_shaped_tensor_is_listed(tiny_checkpoint):
         t["transformer.ln_f.weight"] = torch.ones(7)
 
     _rewrite(folder, shrink)
-    with pytest.raises(WeightsError, match=r"wrongly shaped.*transformer.ln_f.weight \[7\] "
-                                           r"\(expected \[48\]\)"):
+    with pytest.raises(
+        WeightsError,
+        match=r"wrongly shaped.*transformer.ln_f.weight \[7\] "
+        r"\(expected \[48\]\)",
+    ):
         LM.from_pretrained(folder)
 
 
@@ -209,9 +235,16 @@ def test_bin_holding_something_else_than_tensors(tiny_checkpoint):
 
 
 def test_input_longer_than_2048_positions(tmp_path):
-    config = GPTNeoConfig.from_dict({"model_type": "gpt_neo", "vocab_size": 11, "hidden_size": 8,
-                                     "num_heads": 2, "num_layers": 1,
-                                     "attention_types": [[["local"], 1]]})
+    config = GPTNeoConfig.from_dict(
+        {
+            "model_type": "gpt_neo",
+            "vocab_size": 11,
+            "hidden_size": 8,
+            "num_heads": 2,
+            "num_layers": 1,
+            "attention_types": [[["local"], 1]],
+        }
+    )
     model = LM(config).eval()
     with torch.no_grad():
         assert model(torch.zeros(1, 2048, dtype=torch.long)).logits.shape == (1, 2048, 11)

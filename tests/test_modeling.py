@@ -72,8 +72,11 @@ def test_every_activation_matches_transformers():
 def test_parameter_names_are_the_hub_names(tiny_checkpoint):
     folder, ref = tiny_checkpoint("causal_lm", "alternating")
     model = gptneo_cli.GPTNeoForCausalLM.from_pretrained(folder)
-    theirs = {k for k in ref.state_dict() if not k.endswith((".bias", ".masked_bias"))
-              or "attention.bias" not in k}
+    theirs = {
+        k
+        for k in ref.state_dict()
+        if not k.endswith((".bias", ".masked_bias")) or "attention.bias" not in k
+    }
     mine = set(model.state_dict())
     assert "transformer.h.0.attn.attention.q_proj.weight" in mine
     assert "transformer.h.0.attn.attention.out_proj.bias" in mine
@@ -111,13 +114,23 @@ print((peak - before) * 1024, sum(p.numel() * p.element_size() for p in model.pa
 def test_loading_keeps_one_copy_of_the_weights(tmp_path, dtype):
     """Peak memory while loading is the weights plus a bounded buffer, never a second full
     copy: not of the file (fp32 -> bf16 is converted chunk by chunk) nor of the model."""
-    config = gptneo_cli.GPTNeoConfig.from_dict({
-        "model_type": "gpt_neo", "vocab_size": 8000, "hidden_size": 512, "num_layers": 8,
-        "num_heads": 8, "attention_types": [[["global", "local"], 4]],
-    })
+    config = gptneo_cli.GPTNeoConfig.from_dict(
+        {
+            "model_type": "gpt_neo",
+            "vocab_size": 8000,
+            "hidden_size": 512,
+            "num_layers": 8,
+            "num_heads": 8,
+            "attention_types": [[["global", "local"], 4]],
+        }
+    )
     gptneo_cli.GPTNeoForCausalLM(config).save_pretrained(tmp_path)  # 116 MiB in fp32
-    done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path), dtype],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path), dtype],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if done.returncode and "clear_refs" in done.stderr:
         pytest.skip("this kernel cannot reset the peak RSS")
     assert done.returncode == 0, done.stderr
@@ -132,10 +145,16 @@ def test_loading_keeps_one_copy_of_the_weights(tmp_path, dtype):
 def test_mapped_weights_are_copy_on_write(tmp_path):
     """Parameters mapped from the file can be changed (fine-tuning does) without ever
     writing to the checkpoint: the file's bytes and a fresh load stay as they were."""
-    config = gptneo_cli.GPTNeoConfig.from_dict({
-        "model_type": "gpt_neo", "vocab_size": 500, "hidden_size": 64, "num_layers": 2,
-        "num_heads": 4, "attention_types": [[["global", "local"], 1]],
-    })
+    config = gptneo_cli.GPTNeoConfig.from_dict(
+        {
+            "model_type": "gpt_neo",
+            "vocab_size": 500,
+            "hidden_size": 64,
+            "num_layers": 2,
+            "num_heads": 4,
+            "attention_types": [[["global", "local"], 1]],
+        }
+    )
     gptneo_cli.GPTNeoForCausalLM(config).save_pretrained(tmp_path)
     before = (tmp_path / "model.safetensors").read_bytes()
     model = gptneo_cli.GPTNeoForCausalLM.from_pretrained(tmp_path)
@@ -163,10 +182,16 @@ def test_mapping_stays_within_the_descriptor_budget(tmp_path, monkeypatch):
     import gc
     import os
 
-    config = gptneo_cli.GPTNeoConfig.from_dict({
-        "model_type": "gpt_neo", "vocab_size": 500, "hidden_size": 128, "num_layers": 4,
-        "num_heads": 4, "attention_types": [[["global", "local"], 2]],
-    })  # 4 layers x 3 matrices of 64 KiB or more, plus wte and wpe
+    config = gptneo_cli.GPTNeoConfig.from_dict(
+        {
+            "model_type": "gpt_neo",
+            "vocab_size": 500,
+            "hidden_size": 128,
+            "num_layers": 4,
+            "num_heads": 4,
+            "attention_types": [[["global", "local"], 2]],
+        }
+    )  # 4 layers x 3 matrices of 64 KiB or more, plus wte and wpe
     gptneo_cli.GPTNeoForCausalLM(config).save_pretrained(tmp_path)
     reference = gptneo_cli.GPTNeoForCausalLM.from_pretrained(tmp_path)
     monkeypatch.setattr(weights_module, "_map_budget", lambda: 3)
@@ -238,8 +263,14 @@ def test_random_init_matches_after_save_and_transformers_load(tmp_path):
 def test_prefill_then_600_steps_equals_full_forward(tmp_path, attn):
     """Crosses the real 256-token window; each step's logits equal the full forward's."""
     ref = build_reference(
-        "causal_lm", vocab_size=67, hidden_size=16, num_layers=2, num_heads=2,
-        attention_types=[[["global", "local"], 1]], window_size=256, max_position_embeddings=2048,
+        "causal_lm",
+        vocab_size=67,
+        hidden_size=16,
+        num_layers=2,
+        num_heads=2,
+        attention_types=[[["global", "local"], 1]],
+        window_size=256,
+        max_position_embeddings=2048,
     )
     folder = save_reference(ref, tmp_path / "m")
     model = gptneo_cli.GPTNeoForCausalLM.from_pretrained(folder, attn=attn)
@@ -262,8 +293,14 @@ def test_decoding_up_to_2048_positions_equals_full_forward(tmp_path):
     """The cache at full length: the last steps up to position 2047 still match, and the
     2049th position is refused."""
     ref = build_reference(
-        "causal_lm", vocab_size=67, hidden_size=16, num_layers=2, num_heads=2,
-        attention_types=[[["local", "global"], 1]], window_size=256, max_position_embeddings=2048,
+        "causal_lm",
+        vocab_size=67,
+        hidden_size=16,
+        num_layers=2,
+        num_heads=2,
+        attention_types=[[["local", "global"], 1]],
+        window_size=256,
+        max_position_embeddings=2048,
     )
     model = gptneo_cli.GPTNeoForCausalLM.from_pretrained(save_reference(ref, tmp_path / "m"))
     prefill, total = 1800, 2048
@@ -288,8 +325,10 @@ def test_chunked_prefill_across_the_window(tiny_checkpoint, attn):
     with torch.no_grad():
         full = ref(ids).logits
         cache = model.new_cache(2, 40)
-        chunks = [model(ids[:, a:b], cache=cache).logits
-                  for a, b in ((0, 3), (3, 4), (4, 12), (12, 13), (13, 31), (31, 40))]
+        chunks = [
+            model(ids[:, a:b], cache=cache).logits
+            for a, b in ((0, 3), (3, 4), (4, 12), (12, 13), (13, 31), (31, 40))
+        ]
     assert max_diff(torch.cat(chunks, dim=1), full) < TOL
 
 
@@ -298,8 +337,8 @@ def left_pad(rows: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torc
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
     return ids, mask
 
 
@@ -464,8 +503,13 @@ def test_long_prefill_runs_blocked_and_matches_transformers(tmp_path, fast_path,
     from gptneo_cli.fast import FastCausalLM
 
     ref = build_reference(
-        "causal_lm", vocab_size=89, hidden_size=24, num_layers=3, num_heads=3,
-        attention_types=[[["global", "local"], 1], [["local"], 1]], window_size=80,
+        "causal_lm",
+        vocab_size=89,
+        hidden_size=24,
+        num_layers=3,
+        num_heads=3,
+        attention_types=[[["global", "local"], 1], [["local"], 1]],
+        window_size=80,
         max_position_embeddings=512,
     )
     folder = save_reference(ref, tmp_path / "m")

@@ -41,33 +41,53 @@ def test_models_list_on_an_empty_cache_shows_what_is_available(tmp_path: Path) -
     rows = {line[0]: " ".join(line) for line in lines[2:]}
     assert set(rows) == {"tiny", "125m", "1.3b", "2.7b"}
     assert "bundled, no download" in rows["tiny"] and "--model tiny" in rows["tiny"]
-    assert "125m EleutherAI/gpt-neo-125M 500.8 MB download 125.2M gptneo models pull 125m" \
+    assert (
+        "125m EleutherAI/gpt-neo-125M 500.8 MB download 125.2M gptneo models pull 125m"
         == rows["125m"]
+    )
     assert "10.6 GB download 2.7B gptneo models pull 2.7b" in rows["2.7b"]
 
     report = json.loads(run_cli("models", "list", "--format", "json", home=tmp_path).stdout)
     assert report["models"] == []
     assert [b["name"] for b in report["bundled"]] == ["tiny"]
     assert {a["name"]: a["parameters"] for a in report["aliases"]} == {
-        "125m": 125_198_592, "1.3b": 1_315_575_808, "2.7b": 2_651_307_520}
+        "125m": 125_198_592,
+        "1.3b": 1_315_575_808,
+        "2.7b": 2_651_307_520,
+    }
 
 
 def test_completion_offers_bundled_aliases_and_cached_ids(tmp_path: Path) -> None:
     cache = tmp_path / "hf" / "hub"
-    for repo in ("models--EleutherAI--gpt-neo-125M", "models--someone--neo-poems",
-                 "datasets--someone--poems"):
+    for repo in (
+        "models--EleutherAI--gpt-neo-125M",
+        "models--someone--neo-poems",
+        "datasets--someone--poems",
+    ):
         (cache / repo).mkdir(parents=True)
-    env = cli_env(tmp_path, _GPTNEO_COMPLETE="complete_bash", COMP_WORDS="gptneo generate "
-                  "--model ", COMP_CWORD="3")
+    env = cli_env(
+        tmp_path,
+        _GPTNEO_COMPLETE="complete_bash",
+        COMP_WORDS="gptneo generate --model ",
+        COMP_CWORD="3",
+    )
     names, done = imported_modules([], env)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["tiny", "125m", "1.3b", "2.7b", "EleutherAI/gpt-neo-125M",
-                                   "someone/neo-poems"]
+    assert done.stdout.split() == [
+        "tiny",
+        "125m",
+        "1.3b",
+        "2.7b",
+        "EleutherAI/gpt-neo-125M",
+        "someone/neo-poems",
+    ]
     assert not {n for n in names if n.split(".")[0] in HEAVY}
-    for words, cword, expected in (("gptneo finetune s", "2", ["someone/neo-poems"]),
-                                   ("gptneo models info 2", "3", ["2.7b"]),
-                                   ("gptneo train-qa t", "2", ["tiny"]),
-                                   ("gptneo chat -m 1", "3", ["125m", "1.3b"])):
+    for words, cword, expected in (
+        ("gptneo finetune s", "2", ["someone/neo-poems"]),
+        ("gptneo models info 2", "3", ["2.7b"]),
+        ("gptneo train-qa t", "2", ["tiny"]),
+        ("gptneo chat -m 1", "3", ["125m", "1.3b"]),
+    ):
         env.update(COMP_WORDS=words, COMP_CWORD=cword)
         _, done = imported_modules([], env)
         assert done.stdout.split() == expected, (words, done.stdout, done.stderr[-500:])

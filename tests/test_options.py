@@ -77,9 +77,15 @@ PLUGIN = textwrap.dedent(
 
 
 def _plugin(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", PLUGIN, *args], capture_output=True,
-                          text=True, env=cli_env(tmp_path, **env), stdin=subprocess.DEVNULL,
-                          cwd=tmp_path, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", PLUGIN, *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(tmp_path, **env),
+        stdin=subprocess.DEVNULL,
+        cwd=tmp_path,
+        timeout=120,
+    )
 
 
 def test_a_new_option_gets_a_flag_a_setting_and_its_checks(tmp_path):
@@ -98,8 +104,9 @@ def test_a_new_option_gets_a_flag_a_setting_and_its_checks(tmp_path):
     done = _plugin(tmp_path, "generate", "--show-config", GPTNEO_CONFIG=str(config))
     assert done.returncode == 0, done.stderr
     assert f"banana_boost: 3 (file {config})" in done.stderr
-    done = _plugin(tmp_path, "generate", "--show-config", "--banana-boost", "5",
-                   GPTNEO_CONFIG=str(config))
+    done = _plugin(
+        tmp_path, "generate", "--show-config", "--banana-boost", "5", GPTNEO_CONFIG=str(config)
+    )
     assert "banana_boost: 5 (flag)" in done.stderr
 
     config.write_text("banana_boost = 30\n")
@@ -119,19 +126,28 @@ TORCH_PROBE = (
 )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["generate", "hi", "--top-p", "0"], "--top-p must be more than 0 and at most 1, got 0.0"),
-    (["generate", "hi", "--num-return-sequences", "3", "--greedy"], "drop --greedy"),
-    (["generate", "hi", "--truncate", "right"], "--truncate must be 'left' or 'error'"),
-    (["generate", "hi", "--logprobs", "21"], "--logprobs must be at least 0 and at most 20"),
-    (["chat", "--temperature", "-1"], "--temperature must be at least 0, got -1.0"),
-    (["chat", "--stop", ""], "--stop must be non-empty text"),
-    (["generate", "hi", "--device", "tpu"], "unknown device 'tpu'"),
-    (["chat", "--dtype", "int3"], "unknown dtype 'int3'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "hi", "--top-p", "0"], "--top-p must be more than 0 and at most 1, got 0.0"),
+        (["generate", "hi", "--num-return-sequences", "3", "--greedy"], "drop --greedy"),
+        (["generate", "hi", "--truncate", "right"], "--truncate must be 'left' or 'error'"),
+        (["generate", "hi", "--logprobs", "21"], "--logprobs must be at least 0 and at most 20"),
+        (["chat", "--temperature", "-1"], "--temperature must be at least 0, got -1.0"),
+        (["chat", "--stop", ""], "--stop must be non-empty text"),
+        (["generate", "hi", "--device", "tpu"], "unknown device 'tpu'"),
+        (["chat", "--dtype", "int3"], "unknown dtype 'int3'"),
+    ],
+)
 def test_bad_values_fail_before_torch_and_name_the_flag(tmp_path, args, message):
-    done = subprocess.run([sys.executable, "-c", TORCH_PROBE, *args], capture_output=True,
-                          text=True, env=cli_env(tmp_path), input="hi\n", timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", TORCH_PROBE, *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(tmp_path),
+        input="hi\n",
+        timeout=120,
+    )
     assert done.returncode == 2
     error, probe = done.stderr.splitlines()
     assert error.startswith("Error: ") and message in error
@@ -140,8 +156,15 @@ def test_bad_values_fail_before_torch_and_name_the_flag(tmp_path, args, message)
 
 
 def test_a_prompt_too_long_says_the_truncate_flag(tmp_path):
-    done = run_cli("generate", "one two three four five six seven eight nine ten", "-m", "tiny",
-                   "-n", "250", home=tmp_path)
+    done = run_cli(
+        "generate",
+        "one two three four five six seven eight nine ten",
+        "-m",
+        "tiny",
+        "-n",
+        "250",
+        home=tmp_path,
+    )
     assert done.returncode == 2
     err = done.stderr.decode()
     assert "pass --truncate left" in err and "--max-new-tokens" in err
@@ -182,8 +205,13 @@ def test_info_still_runs_and_shows_a_bad_settings_file(tmp_path, content):
     out = done.stdout.decode()
     assert "problem:" in out and str(config) in out
     assert "Warning: the settings cannot be used" in done.stderr.decode()
-    done = run_cli("info", "--format", "json", home=tmp_path,
-                   env={"GPTNEO_CONFIG": str(tmp_path / "nope.toml")})
+    done = run_cli(
+        "info",
+        "--format",
+        "json",
+        home=tmp_path,
+        env={"GPTNEO_CONFIG": str(tmp_path / "nope.toml")},
+    )
     assert done.returncode == 0
     assert "does not exist" in done.stdout.decode()
 

@@ -18,6 +18,7 @@ def rules(**settings):
     base = dict(do_sample=False, temperature=1.0, top_k=0)
     return GenerationConfig(**{**base, **settings})
 
+
 VOCAB = 37  # not a multiple of 8
 
 

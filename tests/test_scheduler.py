@@ -39,9 +39,16 @@ class NumberTokenizer:
 
 def tiny_model(seed: int = 0, **overrides) -> GPTNeoForCausalLM:
     settings = dict(
-        vocab_size=97, hidden_size=48, num_layers=3, num_heads=3, intermediate_size=40,
-        attention_types=[[["local", "global"], 1], [["local"], 1]], window_size=5,
-        max_position_embeddings=96, bos_token_id=0, eos_token_id=0,
+        vocab_size=97,
+        hidden_size=48,
+        num_layers=3,
+        num_heads=3,
+        intermediate_size=40,
+        attention_types=[[["local", "global"], 1], [["local"], 1]],
+        window_size=5,
+        max_position_embeddings=96,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     settings.update(overrides)
     torch.manual_seed(seed)
@@ -132,8 +139,9 @@ def test_seeded_sampling_is_the_same_alone_or_among_others(model) -> None:
     with Scheduler(model, tok, max_running=4) as sched:
         alone = run(sched, ids, sampled, max_new=20).wait(60)
     with Scheduler(model, tok, max_running=4) as sched:
-        others = [run(sched, prompt(5 + i, 50 + i), sampled.replace(seed=i), max_new=25)
-                  for i in range(3)]
+        others = [
+            run(sched, prompt(5 + i, 50 + i), sampled.replace(seed=i), max_new=25) for i in range(3)
+        ]
         among = run(sched, ids, sampled, max_new=20).wait(60)
         for r in others:
             r.wait(60)
@@ -241,8 +249,7 @@ def test_generate_with_many_prompts_runs_on_the_scheduler(model, monkeypatch) ->
     for ids, res in zip(prompts, results, strict=True):
         assert res.token_ids == reference_greedy(model, ids, 9)
         assert res.finish_reason == "length" and res.prompt_tokens == len(ids)
-    sampled = GenerationConfig(max_new_tokens=12, seed=11, num_return_sequences=2,
-                               ignore_eos=True)
+    sampled = GenerationConfig(max_new_tokens=12, seed=11, num_return_sequences=2, ignore_eos=True)
     both = generation.generate(model, tok, prompts[:2], sampled)
     alone = generation.generate(model, tok, [prompts[1]], sampled)
     assert [r.prompt_index for r in both] == [0, 0, 1, 1]
@@ -260,6 +267,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_keep_decoding(mod
     def counter(name: str):
         def on_update(u: Update) -> None:
             got[name] += u.token_id is not None
+
         return on_update
 
     sched.submit(Request(prompt(5, 1), GREEDY, 40, on_update=counter("a")))

@@ -25,8 +25,8 @@ from helpers_cli import cli_env, gptneo_command
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gptneo_cli.hub import resolve_model_dir
 from gptneo_cli.fast import FastCausalLM
+from gptneo_cli.hub import resolve_model_dir
 from gptneo_cli.scheduler import Scheduler
 from gptneo_cli.server.app import ServeOptions, create_app
 from gptneo_cli.server.run import bind, make_server, url
@@ -41,23 +41,35 @@ class Running:
         self.model, self.tokenizer = model, tokenizer
         self.scheduler = Scheduler(model, tokenizer, **sched)
         self.lines: list[str] = []
-        app = create_app(model, tokenizer, self.scheduler, ServeOptions(
-            "tiny", api_key=key, max_body_bytes=64 * 1024, shutdown_timeout=1,
-            log=self.lines.append))
+        app = create_app(
+            model,
+            tokenizer,
+            self.scheduler,
+            ServeOptions(
+                "tiny",
+                api_key=key,
+                max_body_bytes=64 * 1024,
+                shutdown_timeout=1,
+                log=self.lines.append,
+            ),
+        )
         sock = bind("127.0.0.1", 0)
         self.url = url(sock)
         self.server = make_server(app, 1)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
+        )
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
             assert time.monotonic() < deadline, "the server did not start"
             time.sleep(0.01)
-        self.http = httpx.Client(base_url=self.url, timeout=60,
-                                 headers={"Authorization": f"Bearer {KEY}"} if key else {})
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=key or "none",
-                                    max_retries=0, timeout=60)
+        self.http = httpx.Client(
+            base_url=self.url, timeout=60, headers={"Authorization": f"Bearer {KEY}"} if key else {}
+        )
+        self.client = openai.OpenAI(
+            base_url=self.url + "/v1", api_key=key or "none", max_retries=0, timeout=60
+        )
 
     def stop(self) -> None:
         self.http.close()
@@ -102,9 +114,13 @@ def greedy_ids(model, ids: list[int], steps: int) -> list[int]:
 
 
 def test_greedy_completion_equals_the_full_forward_pass(srv) -> None:
-    out = srv.client.completions.create(model="tiny", prompt="Once upon a time",
-                                        max_tokens=12, temperature=0, extra_body={
-                                            "ignore_eos": True})
+    out = srv.client.completions.create(
+        model="tiny",
+        prompt="Once upon a time",
+        max_tokens=12,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     ids = srv.tokenizer.encode("Once upon a time")
     want = srv.tokenizer.decode(greedy_ids(srv.model, ids, 12))
     assert out.choices[0].text == want
@@ -116,11 +132,13 @@ def test_greedy_completion_equals_the_full_forward_pass(srv) -> None:
 def test_prompt_as_token_ids_and_lists(srv) -> None:
     ids = srv.tokenizer.encode("Hello world")
     one = srv.client.completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0)
-    many = srv.client.completions.create(model="tiny", prompt=[ids, ids],
-                                         max_tokens=5, temperature=0)
+    many = srv.client.completions.create(
+        model="tiny", prompt=[ids, ids], max_tokens=5, temperature=0
+    )
     texts = ["Hello world", "Hello world"]
-    many_text = srv.client.completions.create(model="tiny", prompt=texts, max_tokens=5,
-                                              temperature=0)
+    many_text = srv.client.completions.create(
+        model="tiny", prompt=texts, max_tokens=5, temperature=0
+    )
     assert [c.index for c in many.choices] == [0, 1]
     assert many.choices[0].text == many.choices[1].text == one.choices[0].text
     assert many_text.choices[1].text == one.choices[0].text
@@ -136,38 +154,55 @@ def test_n_choices_and_seeds_repeat(srv) -> None:
 
 
 def test_stop_string_ends_the_text_and_never_leaks(srv) -> None:
-    full = srv.client.completions.create(model="tiny", prompt="def f(", max_tokens=20,
-                                         temperature=0).choices[0].text
+    full = (
+        srv.client.completions.create(model="tiny", prompt="def f(", max_tokens=20, temperature=0)
+        .choices[0]
+        .text
+    )
     stop = full[5:8]
     assert stop
-    cut = srv.client.completions.create(model="tiny", prompt="def f(", max_tokens=20,
-                                        temperature=0, stop=[stop])
+    cut = srv.client.completions.create(
+        model="tiny", prompt="def f(", max_tokens=20, temperature=0, stop=[stop]
+    )
     assert cut.choices[0].text == full[: full.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
-    chunks = srv.client.completions.create(model="tiny", prompt="def f(", max_tokens=20,
-                                           temperature=0, stop=stop, stream=True)
+    chunks = srv.client.completions.create(
+        model="tiny", prompt="def f(", max_tokens=20, temperature=0, stop=stop, stream=True
+    )
     pieces = [c.choices[0].text for c in chunks if c.choices]
     assert "".join(pieces) == cut.choices[0].text
     assert all(stop not in p for p in pieces)
 
 
 def test_streaming_joins_to_the_full_text_with_usage(srv) -> None:
-    whole = srv.client.completions.create(model="tiny", prompt="import", max_tokens=15,
-                                          temperature=0)
-    chunks = list(srv.client.completions.create(
-        model="tiny", prompt="import", max_tokens=15, temperature=0, stream=True,
-        stream_options={"include_usage": True}))
+    whole = srv.client.completions.create(
+        model="tiny", prompt="import", max_tokens=15, temperature=0
+    )
+    chunks = list(
+        srv.client.completions.create(
+            model="tiny",
+            prompt="import",
+            max_tokens=15,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == whole.choices[0].text
-    finals = [c.choices[0].finish_reason for c in chunks if c.choices and
-              c.choices[0].finish_reason]
+    finals = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert finals == ["length"]
     assert chunks[-1].usage.completion_tokens == 15 and not chunks[-1].choices
 
 
 def test_sse_ends_with_done_and_each_chunk_is_json(srv) -> None:
-    with srv.http.stream("POST", "/v1/completions", json={
-            "prompt": "x", "max_tokens": 4, "stream": True, "temperature": 0}) as r:
+    with srv.http.stream(
+        "POST",
+        "/v1/completions",
+        json={"prompt": "x", "max_tokens": 4, "stream": True, "temperature": 0},
+    ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line]
     assert events[-1] == "data: [DONE]"
@@ -182,9 +217,17 @@ def test_loglikelihood_through_echo_and_logprobs_equals_the_forward_pass(srv) ->
     context = srv.tokenizer.encode("The quick brown fox")
     continuation = srv.tokenizer.encode(" jumps over")
     ids = context + continuation
-    out = srv.http.post("/v1/completions", json={
-        "model": "tiny", "prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 1,
-        "temperature": 0}).json()
+    out = srv.http.post(
+        "/v1/completions",
+        json={
+            "model": "tiny",
+            "prompt": ids,
+            "echo": True,
+            "logprobs": 1,
+            "max_tokens": 1,
+            "temperature": 0,
+        },
+    ).json()
     lp = out["choices"][0]["logprobs"]
     ctxlen = len(context)
     got = sum(lp["token_logprobs"][ctxlen:-1])
@@ -199,15 +242,17 @@ def test_loglikelihood_through_echo_and_logprobs_equals_the_forward_pass(srv) ->
     tokens = lp["tokens"][ctxlen:-1]
     assert [tok == max(top, key=top.get) for tok, top in zip(tokens, tops, strict=True)] == greedy
     # max_tokens 0 with echo scores the prompt only.
-    only = srv.http.post("/v1/completions", json={
-        "prompt": ids, "echo": True, "logprobs": 0, "max_tokens": 0}).json()["choices"][0]
+    only = srv.http.post(
+        "/v1/completions", json={"prompt": ids, "echo": True, "logprobs": 0, "max_tokens": 0}
+    ).json()["choices"][0]
     assert only["text"] == srv.tokenizer.decode(ids)
     assert sum(only["logprobs"]["token_logprobs"][ctxlen:]) == pytest.approx(want, abs=1e-3)
 
 
 def test_generated_logprobs_have_top_alternatives(srv) -> None:
-    out = srv.client.completions.create(model="tiny", prompt="a", max_tokens=4, temperature=0,
-                                        logprobs=3)
+    out = srv.client.completions.create(
+        model="tiny", prompt="a", max_tokens=4, temperature=0, logprobs=3
+    )
     lp = out.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == 4
     for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
@@ -219,11 +264,19 @@ def test_generated_logprobs_have_top_alternatives(srv) -> None:
 
 
 def test_chat_renders_the_turn_template(srv) -> None:
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-                {"role": "user", "content": "Bye"}]
-    out = srv.client.chat.completions.create(model="tiny", messages=messages, max_tokens=10,
-                                             temperature=0, extra_body={"ignore_eos": True})
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+    ]
+    out = srv.client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=10,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     prompt = "Be brief.\n\nUser: Hi\nAssistant: Hello\nUser: Bye\nAssistant:"
     ids = srv.tokenizer.encode(prompt)
     text = srv.tokenizer.decode(greedy_ids(srv.model, ids, 10))
@@ -235,10 +288,14 @@ def test_chat_renders_the_turn_template(srv) -> None:
 
 def test_chat_streaming_deltas_and_logprobs(srv) -> None:
     messages = [{"role": "user", "content": "Tell me"}]
-    whole = srv.client.chat.completions.create(model="tiny", messages=messages, max_tokens=8,
-                                               temperature=0, logprobs=True, top_logprobs=2)
-    chunks = list(srv.client.chat.completions.create(
-        model="tiny", messages=messages, max_tokens=8, temperature=0, stream=True))
+    whole = srv.client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2
+    )
+    chunks = list(
+        srv.client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=8, temperature=0, stream=True
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert text.strip() == whole.choices[0].message.content
@@ -261,28 +318,44 @@ def test_models_health_tokenize_detokenize_metrics(srv) -> None:
     back = srv.http.post("/detokenize", json={"tokens": tokens["tokens"]}).json()
     assert back["prompt"] == "Hello world"
     text = httpx.get(srv.url + "/metrics").text
-    for name in ("gptneo_requests_total", "gptneo_running_rows", "gptneo_waiting_requests",
-                 "gptneo_prompt_tokens_total", "gptneo_generation_tokens_total",
-                 "gptneo_time_to_first_token_seconds_bucket",
-                 "gptneo_inter_token_latency_seconds_bucket"):
+    for name in (
+        "gptneo_requests_total",
+        "gptneo_running_rows",
+        "gptneo_waiting_requests",
+        "gptneo_prompt_tokens_total",
+        "gptneo_generation_tokens_total",
+        "gptneo_time_to_first_token_seconds_bucket",
+        "gptneo_inter_token_latency_seconds_bucket",
+    ):
         assert name in text
 
 
 def test_classify_zero_shot_matches_the_classify_logic(srv) -> None:
     from gptneo_cli import tasks
 
-    out = srv.http.post("/v1/classify", json={"input": ["a football match", "a cake"],
-                                              "labels": ["sports", "cooking"]}).json()
-    want = tasks.zero_shot(srv.model, srv.tokenizer, ["a football match", "a cake"],
-                           ["sports", "cooking"])
+    out = srv.http.post(
+        "/v1/classify",
+        json={"input": ["a football match", "a cake"], "labels": ["sports", "cooking"]},
+    ).json()
+    want = tasks.zero_shot(
+        srv.model, srv.tokenizer, ["a football match", "a cake"], ["sports", "cooking"]
+    )
     assert [d["label"] for d in out["data"]] == [w.label for w in want]
     assert out["data"][0]["scores"]["sports"] == pytest.approx(want[0].scores["sports"])
 
 
 def test_openapi_schema_lists_routes_and_derived_ranges(srv) -> None:
     schema = srv.http.get("/openapi.json").json()
-    for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
-                 "/tokenize", "/detokenize", "/metrics", "/v1/classify"):
+    for path in (
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/health",
+        "/tokenize",
+        "/detokenize",
+        "/metrics",
+        "/v1/classify",
+    ):
         assert path in schema["paths"]
     props = schema["components"]["schemas"]["CompletionRequest"]["properties"]
     assert props["top_p"]["exclusiveMinimum"] == 0 and props["top_p"]["maximum"] == 1
@@ -308,8 +381,9 @@ def test_errors_in_openai_shape(srv) -> None:
     assert isinstance(_error(r)["message"], str)
     r = srv.http.post("/v1/completions", json={"max_tokens": 3})
     assert r.status_code == 400 and _error(r)["param"] == "prompt"
-    r = srv.http.post("/v1/completions", content=b"{not json",
-                      headers={"content-type": "application/json"})
+    r = srv.http.post(
+        "/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and _error(r)
     r = srv.http.post("/v1/completions", json={"prompt": "x", "model": "gpt-4"})
     assert r.status_code == 404 and _error(r)["code"] == "model_not_found"
@@ -362,18 +436,36 @@ def test_one_log_line_per_request_without_prompt_text(srv) -> None:
 
 
 def test_sixteen_concurrent_streams_each_equal_the_request_alone(srv) -> None:
-    words = ["The", "import os", "def main():", "Once upon a time there", "x = 1",
-             "class A:", "# comment", "for i in range(10):"]
+    words = [
+        "The",
+        "import os",
+        "def main():",
+        "Once upon a time there",
+        "x = 1",
+        "class A:",
+        "# comment",
+        "for i in range(10):",
+    ]
     specs = [(words[i % 8] * (1 + i // 8), 4 + (i * 3) % 17) for i in range(16)]
-    alone = [srv.client.completions.create(model="tiny", prompt=p, max_tokens=m, temperature=0,
-                                           extra_body={"ignore_eos": True}).choices[0].text
-             for p, m in specs]
+    alone = [
+        srv.client.completions.create(
+            model="tiny", prompt=p, max_tokens=m, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+        for p, m in specs
+    ]
 
     def stream(spec: tuple[str, int]) -> str:
         p, m = spec
-        chunks = srv.client.completions.create(model="tiny", prompt=p, max_tokens=m,
-                                               temperature=0, stream=True,
-                                               extra_body={"ignore_eos": True})
+        chunks = srv.client.completions.create(
+            model="tiny",
+            prompt=p,
+            max_tokens=m,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         return "".join(c.choices[0].text for c in chunks if c.choices)
 
     with ThreadPoolExecutor(16) as pool:
@@ -382,8 +474,11 @@ def test_sixteen_concurrent_streams_each_equal_the_request_alone(srv) -> None:
 
 
 def test_a_client_that_disconnects_frees_its_row(srv) -> None:
-    with srv.http.stream("POST", "/v1/completions", json={
-            "prompt": "a", "max_tokens": 240, "stream": True, "ignore_eos": True}) as r:
+    with srv.http.stream(
+        "POST",
+        "/v1/completions",
+        json={"prompt": "a", "max_tokens": 240, "stream": True, "ignore_eos": True},
+    ) as r:
         lines = r.iter_lines()
         for _ in range(3):
             next(lines)
@@ -403,8 +498,9 @@ def test_full_queue_answers_429_with_retry_after(tiny) -> None:
     try:
         small.scheduler.call(blocker.wait)  # hold the scheduler's thread: nothing advances
         with ThreadPoolExecutor(1) as pool:
-            first = pool.submit(small.http.post, "/v1/completions",
-                                json={"prompt": "a", "max_tokens": 2})
+            first = pool.submit(
+                small.http.post, "/v1/completions", json={"prompt": "a", "max_tokens": 2}
+            )
             deadline = time.monotonic() + 20
             while small.scheduler.stats()["waiting"] < 1:
                 assert time.monotonic() < deadline
@@ -421,24 +517,54 @@ def test_full_queue_answers_429_with_retry_after(tiny) -> None:
 
 
 _JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**6, 10**6)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
-                                                                 max_size=3),
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**6), 10**6)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
     max_leaves=6,
 )
-_FIELDS = ["prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "logprobs",
-           "echo", "stream", "presence_penalty", "frequency_penalty", "top_k", "min_p",
-           "typical_p", "repetition_penalty", "min_tokens", "ignore_eos", "stream_options",
-           "messages", "top_logprobs", "model"]
+_FIELDS = [
+    "prompt",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "seed",
+    "logprobs",
+    "echo",
+    "stream",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_k",
+    "min_p",
+    "typical_p",
+    "repetition_penalty",
+    "min_tokens",
+    "ignore_eos",
+    "stream_options",
+    "messages",
+    "top_logprobs",
+    "model",
+]
 
 
-@settings(max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(route=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize",
-                              "/detokenize", "/v1/classify"]),
-       body=st.dictionaries(st.sampled_from(_FIELDS), _JSON, max_size=6),
-       small=st.fixed_dictionaries({"max_tokens": st.integers(0, 3)}))
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    route=st.sampled_from(
+        ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/v1/classify"]
+    ),
+    body=st.dictionaries(st.sampled_from(_FIELDS), _JSON, max_size=6),
+    small=st.fixed_dictionaries({"max_tokens": st.integers(0, 3)}),
+)
 def test_fuzzed_bodies_never_give_a_5xx(srv, route, body, small) -> None:
     body = {**body, **small} if "max_tokens" not in body else body
     if isinstance(body.get("n"), int) and body["n"] > 2:
@@ -455,9 +581,14 @@ def test_fuzzed_bodies_never_give_a_5xx(srv, route, body, small) -> None:
 
 def test_serve_command_finishes_in_flight_requests_on_sigterm(tmp_path) -> None:
     env = cli_env(tmp_path)
-    proc = subprocess.Popen([*gptneo_command(), "serve", "--model", "tiny", "--port", "0",
-                             "--shutdown-timeout", "20"], stderr=subprocess.PIPE,
-                            stdout=subprocess.PIPE, env=env, cwd=tmp_path, text=True)
+    proc = subprocess.Popen(
+        [*gptneo_command(), "serve", "--model", "tiny", "--port", "0", "--shutdown-timeout", "20"],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        cwd=tmp_path,
+        text=True,
+    )
     try:
         line = proc.stderr.readline()
         match = re.search(r"http://127\.0\.0\.1:\d+", line)
@@ -467,9 +598,18 @@ def test_serve_command_finishes_in_flight_requests_on_sigterm(tmp_path) -> None:
         texts: list[str] = []
 
         def client() -> None:
-            with httpx.stream("POST", base + "/v1/completions", timeout=60, json={
-                    "prompt": "a", "max_tokens": 60, "stream": True, "ignore_eos": True,
-                    "temperature": 0}) as r:
+            with httpx.stream(
+                "POST",
+                base + "/v1/completions",
+                timeout=60,
+                json={
+                    "prompt": "a",
+                    "max_tokens": 60,
+                    "stream": True,
+                    "ignore_eos": True,
+                    "temperature": 0,
+                },
+            ) as r:
                 for line in r.iter_lines():
                     if line:
                         texts.append(line)
@@ -487,8 +627,9 @@ def test_serve_command_finishes_in_flight_requests_on_sigterm(tmp_path) -> None:
             proc.kill()
     assert code == 0
     assert texts[-1] == "data: [DONE]"
-    finals = [json.loads(t[6:])["choices"][0]["finish_reason"] for t in texts
-              if t.startswith("data: {")]
+    finals = [
+        json.loads(t[6:])["choices"][0]["finish_reason"] for t in texts if t.startswith("data: {")
+    ]
     assert finals[-1] == "length"  # the request in flight ran to its end
 
 
@@ -496,9 +637,14 @@ def test_serve_refuses_a_busy_port_with_one_line(tmp_path) -> None:
     sock = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
     try:
-        done = subprocess.run([*gptneo_command(), "serve", "--model", "tiny", "--port",
-                               str(port)], capture_output=True, text=True, env=cli_env(tmp_path),
-                              cwd=tmp_path, timeout=60)
+        done = subprocess.run(
+            [*gptneo_command(), "serve", "--model", "tiny", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            env=cli_env(tmp_path),
+            cwd=tmp_path,
+            timeout=60,
+        )
     finally:
         sock.close()
     assert done.returncode == 1
@@ -509,9 +655,14 @@ def test_serve_refuses_a_busy_port_with_one_line(tmp_path) -> None:
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_wide_open_host_without_key_warns(tmp_path) -> None:
     env = cli_env(tmp_path)
-    proc = subprocess.Popen([*gptneo_command(), "serve", "--model", "tiny", "--port", "0",
-                             "--host", "0.0.0.0"], stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, env=env, cwd=tmp_path, text=True)
+    proc = subprocess.Popen(
+        [*gptneo_command(), "serve", "--model", "tiny", "--port", "0", "--host", "0.0.0.0"],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        env=env,
+        cwd=tmp_path,
+        text=True,
+    )
     try:
         first = proc.stderr.readline()
         second = proc.stderr.readline()

@@ -55,8 +55,9 @@ def raw_tokenizer() -> Tokenizer:
     return Tokenizer.from_str(tokenizer_json())
 
 
-def make_checkpoint(folder: Path, head: str, *, scale: float = 0.0, seed: int = 0,
-                    **overrides) -> torch.nn.Module:
+def make_checkpoint(
+    folder: Path, head: str, *, scale: float = 0.0, seed: int = 0, **overrides
+) -> torch.nn.Module:
     """Save a random transformers GPT-Neo with `head` plus tokenizer files into `folder`.
 
     `scale` > 0 redraws the Linear/Embedding weights with that std, so that argmax
@@ -80,8 +81,10 @@ def make_checkpoint(folder: Path, head: str, *, scale: float = 0.0, seed: int = 
     if head == "token":
         settings.update(id2label=TAG_LABELS, label2id={v: k for k, v in TAG_LABELS.items()})
     if head == "sequence":
-        settings.update(id2label={0: "negative", 1: "neutral", 2: "positive"},
-                        label2id={"negative": 0, "neutral": 1, "positive": 2})
+        settings.update(
+            id2label={0: "negative", 1: "neutral", 2: "positive"},
+            label2id={"negative": 0, "neutral": 1, "positive": 2},
+        )
     settings.update(overrides)
     config = transformers.GPTNeoConfig(**settings)
     torch.manual_seed(seed)
@@ -202,8 +205,9 @@ def test_classify_rejects_empty_text(sequence):
 
 
 # ---- zero-shot --------------------------------------------------------------------------
-def reference_zero_shot(theirs, text: str, labels: list[str], template: str,
-                        calibrate: bool = True) -> list[float]:
+def reference_zero_shot(
+    theirs, text: str, labels: list[str], template: str, calibrate: bool = True
+) -> list[float]:
     """Independent reference: transformers log-likelihoods of each label, one sequence at
     a time, calibrated by the empty-text prompt, softmaxed over labels."""
     raw = raw_tokenizer()
@@ -265,9 +269,12 @@ def test_zero_shot_truncates_text_that_overflows(causal):
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"labels": []}, "labels"), ({"labels": ["a", "a"]}, "distinct"),
-     ({"labels": ["a"], "template": "no slot"}, "template"),
-     ({"labels": ["a", " "]}, "labels")],
+    [
+        ({"labels": []}, "labels"),
+        ({"labels": ["a", "a"]}, "distinct"),
+        ({"labels": ["a"], "template": "no slot"}, "template"),
+        ({"labels": ["a", " "]}, "labels"),
+    ],
 )
 def test_zero_shot_rejects_bad_values(causal, kwargs, match):
     model, tok, _ = causal
@@ -278,8 +285,7 @@ def test_zero_shot_rejects_bad_values(causal, kwargs, match):
 # ---- tag --------------------------------------------------------------------------------
 def test_merge_spans_iob_bioes_and_plain_labels():
     text = "Alice Smith met Bob in New York City today"
-    words = [(0, 5), (5, 11), (11, 15), (15, 19), (19, 22), (22, 26), (26, 31), (31, 36),
-             (36, 42)]
+    words = [(0, 5), (5, 11), (11, 15), (15, 19), (19, 22), (22, 26), (26, 31), (31, 36), (36, 42)]
     labels = ["B-PER", "I-PER", "O", "B-PER", "O", "B-LOC", "I-LOC", "I-PER", "MISC"]
     spans = tasks.merge_spans(text, labels, words, [0.9, 0.7, 1, 0.8, 1, 0.6, 0.4, 0.5, 0.3])
     got = [(s.label, s.start, s.end, s.text) for s in spans]
@@ -294,13 +300,21 @@ def test_merge_spans_iob_bioes_and_plain_labels():
     # B-X right after X starts a new span; plain labels merge runs; S-/E- close spans
     labels = ["B-PER", "B-PER", "MISC", "MISC", "S-LOC", "I-LOC", "B-LOC", "E-LOC", "I-LOC"]
     got = [(s.label, s.text) for s in tasks.merge_spans(text, labels, words)]
-    assert got == [("PER", "Alice"), ("PER", "Smith"), ("MISC", "met Bob"), ("LOC", "in"),
-                   ("LOC", "New"), ("LOC", "York City"), ("LOC", "today")]
+    assert got == [
+        ("PER", "Alice"),
+        ("PER", "Smith"),
+        ("MISC", "met Bob"),
+        ("LOC", "in"),
+        ("LOC", "New"),
+        ("LOC", "York City"),
+        ("LOC", "today"),
+    ]
 
 
 def same_spans(got: list[tasks.Span], want: list[tasks.Span]) -> None:
     assert [(s.label, s.start, s.end, s.text) for s in got] == [
-        (s.label, s.start, s.end, s.text) for s in want]
+        (s.label, s.start, s.end, s.text) for s in want
+    ]
     assert [s.score for s in got] == pytest.approx([s.score for s in want], abs=1e-5)
 
 
@@ -352,8 +366,11 @@ def brute_force(start_logits, end_logits, q: int, max_tokens: int) -> tuple[floa
     s_lp = torch.log_softmax(start_logits[q:].double(), dim=-1)
     e_lp = torch.log_softmax(end_logits[q:].double(), dim=-1)
     n = len(s_lp)
-    return max((math.exp(s_lp[s] + e_lp[e]), s, e)
-               for s in range(n) for e in range(s, min(n, s + max_tokens)))
+    return max(
+        (math.exp(s_lp[s] + e_lp[e]), s, e)
+        for s in range(n)
+        for e in range(s, min(n, s + max_tokens))
+    )
 
 
 def test_answer_equals_brute_force_over_transformers_logits(qa):

@@ -95,8 +95,10 @@ class ReferenceBPE:
     def _bpe(self, word: str) -> list[str]:
         parts = list(word)
         while len(parts) > 1:
-            best = min(range(len(parts) - 1),
-                       key=lambda i: self.ranks.get((parts[i], parts[i + 1]), float("inf")))
+            best = min(
+                range(len(parts) - 1),
+                key=lambda i: self.ranks.get((parts[i], parts[i + 1]), float("inf")),
+            )
             pair = (parts[best], parts[best + 1])
             if pair not in self.ranks:
                 break
@@ -177,8 +179,9 @@ def reference() -> ReferenceBPE:
 @needs_vocab
 @pytest.mark.parametrize("build", ["vocab_merges", "tokenizer_json"])
 @pytest.mark.parametrize("name", sorted(CORPUS))
-def test_ids_match_transformers_and_reference(build, name, vocab_tokenizer, json_tokenizer,
-                                              hf_tokenizers, reference):
+def test_ids_match_transformers_and_reference(
+    build, name, vocab_tokenizer, json_tokenizer, hf_tokenizers, reference
+):
     tok = vocab_tokenizer if build == "vocab_merges" else json_tokenizer
     text = CORPUS[name]
     ids = tok.encode(text)
@@ -225,14 +228,24 @@ def _copy_vocab(folder: Path) -> Path:
 @needs_vocab
 def test_special_tokens_from_tokenizer_config_and_map(tmp_path):
     folder = _copy_vocab(tmp_path / "m")
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "eos_token": {"__type": "AddedToken", "content": ENDOFTEXT, "lstrip": False},
-        "pad_token": None,
-        "model_max_length": 2048,
-    }))
-    (folder / "special_tokens_map.json").write_text(json.dumps({
-        "bos_token": ENDOFTEXT, "eos_token": "<|wrong|>", "pad_token": "<|pad|>",
-    }))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "eos_token": {"__type": "AddedToken", "content": ENDOFTEXT, "lstrip": False},
+                "pad_token": None,
+                "model_max_length": 2048,
+            }
+        )
+    )
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps(
+            {
+                "bos_token": ENDOFTEXT,
+                "eos_token": "<|wrong|>",
+                "pad_token": "<|pad|>",
+            }
+        )
+    )
     tok = load_tokenizer(folder)
     assert tok.eos_token == ENDOFTEXT and tok.eos_id == 50256  # tokenizer_config wins
     assert tok.bos_id == 50256
@@ -244,10 +257,16 @@ def test_special_tokens_from_tokenizer_config_and_map(tmp_path):
 @needs_vocab
 def test_special_tokens_fall_back_to_config_json(tmp_path):
     folder = _copy_vocab(tmp_path / "m")
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "gpt_neo", "bos_token_id": 50256, "eos_token_id": 50256,
-        "max_position_embeddings": 2048,
-    }))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "gpt_neo",
+                "bos_token_id": 50256,
+                "eos_token_id": 50256,
+                "max_position_embeddings": 2048,
+            }
+        )
+    )
     tok = load_tokenizer(folder)
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (50256, 50256, 50256)
     assert tok.model_max_length == 2048
@@ -328,7 +347,7 @@ def _check_stream(tok: Tokenizer, ids: list[int], fallback: bool = False) -> Non
         emitted += stream.push(token_id)
         so_far = tok.decode(ids[:k])
         assert so_far.startswith(emitted)
-        held = so_far[len(emitted):]
+        held = so_far[len(emitted) :]
         assert held in ("", "\ufffd") or (fallback and held.endswith("\ufffd")), (k, held)
     emitted += stream.finish()
     assert emitted == tok.decode(ids)
@@ -340,8 +359,9 @@ def _byte_token_ids(tok: Tokenizer, text: str) -> list[int]:
     return [tok.token_to_id(chars[b]) for b in text.encode("utf-8")]
 
 
-stream_settings = settings(max_examples=150, deadline=None,
-                           suppress_health_check=[HealthCheck.function_scoped_fixture])
+stream_settings = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 @needs_vocab
@@ -358,8 +378,10 @@ class TestStreamDecoder:
         _check_stream(vocab_tokenizer, _byte_token_ids(vocab_tokenizer, text), fallback)
 
     @stream_settings
-    @given(text=st.text(alphabet=st.characters(codec="utf-8"), max_size=40),
-           extra=st.lists(st.sampled_from([50256, 163, 226, 254, 30325, 47249]), max_size=4))
+    @given(
+        text=st.text(alphabet=st.characters(codec="utf-8"), max_size=40),
+        extra=st.lists(st.sampled_from([50256, 163, 226, 254, 30325, 47249]), max_size=4),
+    )
     def test_encoded_text_with_specials(self, vocab_tokenizer, fallback, text, extra):
         ids = vocab_tokenizer.encode(text) + extra + vocab_tokenizer.encode(text[::-1])
         _check_stream(vocab_tokenizer, ids, fallback)
@@ -419,4 +441,3 @@ def test_encode_rejects_non_text(tmp_path):
     tok = load_tokenizer(tiny_byte_level(tmp_path / "tiny"))
     with pytest.raises(TypeError):
         tok.encode(b"bytes")  # type: ignore[arg-type]
-

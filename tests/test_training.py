@@ -66,9 +66,15 @@ def base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok = train_bpe_tokenizer(TEXTS * 20, vocab_size=300)
     tok.save(folder)
     config = GPTNeoConfig(
-        vocab_size=tok.vocab_size + 3, max_position_embeddings=64, hidden_size=24,
-        num_layers=2, num_heads=3, intermediate_size=40, window_size=8,
-        attention_types=[[["local", "global"], 1]], bos_token_id=tok.eos_id,
+        vocab_size=tok.vocab_size + 3,
+        max_position_embeddings=64,
+        hidden_size=24,
+        num_layers=2,
+        num_heads=3,
+        intermediate_size=40,
+        window_size=8,
+        attention_types=[[["local", "global"], 1]],
+        bos_token_id=tok.eos_id,
         eos_token_id=tok.eos_id,
     )
     torch.manual_seed(0)
@@ -85,8 +91,17 @@ def text_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def small_config(**changes: object) -> TrainConfig:
-    values: dict = dict(block_size=16, batch_size=4, lr=1e-2, max_steps=20, eval_every=5,
-                        val_fraction=0.2, precision="float32", seed=3, log_every=1)
+    values: dict = dict(
+        block_size=16,
+        batch_size=4,
+        lr=1e-2,
+        max_steps=20,
+        eval_every=5,
+        val_fraction=0.2,
+        precision="float32",
+        seed=3,
+        log_every=1,
+    )
     values.update(changes)
     return TrainConfig(**values)
 
@@ -134,8 +149,7 @@ def test_resume_reaches_the_same_state(base_model: Path, text_data: Path, tmp_pa
         return calls["n"] == 6
 
     with pytest.raises(TrainingInterrupted) as stopped:
-        finetune(base_model, [text_data], tmp_path / "split", config,
-                 should_stop=stop_after_six)
+        finetune(base_model, [text_data], tmp_path / "split", config, should_stop=stop_after_six)
     checkpoint = tmp_path / "split" / CHECKPOINT_DIR
     assert stopped.value.step == 6 and stopped.value.checkpoint == checkpoint
     # The library names the checkpoint; only the CLI speaks of --resume.
@@ -143,8 +157,7 @@ def test_resume_reaches_the_same_state(base_model: Path, text_data: Path, tmp_pa
     state = json.loads((checkpoint / TRAINER_STATE).read_text())["state"]
     assert state["step"] == 6
 
-    resumed = finetune(base_model, [text_data], tmp_path / "split", config,
-                       resume_from=checkpoint)
+    resumed = finetune(base_model, [text_data], tmp_path / "split", config, resume_from=checkpoint)
     assert resumed.steps == full.steps == 14
     assert resumed.history == full.history
     final_full = load_tensors(tmp_path / "full" / CHECKPOINT_DIR)
@@ -157,8 +170,12 @@ def test_resume_reaches_the_same_state(base_model: Path, text_data: Path, tmp_pa
     opt_split = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     for key, value in opt_full["optimizer"]["state"].items():
         assert float(value["step"]) == 14
-        torch.testing.assert_close(opt_split["optimizer"]["state"][key]["exp_avg_sq"],
-                                   value["exp_avg_sq"], rtol=0, atol=1e-9)
+        torch.testing.assert_close(
+            opt_split["optimizer"]["state"][key]["exp_avg_sq"],
+            value["exp_avg_sq"],
+            rtol=0,
+            atol=1e-9,
+        )
 
 
 def test_resume_refuses_other_data(base_model: Path, text_data: Path, tmp_path: Path) -> None:
@@ -167,19 +184,20 @@ def test_resume_refuses_other_data(base_model: Path, text_data: Path, tmp_path: 
     other = tmp_path / "other.txt"
     other.write_text("something else entirely\n" * 40, encoding="utf-8")
     with pytest.raises(GPTNeoError, match="different data"):
-        finetune(base_model, [other], tmp_path / "b", config,
-                 resume_from=tmp_path / "a" / CHECKPOINT_DIR)
+        finetune(
+            base_model, [other], tmp_path / "b", config, resume_from=tmp_path / "a" / CHECKPOINT_DIR
+        )
     with pytest.raises(GPTNeoError, match="not a training checkpoint"):
         finetune(base_model, [text_data], tmp_path / "c", config, resume_from=tmp_path)
 
 
-def test_finetune_output_loads_in_transformers(base_model: Path, text_data: Path,
-                                               tmp_path: Path) -> None:
+def test_finetune_output_loads_in_transformers(
+    base_model: Path, text_data: Path, tmp_path: Path
+) -> None:
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "out"
     finetune(base_model, [text_data], out, small_config(max_steps=6))
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in
-                                                                      out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     ours = GPTNeoForCausalLM.from_pretrained(out)
     theirs = transformers.GPTNeoForCausalLM.from_pretrained(out).eval()
     # The weights really changed from the base model.
@@ -196,8 +214,13 @@ def test_finetune_output_loads_in_transformers(base_model: Path, text_data: Path
 
 
 def test_save_dtype_float16(base_model: Path, text_data: Path, tmp_path: Path) -> None:
-    finetune(base_model, [text_data], tmp_path / "out", small_config(max_steps=2),
-             save_dtype=torch.float16)
+    finetune(
+        base_model,
+        [text_data],
+        tmp_path / "out",
+        small_config(max_steps=2),
+        save_dtype=torch.float16,
+    )
     tensors = load_tensors(tmp_path / "out")
     assert {t.dtype for t in tensors.values()} == {torch.float16}
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -209,20 +232,37 @@ def test_from_scratch_ignores_weights(base_model: Path, text_data: Path, tmp_pat
     folder.mkdir()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         (folder / name).write_bytes((base_model / name).read_bytes())
-    a = finetune(folder, [text_data], tmp_path / "a", small_config(max_steps=3),
-                 from_scratch=True)
-    b = finetune(folder, [text_data], tmp_path / "b", small_config(max_steps=3),
-                 from_scratch=True)
+    a = finetune(folder, [text_data], tmp_path / "a", small_config(max_steps=3), from_scratch=True)
+    b = finetune(folder, [text_data], tmp_path / "b", small_config(max_steps=3), from_scratch=True)
     assert a.history == b.history  # seeded init: reproducible
-    assert torch.equal(load_tensors(tmp_path / "a")["transformer.h.0.mlp.c_fc.weight"],
-                       load_tensors(tmp_path / "b")["transformer.h.0.mlp.c_fc.weight"])
+    assert torch.equal(
+        load_tensors(tmp_path / "a")["transformer.h.0.mlp.c_fc.weight"],
+        load_tensors(tmp_path / "b")["transformer.h.0.mlp.c_fc.weight"],
+    )
 
 
 def test_cli_finetune(base_model: Path, text_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc = run_cli("finetune", str(base_model), str(text_data), "--output", str(out),
-                   "--block-size", "16", "--batch-size", "4", "--max-steps", "3",
-                   "--eval-every", "2", "--lr", "1e-3", "--format", "json", home=tmp_path)
+    proc = run_cli(
+        "finetune",
+        str(base_model),
+        str(text_data),
+        "--output",
+        str(out),
+        "--block-size",
+        "16",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "3",
+        "--eval-every",
+        "2",
+        "--lr",
+        "1e-3",
+        "--format",
+        "json",
+        home=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr.decode()
     summary = json.loads(proc.stdout)
     assert summary["steps"] == 3 and summary["output"] == str(out)
@@ -234,12 +274,28 @@ def test_cli_finetune(base_model: Path, text_data: Path, tmp_path: Path) -> None
 
 
 def test_cli_finetune_bad_values(base_model: Path, tmp_path: Path) -> None:
-    proc = run_cli("finetune", str(base_model), str(tmp_path / "missing.txt"), "--output",
-                   str(tmp_path / "o"), home=tmp_path)
+    proc = run_cli(
+        "finetune",
+        str(base_model),
+        str(tmp_path / "missing.txt"),
+        "--output",
+        str(tmp_path / "o"),
+        home=tmp_path,
+    )
     assert proc.returncode == 2
     assert b"missing.txt does not exist" in proc.stderr
-    proc = run_cli("finetune", str(base_model), str(tmp_path), "--output", str(tmp_path / "o"),
-                   "--precision", "float16", "--device", "cpu", home=tmp_path)
+    proc = run_cli(
+        "finetune",
+        str(base_model),
+        str(tmp_path),
+        "--output",
+        str(tmp_path / "o"),
+        "--precision",
+        "float16",
+        "--device",
+        "cpu",
+        home=tmp_path,
+    )
     assert proc.returncode == 2 and b"float16 autocast needs a CUDA" in proc.stderr
 
 
@@ -325,19 +381,24 @@ def labelled_rows(n: int, seed: int) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("cls") / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in labelled_rows(60, 0)),
-                    encoding="utf-8")
+    path.write_text("".join(json.dumps(r) + "\n" for r in labelled_rows(60, 0)), encoding="utf-8")
     return path
 
 
 @pytest.mark.parametrize("train", ["head", "all"])
-def test_classifier_loads_in_transformers(base_model: Path, labelled: Path, tmp_path: Path,
-                                          train: str) -> None:
+def test_classifier_loads_in_transformers(
+    base_model: Path, labelled: Path, tmp_path: Path, train: str
+) -> None:
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "clf"
-    config = ClassifierConfig(train=train, epochs=20 if train == "head" else 2, batch_size=8,
-                              lr=3e-2 if train == "head" else 1e-3, val_fraction=0.2,
-                              precision="float32")
+    config = ClassifierConfig(
+        train=train,
+        epochs=20 if train == "head" else 2,
+        batch_size=8,
+        lr=3e-2 if train == "head" else 1e-3,
+        val_fraction=0.2,
+        precision="float32",
+    )
     result = fit_classifier(base_model, [labelled], out, config)
 
     assert result.labels == ["bad", "good", "meh"]
@@ -363,24 +424,39 @@ def test_classifier_loads_in_transformers(base_model: Path, labelled: Path, tmp_
         encoded = [tok.encode(t) for t in rows]
         width = max(map(len, encoded))
         ids = torch.tensor([e + [tok.pad_id] * (width - len(e)) for e in encoded])
-        mask = (torch.arange(width)[None] < torch.tensor([len(e) for e in encoded])[:, None])
+        mask = torch.arange(width)[None] < torch.tensor([len(e) for e in encoded])[:, None]
         ours_logits = ours(ids, attention_mask=mask.long()).logits
         theirs_logits = theirs(ids, attention_mask=mask.long()).logits
         torch.testing.assert_close(ours_logits, theirs_logits, rtol=0, atol=1e-5)
     # The reported accuracy is what the saved model scores on the held-out split.
     _, val = split_examples(read_labeled([labelled]), config.val_fraction, config.seed)
     with torch.no_grad():
-        predicted = [ours.config.id2label[int(ours(torch.tensor([tok.encode(e.text)])).logits
-                                              .argmax())] for e in val]
+        predicted = [
+            ours.config.id2label[int(ours(torch.tensor([tok.encode(e.text)])).logits.argmax())]
+            for e in val
+        ]
     accuracy = sum(p == e.label for p, e in zip(predicted, val, strict=True)) / len(val)
     assert accuracy == pytest.approx(result.val_accuracy)
 
 
-def test_cli_train_classifier_then_classify(base_model: Path, labelled: Path,
-                                            tmp_path: Path) -> None:
+def test_cli_train_classifier_then_classify(
+    base_model: Path, labelled: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "clf"
-    proc = run_cli("train-classifier", str(base_model), str(labelled), "--output", str(out),
-                   "--epochs", "20", "--lr", "0.03", "--batch-size", "8", home=tmp_path)
+    proc = run_cli(
+        "train-classifier",
+        str(base_model),
+        str(labelled),
+        "--output",
+        str(out),
+        "--epochs",
+        "20",
+        "--lr",
+        "0.03",
+        "--batch-size",
+        "8",
+        home=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr.decode()
     stdout = proc.stdout.decode()
     assert "val_accuracy: 1.0000" in stdout and "labels: bad, good, meh" in stdout
@@ -405,19 +481,38 @@ def test_read_labeled_csv_and_labels(tmp_path: Path) -> None:
     assert len(train) == 2
 
 
-def test_cli_ctrl_c_saves_a_checkpoint_and_resume_finishes(base_model: Path, text_data: Path,
-                                                          tmp_path: Path) -> None:
+def test_cli_ctrl_c_saves_a_checkpoint_and_resume_finishes(
+    base_model: Path, text_data: Path, tmp_path: Path
+) -> None:
     import signal
     import subprocess
 
     from helpers_cli import cli_env, gptneo_command
 
     out = tmp_path / "out"
-    args = ["finetune", str(base_model), str(text_data), "--output", str(out), "--block-size",
-            "16", "--batch-size", "2", "--max-steps", "100000", "--eval-every", "5"]
-    proc = subprocess.Popen([*gptneo_command(), *args], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=cli_env(tmp_path), cwd=tmp_path)
+    args = [
+        "finetune",
+        str(base_model),
+        str(text_data),
+        "--output",
+        str(out),
+        "--block-size",
+        "16",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "100000",
+        "--eval-every",
+        "5",
+    ]
+    proc = subprocess.Popen(
+        [*gptneo_command(), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(tmp_path),
+        cwd=tmp_path,
+    )
     assert proc.stderr is not None
     seen = []
     for raw in proc.stderr:  # wait until training is under way, then press "Ctrl-C"
@@ -431,15 +526,24 @@ def test_cli_ctrl_c_saves_a_checkpoint_and_resume_finishes(base_model: Path, tex
     state = json.loads((out / CHECKPOINT_DIR / TRAINER_STATE).read_text())["state"]
     assert state["step"] >= 1
 
-    done = run_cli(*args[:-4], "--max-steps", str(state["step"] + 2), "--resume",
-                   str(out / CHECKPOINT_DIR), "--format", "json", home=tmp_path)
+    done = run_cli(
+        *args[:-4],
+        "--max-steps",
+        str(state["step"] + 2),
+        "--resume",
+        str(out / CHECKPOINT_DIR),
+        "--format",
+        "json",
+        home=tmp_path,
+    )
     # (a longer or shorter run may be resumed: only the data must be the same)
     assert done.returncode == 0, done.stderr.decode()
     assert json.loads(done.stdout)["steps"] == state["step"] + 2
 
 
-def test_cli_finetune_rich_progress_on_a_terminal(base_model: Path, text_data: Path,
-                                                  tmp_path: Path) -> None:
+def test_cli_finetune_rich_progress_on_a_terminal(
+    base_model: Path, text_data: Path, tmp_path: Path
+) -> None:
     """On a TTY, stderr carries a live Rich bar with the step count, loss, tokens/s and ETA."""
     import re
 
@@ -448,11 +552,30 @@ def test_cli_finetune_rich_progress_on_a_terminal(base_model: Path, text_data: P
 
     out = tmp_path / "out"
     cmd = gptneo_command()
-    child = pexpect.spawn(cmd[0], [*cmd[1:], "finetune", str(base_model), str(text_data),
-                                   "--output", str(out), "--block-size", "16", "--batch-size",
-                                   "4", "--max-steps", "4", "--eval-every", "2"],
-                          env=cli_env(tmp_path, NO_COLOR="1", TERM="xterm"), cwd=str(tmp_path),
-                          timeout=120, encoding="utf-8", dimensions=(30, 160))
+    child = pexpect.spawn(
+        cmd[0],
+        [
+            *cmd[1:],
+            "finetune",
+            str(base_model),
+            str(text_data),
+            "--output",
+            str(out),
+            "--block-size",
+            "16",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "4",
+            "--eval-every",
+            "2",
+        ],
+        env=cli_env(tmp_path, NO_COLOR="1", TERM="xterm"),
+        cwd=str(tmp_path),
+        timeout=120,
+        encoding="utf-8",
+        dimensions=(30, 160),
+    )
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0, child.before

@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - the fixtures imported from test_training are parameters here
 """Training commands never lose or clobber a model folder, and say the right things.
 
 What is proved here: a save that fails midway (a fault between files, a full disk, the
@@ -36,14 +37,19 @@ from gptneo_cli.training import (
 
 def digest(folder: Path) -> dict[str, str]:
     """Every file under `folder` (relative name -> sha256), to prove nothing changed."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.parent.iterdir()
-                  if p.name.startswith(f".{folder.name}.") or ".partial" in p.name
-                  or p.name.endswith(".tmp"))
+    return sorted(
+        p.name
+        for p in folder.parent.iterdir()
+        if p.name.startswith(f".{folder.name}.") or ".partial" in p.name or p.name.endswith(".tmp")
+    )
 
 
 @pytest.fixture()
@@ -66,8 +72,11 @@ def changed_model(base_model: Path) -> GPTNeoForCausalLM:  # noqa: F811
 # ---------------------------------------------------------------------------- atomic saves
 
 
-def test_fault_between_files_leaves_the_old_folder(old_model: Path, base_model: Path,  # noqa: F811
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fault_between_files_leaves_the_old_folder(
+    old_model: Path,
+    base_model: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     before = digest(old_model)
 
     def broken_copy(src: object, dst: object) -> None:  # config and weights are written by now
@@ -81,8 +90,11 @@ def test_fault_between_files_leaves_the_old_folder(old_model: Path, base_model: 
     GPTNeoForCausalLM.from_pretrained(old_model)
 
 
-def test_full_disk_leaves_the_old_folder(old_model: Path, base_model: Path,  # noqa: F811
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_disk_leaves_the_old_folder(
+    old_model: Path,
+    base_model: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import safetensors
 
     before = digest(old_model)
@@ -100,8 +112,11 @@ def test_full_disk_leaves_the_old_folder(old_model: Path, base_model: Path,  # n
     assert leftovers(old_model) == []
 
 
-def test_sigkill_midway_leaves_the_old_folder(old_model: Path, base_model: Path,  # noqa: F811
-                                              tmp_path: Path) -> None:
+def test_sigkill_midway_leaves_the_old_folder(
+    old_model: Path,
+    base_model: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     before = digest(old_model)
     script = textwrap.dedent(f"""
         import os, signal, torch
@@ -133,9 +148,11 @@ def test_sigkill_midway_leaves_the_old_folder(old_model: Path, base_model: Path,
     assert after["tokenizer.json"] == before["tokenizer.json"]
 
 
-def test_save_keeps_other_files_and_drops_stale_weights(old_model: Path,
-                                                        base_model: Path,  # noqa: F811
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_save_keeps_other_files_and_drops_stale_weights(
+    old_model: Path,
+    base_model: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     (old_model / "pytorch_model.bin").write_bytes(b"old weights")
     (old_model / CHECKPOINT_DIR).mkdir()
     (old_model / CHECKPOINT_DIR / TRAINER_STATE).write_text("{}", encoding="utf-8")
@@ -149,10 +166,11 @@ def test_save_keeps_other_files_and_drops_stale_weights(old_model: Path,
     assert float(loaded.transformer.ln_f.bias.detach().mean()) == pytest.approx(1.0, abs=1e-6)
 
 
-def test_a_kill_between_the_fallback_renames_loses_nothing(old_model: Path,
-                                                           base_model: Path,  # noqa: F811
-                                                           monkeypatch: pytest.MonkeyPatch,
-                                                           ) -> None:
+def test_a_kill_between_the_fallback_renames_loses_nothing(
+    old_model: Path,
+    base_model: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     before = digest(old_model)
     # What a save killed between the fallback's two renames leaves: no folder, the old one
     # under an -old- name of a process that is gone.
@@ -166,8 +184,11 @@ def test_a_kill_between_the_fallback_renames_loses_nothing(old_model: Path,
     assert leftovers(old_model) == []
 
 
-def test_a_symlinked_output_stays_a_link(old_model: Path, base_model: Path,  # noqa: F811
-                                         tmp_path: Path) -> None:
+def test_a_symlinked_output_stays_a_link(
+    old_model: Path,
+    base_model: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     link = tmp_path / "link"
     link.symlink_to(old_model, target_is_directory=True)
     export_model(changed_model(base_model), link, None, base_model)
@@ -178,13 +199,27 @@ def test_a_symlinked_output_stays_a_link(old_model: Path, base_model: Path,  # n
 # ---------------------------------------------------------------------------- overwriting
 
 
-def test_cli_refuses_a_folder_of_other_files(base_model: Path, text_data: Path,  # noqa: F811
-                                             tmp_path: Path) -> None:
+def test_cli_refuses_a_folder_of_other_files(
+    base_model: Path,
+    text_data: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "index.md").write_text("# docs\n", encoding="utf-8")
-    args = ["finetune", str(base_model), str(text_data), "--output", str(docs),
-            "--block-size", "16", "--max-steps", "1", "--val-fraction", "0"]
+    args = [
+        "finetune",
+        str(base_model),
+        str(text_data),
+        "--output",
+        str(docs),
+        "--block-size",
+        "16",
+        "--max-steps",
+        "1",
+        "--val-fraction",
+        "0",
+    ]
     proc = run_cli(*args, home=tmp_path)
     assert proc.returncode == 2
     err = proc.stderr.decode()
@@ -196,19 +231,42 @@ def test_cli_refuses_a_folder_of_other_files(base_model: Path, text_data: Path, 
     assert {"index.md", "config.json", "model.safetensors"} <= {p.name for p in docs.iterdir()}
 
 
-def test_cli_replaces_a_model_only_with_yes(base_model: Path, text_data: Path,  # noqa: F811
-                                            labelled: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_cli_replaces_a_model_only_with_yes(
+    base_model: Path,
+    text_data: Path,  # noqa: F811
+    labelled: Path,
+    tmp_path: Path,
+) -> None:  # noqa: F811
     out = tmp_path / "out"
-    args = ["finetune", str(base_model), str(text_data), "--output", str(out),
-            "--block-size", "16", "--max-steps", "1", "--val-fraction", "0"]
+    args = [
+        "finetune",
+        str(base_model),
+        str(text_data),
+        "--output",
+        str(out),
+        "--block-size",
+        "16",
+        "--max-steps",
+        "1",
+        "--val-fraction",
+        "0",
+    ]
     assert run_cli(*args, home=tmp_path).returncode == 0
     before = digest(out)
     proc = run_cli(*args, home=tmp_path)  # piped, no --yes: refused before any work
     assert proc.returncode == 2
     assert "already holds a model" in proc.stderr.decode() and "--yes" in proc.stderr.decode()
     assert digest(out) == before
-    proc = run_cli("train-classifier", str(base_model), str(labelled), "--output", str(out),
-                   "--epochs", "1", home=tmp_path)
+    proc = run_cli(
+        "train-classifier",
+        str(base_model),
+        str(labelled),
+        "--output",
+        str(out),
+        "--epochs",
+        "1",
+        home=tmp_path,
+    )
     assert proc.returncode == 2 and "--yes" in proc.stderr.decode()
     assert digest(out) == before
     proc = run_cli(*args, "--seed", "7", "--yes", home=tmp_path)
@@ -219,15 +277,32 @@ def test_cli_replaces_a_model_only_with_yes(base_model: Path, text_data: Path,  
 def test_cli_asks_on_a_terminal(base_model: Path, text_data: Path, tmp_path: Path) -> None:  # noqa: F811
     pexpect = pytest.importorskip("pexpect")
     out = tmp_path / "out"
-    args = ["finetune", str(base_model), str(text_data), "--output", str(out),
-            "--block-size", "16", "--max-steps", "1", "--val-fraction", "0"]
+    args = [
+        "finetune",
+        str(base_model),
+        str(text_data),
+        "--output",
+        str(out),
+        "--block-size",
+        "16",
+        "--max-steps",
+        "1",
+        "--val-fraction",
+        "0",
+    ]
     assert run_cli(*args, home=tmp_path).returncode == 0
     before = digest(out)
     cmd = gptneo_command()
 
     def spawn() -> object:
-        return pexpect.spawn(cmd[0], [*cmd[1:], *args], env=cli_env(tmp_path, NO_COLOR="1"),
-                             cwd=str(tmp_path), timeout=120, encoding="utf-8")
+        return pexpect.spawn(
+            cmd[0],
+            [*cmd[1:], *args],
+            env=cli_env(tmp_path, NO_COLOR="1"),
+            cwd=str(tmp_path),
+            timeout=120,
+            encoding="utf-8",
+        )
 
     child = spawn()
     child.expect(r"already holds a model\. Replace it\? \[y/N\]")
@@ -257,9 +332,12 @@ class Steps(Reporter):
         self.steps.append(stats)
 
 
-def test_resumed_eta_uses_the_rate_after_resuming(base_model: Path, text_data: Path,  # noqa: F811
-                                                  tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resumed_eta_uses_the_rate_after_resuming(
+    base_model: Path,
+    text_data: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from gptneo_cli.training import TrainingInterrupted, report
 
     out = tmp_path / "out"
@@ -275,8 +353,9 @@ def test_resumed_eta_uses_the_rate_after_resuming(base_model: Path, text_data: P
     ticks = iter(range(0, 10_000, 2))  # every step now takes exactly 2 s by this clock
     monkeypatch.setattr(report.RateClock, "now", staticmethod(lambda: float(next(ticks))))
     reporter = Steps()
-    finetune(base_model, [text_data], out, config, resume_from=out / CHECKPOINT_DIR,
-             reporter=reporter)
+    finetune(
+        base_model, [text_data], out, config, resume_from=out / CHECKPOINT_DIR, reporter=reporter
+    )
     first = reporter.steps[0]
     assert first.step == 2
     assert first.eta_s == pytest.approx(2.0 * 6)  # 6 steps left at 2 s, not at 6000 s
@@ -287,22 +366,52 @@ def test_counts_agree_with_their_nouns() -> None:
     from gptneo_cli.cli.progress import _describe, plural
 
     assert plural(1, "document") == "1 document" and plural(0, "document") == "0 documents"
-    text = _describe(1, {"train_tokens": 1, "train_blocks": 1, "train_documents": 1,
-                         "val_tokens": 0, "val_documents": 0, "device": "cpu",
-                         "autocast": "float32"})
-    assert text == ("1 training token in 1 block (1 document), 0 held-out tokens "
-                    "(0 documents); 1 step on cpu, float32")
-    text = _describe(3, {"train_examples": 1, "val_examples": 0, "labels": ["a", "b"],
-                         "train": "head", "device": "cpu"})
-    assert text == "1 training example and 0 validation examples, labels a, b; 3 steps " \
-                   "(head) on cpu"
+    text = _describe(
+        1,
+        {
+            "train_tokens": 1,
+            "train_blocks": 1,
+            "train_documents": 1,
+            "val_tokens": 0,
+            "val_documents": 0,
+            "device": "cpu",
+            "autocast": "float32",
+        },
+    )
+    assert text == (
+        "1 training token in 1 block (1 document), 0 held-out tokens "
+        "(0 documents); 1 step on cpu, float32"
+    )
+    text = _describe(
+        3,
+        {
+            "train_examples": 1,
+            "val_examples": 0,
+            "labels": ["a", "b"],
+            "train": "head",
+            "device": "cpu",
+        },
+    )
+    assert (
+        text == "1 training example and 0 validation examples, labels a, b; 3 steps (head) on cpu"
+    )
 
 
 def test_cli_one_document_is_singular(base_model: Path, tmp_path: Path) -> None:  # noqa: F811
     doc = tmp_path / "one.txt"
     doc.write_text("def add(a, b):\n    return a + b\n" * 30, encoding="utf-8")
-    proc = run_cli("finetune", str(base_model), str(doc), "--output", str(tmp_path / "o"),
-                   "--block-size", "16", "--max-steps", "1", home=tmp_path)
+    proc = run_cli(
+        "finetune",
+        str(base_model),
+        str(doc),
+        "--output",
+        str(tmp_path / "o"),
+        "--block-size",
+        "16",
+        "--max-steps",
+        "1",
+        home=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr.decode()
     first = proc.stderr.decode().splitlines()[0]
     assert "(1 document)" in first and "(0 documents)" in first, first

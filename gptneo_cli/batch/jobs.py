@@ -62,23 +62,31 @@ def parse_line(text: str, line: int, *, plain: bool) -> Item | None:
         return Item(line, line_id(line), error=f"line {line}: not valid JSON ({exc.msg})")
     if not isinstance(record, dict):
         return Item(line, line_id(line), error=f"line {line}: not a JSON object")
+    return _parse_record(record, line)
+
+
+def _parse_record(record: dict[str, Any], line: int) -> Item:
+    """A JSON object line: the Batch API request shape, or the `{"prompt": ...}` shorthand."""
     if "custom_id" not in record:
         if "prompt" in record:  # the shorthand: the line is the completion body
             return Item(line, line_id(line), body=record)
-        return Item(line, line_id(line),
-                    error=f'line {line}: needs "custom_id", "url" and "body" (or "prompt")')
+        return Item(
+            line,
+            line_id(line),
+            error=f'line {line}: needs "custom_id", "url" and "body" (or "prompt")',
+        )
     custom_id = record["custom_id"]
     if not isinstance(custom_id, str) or not custom_id:
-        return Item(line, line_id(line), error=f"line {line}: custom_id must be a non-empty "
-                    "string")
+        return Item(line, line_id(line), error=f"line {line}: custom_id must be a non-empty string")
     method = record.get("method", "POST")
     url = record.get("url")
     body = record.get("body")
     if method != "POST":
         return Item(line, custom_id, error=f"line {line}: method must be POST, got {method!r}")
     if url not in URLS:
-        return Item(line, custom_id, error=f"line {line}: url must be one of "
-                    f"{', '.join(URLS)}, got {url!r}")
+        return Item(
+            line, custom_id, error=f"line {line}: url must be one of {', '.join(URLS)}, got {url!r}"
+        )
     if not isinstance(body, dict):
         return Item(line, custom_id, url=url, error=f"line {line}: body must be a JSON object")
     return Item(line, custom_id, url=url, body=body)
@@ -92,8 +100,9 @@ def _id_of(text: str, line: int, plain: bool) -> str | None:
 
 def id_hash(custom_id: str) -> int:
     """64 bits of BLAKE2b: what the duplicate check and the resume set keep per id."""
-    return int.from_bytes(hashlib.blake2b(custom_id.encode(), digest_size=8).digest(),
-                          "little", signed=True)
+    return int.from_bytes(
+        hashlib.blake2b(custom_id.encode(), digest_size=8).digest(), "little", signed=True
+    )
 
 
 class BatchInput:
@@ -167,7 +176,8 @@ class BatchInput:
                 if custom_id in seen:
                     raise BatchInputError(
                         f"{self.name}: custom_id {custom_id!r} appears twice (lines "
-                        f"{seen[custom_id]} and {number}); custom_ids must be unique")
+                        f"{seen[custom_id]} and {number}); custom_ids must be unique"
+                    )
                 seen[custom_id] = number
         return len(hashes)
 
@@ -263,7 +273,8 @@ def scan_output(path: Path) -> Previous:
                 if f.read(1):  # not the last line: the file is damaged or not ours
                     raise BatchInputError(
                         f"{path} line {number} is not a batch output record: fix the file "
-                        "or start over with --restart")
+                        "or start over with --restart"
+                    )
                 torn = True
                 break
             hashes.append(id_hash(record["custom_id"]))
@@ -290,19 +301,26 @@ def result_record(custom_id: str, status: int, body: dict[str, Any]) -> dict[str
     error = None
     if status >= 400:
         detail = body.get("error", {}) if isinstance(body, dict) else {}
-        error = {"code": detail.get("code") or detail.get("type") or "request_failed",
-                 "message": detail.get("message", "the request failed")}
-    return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
-            "response": {"status_code": status, "request_id": f"req_{uuid.uuid4().hex}",
-                         "body": body},
-            "error": error}
+        error = {
+            "code": detail.get("code") or detail.get("type") or "request_failed",
+            "message": detail.get("message", "the request failed"),
+        }
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": custom_id,
+        "response": {"status_code": status, "request_id": f"req_{uuid.uuid4().hex}", "body": body},
+        "error": error,
+    }
 
 
 def bad_line_record(item: Item) -> dict[str, Any]:
     """The output line of an input line that is not a usable request."""
-    return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": item.custom_id,
-            "response": None,
-            "error": {"code": "invalid_request", "message": item.error, "line": item.line}}
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": item.custom_id,
+        "response": None,
+        "error": {"code": "invalid_request", "message": item.error, "line": item.line},
+    }
 
 
 class OutputWriter:

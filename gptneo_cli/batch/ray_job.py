@@ -67,11 +67,17 @@ class BatchActor:
         device = resolve_device(s.device)
         dtype = resolve_dtype(s.dtype, device, s.quantize)
         path = resolve_model_dir(s.model, revision=s.revision)
-        model = FastCausalLM.from_pretrained(path, dtype=dtype, device=device, attn=s.attn,
-                                             quantize=s.quantize)
+        model = FastCausalLM.from_pretrained(
+            path, dtype=dtype, device=device, attn=s.attn, quantize=s.quantize
+        )
         self.runner, self.scheduler = make_runner(
-            model, load_tokenizer(path), model_name=s.model, max_running=s.max_running,
-            defaults=s.defaults, aliases=s.aliases)
+            model,
+            load_tokenizer(path),
+            model_name=s.model,
+            max_running=s.max_running,
+            defaults=s.defaults,
+            aliases=s.aliases,
+        )
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
         items = [Item(**json.loads(text)) for text in batch["text"]]
@@ -80,8 +86,7 @@ class BatchActor:
         return {"record": [json.dumps(r, ensure_ascii=False) for r in records]}
 
 
-def _spool(items: Iterable[Item], folder: Path, shards: int,
-           bad: Callable[[Item], None]) -> int:
+def _spool(items: Iterable[Item], folder: Path, shards: int, bad: Callable[[Item], None]) -> int:
     """Write runnable items round-robin into `shards` files; bad lines go to `bad`."""
     files = [open(folder / f"part-{i:04d}.jsonl", "w", encoding="utf-8") for i in range(shards)]
     count = 0
@@ -90,8 +95,15 @@ def _spool(items: Iterable[Item], folder: Path, shards: int,
             if item.error is not None or item.body is None:
                 bad(item)
                 continue
-            line = json.dumps({"line": item.line, "custom_id": item.custom_id,
-                               "url": item.url, "body": item.body}, ensure_ascii=False)
+            line = json.dumps(
+                {
+                    "line": item.line,
+                    "custom_id": item.custom_id,
+                    "url": item.url,
+                    "body": item.body,
+                },
+                ensure_ascii=False,
+            )
             files[count % shards].write(line + "\n")
             count += 1
     finally:
@@ -102,10 +114,18 @@ def _spool(items: Iterable[Item], folder: Path, shards: int,
     return count
 
 
-def run_on_ray(items: Iterable[Item], output: Path, spec: RaySpec, *,
-               address: str | None = None, actors: int = 1, cpus_per_actor: float = 1.0,
-               gpus_per_actor: float = 0.0, progress: Progress | None = None,
-               on_record: Callable[[dict[str, Any], Progress], None] | None = None) -> Progress:
+def run_on_ray(
+    items: Iterable[Item],
+    output: Path,
+    spec: RaySpec,
+    *,
+    address: str | None = None,
+    actors: int = 1,
+    cpus_per_actor: float = 1.0,
+    gpus_per_actor: float = 0.0,
+    progress: Progress | None = None,
+    on_record: Callable[[dict[str, Any], Progress], None] | None = None,
+) -> Progress:
     """Run `items` on Ray (joining `address`, or the running/ a new local instance)."""
     try:
         import ray
@@ -128,13 +148,23 @@ def run_on_ray(items: Iterable[Item], output: Path, spec: RaySpec, *,
     folder = Path(tempfile.mkdtemp(prefix=".gptneo-batch-", dir=output.parent or "."))
     try:
         with OutputWriter(output) as writer:
-            count = _spool(items, folder, max(1, actors) * 4,
-                           lambda item: emit(writer, bad_line_record(item)))
+            count = _spool(
+                items, folder, max(1, actors) * 4, lambda item: emit(writer, bad_line_record(item))
+            )
             if count == 0:
                 return progress
             with _native_stderr_muted():
-                _run(ray, folder, spec, actors, cpus_per_actor, gpus_per_actor, address,
-                     lambda record: emit(writer, json.loads(record)), progress)
+                _run(
+                    ray,
+                    folder,
+                    spec,
+                    actors,
+                    cpus_per_actor,
+                    gpus_per_actor,
+                    address,
+                    lambda record: emit(writer, json.loads(record)),
+                    progress,
+                )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return progress
@@ -158,13 +188,25 @@ def _native_stderr_muted() -> Iterator[None]:
         os.close(devnull)
 
 
-def _run(ray: Any, folder: Path, spec: RaySpec, actors: int, cpus_per_actor: float,
-         gpus_per_actor: float, address: str | None, emit: Callable[[str], None],
-         progress: Progress) -> None:
+def _run(
+    ray: Any,
+    folder: Path,
+    spec: RaySpec,
+    actors: int,
+    cpus_per_actor: float,
+    gpus_per_actor: float,
+    address: str | None,
+    emit: Callable[[str], None],
+    progress: Progress,
+) -> None:
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None,
-                 include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR, configure_logging=True)
+        ray.init(
+            address=address or os.environ.get("RAY_ADDRESS") or None,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+            configure_logging=True,
+        )
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     if hasattr(context, "print_on_execution_start"):
@@ -173,13 +215,15 @@ def _run(ray: Any, folder: Path, spec: RaySpec, actors: int, cpus_per_actor: flo
     with warnings.catch_warnings():  # local:// is deprecated for clusters, see above
         warnings.simplefilter("ignore")
         # Reading takes no CPU slot: the actors may hold every CPU of a small machine.
-        dataset = ray.data.read_text(f"local://{folder}", drop_empty_lines=True,
-                                     num_cpus=0)
+        dataset = ray.data.read_text(f"local://{folder}", drop_empty_lines=True, num_cpus=0)
     results = dataset.map_batches(
-        BatchActor, fn_constructor_kwargs={"spec": asdict(spec)},
-        batch_size=spec.max_running * 4, concurrency=actors, num_cpus=cpus_per_actor,
-        num_gpus=gpus_per_actor or None)
+        BatchActor,
+        fn_constructor_kwargs={"spec": asdict(spec)},
+        batch_size=spec.max_running * 4,
+        concurrency=actors,
+        num_cpus=cpus_per_actor,
+        num_gpus=gpus_per_actor or None,
+    )
     progress.started = time.perf_counter()
     for row in results.iter_rows():
         emit(row["record"])
-

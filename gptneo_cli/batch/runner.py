@@ -58,8 +58,9 @@ def body_defaults(generation: dict[str, Any]) -> dict[str, Any]:
 class Runner:
     """Feeds items to a scheduler and calls `sink(record)` as each request finishes."""
 
-    def __init__(self, endpoints: Endpoints, scheduler: Scheduler, *,
-                 defaults: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, endpoints: Endpoints, scheduler: Scheduler, *, defaults: dict[str, Any] | None = None
+    ) -> None:
         self.ep, self.scheduler = endpoints, scheduler
         self.defaults = dict(defaults or {})
         self.limit = scheduler.max_running + max(scheduler.max_queue, 1)
@@ -67,9 +68,13 @@ class Runner:
         self._pending: dict[int, _Pending] = {}
         self._keys = iter(range(1, 1 << 62))
 
-    def run(self, items: Iterable[Item], sink: Callable[[Record], None],
-            progress: Progress | None = None,
-            on_record: Callable[[Record, Progress], None] | None = None) -> Progress:
+    def run(
+        self,
+        items: Iterable[Item],
+        sink: Callable[[Record], None],
+        progress: Progress | None = None,
+        on_record: Callable[[Record, Progress], None] | None = None,
+    ) -> Progress:
         progress = progress or Progress()
         progress.started = time.perf_counter()  # the model is loaded: rates count from here
 
@@ -143,8 +148,9 @@ class Runner:
         return _Pending(item, kind, parsed, prompts, rows, len(rows))
 
     # ---- finishing ----------------------------------------------------------------------
-    def _drain(self, emit: Callable[[Record], None], *, block: bool,
-               timeout: float | None = None) -> None:
+    def _drain(
+        self, emit: Callable[[Record], None], *, block: bool, timeout: float | None = None
+    ) -> None:
         """Emit every request whose last row finished (waiting for one when `block`)."""
         first = True
         while True:
@@ -178,26 +184,35 @@ class Runner:
                 row.job.wait(0)  # raises the error that ended a row
             rid = uuid.uuid4().hex[:24]
             if pending.kind == "chat":
-                body = self.ep.chat_body(pending.body, pending.prompts, pending.rows,
-                                         f"chatcmpl-{rid}")
+                body = self.ep.chat_body(
+                    pending.body, pending.prompts, pending.rows, f"chatcmpl-{rid}"
+                )
             else:
-                body = self.ep.completion_body(pending.body, pending.prompts, pending.rows,
-                                               f"cmpl-{rid}")
+                body = self.ep.completion_body(
+                    pending.body, pending.prompts, pending.rows, f"cmpl-{rid}"
+                )
             return result_record(custom_id, 200, body)
         except APIError as exc:
             return result_record(custom_id, exc.status, _error_body(exc))
         except Exception as exc:  # noqa: BLE001 - one failed request must not end the job
-            return result_record(custom_id, 500, _error_body(
-                APIError(500, f"{type(exc).__name__}: {exc}")))
+            return result_record(
+                custom_id, 500, _error_body(APIError(500, f"{type(exc).__name__}: {exc}"))
+            )
 
 
 def _error_body(exc: APIError) -> dict[str, Any]:
     return error_body(exc.status, exc.message, exc.param, exc.code)
 
 
-def make_runner(model: Any, tokenizer: Any, *, model_name: str, max_running: int,
-                defaults: dict[str, Any] | None = None, aliases: Iterable[str] = ()
-                ) -> tuple[Runner, Scheduler]:
+def make_runner(
+    model: Any,
+    tokenizer: Any,
+    *,
+    model_name: str,
+    max_running: int,
+    defaults: dict[str, Any] | None = None,
+    aliases: Iterable[str] = (),
+) -> tuple[Runner, Scheduler]:
     """A scheduler over a loaded model and a runner on it (close the scheduler after)."""
     scheduler = Scheduler(model, tokenizer, max_running=max_running, max_queue=max_running)
     endpoints = Endpoints(model, tokenizer, model_name=model_name, aliases=list(aliases))

@@ -19,11 +19,11 @@ def register(app: typer.Typer) -> None:
         "answer",
         epilog=examples(
             (
-                'Answer from a context file',
+                "Answer from a context file",
                 'gptneo answer "Where did Alice meet Bob?" --context story.txt -m ./qa',
             ),
             (
-                'Context on stdin, as JSON',
+                "Context on stdin, as JSON",
                 'cat story.txt | gptneo answer "Who met Bob?" -m ./qa --format json',
             ),
         ),
@@ -34,8 +34,12 @@ def answer(
     question: Annotated[str, typer.Argument(help="The question to answer.", show_default=False)],
     context: Annotated[
         str | None,
-        typer.Option("--context", "-c", show_default=False,
-                     help="File holding the context, or - for stdin (the default when piped)."),
+        typer.Option(
+            "--context",
+            "-c",
+            show_default=False,
+            help="File holding the context, or - for stdin (the default when piped).",
+        ),
     ] = None,
     max_answer_tokens: Annotated[
         int, typer.Option("--max-answer-tokens", min=1, help="Longest answer, in tokens.")
@@ -63,9 +67,15 @@ def answer(
     from .. import tasks
 
     loaded = load_with_head(options, "GPTNeoForQuestionAnswering")
-    best = tasks.answer(loaded.model, loaded.tokenizer, question, text,
-                        max_answer_tokens=max_answer_tokens, max_seq_len=max_seq_len,
-                        stride=stride)
+    best = tasks.answer(
+        loaded.model,
+        loaded.tokenizer,
+        question,
+        text,
+        max_answer_tokens=max_answer_tokens,
+        max_seq_len=max_seq_len,
+        stride=stride,
+    )
     if fmt != "text":
         record = best.to_dict()
         record = {"question": question, "answer": record.pop("text"), **record}
@@ -73,8 +83,11 @@ def answer(
     elif is_tty(sys.stdout):
         out = make_console(sys.stdout)
         out.print(best.text, style="bold", markup=False)
-        out.print(f"score {best.score:.4f} · characters {best.start}-{best.end}"
-                  + (f" · window {best.window + 1} of {best.windows}" if best.windows > 1
-                     else ""), style="dim", markup=False)
+        out.print(
+            f"score {best.score:.4f} · characters {best.start}-{best.end}"
+            + (f" · window {best.window + 1} of {best.windows}" if best.windows > 1 else ""),
+            style="dim",
+            markup=False,
+        )
     else:
         sys.stdout.write(tsv(best.text, f"{best.score:.4f}"))

@@ -62,8 +62,20 @@ def root(
         state.debug = True
 
 
-for _module in (generate, chat, classify, tag, answer, models, info, finetune, train_heads,
-                bench, serve, batch):
+for _module in (
+    generate,
+    chat,
+    classify,
+    tag,
+    answer,
+    models,
+    info,
+    finetune,
+    train_heads,
+    bench,
+    serve,
+    batch,
+):
     _module.register(app)
 
 use_cli_help(app)

@@ -33,7 +33,7 @@ from .options import (
 from .output import is_tty, make_console
 
 JOB_PANEL = "Batch job"
-RAY_PANEL = "Ray (pip install \"gptneo-cli\\[ray]\")"  # \[: not Rich markup
+RAY_PANEL = 'Ray (pip install "gptneo-cli\\[ray]")'  # \[: not Rich markup
 RAY_INSTALL = 'pip install "gptneo-cli[ray]"'
 
 
@@ -41,51 +41,122 @@ def register(app: typer.Typer) -> None:
     app.command(
         "batch",
         epilog=examples(
-            ("One prompt a line, with the demo model",
-             "gptneo batch prompts.txt -o out.jsonl -m tiny"),
-            ("OpenAI Batch API requests; rerun to resume",
-             "gptneo batch requests.jsonl -o out.jsonl"),
-            ("On a Ray cluster, 4 models",
-             "gptneo batch requests.jsonl -o out.jsonl --ray --actors 4"),
+            (
+                "One prompt a line, with the demo model",
+                "gptneo batch prompts.txt -o out.jsonl -m tiny",
+            ),
+            (
+                "OpenAI Batch API requests; rerun to resume",
+                "gptneo batch requests.jsonl -o out.jsonl",
+            ),
+            (
+                "On a Ray cluster, 4 models",
+                "gptneo batch requests.jsonl -o out.jsonl --ray --actors 4",
+            ),
         ),
     )(batch)
 
 
 @generation_options("batch")
 def batch(
-    input_file: Annotated[str, typer.Argument(
-        metavar="INPUT", show_default=False,
-        help="OpenAI Batch API requests (.jsonl), {\"prompt\": ...} lines, or a .txt file "
-             "with one prompt a line; '-' reads stdin.")],
-    output: Annotated[Path, typer.Option(
-        "--output", "-o", show_default=False, rich_help_panel=JOB_PANEL,
-        help="Output .jsonl (OpenAI Batch output lines). Requests already in it are skipped.")],
-    restart: Annotated[bool, typer.Option(
-        "--restart", rich_help_panel=JOB_PANEL,
-        help="Delete OUTPUT's results and start over (asks first; --yes does not).")] = False,
-    yes: Annotated[bool, typer.Option("--yes", "-y", rich_help_panel=JOB_PANEL,
-                                      help="Do not ask before --restart.")] = False,
-    max_running: Annotated[int, typer.Option(
-        "--max-running", min=1, max=1024, rich_help_panel=JOB_PANEL,
-        help="Sequences decoded together (continuous batching).")] = 16,
-    threads: Annotated[int | None, typer.Option(
-        "--threads", min=1, max=1024, rich_help_panel=JOB_PANEL, show_default=False,
-        help="CPU threads per model (torch's default: the cores).")] = None,
-    ray: Annotated[bool, typer.Option(
-        "--ray", rich_help_panel=RAY_PANEL,
-        help="Run on a Ray cluster: Ray Data reads the input, one model per actor.")] = False,
-    ray_address: Annotated[str | None, typer.Option(
-        "--ray-address", rich_help_panel=RAY_PANEL, show_default=False,
-        help="Cluster to join, e.g. ray://head:10001 or auto (default: RAY_ADDRESS, else a "
-             "local Ray).")] = None,
-    actors: Annotated[int, typer.Option("--actors", min=1, max=10000, rich_help_panel=RAY_PANEL,
-                                        help="Actors (loaded models) in the pool.")] = 1,
-    cpus_per_actor: Annotated[float, typer.Option(
-        "--cpus-per-actor", min=0, rich_help_panel=RAY_PANEL,
-        help="CPUs Ray reserves per actor (and its threads, unless --threads).")] = 1.0,
-    gpus_per_actor: Annotated[float, typer.Option(
-        "--gpus-per-actor", min=0, rich_help_panel=RAY_PANEL,
-        help="GPUs Ray reserves per actor (fractions share a GPU).")] = 0.0,
+    input_file: Annotated[
+        str,
+        typer.Argument(
+            metavar="INPUT",
+            show_default=False,
+            help='OpenAI Batch API requests (.jsonl), {"prompt": ...} lines, or a .txt file '
+            "with one prompt a line; '-' reads stdin.",
+        ),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            show_default=False,
+            rich_help_panel=JOB_PANEL,
+            help="Output .jsonl (OpenAI Batch output lines). Requests already in it are skipped.",
+        ),
+    ],
+    restart: Annotated[
+        bool,
+        typer.Option(
+            "--restart",
+            rich_help_panel=JOB_PANEL,
+            help="Delete OUTPUT's results and start over (asks first; --yes does not).",
+        ),
+    ] = False,
+    yes: Annotated[
+        bool,
+        typer.Option("--yes", "-y", rich_help_panel=JOB_PANEL, help="Do not ask before --restart."),
+    ] = False,
+    max_running: Annotated[
+        int,
+        typer.Option(
+            "--max-running",
+            min=1,
+            max=1024,
+            rich_help_panel=JOB_PANEL,
+            help="Sequences decoded together (continuous batching).",
+        ),
+    ] = 16,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            max=1024,
+            rich_help_panel=JOB_PANEL,
+            show_default=False,
+            help="CPU threads per model (torch's default: the cores).",
+        ),
+    ] = None,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            rich_help_panel=RAY_PANEL,
+            help="Run on a Ray cluster: Ray Data reads the input, one model per actor.",
+        ),
+    ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            rich_help_panel=RAY_PANEL,
+            show_default=False,
+            help="Cluster to join, e.g. ray://head:10001 or auto (default: RAY_ADDRESS, else a "
+            "local Ray).",
+        ),
+    ] = None,
+    actors: Annotated[
+        int,
+        typer.Option(
+            "--actors",
+            min=1,
+            max=10000,
+            rich_help_panel=RAY_PANEL,
+            help="Actors (loaded models) in the pool.",
+        ),
+    ] = 1,
+    cpus_per_actor: Annotated[
+        float,
+        typer.Option(
+            "--cpus-per-actor",
+            min=0,
+            rich_help_panel=RAY_PANEL,
+            help="CPUs Ray reserves per actor (and its threads, unless --threads).",
+        ),
+    ] = 1.0,
+    gpus_per_actor: Annotated[
+        float,
+        typer.Option(
+            "--gpus-per-actor",
+            min=0,
+            rich_help_panel=RAY_PANEL,
+            help="GPUs Ray reserves per actor (fractions share a GPU).",
+        ),
+    ] = 0.0,
     generation: dict[str, Any] | None = None,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
@@ -103,8 +174,15 @@ def batch(
     settings = load_settings()
     given = generation or {}
     generation_config(settings, given)  # bad flags fail here, before any work
-    options = ModelOptions.merge(settings, model=model, revision=revision, device=device,
-                                 dtype=dtype, attn=attn, quantize=quantize)
+    options = ModelOptions.merge(
+        settings,
+        model=model,
+        revision=revision,
+        device=device,
+        dtype=dtype,
+        attn=attn,
+        quantize=quantize,
+    )
     if ray and not _has_ray():
         raise ValueError(f"--ray needs Ray: {RAY_INSTALL}")
     if input_file != "-" and Path(input_file).resolve() == output.resolve():
@@ -121,9 +199,8 @@ def batch(
         remaining = max(total - len(previous.done), 0)
         items = (it for it in source.items() if it.custom_id not in previous.done)
         progress = Progress()
-        bar = _Bar(remaining) if is_tty(sys.stderr) else None
-        on_record = bar.update if bar is not None else None
-        try:
+
+        def work(on_record: Any) -> None:
             if remaining == 0:  # nothing (left) to do: the output exists, no model loads
                 from ..batch.jobs import OutputWriter
 
@@ -131,31 +208,57 @@ def batch(
             elif ray:
                 from ..batch.ray_job import RaySpec, run_on_ray
 
-                spec = RaySpec(model=options.model, revision=options.revision,
-                               device=options.device, dtype=options.dtype, attn=options.attn,
-                               quantize=options.quantize, max_running=max_running,
-                               threads=threads or max(1, int(cpus_per_actor)),
-                               defaults=defaults, aliases=_aliases(options.model))
-                run_on_ray(items, output, spec, address=ray_address, actors=actors,
-                           cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
-                           progress=progress, on_record=on_record)
+                spec = RaySpec(
+                    model=options.model,
+                    revision=options.revision,
+                    device=options.device,
+                    dtype=options.dtype,
+                    attn=options.attn,
+                    quantize=options.quantize,
+                    max_running=max_running,
+                    threads=threads or max(1, int(cpus_per_actor)),
+                    defaults=defaults,
+                    aliases=_aliases(options.model),
+                )
+                run_on_ray(
+                    items,
+                    output,
+                    spec,
+                    address=ray_address,
+                    actors=actors,
+                    cpus_per_actor=cpus_per_actor,
+                    gpus_per_actor=gpus_per_actor,
+                    progress=progress,
+                    on_record=on_record,
+                )
             else:
-                _run_here(items, output, options, max_running, threads, defaults, progress,
-                          on_record)
-        except KeyboardInterrupt:
-            if bar is not None:
-                bar.close()
-            _summary(progress, previous, output)  # what is written stays: rerun to resume
-            raise
-        except BaseException:
-            if bar is not None:
-                bar.close()
-            raise
-        if bar is not None:
-            bar.close()
-        _summary(progress, previous, output)
+                _run_here(
+                    items, output, options, max_running, threads, defaults, progress, on_record
+                )
+
+        _with_bar(remaining, work, lambda: _summary(progress, previous, output))
     if previous.failed + progress.failed:
         raise typer.Exit(1)
+
+
+def _with_bar(remaining: int, work: Any, summary: Any) -> None:
+    """Run work(on_record) under a progress bar on a terminal's stderr; the summary line
+    comes after it, also when Ctrl-C stops the job (what is written stays: rerun to resume)."""
+    bar = _Bar(remaining) if is_tty(sys.stderr) else None
+    try:
+        work(bar.update if bar is not None else None)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        summary()
+        raise
+    except BaseException:
+        if bar is not None:
+            bar.close()
+        raise
+    if bar is not None:
+        bar.close()
+    summary()
 
 
 def _has_ray() -> bool:
@@ -166,9 +269,16 @@ def _has_ray() -> bool:
     return True
 
 
-def _run_here(items: Any, output: Path, options: ModelOptions, max_running: int,
-              threads: int | None, defaults: dict[str, Any], progress: Any,
-              on_record: Any) -> None:
+def _run_here(
+    items: Any,
+    output: Path,
+    options: ModelOptions,
+    max_running: int,
+    threads: int | None,
+    defaults: dict[str, Any],
+    progress: Any,
+    on_record: Any,
+) -> None:
     import_torch()
     import torch
 
@@ -178,9 +288,14 @@ def _run_here(items: Any, output: Path, options: ModelOptions, max_running: int,
     from ..batch.jobs import OutputWriter
     from ..batch.runner import make_runner
 
-    runner, scheduler = make_runner(loaded.model, loaded.tokenizer, model_name=options.model,
-                                    max_running=max_running, defaults=defaults,
-                                    aliases=_aliases(options.model))
+    runner, scheduler = make_runner(
+        loaded.model,
+        loaded.tokenizer,
+        model_name=options.model,
+        max_running=max_running,
+        defaults=defaults,
+        aliases=_aliases(options.model),
+    )
     try:
         with OutputWriter(output) as writer:
             runner.run(items, writer.write, progress, on_record)
@@ -200,8 +315,9 @@ def _confirm_restart(output: Path, yes: bool) -> None:
     if not yes:
         if not is_tty(sys.stdin):
             raise ValueError(f"--restart deletes the results in {output}: add --yes to confirm")
-        if not typer.confirm(f"Delete the results in {output} and start over?", default=False,
-                             err=True):
+        if not typer.confirm(
+            f"Delete the results in {output} and start over?", default=False, err=True
+        ):
             raise typer.Exit(2)
     output.write_bytes(b"")
 
@@ -211,8 +327,10 @@ def _summary(progress: Any, previous: Any, output: Path) -> None:
     ran = progress.done + progress.failed
     parts = [f"batch: {ran} done ({progress.failed} failed)"]
     if len(previous.done):
-        parts.append(f"{len(previous.done)} already in {output}"
-                     + (f" ({previous.failed} failed)" if previous.failed else ""))
+        parts.append(
+            f"{len(previous.done)} already in {output}"
+            + (f" ({previous.failed} failed)" if previous.failed else "")
+        )
     if previous.torn:
         parts.append("a torn last line was redone")
     rate = f"{ran / seconds:.2f} req/s, {progress.tokens / seconds:.1f} tok/s" if ran else ""
@@ -235,9 +353,15 @@ class _Bar:
         # On a copy of the descriptor: `--ray` mutes Ray's native logging on fd 2.
         self.stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", encoding="utf-8")
         self.progress = Progress(
-            TextColumn("batch"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rates]}"), TextColumn("ETA"), TimeRemainingColumn(),
-            console=make_console(self.stream), transient=True)
+            TextColumn("batch"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rates]}"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=make_console(self.stream),
+            transient=True,
+        )
         self.task = self.progress.add_task("batch", total=total or None, rates="")
         self.progress.start()
 

@@ -43,25 +43,37 @@ def bench(
     ] = "cpu",
     shapes: Annotated[
         str | None,
-        typer.Option("--shapes", help="Comma list of 125m, 1.3b, 2.7b. (default: 125m on "
-                     "CPU; 1.3b,2.7b on CUDA)", rich_help_panel=PANEL, show_default=False),
+        typer.Option(
+            "--shapes",
+            help="Comma list of 125m, 1.3b, 2.7b. (default: 125m on CPU; 1.3b,2.7b on CUDA)",
+            rich_help_panel=PANEL,
+            show_default=False,
+        ),
     ] = None,
     dtypes: Annotated[
         str | None,
-        typer.Option("--dtypes", help="Comma list. (default: float32,bfloat16 on CPU; "
-                     "float16,bfloat16 on CUDA)", rich_help_panel=PANEL, show_default=False),
+        typer.Option(
+            "--dtypes",
+            help="Comma list. (default: float32,bfloat16 on CPU; float16,bfloat16 on CUDA)",
+            rich_help_panel=PANEL,
+            show_default=False,
+        ),
     ] = None,
     quick: Annotated[
-        bool, typer.Option("--quick", help="A short smoke run (1 repeat, few tokens).",
-                           rich_help_panel=PANEL),
+        bool,
+        typer.Option(
+            "--quick", help="A short smoke run (1 repeat, few tokens).", rich_help_panel=PANEL
+        ),
     ] = False,
     json_path: Annotated[
-        Path, typer.Option("--json", help="Where to write the results (JSON).",
-                           rich_help_panel=PANEL),
+        Path,
+        typer.Option("--json", help="Where to write the results (JSON).", rich_help_panel=PANEL),
     ] = Path("bench-results.json"),
     markdown_path: Annotated[
-        Path, typer.Option("--markdown", help="Where to write the markdown table.",
-                           rich_help_panel=PANEL),
+        Path,
+        typer.Option(
+            "--markdown", help="Where to write the markdown table.", rich_help_panel=PANEL
+        ),
     ] = Path("bench-results.md"),
 ) -> None:
     """Measure speed and memory against transformers on random-weight checkpoints of the
@@ -78,8 +90,16 @@ def bench(
         )
     if importlib.util.find_spec("transformers") is None:
         raise GPTNeoError("the benchmark compares with transformers: pip install transformers")
-    argv = [sys.executable, str(script), "--device", device, "--json", str(json_path),
-            "--markdown", str(markdown_path)]
+    argv = [
+        sys.executable,
+        str(script),
+        "--device",
+        device,
+        "--json",
+        str(json_path),
+        "--markdown",
+        str(markdown_path),
+    ]
     if shapes:
         argv += ["--shapes", shapes]
     if dtypes:

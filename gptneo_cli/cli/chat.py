@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
         "chat",
         epilog=examples(
             (
-                'Chat with a system text',
+                "Chat with a system text",
                 'gptneo chat -m 125m --system "A Python expert answers in code."',
             ),
             (
@@ -127,9 +127,17 @@ class ChatSession:
         text, result = self._stream(prompt, config, out if self.fmt == "text" else None)
         self.printed += 1
         if self.fmt == "jsonl":
-            write_json({"user": message, "reply": text, "tokens": result.completion_tokens,
-                        "prompt_tokens": result.prompt_tokens,
-                        "finish_reason": result.finish_reason}, out.stream, lines=True)
+            write_json(
+                {
+                    "user": message,
+                    "reply": text,
+                    "tokens": result.completion_tokens,
+                    "prompt_tokens": result.prompt_tokens,
+                    "finish_reason": result.finish_reason,
+                },
+                out.stream,
+                lines=True,
+            )
         if result.finish_reason == "cancelled":
             # on a terminal the echoed ^C sits at the start of a line: start a fresh one
             self.diag.note(("\n" if out.tty else "") + "(reply stopped)")
@@ -325,29 +333,48 @@ def _show(value: Any) -> str:
 def chat(
     system: Annotated[
         str | None,
-        typer.Option("--system", help="System text kept at the top of every prompt. "
-                     "(env GPTNEO_SYSTEM)", rich_help_panel=CHAT_PANEL, show_default=False),
+        typer.Option(
+            "--system",
+            help="System text kept at the top of every prompt. (env GPTNEO_SYSTEM)",
+            rich_help_panel=CHAT_PANEL,
+            show_default=False,
+        ),
     ] = None,
     user_prefix: Annotated[
         str | None,
-        typer.Option("--user-prefix", help='How user turns start. (default "User:")',
-                     rich_help_panel=CHAT_PANEL, show_default=False),
+        typer.Option(
+            "--user-prefix",
+            help='How user turns start. (default "User:")',
+            rich_help_panel=CHAT_PANEL,
+            show_default=False,
+        ),
     ] = None,
     assistant_prefix: Annotated[
         str | None,
-        typer.Option("--assistant-prefix", help='How replies start. (default "Assistant:")',
-                     rich_help_panel=CHAT_PANEL, show_default=False),
+        typer.Option(
+            "--assistant-prefix",
+            help='How replies start. (default "Assistant:")',
+            rich_help_panel=CHAT_PANEL,
+            show_default=False,
+        ),
     ] = None,
     history: Annotated[
         bool,
-        typer.Option("--history/--no-history", help="Keep line history across sessions "
-                     "(interactive only).", rich_help_panel=CHAT_PANEL),
+        typer.Option(
+            "--history/--no-history",
+            help="Keep line history across sessions (interactive only).",
+            rich_help_panel=CHAT_PANEL,
+        ),
     ] = True,
     fmt: Annotated[
         str,
-        typer.Option("--format", help="text (replies as they stream; piped, a blank line "
-                     "between replies) or jsonl (one object per turn: user, reply, tokens, "
-                     "finish_reason).", rich_help_panel=CHAT_PANEL),
+        typer.Option(
+            "--format",
+            help="text (replies as they stream; piped, a blank line "
+            "between replies) or jsonl (one object per turn: user, reply, tokens, "
+            "finish_reason).",
+            rich_help_panel=CHAT_PANEL,
+        ),
     ] = "text",
     generation: dict[str, Any] | None = None,
     model: ModelOpt = None,
@@ -429,8 +456,9 @@ def _stdin_lines() -> Iterator[bytes | str]:
 def _decode_line(raw: bytes | str, number: int) -> str:
     if isinstance(raw, bytes):
         if len(raw) > MAX_PROMPT_BYTES:
-            raise ValueError(f"stdin line {number} is longer than "
-                             f"{MAX_PROMPT_BYTES // 2**20} MB; skipped")
+            raise ValueError(
+                f"stdin line {number} is longer than {MAX_PROMPT_BYTES // 2**20} MB; skipped"
+            )
         try:
             raw = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -441,8 +469,7 @@ def _decode_line(raw: bytes | str, number: int) -> str:
 def _interactive(session: ChatSession, diag: Diagnostics, history_file: str | None) -> None:
     out = TextStream(sys.stdout)
     history = _History(history_file)
-    diag.note(f"Chatting with {session.loaded.options.model}. /help for commands, "
-              "Ctrl-D to leave.")
+    diag.note(f"Chatting with {session.loaded.options.model}. /help for commands, Ctrl-D to leave.")
     try:
         while True:
             try:

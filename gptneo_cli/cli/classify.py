@@ -25,16 +25,17 @@ from .task_options import TASK_PANEL, FormatOpt, MaxSeqLenOpt, load_with_head, m
 
 DEFAULT_TEMPLATE = "{text}\\nTopic:"  # as typed on a command line; tasks.DEFAULT_TEMPLATE
 
+
 def register(app: typer.Typer) -> None:
     app.command(
         "classify",
         epilog=examples(
             (
-                'Label every file under a folder with a classification checkpoint',
-                'gptneo classify reviews/ --recursive -m ./sentiment',
+                "Label every file under a folder with a classification checkpoint",
+                "gptneo classify reviews/ --recursive -m ./sentiment",
             ),
             (
-                'Zero-shot with any causal LM',
+                "Zero-shot with any causal LM",
                 'echo "Stocks fell sharply." | gptneo classify -m 125m --labels finance,sports',
             ),
         ),
@@ -54,35 +55,59 @@ class Item:
 def classify(
     inputs: Annotated[
         list[str] | None,
-        typer.Argument(help="Text files, folders (with --recursive) or - for stdin.",
-                       show_default=False),
+        typer.Argument(
+            help="Text files, folders (with --recursive) or - for stdin.", show_default=False
+        ),
     ] = None,
     recursive: Annotated[
         bool, typer.Option("--recursive", "-r", help="Read every file under each folder.")
     ] = False,
     input_file: Annotated[
         Path | None,
-        typer.Option("--input", "-i", show_default=False,
-                     help='JSON Lines file, one {"text": ...} per line ("id" names it).'),
+        typer.Option(
+            "--input",
+            "-i",
+            show_default=False,
+            help='JSON Lines file, one {"text": ...} per line ("id" names it).',
+        ),
     ] = None,
     labels: Annotated[
         str | None,
-        typer.Option("--labels", "-l", rich_help_panel=TASK_PANEL, show_default=False,
-                     help="Comma-separated labels: classify zero-shot with a causal LM."),
+        typer.Option(
+            "--labels",
+            "-l",
+            rich_help_panel=TASK_PANEL,
+            show_default=False,
+            help="Comma-separated labels: classify zero-shot with a causal LM.",
+        ),
     ] = None,
     template: Annotated[
-        str, typer.Option("--template", rich_help_panel=TASK_PANEL,
-                          help="Zero-shot prompt; {text} is the input, \\n a newline. "
-                               "Each label is scored after it (with a space unless the "
-                               "template ends in one).")
+        str,
+        typer.Option(
+            "--template",
+            rich_help_panel=TASK_PANEL,
+            help="Zero-shot prompt; {text} is the input, \\n a newline. "
+            "Each label is scored after it (with a space unless the "
+            "template ends in one).",
+        ),
     ] = DEFAULT_TEMPLATE,
     calibrate: Annotated[
-        bool, typer.Option("--calibrate/--no-calibrate", rich_help_panel=TASK_PANEL,
-                           help="Zero-shot: subtract each label's score for an empty text.")
+        bool,
+        typer.Option(
+            "--calibrate/--no-calibrate",
+            rich_help_panel=TASK_PANEL,
+            help="Zero-shot: subtract each label's score for an empty text.",
+        ),
     ] = True,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", min=1, rich_help_panel=TASK_PANEL,
-                          help="Sequences per forward pass.")
+        int,
+        typer.Option(
+            "--batch-size",
+            "-b",
+            min=1,
+            rich_help_panel=TASK_PANEL,
+            help="Sequences per forward pass.",
+        ),
     ] = 8,
     max_seq_len: MaxSeqLenOpt = None,
     fmt: FormatOpt = "text",
@@ -110,21 +135,40 @@ def classify(
         from .. import tasks
 
         head = "GPTNeoForCausalLM" if label_list else "GPTNeoForSequenceClassification"
-        loaded = load_with_head(options, head, hint=None if label_list else (
-            "pass --labels a,b,c to classify zero-shot with it as a language model"))
+        loaded = load_with_head(
+            options,
+            head,
+            hint=None
+            if label_list
+            else ("pass --labels a,b,c to classify zero-shot with it as a language model"),
+        )
         texts = [item.text or "" for item in good]
         if label_list:
             results = tasks.zero_shot(
-                loaded.model, loaded.tokenizer, texts, label_list, template=template,
-                calibrate=calibrate, batch_size=batch_size, max_seq_len=max_seq_len)
+                loaded.model,
+                loaded.tokenizer,
+                texts,
+                label_list,
+                template=template,
+                calibrate=calibrate,
+                batch_size=batch_size,
+                max_seq_len=max_seq_len,
+            )
         else:
-            results = tasks.classify(loaded.model, loaded.tokenizer, texts,
-                                     batch_size=batch_size, max_seq_len=max_seq_len)
+            results = tasks.classify(
+                loaded.model,
+                loaded.tokenizer,
+                texts,
+                batch_size=batch_size,
+                max_seq_len=max_seq_len,
+            )
         for item, result in zip(good, results, strict=True):
             item.result = result
             if result.truncated_tokens:
-                Diagnostics().warn(f"{item.source}: the last {result.truncated_tokens} tokens "
-                                   "did not fit the model and were not read")
+                Diagnostics().warn(
+                    f"{item.source}: the last {result.truncated_tokens} tokens "
+                    "did not fit the model and were not read"
+                )
     render(items, fmt)
     if len(good) < len(items):
         raise typer.Exit(EXIT_RUNTIME)
@@ -213,8 +257,12 @@ def read_jsonl(path: Path) -> list[Item]:
 # ---- output -------------------------------------------------------------------------------
 def render(items: list[Item], fmt: str) -> None:
     """Every item in input order; failed ones appear only in JSON (as {"source", "error"})."""
-    records = [{"source": item.source, **item.result.to_dict()} if item.result is not None
-               else {"source": item.source, "error": item.error} for item in items]
+    records = [
+        {"source": item.source, **item.result.to_dict()}
+        if item.result is not None
+        else {"source": item.source, "error": item.error}
+        for item in items
+    ]
     if fmt == "json":
         write_json(records)
     elif fmt == "jsonl":

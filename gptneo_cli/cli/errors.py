@@ -95,8 +95,10 @@ def exit_code_for(exc: BaseException) -> int:
         return EXIT_RUNTIME
     if is_native_panic(exc):
         text = str(exc).strip()
-        report_error(f"internal error in a native library (it panicked: "
-                     f"{text.splitlines()[0][:200] if text else 'no message'})")
+        report_error(
+            f"internal error in a native library (it panicked: "
+            f"{text.splitlines()[0][:200] if text else 'no message'})"
+        )
         return EXIT_RUNTIME
     if isinstance(exc, OSError):
         report_error(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
@@ -167,8 +169,11 @@ def _at_the_boundary(exc: BaseException) -> int:
         return exit_code_for(exc)
     # Click (and Rich) exit 1 when stdout is a closed pipe, e.g. while printing help into
     # `| head -1`; the CLI's rule for a closed pipe is exit 0, quietly.
-    if isinstance(exc, SystemExit) and isinstance(exc.__context__, OSError) \
-            and exc.__context__.errno == errno.EPIPE:
+    if (
+        isinstance(exc, SystemExit)
+        and isinstance(exc.__context__, OSError)
+        and exc.__context__.errno == errno.EPIPE
+    ):
         _silence_stdout()
         return EXIT_OK
     raise exc

@@ -29,12 +29,12 @@ def register(app: typer.Typer) -> None:
         "finetune",
         epilog=examples(
             (
-                'Fine-tune the demo model on Python files',
-                'gptneo finetune tiny ./src --include .py -o ./tiny-code --max-steps 40',
+                "Fine-tune the demo model on Python files",
+                "gptneo finetune tiny ./src --include .py -o ./tiny-code --max-steps 40",
             ),
             (
-                'Fine-tune 125M on notes and a JSON Lines file',
-                'gptneo finetune 125m notes/ posts.jsonl -o ./neo-notes --block-size 512',
+                "Fine-tune 125M on notes and a JSON Lines file",
+                "gptneo finetune 125m notes/ posts.jsonl -o ./neo-notes --block-size 512",
             ),
         ),
     )(finetune)
@@ -43,99 +43,168 @@ def register(app: typer.Typer) -> None:
 def finetune(
     model_arg: Annotated[
         str,
-        typer.Argument(metavar="MODEL", help="Model to start from: folder, Hub id or alias "
-                       "(125m, tiny, ...).", show_default=False, autocompletion=complete_model),
+        typer.Argument(
+            metavar="MODEL",
+            help="Model to start from: folder, Hub id or alias (125m, tiny, ...).",
+            show_default=False,
+            autocompletion=complete_model,
+        ),
     ],
     data: Annotated[
         list[Path],
-        typer.Argument(metavar="DATA", show_default=False,
-                       help="Training text: files, folders (walked recursively) or .jsonl "
-                       'with {"text": ...} per line.'),
+        typer.Argument(
+            metavar="DATA",
+            show_default=False,
+            help="Training text: files, folders (walked recursively) or .jsonl "
+            'with {"text": ...} per line.',
+        ),
     ],
     output: Annotated[
         Path,
-        typer.Option("--output", "-o", help="Folder for the trained model (Hub format).",
-                     show_default=False),
+        typer.Option(
+            "--output", "-o", help="Folder for the trained model (Hub format).", show_default=False
+        ),
     ],
     revision: RevisionOpt = None,
     device: DeviceOpt = None,
     include: Annotated[
         list[str] | None,
-        typer.Option("--include", help="Only files with this suffix inside folders, e.g. "
-                     "'.py' (repeatable).", rich_help_panel=DATA_PANEL, show_default=False),
+        typer.Option(
+            "--include",
+            help="Only files with this suffix inside folders, e.g. '.py' (repeatable).",
+            rich_help_panel=DATA_PANEL,
+            show_default=False,
+        ),
     ] = None,
     val_data: Annotated[
         list[Path] | None,
-        typer.Option("--val-data", help="Held-out text (repeatable); default: hold out "
-                     "--val-fraction of the documents.", rich_help_panel=DATA_PANEL,
-                     show_default=False),
+        typer.Option(
+            "--val-data",
+            help="Held-out text (repeatable); default: hold out --val-fraction of the documents.",
+            rich_help_panel=DATA_PANEL,
+            show_default=False,
+        ),
     ] = None,
     val_fraction: Annotated[
-        float, typer.Option("--val-fraction", help="Share of documents held out for "
-                            "validation.", rich_help_panel=DATA_PANEL)
+        float,
+        typer.Option(
+            "--val-fraction",
+            help="Share of documents held out for validation.",
+            rich_help_panel=DATA_PANEL,
+        ),
     ] = 0.05,
     block_size: Annotated[
-        int, typer.Option("--block-size", help="Tokens per training block (documents are "
-                          "packed, separated by end-of-text).", rich_help_panel=DATA_PANEL)
+        int,
+        typer.Option(
+            "--block-size",
+            help="Tokens per training block (documents are packed, separated by end-of-text).",
+            rich_help_panel=DATA_PANEL,
+        ),
     ] = 512,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", help="Blocks per micro-batch.",
-                          rich_help_panel=OPT_PANEL)
+        int, typer.Option("--batch-size", help="Blocks per micro-batch.", rich_help_panel=OPT_PANEL)
     ] = 8,
     grad_accum: Annotated[
-        int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.",
-                          rich_help_panel=OPT_PANEL)
+        int,
+        typer.Option(
+            "--grad-accum", help="Micro-batches per optimizer step.", rich_help_panel=OPT_PANEL
+        ),
     ] = 1,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).",
-                                      rich_help_panel=OPT_PANEL)] = 5e-5,
+    lr: Annotated[
+        float, typer.Option("--lr", help="Peak learning rate (AdamW).", rich_help_panel=OPT_PANEL)
+    ] = 5e-5,
     weight_decay: Annotated[
-        float, typer.Option("--weight-decay", rich_help_panel=OPT_PANEL, help="AdamW weight "
-                            "decay (not on biases and LayerNorms).")
+        float,
+        typer.Option(
+            "--weight-decay",
+            rich_help_panel=OPT_PANEL,
+            help="AdamW weight decay (not on biases and LayerNorms).",
+        ),
     ] = 0.01,
     warmup_steps: Annotated[
-        int | None, typer.Option("--warmup-steps", help="Linear warmup steps, then cosine "
-                                 "decay to 10% of --lr. (default 5% of the steps)",
-                                 rich_help_panel=OPT_PANEL, show_default=False)
+        int | None,
+        typer.Option(
+            "--warmup-steps",
+            help="Linear warmup steps, then cosine decay to 10% of --lr. (default 5% of the steps)",
+            rich_help_panel=OPT_PANEL,
+            show_default=False,
+        ),
     ] = None,
-    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the data.",
-                                        rich_help_panel=OPT_PANEL)] = 1,
+    epochs: Annotated[
+        int, typer.Option("--epochs", help="Passes over the data.", rich_help_panel=OPT_PANEL)
+    ] = 1,
     max_steps: Annotated[
-        int | None, typer.Option("--max-steps", help="Optimizer steps; overrides --epochs.",
-                                 rich_help_panel=OPT_PANEL, show_default=False)
+        int | None,
+        typer.Option(
+            "--max-steps",
+            help="Optimizer steps; overrides --epochs.",
+            rich_help_panel=OPT_PANEL,
+            show_default=False,
+        ),
     ] = None,
     precision: Annotated[
-        str, typer.Option("--precision", help="auto (bf16/fp16 autocast on GPUs, float32 on "
-                          "CPU), float32, bfloat16 or float16.", rich_help_panel=OPT_PANEL)
+        str,
+        typer.Option(
+            "--precision",
+            help="auto (bf16/fp16 autocast on GPUs, float32 on CPU), float32, bfloat16 or float16.",
+            rich_help_panel=OPT_PANEL,
+        ),
     ] = "auto",
     eval_every: Annotated[
-        int | None, typer.Option("--eval-every", help="Evaluate, keep the best model and "
-                                 "checkpoint every N steps. (default: 10 times per run)",
-                                 rich_help_panel=RUN_PANEL, show_default=False)
+        int | None,
+        typer.Option(
+            "--eval-every",
+            help="Evaluate, keep the best model and "
+            "checkpoint every N steps. (default: 10 times per run)",
+            rich_help_panel=RUN_PANEL,
+            show_default=False,
+        ),
     ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for the split and data order.",
-                                      rich_help_panel=RUN_PANEL)] = 0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed", help="Seed for the split and data order.", rich_help_panel=RUN_PANEL
+        ),
+    ] = 0,
     resume: Annotated[
-        Path | None, typer.Option("--resume", help="Continue from a checkpoint folder "
-                                  "(OUTPUT/checkpoint of an interrupted run).",
-                                  rich_help_panel=RUN_PANEL, show_default=False)
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="Continue from a checkpoint folder (OUTPUT/checkpoint of an interrupted run).",
+            rich_help_panel=RUN_PANEL,
+            show_default=False,
+        ),
     ] = None,
     from_scratch: Annotated[
-        bool, typer.Option("--from-scratch", help="Ignore MODEL's weights: start from a "
-                           "random init of its config.json (its tokenizer is kept).",
-                           rich_help_panel=RUN_PANEL)
+        bool,
+        typer.Option(
+            "--from-scratch",
+            help="Ignore MODEL's weights: start from a "
+            "random init of its config.json (its tokenizer is kept).",
+            rich_help_panel=RUN_PANEL,
+        ),
     ] = False,
     save_dtype: Annotated[
-        str, typer.Option("--save-dtype", help="float32, bfloat16 or float16 for the saved "
-                          "weights.", rich_help_panel=RUN_PANEL)
+        str,
+        typer.Option(
+            "--save-dtype",
+            help="float32, bfloat16 or float16 for the saved weights.",
+            rich_help_panel=RUN_PANEL,
+        ),
     ] = "float32",
     keep_checkpoint: Annotated[
-        bool, typer.Option("--keep-checkpoint", help="Keep OUTPUT/checkpoint after a run "
-                           "that finished.", rich_help_panel=RUN_PANEL)
+        bool,
+        typer.Option(
+            "--keep-checkpoint",
+            help="Keep OUTPUT/checkpoint after a run that finished.",
+            rich_help_panel=RUN_PANEL,
+        ),
     ] = False,
     force: ForceOpt = False,
     yes: YesOpt = False,
-    fmt: Annotated[str, typer.Option("--format", help="Summary as text or json.",
-                                     rich_help_panel=RUN_PANEL)] = "text",
+    fmt: Annotated[
+        str, typer.Option("--format", help="Summary as text or json.", rich_help_panel=RUN_PANEL)
+    ] = "text",
     debug: DebugOpt = False,
 ) -> None:
     """Fine-tune a causal language model on your text; keeps the best model by held-out loss.
@@ -150,10 +219,19 @@ def finetune(
     from ..training import finetune as run
 
     config = TrainConfig(
-        block_size=block_size, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-        weight_decay=weight_decay, warmup_steps=warmup_steps, epochs=epochs,
-        max_steps=max_steps, eval_every=eval_every, val_fraction=val_fraction,
-        precision=precision.strip().lower(), seed=seed, keep_checkpoint=keep_checkpoint,
+        block_size=block_size,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
+        epochs=epochs,
+        max_steps=max_steps,
+        eval_every=eval_every,
+        val_fraction=val_fraction,
+        precision=precision.strip().lower(),
+        seed=seed,
+        keep_checkpoint=keep_checkpoint,
     )
     config.validate()
     dtype = _save_dtype(save_dtype)
@@ -161,28 +239,44 @@ def finetune(
     folder = resolve_base(model_arg, settings.get("revision", revision))
     try:
         result = run(
-            folder, data, output, config, val_data=val_data or None, suffixes=suffixes,
-            from_scratch=from_scratch, device=settings.get("device", device),
-            resume_from=resume, reporter=make_reporter(), save_dtype=dtype,
+            folder,
+            data,
+            output,
+            config,
+            val_data=val_data or None,
+            suffixes=suffixes,
+            from_scratch=from_scratch,
+            device=settings.get("device", device),
+            resume_from=resume,
+            reporter=make_reporter(),
+            save_dtype=dtype,
             base_name=model_arg,
         )
     except TrainingInterrupted as stop:
-        typer.echo(f"Interrupted at step {stop.step}; continue it with --resume "
-                   f"{stop.checkpoint}", err=True)
+        typer.echo(
+            f"Interrupted at step {stop.step}; continue it with --resume {stop.checkpoint}",
+            err=True,
+        )
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except CheckpointMismatch as exc:
-        raise ValueError(f"--resume {exc.folder} was trained on different data (or another "
-                         "--block-size, --val-fraction or --seed): resume with the same data "
-                         "and options") from None
-    write_summary("Fine-tuning finished", {
-        "output": str(result.output),
-        "steps": result.steps,
-        "best_val_loss": result.best_val_loss,
-        "best_step": result.best_step,
-        "final_train_loss": result.final_train_loss,
-        "tokens_seen": result.tokens_seen,
-        "train_time_s": round(result.train_time_s, 2),
-    }, fmt)
+        raise ValueError(
+            f"--resume {exc.folder} was trained on different data (or another "
+            "--block-size, --val-fraction or --seed): resume with the same data "
+            "and options"
+        ) from None
+    write_summary(
+        "Fine-tuning finished",
+        {
+            "output": str(result.output),
+            "steps": result.steps,
+            "best_val_loss": result.best_val_loss,
+            "best_step": result.best_step,
+            "final_train_loss": result.final_train_loss,
+            "tokens_seen": result.tokens_seen,
+            "train_time_s": round(result.train_time_s, 2),
+        },
+        fmt,
+    )
 
 
 def _save_dtype(name: str):  # type: ignore[no-untyped-def]

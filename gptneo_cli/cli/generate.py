@@ -54,16 +54,16 @@ def register(app: typer.Typer) -> None:
         "generate",
         epilog=examples(
             (
-                'Continue a prompt with the bundled demo model',
+                "Continue a prompt with the bundled demo model",
                 'gptneo generate "def read_config(path):" -m tiny -n 40',
             ),
             (
-                'Pipe text in and get JSON back',
+                "Pipe text in and get JSON back",
                 'echo "The Pile is" | gptneo generate -m 125m --format json',
             ),
             (
-                'A file of prompts, one per line, as JSON Lines',
-                'gptneo generate --input prompts.txt --format jsonl',
+                "A file of prompts, one per line, as JSON Lines",
+                "gptneo generate --input prompts.txt --format jsonl",
             ),
         ),
     )(generate)
@@ -81,40 +81,72 @@ def generate(
     ] = None,
     file: Annotated[
         Path | None,
-        typer.Option("--file", "-f", help="Read the prompt from a UTF-8 text file.",
-                     rich_help_panel=IO_PANEL, show_default=False),
+        typer.Option(
+            "--file",
+            "-f",
+            help="Read the prompt from a UTF-8 text file.",
+            rich_help_panel=IO_PANEL,
+            show_default=False,
+        ),
     ] = None,
     input_file: Annotated[
         Path | None,
-        typer.Option("--input", "-i", help="Many prompts: .txt one per line, or .jsonl with "
-                     '{"prompt": ...} per line. Results keep the input order.',
-                     rich_help_panel=IO_PANEL, show_default=False),
+        typer.Option(
+            "--input",
+            "-i",
+            help="Many prompts: .txt one per line, or .jsonl with "
+            '{"prompt": ...} per line. Results keep the input order.',
+            rich_help_panel=IO_PANEL,
+            show_default=False,
+        ),
     ] = None,
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="Write results to this file instead of stdout.",
-                     rich_help_panel=IO_PANEL, show_default=False),
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write results to this file instead of stdout.",
+            rich_help_panel=IO_PANEL,
+            show_default=False,
+        ),
     ] = None,
     fmt: Annotated[
         str,
-        typer.Option("--format", help="text, json (one document) or jsonl (one record per "
-                     "result).", rich_help_panel=IO_PANEL),
+        typer.Option(
+            "--format",
+            help="text, json (one document) or jsonl (one record per result).",
+            rich_help_panel=IO_PANEL,
+        ),
     ] = "text",
     echo: Annotated[
-        bool, typer.Option("--echo", help="Print the prompt before the text when piped too.",
-                           rich_help_panel=IO_PANEL),
+        bool,
+        typer.Option(
+            "--echo",
+            help="Print the prompt before the text when piped too.",
+            rich_help_panel=IO_PANEL,
+        ),
     ] = False,
     stats: Annotated[
-        bool, typer.Option("--stats", help="Print load time, time to first token, tokens/s and "
-                           "peak memory to stderr.", rich_help_panel=IO_PANEL),
+        bool,
+        typer.Option(
+            "--stats",
+            help="Print load time, time to first token, tokens/s and peak memory to stderr.",
+            rich_help_panel=IO_PANEL,
+        ),
     ] = False,
     show_config: Annotated[
-        bool, typer.Option("--show-config", help="Print the effective settings to stderr (and "
-                           "exit when there is no prompt).", rich_help_panel=IO_PANEL),
+        bool,
+        typer.Option(
+            "--show-config",
+            help="Print the effective settings to stderr (and exit when there is no prompt).",
+            rich_help_panel=IO_PANEL,
+        ),
     ] = False,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", help="Prompts per batch with --input.",
-                          rich_help_panel=IO_PANEL),
+        int,
+        typer.Option(
+            "--batch-size", help="Prompts per batch with --input.", rich_help_panel=IO_PANEL
+        ),
     ] = 8,
     generation: dict[str, Any] | None = None,
     model: ModelOpt = None,
@@ -128,27 +160,21 @@ def generate(
 ) -> None:
     """Continue a prompt with a GPT-Neo model, streaming the text as it is generated."""
     fmt = check_format(fmt)
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     settings = load_settings()
     given = generation or {}
     config = generation_config(settings, given)
-    for text in config.stop:
-        check_text(text, "--stop")
     model_flags = dict(model=model, revision=revision, device=device, dtype=dtype, attn=attn)
     options = ModelOptions.merge(settings, **model_flags, quantize=quantize, compile=compile)
     diag = Diagnostics()
-    if config.logprobs is not None and fmt == "text":
-        diag.warn("--logprobs is reported in --format json or jsonl only")
-    stdin: IO[str] = sys.stdin
+    _check_flags(diag, fmt, batch_size, config)
+    stdin: IO[str] | None = sys.stdin
     if show_config:
         flags = {k for k, v in {**given, **model_flags}.items() if v is not None}
         _show_config(diag, settings, options, config, flags)
         if input_file is None and file is None and prompt is None:
-            piped = _piped_after_show_config()
-            if piped is None:
-                return
-            stdin = piped
+            stdin = _piped_after_show_config()
+    if stdin is None:  # --show-config alone: the table was the whole job
+        return
     prompts = _collect_prompts(prompt, file, input_file, stdin)
     # --output is written beside the file and renamed over it at the end (the old file stays
     # whole if anything fails); it is opened now so that a bad path fails before loading.
@@ -169,6 +195,16 @@ def generate(
     if target is not None:
         target.commit()  # Ctrl-C too: what was generated is kept, as on stdout
     _report(diag, loaded, results, elapsed, stats)
+
+
+def _check_flags(diag: Diagnostics, fmt: str, batch_size: int, config: Any) -> None:
+    """What the flags say together, checked before any model loads."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    for text in config.stop:
+        check_text(text, "--stop")
+    if config.logprobs is not None and fmt == "text":
+        diag.warn("--logprobs is reported in --format json or jsonl only")
 
 
 def _piped_after_show_config() -> IO[str] | None:
@@ -229,8 +265,10 @@ def read_input_file(path: Path) -> list[str]:
         prompts.append(value)
     for lineno, value in enumerate(prompts, start=1):
         if len(value) > MAX_PROMPT_BYTES:
-            raise ValueError(f"{path}: prompt {lineno} is longer than "
-                             f"{MAX_PROMPT_BYTES // 2**20} MB, far more than a model's context")
+            raise ValueError(
+                f"{path}: prompt {lineno} is longer than "
+                f"{MAX_PROMPT_BYTES // 2**20} MB, far more than a model's context"
+            )
     if not prompts:
         raise ValueError(f"{path} holds no prompts")
     return prompts
@@ -239,9 +277,7 @@ def read_input_file(path: Path) -> list[str]:
 # --------------------------------------------------------------------------- generation
 
 
-def _stream_one(
-    loaded: LoadedModel, prompt: str, config: Any, out: TextStream, echo: bool
-) -> Any:
+def _stream_one(loaded: LoadedModel, prompt: str, config: Any, out: TextStream, echo: bool) -> Any:
     """Stream one continuation: the prompt dimmed on a terminal (or with --echo), then text."""
     from ..generation import stream
 

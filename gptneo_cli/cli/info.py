@@ -24,12 +24,12 @@ def register(app: typer.Typer) -> None:
         "info",
         epilog=examples(
             (
-                'Versions, devices and the settings in force',
-                'gptneo info',
+                "Versions, devices and the settings in force",
+                "gptneo info",
             ),
             (
-                'The same as JSON',
-                'gptneo info --format json',
+                "The same as JSON",
+                "gptneo info --format json",
             ),
         ),
     )(info)

@@ -1,5 +1,4 @@
-"""Reading what a command works on: prompts from arguments, stdin and files (UTF-8 text only).
-"""
+"""Reading what a command works on: prompts from arguments, stdin and files (UTF-8 text only)."""
 
 from __future__ import annotations
 
@@ -20,8 +19,7 @@ def check_text(value: str, what: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError(f"{what} is not valid UTF-8 text (it holds undecodable bytes)") \
-            from None
+        raise ValueError(f"{what} is not valid UTF-8 text (it holds undecodable bytes)") from None
     return value
 
 
@@ -59,8 +57,10 @@ def read_text_file(path: str | Path, limit: int = MAX_INPUT_BYTES) -> str:
         if stat.S_ISDIR(info.st_mode):
             raise IsADirectoryError
         if stat.S_ISREG(info.st_mode) and info.st_size > limit:
-            raise ValueError(f"{path} is {_megabytes(info.st_size)}: more than the "
-                             f"{_megabytes(limit)} a text input may hold")
+            raise ValueError(
+                f"{path} is {_megabytes(info.st_size)}: more than the "
+                f"{_megabytes(limit)} a text input may hold"
+            )
         nonblock = getattr(os, "O_NONBLOCK", 0)  # POSIX: open() never waits for a writer
         fd = os.open(p, os.O_RDONLY | nonblock)
         with os.fdopen(fd, "rb") as handle:
@@ -83,8 +83,7 @@ def _read_limited(handle: BinaryIO, limit: int, source: str) -> bytes:
     if data is None:  # a non-blocking stream with nothing yet
         data = b""
     if len(data) > limit:
-        raise ValueError(f"{source} holds more than the {_megabytes(limit)} a text input may "
-                         "hold")
+        raise ValueError(f"{source} holds more than the {_megabytes(limit)} a text input may hold")
     return data
 
 
@@ -94,8 +93,7 @@ def read_stdin(stdin: TextIO | None = None, limit: int = MAX_INPUT_BYTES) -> str
     if buffer is None:  # a StringIO in tests, or a stdin the shell closed
         text = stream.read(limit + 1)
         if len(text) > limit:
-            raise ValueError(f"stdin holds more than the {_megabytes(limit)} a text input "
-                             "may hold")
+            raise ValueError(f"stdin holds more than the {_megabytes(limit)} a text input may hold")
         return text
     return decode_text(_read_limited(buffer, limit, "stdin"), "stdin")
 
@@ -119,9 +117,7 @@ def stdin_has_input(stream: TextIO | None = None, wait_s: float = STDIN_GRACE_S)
     return bool(ready)
 
 
-def read_prompt(
-    argument: str | None, file: Path | None = None, stdin: TextIO | None = None
-) -> str:
+def read_prompt(argument: str | None, file: Path | None = None, stdin: TextIO | None = None) -> str:
     """Build the prompt the way llm and Ollama do: piped stdin (or --file) first, then the
     argument after a blank line. `-` or no argument reads stdin. Empty prompts are refused."""
     stream = stdin or sys.stdin
@@ -132,9 +128,7 @@ def read_prompt(
         parts.append(read_text_file(file, MAX_PROMPT_BYTES))
     elif argument is None or argument == "-":
         if argument is None and is_tty(stream):
-            raise ValueError(
-                "no prompt: pass PROMPT, pipe text on stdin, or use --file/--input"
-            )
+            raise ValueError("no prompt: pass PROMPT, pipe text on stdin, or use --file/--input")
         parts.append(read_stdin(stream, MAX_PROMPT_BYTES))
         argument = None
     elif not is_tty(stream) and stdin_has_input(stream):
@@ -145,8 +139,10 @@ def read_prompt(
         parts.append(check_text(argument, "PROMPT"))
     prompt = "\n\n".join(part.rstrip("\r\n") for part in parts)
     if len(prompt) > MAX_PROMPT_BYTES:  # characters: a lower bound of the bytes
-        raise ValueError(f"the prompt is longer than {_megabytes(MAX_PROMPT_BYTES)}, far more "
-                         "than a model's context holds")
+        raise ValueError(
+            f"the prompt is longer than {_megabytes(MAX_PROMPT_BYTES)}, far more "
+            "than a model's context holds"
+        )
     if not prompt.strip():
         raise ValueError("the prompt is empty: give some text to continue")
     return prompt

@@ -94,7 +94,9 @@ class ModelOptions:
             compile=compile,
         )
         if quantize is not None and quantize.strip().lower() not in (
-            "none", "int8", "int8-dynamic"
+            "none",
+            "int8",
+            "int8-dynamic",
         ):
             raise ValueError(f"unknown --quantize {quantize!r}: use int8, int8-dynamic or none")
         if opts.attn not in ATTN_CHOICES:
@@ -102,9 +104,7 @@ class ModelOptions:
                 f"unknown attention backend {opts.attn!r}: use auto, eager, sdpa or flash"
             )
         if not _DEVICE_NAME.match(opts.device):
-            raise ValueError(
-                f"unknown device {opts.device!r}: use auto, cpu, cuda, cuda:N or mps"
-            )
+            raise ValueError(f"unknown device {opts.device!r}: use auto, cpu, cuda, cuda:N or mps")
         if opts.dtype not in _DTYPE_NAMES:
             raise ValueError(
                 f"unknown dtype {opts.dtype!r}: use auto, float32, bfloat16 or float16"
@@ -152,8 +152,13 @@ def load_model(
         path = resolve(options.model, options.revision)
     with spinner(f"Loading {options.model}"):
         model, tokenizer = load_folder(
-            path, head=head, reference=reference, dtype=dtype, device=device,
-            attn=options.attn, quantize=None if reference else options.quantize,
+            path,
+            head=head,
+            reference=reference,
+            dtype=dtype,
+            device=device,
+            attn=options.attn,
+            quantize=None if reference else options.quantize,
             compile=options.compile and not reference,
         )
     return LoadedModel(model, tokenizer, options, path, time.perf_counter() - start)

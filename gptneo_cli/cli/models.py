@@ -42,9 +42,7 @@ ModelArg = Annotated[
         show_default=False,
     ),
 ]
-FormatOpt = Annotated[
-    str, typer.Option("--format", "-f", help="text or json.", show_default=True)
-]
+FormatOpt = Annotated[str, typer.Option("--format", "-f", help="text or json.", show_default=True)]
 
 
 def register(app: typer.Typer) -> None:
@@ -56,10 +54,13 @@ def _model_name(model: str | None, revision: str | None) -> tuple[str, str | Non
     return settings.model(model), settings.get("revision", revision)
 
 
-@models_app.command("list", epilog=examples(
-    ('Models in the cache', 'gptneo models list'),
-    ('As JSON', 'gptneo models list --format json'),
-))
+@models_app.command(
+    "list",
+    epilog=examples(
+        ("Models in the cache", "gptneo models list"),
+        ("As JSON", "gptneo models list --format json"),
+    ),
+)
 def list_models(fmt: FormatOpt = "text", debug: DebugOpt = False) -> None:
     """Show the cached GPT-Neo models: id, revision, size on disk, parameters.
 
@@ -71,31 +72,39 @@ def list_models(fmt: FormatOpt = "text", debug: DebugOpt = False) -> None:
     fmt = check_format(fmt)
     models = cached_models()
     if fmt != "text":
-        write_json({
-            "cache_dir": str(cache_dir()),
-            "models": [
-                {
-                    "id": m.repo_id,
-                    "revision": m.revision,
-                    "commit": m.commit,
-                    "refs": list(m.refs),
-                    "size_on_disk": m.size_on_disk,
-                    "parameters": m.num_parameters,
-                    "complete": m.complete,
-                    "folder": str(m.folder),
-                }
-                for m in models
-            ],
-            "bundled": [o.to_dict() for o in bundled_models()],
-            "aliases": [o.to_dict() for o in alias_offers()],
-        }, lines=fmt == "jsonl")
+        write_json(
+            {
+                "cache_dir": str(cache_dir()),
+                "models": [
+                    {
+                        "id": m.repo_id,
+                        "revision": m.revision,
+                        "commit": m.commit,
+                        "refs": list(m.refs),
+                        "size_on_disk": m.size_on_disk,
+                        "parameters": m.num_parameters,
+                        "complete": m.complete,
+                        "folder": str(m.folder),
+                    }
+                    for m in models
+                ],
+                "bundled": [o.to_dict() for o in bundled_models()],
+                "aliases": [o.to_dict() for o in alias_offers()],
+            },
+            lines=fmt == "jsonl",
+        )
         return
     if not models:
         _write_offers()
         return
     rows = [
-        [m.repo_id, m.revision, format_bytes(m.size_on_disk), format_count(m.num_parameters or 0),
-         "" if m.complete else "no weights"]
+        [
+            m.repo_id,
+            m.revision,
+            format_bytes(m.size_on_disk),
+            format_count(m.num_parameters or 0),
+            "" if m.complete else "no weights",
+        ]
         for m in models
     ]
     _write_rows(["ID", "REVISION", "SIZE", "PARAMS", "NOTE"], rows)
@@ -105,19 +114,37 @@ def _write_offers() -> None:
     """What an empty cache can still run, or pull by alias (stderr: guidance, not data)."""
     from ..catalog import alias_offers, bundled_models
 
-    rows = [[o.name, "bundled, no download", format_bytes(o.size),
-             format_count(o.parameters or 0), f"--model {o.name}"] for o in bundled_models()]
-    rows += [[o.name, o.repo_id or "", f"{format_bytes(o.size)} download",
-              format_count(o.parameters or 0), f"gptneo models pull {o.name}"]
-             for o in alias_offers()]
+    rows = [
+        [
+            o.name,
+            "bundled, no download",
+            format_bytes(o.size),
+            format_count(o.parameters or 0),
+            f"--model {o.name}",
+        ]
+        for o in bundled_models()
+    ]
+    rows += [
+        [
+            o.name,
+            o.repo_id or "",
+            f"{format_bytes(o.size)} download",
+            format_count(o.parameters or 0),
+            f"gptneo models pull {o.name}",
+        ]
+        for o in alias_offers()
+    ]
     sys.stderr.write(f"No GPT-Neo models in {cache_dir()} yet. Available:\n")
     _write_rows(["NAME", "MODEL", "SIZE", "PARAMS", "USE"], rows, out=sys.stderr)
 
 
-@models_app.command("pull", epilog=examples(
-    ('Download GPT-Neo 1.3B (prints its folder)', 'gptneo models pull 1.3b'),
-    ('A given revision', 'gptneo models pull EleutherAI/gpt-neo-125M --revision main'),
-))
+@models_app.command(
+    "pull",
+    epilog=examples(
+        ("Download GPT-Neo 1.3B (prints its folder)", "gptneo models pull 1.3b"),
+        ("A given revision", "gptneo models pull EleutherAI/gpt-neo-125M --revision main"),
+    ),
+)
 def pull(model: ModelArg = None, revision: RevisionOpt = None, debug: DebugOpt = False) -> None:
     """Download a model into the cache (progress on stderr); print its folder."""
     name, revision = _model_name(model, revision)
@@ -128,16 +155,20 @@ def pull(model: ModelArg = None, revision: RevisionOpt = None, debug: DebugOpt =
     sys.stdout.write(f"{snap.folder}\n")
 
 
-@models_app.command("rm", epilog=examples(
-    ('Remove a cached model (asks first)', 'gptneo models rm 1.3b'),
-    ('Without asking', 'gptneo models rm 1.3b --yes'),
-))
+@models_app.command(
+    "rm",
+    epilog=examples(
+        ("Remove a cached model (asks first)", "gptneo models rm 1.3b"),
+        ("Without asking", "gptneo models rm 1.3b --yes"),
+    ),
+)
 def rm(
     model: Annotated[str, typer.Argument(help="Hub id or alias of a cached model.")],
     revision: Annotated[
         str | None,
-        typer.Option("--revision", help="Remove only this branch, tag or commit.",
-                     show_default=False),
+        typer.Option(
+            "--revision", help="Remove only this branch, tag or commit.", show_default=False
+        ),
     ] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     debug: DebugOpt = False,
@@ -162,12 +193,19 @@ def _confirm(question: str) -> bool:
         return False
 
 
-@models_app.command("info", epilog=examples(
-    ('Shape and size of a model (reads config.json only)', 'gptneo models info 1.3b'),
-    ('As JSON', 'gptneo models info tiny --format json'),
-))
-def info(model: ModelArg = None, revision: RevisionOpt = None, fmt: FormatOpt = "text",
-         debug: DebugOpt = False) -> None:
+@models_app.command(
+    "info",
+    epilog=examples(
+        ("Shape and size of a model (reads config.json only)", "gptneo models info 1.3b"),
+        ("As JSON", "gptneo models info tiny --format json"),
+    ),
+)
+def info(
+    model: ModelArg = None,
+    revision: RevisionOpt = None,
+    fmt: FormatOpt = "text",
+    debug: DebugOpt = False,
+) -> None:
     """Config, parameter count, files and memory per dtype (needs only config.json)."""
     fmt = check_format(fmt)
     name, revision = _model_name(model, revision)
@@ -190,27 +228,40 @@ def info(model: ModelArg = None, revision: RevisionOpt = None, fmt: FormatOpt = 
         ("context", f"{c.max_position_embeddings} tokens"),
         ("activation", c.activation_function),
         ("stored dtype", str(c.torch_dtype or "unknown")),
-        ("weights", "downloaded" if summary.weights_present
-         else "not downloaded (this summary comes from config.json alone)"),
+        (
+            "weights",
+            "downloaded"
+            if summary.weights_present
+            else "not downloaded (this summary comes from config.json alone)",
+        ),
     ]
     write_table(title, rows)
-    write_table("Memory for the weights", [
-        (dtype, format_bytes(n)) for dtype, n in summary.memory().items()
-    ])
+    write_table(
+        "Memory for the weights",
+        [(dtype, format_bytes(n)) for dtype, n in summary.memory().items()],
+    )
     if summary.files:
         heading = "files" if summary.online else "files on disk (offline)"
         if not is_tty(sys.stdout):
             sys.stdout.write(f"\n{heading}:\n")
         _write_rows(
             ["FILE", "SIZE", "GPTNEO", "LOCAL"],
-            [[f.name, format_bytes(f.size), "fetch" if f.needed else "skip",
-              "yes" if f.present else "no"] for f in summary.files],
+            [
+                [
+                    f.name,
+                    format_bytes(f.size),
+                    "fetch" if f.needed else "skip",
+                    "yes" if f.present else "no",
+                ]
+                for f in summary.files
+            ],
             title=heading,
         )
 
 
-def _write_rows(headers: list[str], rows: list[list[str]], title: str | None = None,
-                out: TextIO | None = None) -> None:
+def _write_rows(
+    headers: list[str], rows: list[list[str]], title: str | None = None, out: TextIO | None = None
+) -> None:
     """A Rich table on a terminal; aligned plain columns (no escape bytes) when piped."""
     out = out or sys.stdout
     if not is_tty(out):

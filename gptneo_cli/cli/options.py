@@ -20,6 +20,7 @@ from .loading import ATTN_CHOICES, DEVICE_CHOICES, DTYPE_CHOICES
 
 def complete_from(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
     """Shell completion for an option with a fixed set of values."""
+
     def complete(incomplete: str) -> list[str]:
         return [c for c in choices if c.startswith(incomplete)]
 

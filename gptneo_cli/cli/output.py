@@ -48,8 +48,11 @@ def make_console(stream: TextIO, **options: Any) -> Any:
 
     Every string it renders (printed text, table cells, titles) goes through `inert` first:
     Rich itself passes ESC and the other controls through, with or without colour."""
-    settings: dict[str, Any] = {"highlight": False, "soft_wrap": True,
-                                "color_system": None if no_color() else "auto"}
+    settings: dict[str, Any] = {
+        "highlight": False,
+        "soft_wrap": True,
+        "color_system": None if no_color() else "auto",
+    }
     return _inert_console_class()(file=stream, **{**settings, **options})
 
 

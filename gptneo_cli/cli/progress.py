@@ -79,16 +79,22 @@ class RichReporter:
         self.console.print(_describe(total_steps, info), style="dim", markup=False)
         self.progress.start()
         done = info.get("resumed_from_step") or 0
-        self.task = self.progress.add_task("training", total=total_steps, completed=done,
-                                           loss="-", rate="-")
+        self.task = self.progress.add_task(
+            "training", total=total_steps, completed=done, loss="-", rate="-"
+        )
 
     def step(self, stats: Any) -> None:
-        self.progress.update(self.task, completed=stats.step, loss=f"{stats.loss:.4f}",
-                             rate=f"{stats.tokens_per_s:,.0f}")
+        self.progress.update(
+            self.task,
+            completed=stats.step,
+            loss=f"{stats.loss:.4f}",
+            rate=f"{stats.tokens_per_s:,.0f}",
+        )
 
     def evaluated(self, stats: Any) -> None:
-        self.progress.console.print(_eval_text(stats), markup=False,
-                                    style="green" if stats.best else None)
+        self.progress.console.print(
+            _eval_text(stats), markup=False, style="green" if stats.best else None
+        )
 
     def message(self, text: str) -> None:
         self.progress.console.print(text, style="dim", markup=False)
@@ -105,17 +111,21 @@ def plural(count: int, noun: str, many: str | None = None) -> str:
 def _describe(total_steps: int, info: dict[str, Any]) -> str:
     steps = plural(total_steps, "step")
     if "train_tokens" in info:
-        return (f"{plural(info['train_tokens'], 'training token')} in "
-                f"{plural(info['train_blocks'], 'block')} "
-                f"({plural(info['train_documents'], 'document')}), "
-                f"{plural(info['val_tokens'], 'held-out token')} "
-                f"({plural(info['val_documents'], 'document')}); {steps} on {info['device']}, "
-                f"{info['autocast']}")
+        return (
+            f"{plural(info['train_tokens'], 'training token')} in "
+            f"{plural(info['train_blocks'], 'block')} "
+            f"({plural(info['train_documents'], 'document')}), "
+            f"{plural(info['val_tokens'], 'held-out token')} "
+            f"({plural(info['val_documents'], 'document')}); {steps} on {info['device']}, "
+            f"{info['autocast']}"
+        )
     labels = info.get("labels") or []
     what = f", labels {', '.join(labels)}" if labels else ""
-    return (f"{plural(info.get('train_examples', 0), 'training example')} and "
-            f"{plural(info.get('val_examples', 0), 'validation example')}{what}; "
-            f"{steps} ({info.get('train')}) on {info.get('device')}")
+    return (
+        f"{plural(info.get('train_examples', 0), 'training example')} and "
+        f"{plural(info.get('val_examples', 0), 'validation example')}{what}; "
+        f"{steps} ({info.get('train')}) on {info.get('device')}"
+    )
 
 
 def _eval_text(stats: Any) -> str:

@@ -34,39 +34,100 @@ def register(app: typer.Typer) -> None:
 
 def serve(
     model: ModelOpt = None,
-    host: Annotated[str, typer.Option("--host", rich_help_panel=SERVER_PANEL,
-                                      help="Address to bind; 0.0.0.0 opens it to the network."
-                                      )] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535,
-                                      rich_help_panel=SERVER_PANEL,
-                                      help="Port (0 picks a free one).")] = 8000,
-    api_key: Annotated[str | None, typer.Option(
-        "--api-key", rich_help_panel=SERVER_PANEL, show_default=False,
-        help="Clients must send Authorization: Bearer KEY on /v1/*, /tokenize and "
-             "/detokenize. (env GPTNEO_API_KEY)")] = None,
-    max_running: Annotated[int, typer.Option(
-        "--max-running", min=1, max=1024, rich_help_panel=SERVER_PANEL,
-        help="Sequences decoded together (continuous batching).")] = 16,
-    max_queue: Annotated[int, typer.Option(
-        "--max-queue", min=0, max=100000, rich_help_panel=SERVER_PANEL,
-        help="Requests waiting for a row; beyond it: 429 with Retry-After.")] = 64,
-    prefill_chunk: Annotated[int, typer.Option(
-        "--prefill-chunk", min=1, max=8192, rich_help_panel=SERVER_PANEL,
-        help="Prompt tokens prefilled per step: bounds how long a long prompt delays the "
-             "running streams.")] = 128,
-    cors_origin: Annotated[list[str] | None, typer.Option(
-        "--cors-origin", rich_help_panel=SERVER_PANEL, show_default=False,
-        help="Allow browsers from this origin (repeatable). No CORS headers otherwise.")
+    host: Annotated[
+        str,
+        typer.Option(
+            "--host",
+            rich_help_panel=SERVER_PANEL,
+            help="Address to bind; 0.0.0.0 opens it to the network.",
+        ),
+    ] = "127.0.0.1",
+    port: Annotated[
+        int,
+        typer.Option(
+            "--port",
+            "-p",
+            min=0,
+            max=65535,
+            rich_help_panel=SERVER_PANEL,
+            help="Port (0 picks a free one).",
+        ),
+    ] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            rich_help_panel=SERVER_PANEL,
+            show_default=False,
+            help="Clients must send Authorization: Bearer KEY on /v1/*, /tokenize and "
+            "/detokenize. (env GPTNEO_API_KEY)",
+        ),
     ] = None,
-    max_body: Annotated[int, typer.Option(
-        "--max-body-kb", min=1, rich_help_panel=SERVER_PANEL,
-        help="Largest request body in KiB (413 beyond).")] = 4096,
-    shutdown_timeout: Annotated[float, typer.Option(
-        "--shutdown-timeout", min=0, rich_help_panel=SERVER_PANEL,
-        help="On Ctrl-C/SIGTERM: seconds running requests get to finish.")] = 10.0,
-    log_prompts: Annotated[bool, typer.Option(
-        "--log-prompts", rich_help_panel=SERVER_PANEL,
-        help="Put the prompt text in the per-request log lines (off: never logged).")
+    max_running: Annotated[
+        int,
+        typer.Option(
+            "--max-running",
+            min=1,
+            max=1024,
+            rich_help_panel=SERVER_PANEL,
+            help="Sequences decoded together (continuous batching).",
+        ),
+    ] = 16,
+    max_queue: Annotated[
+        int,
+        typer.Option(
+            "--max-queue",
+            min=0,
+            max=100000,
+            rich_help_panel=SERVER_PANEL,
+            help="Requests waiting for a row; beyond it: 429 with Retry-After.",
+        ),
+    ] = 64,
+    prefill_chunk: Annotated[
+        int,
+        typer.Option(
+            "--prefill-chunk",
+            min=1,
+            max=8192,
+            rich_help_panel=SERVER_PANEL,
+            help="Prompt tokens prefilled per step: bounds how long a long prompt delays the "
+            "running streams.",
+        ),
+    ] = 128,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cors-origin",
+            rich_help_panel=SERVER_PANEL,
+            show_default=False,
+            help="Allow browsers from this origin (repeatable). No CORS headers otherwise.",
+        ),
+    ] = None,
+    max_body: Annotated[
+        int,
+        typer.Option(
+            "--max-body-kb",
+            min=1,
+            rich_help_panel=SERVER_PANEL,
+            help="Largest request body in KiB (413 beyond).",
+        ),
+    ] = 4096,
+    shutdown_timeout: Annotated[
+        float,
+        typer.Option(
+            "--shutdown-timeout",
+            min=0,
+            rich_help_panel=SERVER_PANEL,
+            help="On Ctrl-C/SIGTERM: seconds running requests get to finish.",
+        ),
+    ] = 10.0,
+    log_prompts: Annotated[
+        bool,
+        typer.Option(
+            "--log-prompts",
+            rich_help_panel=SERVER_PANEL,
+            help="Put the prompt text in the per-request log lines (off: never logged).",
+        ),
     ] = False,
     revision: RevisionOpt = None,
     device: DeviceOpt = None,
@@ -77,8 +138,15 @@ def serve(
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming)."""
     settings = load_settings()
-    options = ModelOptions.merge(settings, model=model, revision=revision, device=device,
-                                 dtype=dtype, attn=attn, quantize=quantize)
+    options = ModelOptions.merge(
+        settings,
+        model=model,
+        revision=revision,
+        device=device,
+        dtype=dtype,
+        attn=attn,
+        quantize=quantize,
+    )
     key = settings.get("api_key", api_key) or os.environ.get("GPTNEO_API_KEY") or None
     from ..server.run import bind, make_server, url
 
@@ -89,8 +157,11 @@ def serve(
 
         raise GPTNeoError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     if host in ("0.0.0.0", "::") and not key:
-        print(f"Warning: listening on {host} without --api-key: anyone who can reach this "
-              "machine can use the model", file=sys.stderr)
+        print(
+            f"Warning: listening on {host} without --api-key: anyone who can reach this "
+            "machine can use the model",
+            file=sys.stderr,
+        )
     import_torch()
     loaded = load_model(options, fast=True)
     from ..scheduler import Scheduler
@@ -98,16 +169,37 @@ def serve(
 
     user_prefix = settings.get("user_prefix") or "User:"
     assistant_prefix = settings.get("assistant_prefix") or "Assistant:"
-    scheduler = Scheduler(loaded.model, loaded.tokenizer, max_running=max_running,
-                          max_queue=max_queue, prefill_chunk=prefill_chunk)
-    app = create_app(loaded.model, loaded.tokenizer, scheduler, ServeOptions(
-        model_name=options.model, api_key=key, max_body_bytes=max_body * 1024,
-        cors_origins=list(cors_origin or []), log_prompts=log_prompts,
-        shutdown_timeout=shutdown_timeout, user_prefix=user_prefix,
-        assistant_prefix=assistant_prefix, log=stderr_log, aliases=_aliases(options.model)))
+    scheduler = Scheduler(
+        loaded.model,
+        loaded.tokenizer,
+        max_running=max_running,
+        max_queue=max_queue,
+        prefill_chunk=prefill_chunk,
+    )
+    app = create_app(
+        loaded.model,
+        loaded.tokenizer,
+        scheduler,
+        ServeOptions(
+            model_name=options.model,
+            api_key=key,
+            max_body_bytes=max_body * 1024,
+            cors_origins=list(cors_origin or []),
+            log_prompts=log_prompts,
+            shutdown_timeout=shutdown_timeout,
+            user_prefix=user_prefix,
+            assistant_prefix=assistant_prefix,
+            log=stderr_log,
+            aliases=_aliases(options.model),
+        ),
+    )
+
     def ready() -> None:
-        print(f"gptneo serve: {url(sock)} (model {options.model}); Ctrl-C stops",
-              file=sys.stderr, flush=True)
+        print(
+            f"gptneo serve: {url(sock)} (model {options.model}); Ctrl-C stops",
+            file=sys.stderr,
+            flush=True,
+        )
 
     server = make_server(app, shutdown_timeout, ready)
     server.run(sockets=[sock])

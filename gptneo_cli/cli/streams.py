@@ -37,8 +37,11 @@ class ClosedOutput(io.TextIOBase):
     def write(self, text: str) -> int:
         if not text:
             return 0
-        raise OSError(errno.EBADF, f"{self._name} is closed: nothing can be printed (open it, "
-                      "or write to a file with --output where the command has it)")
+        raise OSError(
+            errno.EBADF,
+            f"{self._name} is closed: nothing can be printed (open it, "
+            "or write to a file with --output where the command has it)",
+        )
 
     def flush(self) -> None:
         """Nothing is buffered."""
@@ -60,7 +63,6 @@ def stand_in_for_closed_streams() -> None:
         sys.stdout = ClosedOutput("stdout")
     if sys.stderr is None or not _descriptor_open(2):
         sys.stderr = io.StringIO()  # nowhere to report to; the exit code still tells
-
 
 
 EXIT_TERMINATED = 128 + 15

@@ -19,11 +19,11 @@ def register(app: typer.Typer) -> None:
         "tag",
         epilog=examples(
             (
-                'Tag the tokens of a file',
-                'gptneo tag story.txt -m ./ner',
+                "Tag the tokens of a file",
+                "gptneo tag story.txt -m ./ner",
             ),
             (
-                'Tag piped text, as JSON',
+                "Tag piped text, as JSON",
                 'echo "Alice met Bob in London." | gptneo tag -m ./ner --format json',
             ),
         ),
@@ -33,8 +33,9 @@ def register(app: typer.Typer) -> None:
 def tag(
     source: Annotated[
         str | None,
-        typer.Argument(help="A text file, or - (or nothing, when piped) for stdin.",
-                       show_default=False),
+        typer.Argument(
+            help="A text file, or - (or nothing, when piped) for stdin.", show_default=False
+        ),
     ] = None,
     stride: StrideOpt = 128,
     max_seq_len: MaxSeqLenOpt = None,
@@ -53,8 +54,7 @@ def tag(
     from .. import tasks
 
     loaded = load_with_head(options, "GPTNeoForTokenClassification")
-    spans = tasks.tag(loaded.model, loaded.tokenizer, text, max_seq_len=max_seq_len,
-                      stride=stride)
+    spans = tasks.tag(loaded.model, loaded.tokenizer, text, max_seq_len=max_seq_len, stride=stride)
     if fmt == "json":
         write_json({"source": name, "spans": [s.to_dict() for s in spans]})
     elif fmt == "jsonl":

@@ -18,20 +18,31 @@ FormatOpt = Annotated[
 ]
 MaxSeqLenOpt = Annotated[
     int | None,
-    typer.Option("--max-seq-len", min=2, rich_help_panel=TASK_PANEL, show_default=False,
-                 help="Tokens per forward pass at most (default: the model's positions)."),
+    typer.Option(
+        "--max-seq-len",
+        min=2,
+        rich_help_panel=TASK_PANEL,
+        show_default=False,
+        help="Tokens per forward pass at most (default: the model's positions).",
+    ),
 ]
 StrideOpt = Annotated[
-    int, typer.Option("--stride", min=0, rich_help_panel=TASK_PANEL,
-                      help="Tokens each window repeats from the one before (long inputs).")
+    int,
+    typer.Option(
+        "--stride",
+        min=0,
+        rich_help_panel=TASK_PANEL,
+        help="Tokens each window repeats from the one before (long inputs).",
+    ),
 ]
 
 
-
-def model_options(model: str | None, revision: str | None, device: str | None,
-                  dtype: str | None, attn: str | None) -> ModelOptions:
-    return ModelOptions.merge(load_settings(), model=model, revision=revision, device=device,
-                              dtype=dtype, attn=attn)
+def model_options(
+    model: str | None, revision: str | None, device: str | None, dtype: str | None, attn: str | None
+) -> ModelOptions:
+    return ModelOptions.merge(
+        load_settings(), model=model, revision=revision, device=device, dtype=dtype, attn=attn
+    )
 
 
 def load_with_head(options: ModelOptions, head: str, hint: str | None = None) -> LoadedModel:
@@ -45,6 +56,8 @@ def load_with_head(options: ModelOptions, head: str, hint: str | None = None) ->
     missing = missing_head(path, getattr(modeling, head))
     if missing:
         kind = head.removeprefix("GPTNeoFor")
-        raise WeightsError(f"{options.model} has no {kind} head ({', '.join(missing)} missing); "
-                           + (hint or f"use a checkpoint fine-tuned for {kind}"))
+        raise WeightsError(
+            f"{options.model} has no {kind} head ({', '.join(missing)} missing); "
+            + (hint or f"use a checkpoint fine-tuned for {kind}")
+        )
     return load_model(options, head, path=path)

@@ -19,8 +19,11 @@ from .output import is_tty, write_json, write_table
 
 ForceOpt = Annotated[
     bool,
-    typer.Option("--force", help="Write into an --output folder that holds other files (not "
-                 "a model); the model files are added among them."),
+    typer.Option(
+        "--force",
+        help="Write into an --output folder that holds other files (not "
+        "a model); the model files are added among them.",
+    ),
 ]
 YesOpt = Annotated[
     bool,
@@ -65,15 +68,19 @@ def check_output(output: Path, *, force: bool, yes: bool, resume: Path | None = 
         if yes or _inside(resume, output):
             return
         if not is_tty(sys.stdin):
-            raise ValueError(f"--output {output} already holds a model; add --yes to replace "
-                             "it, or choose another folder")
+            raise ValueError(
+                f"--output {output} already holds a model; add --yes to replace "
+                "it, or choose another folder"
+            )
         if not confirm(f"{output} already holds a model. Replace it?"):
             sys.stderr.write("Nothing written.\n")
             raise typer.Exit(EXIT_RUNTIME)
         return
     if not force:
-        raise ValueError(f"--output {output} is not empty and holds no model; choose a new or "
-                         "empty folder, or add --force to add the model files to it")
+        raise ValueError(
+            f"--output {output} is not empty and holds no model; choose a new or "
+            "empty folder, or add --force to add the model files to it"
+        )
 
 
 def _inside(path: Path | None, folder: Path) -> bool:
@@ -116,51 +123,83 @@ DATA_PANEL = "Data"
 OPT_PANEL = "Optimization"
 
 BaseModelArg = Annotated[
-    str, typer.Argument(metavar="MODEL", help="Base model: folder, Hub id or alias (tiny, "
-                        "125m, ...).", show_default=False, autocompletion=complete_model),
+    str,
+    typer.Argument(
+        metavar="MODEL",
+        help="Base model: folder, Hub id or alias (tiny, 125m, ...).",
+        show_default=False,
+        autocompletion=complete_model,
+    ),
 ]
 HeadOutputOpt = Annotated[
-    Path, typer.Option("--output", "-o", help="Folder for the trained model (Hub format).",
-                       show_default=False),
+    Path,
+    typer.Option(
+        "--output", "-o", help="Folder for the trained model (Hub format).", show_default=False
+    ),
 ]
 ValDataOpt = Annotated[
     list[Path] | None,
-    typer.Option("--val-data", help="Held-out examples (repeatable); default: --val-fraction "
-                 "of the data.", rich_help_panel=DATA_PANEL, show_default=False),
+    typer.Option(
+        "--val-data",
+        help="Held-out examples (repeatable); default: --val-fraction of the data.",
+        rich_help_panel=DATA_PANEL,
+        show_default=False,
+    ),
 ]
 ValFractionOpt = Annotated[
-    float, typer.Option("--val-fraction", help="Share of examples held out.",
-                        rich_help_panel=DATA_PANEL),
+    float,
+    typer.Option("--val-fraction", help="Share of examples held out.", rich_help_panel=DATA_PANEL),
 ]
 MaxLengthOpt = Annotated[
-    int, typer.Option("--max-length", help="Tokens kept per example (the start).",
-                      rich_help_panel=DATA_PANEL),
+    int,
+    typer.Option(
+        "--max-length", help="Tokens kept per example (the start).", rich_help_panel=DATA_PANEL
+    ),
 ]
 TrainOpt = Annotated[
-    str, typer.Option("--train", help="head: train only the new layer on frozen features "
-                      "(fast); all: the whole model.", rich_help_panel=OPT_PANEL),
+    str,
+    typer.Option(
+        "--train",
+        help="head: train only the new layer on frozen features (fast); all: the whole model.",
+        rich_help_panel=OPT_PANEL,
+    ),
 ]
-EpochsOpt = Annotated[int, typer.Option("--epochs", help="Passes over the data.",
-                                        rich_help_panel=OPT_PANEL)]
+EpochsOpt = Annotated[
+    int, typer.Option("--epochs", help="Passes over the data.", rich_help_panel=OPT_PANEL)
+]
 MaxStepsOpt = Annotated[
-    int | None, typer.Option("--max-steps", help="Optimizer steps; overrides --epochs.",
-                             rich_help_panel=OPT_PANEL, show_default=False),
+    int | None,
+    typer.Option(
+        "--max-steps",
+        help="Optimizer steps; overrides --epochs.",
+        rich_help_panel=OPT_PANEL,
+        show_default=False,
+    ),
 ]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Examples per step.",
-                                           rich_help_panel=OPT_PANEL)]
+BatchSizeOpt = Annotated[
+    int, typer.Option("--batch-size", help="Examples per step.", rich_help_panel=OPT_PANEL)
+]
 HeadLrOpt = Annotated[
-    float | None, typer.Option("--lr", help="Peak learning rate. (default 1e-3 for --train "
-                               "head, 2e-5 for --train all)", rich_help_panel=OPT_PANEL,
-                               show_default=False),
+    float | None,
+    typer.Option(
+        "--lr",
+        help="Peak learning rate. (default 1e-3 for --train head, 2e-5 for --train all)",
+        rich_help_panel=OPT_PANEL,
+        show_default=False,
+    ),
 ]
-WeightDecayOpt = Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.",
-                                               rich_help_panel=OPT_PANEL)]
+WeightDecayOpt = Annotated[
+    float, typer.Option("--weight-decay", help="AdamW weight decay.", rich_help_panel=OPT_PANEL)
+]
 PrecisionOpt = Annotated[
-    str, typer.Option("--precision", help="auto, float32, bfloat16 or float16.",
-                      rich_help_panel=OPT_PANEL),
+    str,
+    typer.Option(
+        "--precision", help="auto, float32, bfloat16 or float16.", rich_help_panel=OPT_PANEL
+    ),
 ]
-HeadSeedOpt = Annotated[int, typer.Option("--seed", help="Seed for the split, data order and "
-                                          "head init.")]
+HeadSeedOpt = Annotated[
+    int, typer.Option("--seed", help="Seed for the split, data order and head init.")
+]
 SummaryFormatOpt = Annotated[str, typer.Option("--format", help="Summary as text or json.")]
 
 
@@ -180,11 +219,15 @@ def head_summary(title: str, result: Any, fmt: str) -> None:
     summary = {"output": str(result.output)}
     if result.labels:
         summary["labels"] = result.labels
-    write_summary(title, {
-        **summary,
-        "steps": result.steps,
-        "val_accuracy": result.val_accuracy,
-        "val_loss": result.val_loss,
-        "train_examples": result.train_examples,
-        "val_examples": result.val_examples,
-    }, fmt)
+    write_summary(
+        title,
+        {
+            **summary,
+            "steps": result.steps,
+            "val_accuracy": result.val_accuracy,
+            "val_loss": result.val_loss,
+            "train_examples": result.train_examples,
+            "val_examples": result.val_examples,
+        },
+        fmt,
+    )

@@ -47,8 +47,7 @@ from .train_common import (
 
 DataArg = Annotated[
     list[Path],
-    typer.Argument(metavar="DATA", show_default=False,
-                   help="Training files (formats above)."),
+    typer.Argument(metavar="DATA", show_default=False, help="Training files (formats above)."),
 ]
 
 CLASSIFIER_DOC = """Train a text classifier on labelled data; reports validation accuracy.
@@ -85,37 +84,53 @@ GPTNeoForQuestionAnswering names it; ask with `gptneo answer QUESTION --model OU
 
 
 TextColumnOpt = Annotated[
-    str, typer.Option("--text-column", help="Field holding the text.",
-                      rich_help_panel=DATA_PANEL),
+    str,
+    typer.Option("--text-column", help="Field holding the text.", rich_help_panel=DATA_PANEL),
 ]
 LabelColumnOpt = Annotated[
-    str, typer.Option("--label-column", help="Field holding the label.",
-                      rich_help_panel=DATA_PANEL),
+    str,
+    typer.Option("--label-column", help="Field holding the label.", rich_help_panel=DATA_PANEL),
 ]
 #: The options only train-classifier has (its data has named columns).
 COLUMN_OPTIONS = ("text_column", "label_column")
-TITLES = {"classifier": "Classifier trained", "tagger": "Tagger trained",
-          "qa": "QA head trained"}
+TITLES = {"classifier": "Classifier trained", "tagger": "Tagger trained", "qa": "QA head trained"}
 DOCS = {"classifier": CLASSIFIER_DOC, "tagger": TAGGER_DOC, "qa": QA_DOC}
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train-classifier", epilog=examples(
-        ("Train a classifier head on labeled lines",
-         "gptneo train-classifier tiny lines.jsonl -o ./code-or-comment --epochs 5"),
-        ("Then use it", 'echo "the cache is cleared" | gptneo classify -m ./code-or-comment'),
-    ))(_command("classifier"))
-    app.command("train-tagger", epilog=examples(
-        ("Train a tagger on the demo model", "gptneo train-tagger tiny words.conll -o ./tagger "
-         "--epochs 20 --lr 0.01"),
-        ("Then tag a text", 'echo "Ada met Alan in London" | gptneo tag --model ./tagger'),
-    ))(_command("tagger"))
-    app.command("train-qa", epilog=examples(
-        ("Train a QA head on the demo model", "gptneo train-qa tiny squad.jsonl -o ./qa "
-         "--epochs 30 --lr 0.01"),
-        ("Then ask a question", 'gptneo answer "Who wrote it?" --model ./qa --context '
-         "story.txt"),
-    ))(_command("qa"))
+    app.command(
+        "train-classifier",
+        epilog=examples(
+            (
+                "Train a classifier head on labeled lines",
+                "gptneo train-classifier tiny lines.jsonl -o ./code-or-comment --epochs 5",
+            ),
+            ("Then use it", 'echo "the cache is cleared" | gptneo classify -m ./code-or-comment'),
+        ),
+    )(_command("classifier"))
+    app.command(
+        "train-tagger",
+        epilog=examples(
+            (
+                "Train a tagger on the demo model",
+                "gptneo train-tagger tiny words.conll -o ./tagger --epochs 20 --lr 0.01",
+            ),
+            ("Then tag a text", 'echo "Ada met Alan in London" | gptneo tag --model ./tagger'),
+        ),
+    )(_command("tagger"))
+    app.command(
+        "train-qa",
+        epilog=examples(
+            (
+                "Train a QA head on the demo model",
+                "gptneo train-qa tiny squad.jsonl -o ./qa --epochs 30 --lr 0.01",
+            ),
+            (
+                "Then ask a question",
+                'gptneo answer "Who wrote it?" --model ./qa --context story.txt',
+            ),
+        ),
+    )(_command("qa"))
 
 
 def _command(kind: str) -> Callable[..., None]:
@@ -148,24 +163,46 @@ def _command(kind: str) -> Callable[..., None]:
         fmt = check_format(fmt)
         settings = load_settings()
         check_output(output, force=force, yes=yes)
-        config = head_config(train=train, epochs=epochs, max_steps=max_steps,
-                             batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                             max_length=max_length, val_fraction=val_fraction,
-                             precision=precision, seed=seed)
+        config = head_config(
+            train=train,
+            epochs=epochs,
+            max_steps=max_steps,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            max_length=max_length,
+            val_fraction=val_fraction,
+            precision=precision,
+            seed=seed,
+        )
         folder = resolve_base(model_arg, settings.get("revision", revision))
-        extra = ({"text_column": text_column, "label_column": label_column}
-                 if kind == "classifier" else {})
-        result = _trainer(kind)(folder, data, output, config, val_data=val_data or None,
-                                device=settings.get("device", device),
-                                reporter=make_reporter(), base_name=model_arg, **extra)
+        extra = (
+            {"text_column": text_column, "label_column": label_column}
+            if kind == "classifier"
+            else {}
+        )
+        result = _trainer(kind)(
+            folder,
+            data,
+            output,
+            config,
+            val_data=val_data or None,
+            device=settings.get("device", device),
+            reporter=make_reporter(),
+            base_name=model_arg,
+            **extra,
+        )
         head_summary(TITLES[kind], result, fmt)
 
     command.__name__ = f"train_{kind}"
     command.__doc__ = DOCS[kind]
     if kind != "classifier":  # Typer reads the options from the signature
         signature = inspect.signature(command, eval_str=True)
-        command.__signature__ = signature.replace(parameters=[  # type: ignore[attr-defined]
-            p for p in signature.parameters.values() if p.name not in COLUMN_OPTIONS])
+        command.__signature__ = signature.replace(
+            parameters=[  # type: ignore[attr-defined]
+                p for p in signature.parameters.values() if p.name not in COLUMN_OPTIONS
+            ]
+        )
     return command
 
 

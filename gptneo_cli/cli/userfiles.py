@@ -21,8 +21,10 @@ class WriteError(GPTNeoError):
 
 
 def _failure(path: Path, exc: OSError) -> WriteError:
-    return WriteError(f"cannot write {path}: {exc.strerror or exc}; "
-                      f"{'the old file is unchanged' if path.exists() else 'nothing was written'}")
+    return WriteError(
+        f"cannot write {path}: {exc.strerror or exc}; "
+        f"{'the old file is unchanged' if path.exists() else 'nothing was written'}"
+    )
 
 
 class AtomicTextFile:
@@ -33,8 +35,9 @@ class AtomicTextFile:
         if self.path.is_dir():
             raise ValueError(f"{path} is a directory; give a file name")
         try:
-            fd, temp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial",
-                                        dir=self.path.parent)
+            fd, temp = tempfile.mkstemp(
+                prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent
+            )
         except OSError as exc:  # a path that cannot be written at all: a usage error
             raise ValueError(f"cannot write {path}: {exc.strerror or exc}") from None
         self._temp = Path(temp)

@@ -58,15 +58,17 @@ def cached_models(include_all: bool = False) -> list[CachedModel]:
             except ConfigError:
                 if not include_all:
                     continue
-            models.append(CachedModel(
-                repo_id=repo.repo_id,
-                commit=rev.commit_hash,
-                refs=tuple(sorted(rev.refs)),
-                folder=rev.snapshot_path,
-                size_on_disk=rev.size_on_disk,
-                config=config,
-                complete=weights_present(rev.snapshot_path),
-            ))
+            models.append(
+                CachedModel(
+                    repo_id=repo.repo_id,
+                    commit=rev.commit_hash,
+                    refs=tuple(sorted(rev.refs)),
+                    folder=rev.snapshot_path,
+                    size_on_disk=rev.size_on_disk,
+                    config=config,
+                    complete=weights_present(rev.snapshot_path),
+                )
+            )
     return sorted(models, key=lambda m: (m.repo_id.lower(), m.revision))
 
 
@@ -83,12 +85,16 @@ def remove_cached(name: str, revision: str | None = None) -> tuple[list[CachedMo
     paths = [*strategy.refs, *strategy.snapshots, *strategy.blobs, *strategy.repos]
     locked = sorted({str(p.parent) for p in paths if not os.access(p.parent, os.W_OK)})
     if locked:  # checked first, so that nothing is half removed
-        raise HubError(f"cannot remove {name} from the cache: {locked[0]} is read-only "
-                       "(permission denied); nothing was removed")
+        raise HubError(
+            f"cannot remove {name} from the cache: {locked[0]} is read-only "
+            "(permission denied); nothing was removed"
+        )
     failures = _execute_quietly(strategy)
     if failures:
-        raise HubError(f"could not remove all of {name} from the cache: {failures[0]}"
-                       + (f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""))
+        raise HubError(
+            f"could not remove all of {name} from the cache: {failures[0]}"
+            + (f" (and {len(failures) - 1} more)" if len(failures) > 1 else "")
+        )
     return matches, freed
 
 
@@ -97,8 +103,11 @@ def _execute_quietly(strategy: Any) -> list[str]:
     as warnings (with tracebacks) instead of raising."""
     with hub_log_captured() as records:
         strategy.execute()
-    return [r.getMessage().removeprefix("Couldn't delete ") for r in records
-            if r.levelno >= logging.WARNING]
+    return [
+        r.getMessage().removeprefix("Couldn't delete ")
+        for r in records
+        if r.levelno >= logging.WARNING
+    ]
 
 
 def find_cached(name: str, revision: str | None = None) -> list[CachedModel]:
@@ -111,8 +120,7 @@ def find_cached(name: str, revision: str | None = None) -> list[CachedModel]:
         found = [m for m in found if revision in m.refs or m.commit.startswith(revision)]
     if not found:
         what = f"{repo_id} at revision {revision}" if revision else repo_id
-        raise ModelNotFoundError(f"{what} is not in the cache ({cache_dir()}); "
-                                 "`gptneo models list` shows what is")
+        raise ModelNotFoundError(
+            f"{what} is not in the cache ({cache_dir()}); `gptneo models list` shows what is"
+        )
     return found
-
-

@@ -107,8 +107,12 @@ def _list_repo(repo_id: str, revision: str) -> tuple[dict[str, int | None], str]
 
     try:
         with hub_log_captured():
-            info = HfApi().model_info(repo_id, revision=revision, files_metadata=True,
-                                      timeout=constants.HF_HUB_ETAG_TIMEOUT)
+            info = HfApi().model_info(
+                repo_id,
+                revision=revision,
+                files_metadata=True,
+                timeout=constants.HF_HUB_ETAG_TIMEOUT,
+            )
     except Exception as exc:  # noqa: BLE001 - sorted into network trouble vs. answers
         if is_network_error(exc) or http_status(exc) in RETRYABLE_STATUS:
             raise _NetworkTrouble(short_reason(exc)) from exc
@@ -119,13 +123,16 @@ def _list_repo(repo_id: str, revision: str) -> tuple[dict[str, int | None], str]
     return listing, info.sha
 
 
-def _download(repo_id: str, revision: str, commit: str, listing: dict[str, int | None],
-              parts: set[str]) -> Snapshot:
+def _download(
+    repo_id: str, revision: str, commit: str, listing: dict[str, int | None], parts: set[str]
+) -> Snapshot:
     from huggingface_hub import hf_hub_download
 
     if CONFIG_FILE not in listing:
-        raise ModelNotFoundError(f"{repo_id} has no config.json at revision {revision}: it is not "
-                                 "a transformers model repo")
+        raise ModelNotFoundError(
+            f"{repo_id} has no config.json at revision {revision}: it is not "
+            "a transformers model repo"
+        )
     current = CONFIG_FILE
     cache = cache_dir()
 
@@ -133,8 +140,15 @@ def _download(repo_id: str, revision: str, commit: str, listing: dict[str, int |
         nonlocal current
         current = filename
         with hub_log_captured():  # its retry lines would come before our one error line
-            return Path(hf_hub_download(repo_id, filename, revision=rev, cache_dir=cache,
-                                        tqdm_class=_progress_bar(filename)))
+            return Path(
+                hf_hub_download(
+                    repo_id,
+                    filename,
+                    revision=rev,
+                    cache_dir=cache,
+                    tqdm_class=_progress_bar(filename),
+                )
+            )
 
     try:
         # The config comes first, by branch name so the cache records the ref (offline use
@@ -144,8 +158,10 @@ def _download(repo_id: str, revision: str, commit: str, listing: dict[str, int |
         wanted = plan_files(listing, parts)
         if "weights" in parts:
             if not select_weights(listing):
-                raise ModelNotFoundError(f"{repo_id} has no PyTorch weights (model.safetensors or "
-                                         f"pytorch_model.bin) at revision {revision}")
+                raise ModelNotFoundError(
+                    f"{repo_id} has no PyTorch weights (model.safetensors or "
+                    f"pytorch_model.bin) at revision {revision}"
+                )
             if wanted[-1].endswith(".index.json"):
                 wanted += shards_from_index(get(wanted[-1], commit))
         missing = [name for name in wanted if not (folder / name).is_file()]
@@ -176,8 +192,9 @@ def _check_gpt_neo(config_file: Path, repo_id: str) -> None:
     try:
         GPTNeoConfig.from_json_file(config_file)
     except ConfigError as exc:
-        raise ConfigError(f"{repo_id}: {exc}; gptneo runs GPT-Neo checkpoints such as "
-                          f"{DEFAULT_MODEL}") from exc
+        raise ConfigError(
+            f"{repo_id}: {exc}; gptneo runs GPT-Neo checkpoints such as {DEFAULT_MODEL}"
+        ) from exc
 
 
 def _check_disk_space(repo_id: str, cache: Path, needed: int) -> None:
@@ -219,17 +236,24 @@ def cached_snapshot(repo_id: str, revision: str = "main") -> Path | None:
 
 def _from_cache(repo_id: str, revision: str, parts: set[str], reason: str | None) -> Snapshot:
     """Serve from the cache without the network, or say why that is impossible."""
-    why = ("HF_HUB_OFFLINE is set" if reason is None
-           else f"the Hub at {endpoint()} cannot be reached: {reason}")
-    fix = ("unset HF_HUB_OFFLINE to download it" if reason is None
-           else "check your network connection and try again")
+    why = (
+        "HF_HUB_OFFLINE is set"
+        if reason is None
+        else f"the Hub at {endpoint()} cannot be reached: {reason}"
+    )
+    fix = (
+        "unset HF_HUB_OFFLINE to download it"
+        if reason is None
+        else "check your network connection and try again"
+    )
     snapshot = cached_snapshot(repo_id, revision)
     if snapshot is None:
-        raise offline_error(f"{repo_id} (revision {revision}) is not in the cache "
-                            f"({cache_dir()}) and {why}; {fix}")
+        raise offline_error(
+            f"{repo_id} (revision {revision}) is not in the cache ({cache_dir()}) and {why}; {fix}"
+        )
     if not has_parts(snapshot, parts):
-        raise HubError(f"{repo_id} is only partly downloaded in {snapshot} and {why}; {fix} to "
-                       "finish the download")
+        raise HubError(
+            f"{repo_id} is only partly downloaded in {snapshot} and {why}; {fix} to "
+            "finish the download"
+        )
     return Snapshot(snapshot, repo_id, revision, snapshot.name)
-
-

@@ -52,7 +52,7 @@ def default_model() -> str:
 
 
 def expand_alias(name: str) -> str:
-    """"1.3b" -> "EleutherAI/gpt-neo-1.3B"; any other name is returned unchanged."""
+    """ "1.3b" -> "EleutherAI/gpt-neo-1.3B"; any other name is returned unchanged."""
     return ALIASES.get(name.strip().lower(), name.strip())
 
 
@@ -84,8 +84,9 @@ def parse_model_name(name: str | os.PathLike[str], revision: str | None = None) 
     if path.is_dir():
         return ModelRef(text, path=path)
     if path.exists():
-        raise ModelNotFoundError(f"{text} is a file, not a model folder: pass the folder holding "
-                                 "config.json")
+        raise ModelNotFoundError(
+            f"{text} is a file, not a model folder: pass the folder holding config.json"
+        )
     bundled = BUNDLED_DIR / text
     if "/" not in text and (bundled / CONFIG_FILE).is_file():
         return ModelRef(text, path=bundled)
@@ -96,8 +97,7 @@ def parse_model_name(name: str | os.PathLike[str], revision: str | None = None) 
     if _REPO_ID_RE.match(text):
         return ModelRef(text, repo_id=text, revision=revision)
     raise ModelNotFoundError(
-        f"{text!r} is not a model folder, a Hub id (org/name) or an alias "
-        f"({', '.join(ALIASES)})"
+        f"{text!r} is not a model folder, a Hub id (org/name) or an alias ({', '.join(ALIASES)})"
     )
 
 
@@ -145,8 +145,10 @@ def shards_from_index(index_file: Path) -> list[str]:
     for name in names:  # never download, or look for, a file outside the repo
         problem = name_problem(name)
         if problem is not None:
-            raise HubError(f"{index_file.name} lists the shard {name!r}, which {problem}: a "
-                           "checkpoint may only name files inside its own folder")
+            raise HubError(
+                f"{index_file.name} lists the shard {name!r}, which {problem}: a "
+                "checkpoint may only name files inside its own folder"
+            )
     return names
 
 
@@ -191,5 +193,3 @@ def plan_files(listing: Iterable[str], parts: Iterable[str] = PARTS) -> list[str
     if "weights" in parts:
         wanted += select_weights(names)
     return wanted
-
-

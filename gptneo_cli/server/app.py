@@ -10,6 +10,7 @@ callbacks only hand updates to the event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import sys
@@ -63,15 +64,20 @@ def create_app(model: Any, tokenizer: Any, scheduler: Scheduler, options: ServeO
         yield
         await asyncio.to_thread(scheduler.close, options.shutdown_timeout)
 
-    app = FastAPI(title="gptneo", version="1", lifespan=lifespan,
-                  description="OpenAI-compatible API over a local GPT-Neo model.")
+    app = FastAPI(
+        title="gptneo",
+        version="1",
+        lifespan=lifespan,
+        description="OpenAI-compatible API over a local GPT-Neo model.",
+    )
     errors.install(app)
     api = _Api(model, tokenizer, scheduler, options)
     auth = [Depends(api.check_key)]
 
     app.get("/health", summary="200 while the server runs")(api.health)
     app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)(
-        api.metrics_text)
+        api.metrics_text
+    )
     app.get("/v1/models", dependencies=auth)(api.models)
     app.post("/v1/completions", dependencies=auth)(api.completions)
     app.post("/v1/chat/completions", dependencies=auth)(api.chat)
@@ -83,10 +89,15 @@ def create_app(model: Any, tokenizer: Any, scheduler: Scheduler, options: ServeO
     if options.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=options.cors_origins,
-                           allow_methods=["GET", "POST"], allow_headers=["*"])
-    app.add_middleware(_Guard, max_body=options.max_body_bytes, metrics=api.metrics,
-                       log=options.log)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=options.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+        )
+    app.add_middleware(
+        _Guard, max_body=options.max_body_bytes, metrics=api.metrics, log=options.log
+    )
     return wrapped
 
 
@@ -100,8 +111,9 @@ class _Guard:
     (BaseHTTPMiddleware would buffer streams and hide client disconnects.)
     """
 
-    def __init__(self, app: Any, max_body: int, metrics: Metrics,
-                 log: Callable[[str], None] | None) -> None:
+    def __init__(
+        self, app: Any, max_body: int, metrics: Metrics, log: Callable[[str], None] | None
+    ) -> None:
         self.app, self.max_body, self.metrics, self.log = app, max_body, metrics, log
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
@@ -109,13 +121,27 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = [0]
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
+        length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             await self._too_large(send)
             self._done(scope, 413, start)
             return
+        status = [0]
+        try:
+            await self.app(scope, self._limited(receive), self._watched(send, status))
+        except _BodyTooLarge:
+            if status[0] == 0:
+                await self._too_large(send)
+                status[0] = 413
+        except Exception as exc:  # noqa: BLE001 - answered in OpenAI's shape, no traceback
+            if status[0] == 0:
+                await self._internal_error(send, exc)
+                status[0] = 500
+        finally:
+            self._done(scope, status[0] or 500, start)
+
+    def _limited(self, receive: Callable) -> Callable:
+        """receive() that stops a body growing past the cap (a missing content-length)."""
         seen = [0]
 
         async def limited_receive() -> dict:
@@ -126,34 +152,47 @@ class _Guard:
                     raise _BodyTooLarge
             return message
 
+        return limited_receive
+
+    @staticmethod
+    def _watched(send: Callable, status: list[int]) -> Callable:
+        """send() that records the response status for the log line."""
+
         async def watched_send(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)
 
-        try:
-            await self.app(scope, limited_receive, watched_send)
-        except _BodyTooLarge:
-            if status[0] == 0:
-                await self._too_large(send)
-                status[0] = 413
-        except Exception as exc:  # noqa: BLE001 - answered in OpenAI's shape, no traceback
-            if status[0] == 0:
-                body = json.dumps(errors.error_body(
-                    500, f"internal error: {type(exc).__name__}: {exc}")).encode()
-                await send({"type": "http.response.start", "status": 500,
-                            "headers": [(b"content-type", b"application/json")]})
-                await send({"type": "http.response.body", "body": body})
-                status[0] = 500
-        finally:
-            self._done(scope, status[0] or 500, start)
+        return watched_send
+
+    @staticmethod
+    async def _internal_error(send: Callable, exc: Exception) -> None:
+        body = json.dumps(
+            errors.error_body(500, f"internal error: {type(exc).__name__}: {exc}")
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 500,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
 
     async def _too_large(self, send: Callable) -> None:
-        body = json.dumps(errors.error_body(
-            413, f"the request body is larger than {self.max_body} bytes")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
+        body = json.dumps(
+            errors.error_body(413, f"the request body is larger than {self.max_body} bytes")
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     def _done(self, scope: dict, status: int, start: float) -> None:
@@ -172,16 +211,26 @@ class _Guard:
 
 
 class _Api:
-    def __init__(self, model: Any, tokenizer: Any, scheduler: Scheduler,
-                 options: ServeOptions) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, scheduler: Scheduler, options: ServeOptions
+    ) -> None:
         self.model, self.tokenizer, self.scheduler, self.options = (
-            model, tokenizer, scheduler, options)
+            model,
+            tokenizer,
+            scheduler,
+            options,
+        )
         self.positions = model.config.max_position_embeddings
         self.created = int(time.time())
         self.metrics = Metrics(scheduler)
-        self.ep = Endpoints(model, tokenizer, model_name=options.model_name,
-                            aliases=options.aliases, user_prefix=options.user_prefix,
-                            assistant_prefix=options.assistant_prefix)
+        self.ep = Endpoints(
+            model,
+            tokenizer,
+            model_name=options.model_name,
+            aliases=options.aliases,
+            user_prefix=options.user_prefix,
+            assistant_prefix=options.assistant_prefix,
+        )
 
     # ---- plumbing -----------------------------------------------------------------------
     async def check_key(self, request: Request) -> None:
@@ -191,10 +240,15 @@ class _Api:
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
         ok = scheme.lower() == "bearer" and hmac.compare_digest(
-            token.strip().encode(), key.encode())
+            token.strip().encode(), key.encode()
+        )
         if not ok:
-            raise APIError(401, "missing or wrong API key: send Authorization: Bearer KEY",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            raise APIError(
+                401,
+                "missing or wrong API key: send Authorization: Bearer KEY",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     def _submit(self, rows: list[Row]) -> None:
         done: list[Row] = []
@@ -205,15 +259,20 @@ class _Api:
         except QueueFull as exc:
             for row in done:
                 row.job.cancel()
-            raise APIError(429, str(exc), code="queue_full",
-                           headers={"Retry-After": str(max(1, round(exc.retry_after)))}) from None
+            raise APIError(
+                429,
+                str(exc),
+                code="queue_full",
+                headers={"Retry-After": str(max(1, round(exc.retry_after)))},
+            ) from None
         except SchedulerClosed as exc:
             for row in done:
                 row.job.cancel()
             raise APIError(503, str(exc), headers={"Retry-After": "5"}) from None
 
-    async def _events(self, rows: list[Row], queue: asyncio.Queue
-                      ) -> AsyncIterator[tuple[Row, Update]]:
+    async def _events(
+        self, rows: list[Row], queue: asyncio.Queue
+    ) -> AsyncIterator[tuple[Row, Update]]:
         """Updates of every row as they come; cancels unfinished rows when left early."""
         by_index = {r.index: r for r in rows}
         open_rows = set(by_index)
@@ -246,11 +305,19 @@ class _Api:
         return PlainTextResponse(body, media_type=content_type)
 
     async def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [{
-            "id": self.options.model_name, "object": "model", "created": self.created,
-            "owned_by": "gptneo", "max_model_len": self.positions,
-            "context_length": self.positions,
-        }]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.options.model_name,
+                    "object": "model",
+                    "created": self.created,
+                    "owned_by": "gptneo",
+                    "max_model_len": self.positions,
+                    "context_length": self.positions,
+                }
+            ],
+        }
 
     async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
         self.ep.check_model(body.model)
@@ -313,24 +380,17 @@ class _Api:
     def _token_text(self, token_id: int) -> str:
         return self.ep.token_text(token_id)
 
-    async def _completion_stream(self, body: Any, rows: list[Row], queue: asyncio.Queue,
-                                 rid: str, request: Request) -> AsyncIterator[dict[str, Any]]:
+    async def _completion_stream(
+        self, body: Any, rows: list[Row], queue: asyncio.Queue, rid: str, request: Request
+    ) -> AsyncIterator[dict[str, Any]]:
         created = int(time.time())
         name = self.options.model_name
-
-        def chunk(index: int, text: str, logprobs: Any = None, finish: str | None = None):
-            return {"id": rid, "object": "text_completion", "created": created, "model": name,
-                    "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                                 "finish_reason": finish}]}
-
+        chunk = functools.partial(_text_chunk, rid, created, name)
         if body.echo:
             for row in rows:
-                logprobs = None
-                if body.logprobs is not None:
-                    await self._wait_prompt_logprobs(row)
-                    prompt_only = Row(row.index, row.prompt, row.ids, row.job, drop_output=True)
-                    logprobs = self.ep.completion_logprobs(body, prompt_only, _empty_result())
-                yield chunk(row.index, self.tokenizer.decode(row.ids), logprobs)
+                yield chunk(
+                    row.index, self.tokenizer.decode(row.ids), await self._echo_logprobs(body, row)
+                )
         completion_tokens = 0
         async for row, update in self._events(rows, queue):
             if row.drop_output:
@@ -341,20 +401,41 @@ class _Api:
                 completion_tokens += 1
             logprobs = None
             if body.logprobs is not None and update.logprob is not None:
-                lp = update.logprob
-                text = self._token_text(lp.token_id)
-                top = {self._token_text(a.token_id): a.logprob for a in lp.top}
-                top.setdefault(text, lp.logprob)
-                logprobs = {"tokens": [text], "token_logprobs": [lp.logprob],
-                            "top_logprobs": [top], "text_offset": [0]}
+                logprobs = self._stream_logprobs(update.logprob)
             finish = finish_name(update.finish_reason)
             if update.text or logprobs is not None or finish is not None:
                 yield chunk(row.index, update.text, logprobs, finish)
         request.state.tokens = completion_tokens
-        if body.stream_options is not None and body.stream_options.include_usage:
+        if _wants_usage(body):
             prompts = [r.ids for r in rows if r.index % body.n == 0]
-            yield {"id": rid, "object": "text_completion", "created": created, "model": name,
-                   "choices": [], "usage": self._usage(prompts, completion_tokens)}
+            yield {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": name,
+                "choices": [],
+                "usage": self._usage(prompts, completion_tokens),
+            }
+
+    async def _echo_logprobs(self, body: Any, row: Row) -> Any:
+        """The echoed prompt's logprobs (completions shape), or None when not asked for."""
+        if body.logprobs is None:
+            return None
+        await self._wait_prompt_logprobs(row)
+        prompt_only = Row(row.index, row.prompt, row.ids, row.job, drop_output=True)
+        return self.ep.completion_logprobs(body, prompt_only, _empty_result())
+
+    def _stream_logprobs(self, lp: Any) -> dict[str, Any]:
+        """One streamed token's logprobs in the completions shape."""
+        text = self._token_text(lp.token_id)
+        top = {self._token_text(a.token_id): a.logprob for a in lp.top}
+        top.setdefault(text, lp.logprob)
+        return {
+            "tokens": [text],
+            "token_logprobs": [lp.logprob],
+            "top_logprobs": [top],
+            "text_offset": [0],
+        }
 
     async def _wait_prompt_logprobs(self, row: Row) -> Any:
         """The prompt's logprobs are set before the first token; wait for them."""
@@ -380,17 +461,30 @@ class _Api:
         request.state.tokens = answer["usage"]["completion_tokens"]
         return answer
 
-    async def _chat_stream(self, body: Any, rows: list[Row], queue: asyncio.Queue, rid: str,
-                           prompts: list[list[int]], request: Request
-                           ) -> AsyncIterator[dict[str, Any]]:
+    async def _chat_stream(
+        self,
+        body: Any,
+        rows: list[Row],
+        queue: asyncio.Queue,
+        rid: str,
+        prompts: list[list[int]],
+        request: Request,
+    ) -> AsyncIterator[dict[str, Any]]:
         created = int(time.time())
         name = self.options.model_name
 
-        def chunk(index: int, delta: dict[str, Any], logprobs: Any = None,
-                  finish: str | None = None) -> dict[str, Any]:
-            return {"id": rid, "object": "chat.completion.chunk", "created": created,
-                    "model": name, "choices": [{"index": index, "delta": delta,
-                                                "logprobs": logprobs, "finish_reason": finish}]}
+        def chunk(
+            index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None
+        ) -> dict[str, Any]:
+            return {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": name,
+                "choices": [
+                    {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+                ],
+            }
 
         for row in rows:
             yield chunk(row.index, {"role": "assistant", "content": ""})
@@ -405,25 +499,67 @@ class _Api:
                 started[row.index] = bool(text)
             logprobs = None
             if body.logprobs and update.logprob is not None:
-                logprobs = self.ep.chat_logprobs([update.logprob])
-                for item in logprobs["content"]:
-                    item["token"] = item["token"] or self._token_text(update.logprob.token_id)
+                logprobs = self._chat_stream_logprobs(update.logprob)
             finish = finish_name(update.finish_reason)
             if text or logprobs is not None:
                 yield chunk(row.index, {"content": text}, logprobs)
             if finish is not None:
                 yield chunk(row.index, {}, None, finish)
         request.state.tokens = completion_tokens
-        if body.stream_options is not None and body.stream_options.include_usage:
-            yield {"id": rid, "object": "chat.completion.chunk", "created": created,
-                   "model": name, "choices": [], "usage": self._usage(prompts, completion_tokens)}
+        if _wants_usage(body):
+            yield {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": name,
+                "choices": [],
+                "usage": self._usage(prompts, completion_tokens),
+            }
+
+    def _chat_stream_logprobs(self, lp: Any) -> dict[str, Any]:
+        """One streamed token's logprobs in the chat shape."""
+        logprobs = self.ep.chat_logprobs([lp])
+        for item in logprobs["content"]:
+            item["token"] = item["token"] or self._token_text(lp.token_id)
+        return logprobs
+
+
+def _text_chunk(
+    rid: str,
+    created: int,
+    name: str,
+    index: int,
+    text: str,
+    logprobs: Any = None,
+    finish: str | None = None,
+) -> dict[str, Any]:
+    """One streamed completions chunk."""
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": name,
+        "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+    }
+
+
+def _wants_usage(body: Any) -> bool:
+    """stream_options.include_usage: a last chunk with the usage counts."""
+    return body.stream_options is not None and bool(body.stream_options.include_usage)
 
 
 def _empty_result() -> GenerationResult:
     from ..generation import Timings
 
-    return GenerationResult(text="", token_ids=[], finish_reason="length", prompt_tokens=0,
-                            completion_tokens=0, timings=Timings(), seed=None)
+    return GenerationResult(
+        text="",
+        token_ids=[],
+        finish_reason="length",
+        prompt_tokens=0,
+        completion_tokens=0,
+        timings=Timings(),
+        seed=None,
+    )
 
 
 def _sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
@@ -438,8 +574,11 @@ def _sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
             yield f"data: {json.dumps(error)}\n\n".encode()
         yield b"data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        body(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 def stderr_log(line: str) -> None:

@@ -15,8 +15,16 @@ from prometheus_client import (
 )
 
 #: Routes counted by name; anything else (404s, fuzzing) counts as "other".
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/classify",
-          "/tokenize", "/detokenize", "/health", "/metrics")
+ROUTES = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/v1/classify",
+    "/tokenize",
+    "/detokenize",
+    "/health",
+    "/metrics",
+)
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -24,26 +32,35 @@ _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 class Metrics:
     def __init__(self, scheduler: Any) -> None:
         self.registry = registry = CollectorRegistry()
-        self.requests = Counter("gptneo_requests", "HTTP requests answered.",
-                                ["route", "status"], registry=registry)
-        running = Gauge("gptneo_running_rows", "Rows in the decode batch or being prefilled.",
-                        registry=registry)
+        self.requests = Counter(
+            "gptneo_requests", "HTTP requests answered.", ["route", "status"], registry=registry
+        )
+        running = Gauge(
+            "gptneo_running_rows", "Rows in the decode batch or being prefilled.", registry=registry
+        )
         running.set_function(lambda: scheduler.stats()["running"])
-        waiting = Gauge("gptneo_waiting_requests", "Requests queued for a row.",
-                        registry=registry)
+        waiting = Gauge("gptneo_waiting_requests", "Requests queued for a row.", registry=registry)
         waiting.set_function(lambda: scheduler.stats()["waiting"])
-        prompt = Gauge("gptneo_prompt_tokens_total", "Prompt tokens prefilled since start.",
-                       registry=registry)
+        prompt = Gauge(
+            "gptneo_prompt_tokens_total", "Prompt tokens prefilled since start.", registry=registry
+        )
         prompt.set_function(lambda: scheduler.prompt_tokens_total)
-        generated = Gauge("gptneo_generation_tokens_total", "Tokens generated since start.",
-                          registry=registry)
+        generated = Gauge(
+            "gptneo_generation_tokens_total", "Tokens generated since start.", registry=registry
+        )
         generated.set_function(lambda: scheduler.generated_tokens_total)
-        self.ttft = Histogram("gptneo_time_to_first_token_seconds",
-                              "From the request's arrival to its first token.",
-                              buckets=_LATENCY, registry=registry)
-        self.inter_token = Histogram("gptneo_inter_token_latency_seconds",
-                                     "Between two tokens of one sequence.",
-                                     buckets=_LATENCY, registry=registry)
+        self.ttft = Histogram(
+            "gptneo_time_to_first_token_seconds",
+            "From the request's arrival to its first token.",
+            buckets=_LATENCY,
+            registry=registry,
+        )
+        self.inter_token = Histogram(
+            "gptneo_inter_token_latency_seconds",
+            "Between two tokens of one sequence.",
+            buckets=_LATENCY,
+            registry=registry,
+        )
 
     def request(self, path: str, status: int) -> None:
         self.requests.labels(path if path in ROUTES else "other", str(status)).inc()

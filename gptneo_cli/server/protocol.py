@@ -83,10 +83,18 @@ CompletionRequest = create_model(
     "CompletionRequest",
     __base__=_Base,
     prompt=(PromptType, Field(..., description="Text, texts, token ids or lists of them.")),
-    echo=(bool, Field(False, description="Return the prompt before the completion (with "
-                                         "logprobs: the prompt tokens' too, the first null).")),
-    logprobs=(int | None, Field(None, ge=0, le=MAX_LOGPROBS,
-                                description="Top alternatives per token.")),
+    echo=(
+        bool,
+        Field(
+            False,
+            description="Return the prompt before the completion (with "
+            "logprobs: the prompt tokens' too, the first null).",
+        ),
+    ),
+    logprobs=(
+        int | None,
+        Field(None, ge=0, le=MAX_LOGPROBS, description="Top alternatives per token."),
+    ),
     **_sampling_fields(),
 )
 
@@ -155,15 +163,18 @@ def to_config(body: BaseModel, *, logprobs: int | None) -> GenerationConfig:
     stop = body.stop
     values["stop"] = [stop] if isinstance(stop, str) else list(stop or [])
     values["logprobs"] = logprobs
-    values = {k: v for k, v in values.items() if v is not None or k in ("seed", "logprobs",
-                                                                         "max_new_tokens")}
+    values = {
+        k: v
+        for k, v in values.items()
+        if v is not None or k in ("seed", "logprobs", "max_new_tokens")
+    }
     try:
         return GenerationConfig(**values)
     except OptionError as exc:
         api = next((a for a, o in SHARED.items() if o == exc.option), None)
         message = str(exc)
         if api is not None and exc.option is not None and message.startswith(exc.option):
-            message = api + message[len(exc.option):]
+            message = api + message[len(exc.option) :]
         raise FieldError(api, message) from None
     except ValueError as exc:
         raise FieldError(None, str(exc)) from None

@@ -27,15 +27,19 @@ def url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def make_server(app: Any, shutdown_timeout: float,
-                ready: Callable[[], None] | None = None) -> Any:
+def make_server(app: Any, shutdown_timeout: float, ready: Callable[[], None] | None = None) -> Any:
     """A uvicorn Server: quiet (we log our own line per request), graceful on SIGINT/SIGTERM
     for `shutdown_timeout` seconds before open connections are cut. `ready` runs once it
     listens, with its signal handlers in place (so the startup line means "Ctrl-C is safe")."""
     import uvicorn
 
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=max(shutdown_timeout, 0.1))
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=max(shutdown_timeout, 0.1),
+    )
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: Any = None) -> None:

@@ -6,8 +6,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 
-def train_bpe_tokenizer(texts: Sequence[str] | Iterator[str], vocab_size: int,
-                        min_frequency: int = 2) -> Any:
+def train_bpe_tokenizer(
+    texts: Sequence[str] | Iterator[str], vocab_size: int, min_frequency: int = 2
+) -> Any:
     """A GPT-2-style byte-level BPE trained on `texts`, with `<|endoftext|>` as id 0 and as
     bos, eos, unk and pad. Returns our Tokenizer (save it with `.save(folder)`)."""
     from tokenizers import Tokenizer as Backend

@@ -26,8 +26,10 @@ class CheckpointMismatch(GPTNeoError):
     """The checkpoint was made from other data or other data options than this run's."""
 
     def __init__(self, folder: Path) -> None:
-        super().__init__(f"{folder} was trained on different data (or a different block_size, "
-                         "val_fraction or seed): resume with the same data and options")
+        super().__init__(
+            f"{folder} was trained on different data (or a different block_size, "
+            "val_fraction or seed): resume with the same data and options"
+        )
         self.folder = folder
 
 
@@ -88,8 +90,10 @@ def read_checkpoint(folder: Path) -> dict[str, Any]:
     """The trainer_state.json of a checkpoint folder, with a clear error if it is not one."""
     path = Path(folder) / TRAINER_STATE
     if not path.is_file() or not (Path(folder) / OPTIMIZER_STATE).is_file():
-        raise GPTNeoError(f"{folder} is not a training checkpoint (no {TRAINER_STATE} or "
-                          f"{OPTIMIZER_STATE}); pass the 'checkpoint' folder of an earlier run")
+        raise GPTNeoError(
+            f"{folder} is not a training checkpoint (no {TRAINER_STATE} or "
+            f"{OPTIMIZER_STATE}); pass the 'checkpoint' folder of an earlier run"
+        )
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:

@@ -50,8 +50,7 @@ def _label_text(value: Any, where: str) -> str:
             return text
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
-    raise ValueError(f"data: {where}: label must be a non-empty string or integer, "
-                     f"got {value!r}")
+    raise ValueError(f"data: {where}: label must be a non-empty string or integer, got {value!r}")
 
 
 def read_labeled(
@@ -68,8 +67,9 @@ def read_labeled(
                 text = row[text_column]
                 if not isinstance(text, str):
                     raise ValueError(f"data: {path}:{number}: {text_column!r} must be a string")
-                examples.append(LabeledExample(
-                    text, _label_text(row[label_column], f"{path}:{number}")))
+                examples.append(
+                    LabeledExample(text, _label_text(row[label_column], f"{path}:{number}"))
+                )
         elif path.suffix in (".csv", ".tsv"):
             examples.extend(_read_table(path, text_column, label_column))
         else:
@@ -85,12 +85,15 @@ def _read_table(path: Path, text_column: str, label_column: str) -> list[Labeled
         columns = reader.fieldnames or []
         for name in (text_column, label_column):
             if name not in columns:
-                raise ValueError(f"data: {path} has no {name!r} column (columns: "
-                                 f"{', '.join(columns) or 'none'}); name the text and label "
-                                 "columns to use")
+                raise ValueError(
+                    f"data: {path} has no {name!r} column (columns: "
+                    f"{', '.join(columns) or 'none'}); name the text and label "
+                    "columns to use"
+                )
         return [
-            LabeledExample(row[text_column] or "",
-                           _label_text(row[label_column], f"{path}:{n + 2}"))
+            LabeledExample(
+                row[text_column] or "", _label_text(row[label_column], f"{path}:{n + 2}")
+            )
             for n, row in enumerate(reader)
         ]
 
@@ -118,7 +121,7 @@ def split_examples(
         idx = by_label[label]
         rng.shuffle(idx)
         if len(idx) >= 2:  # every label keeps at least one training example
-            held.update(idx[:min(len(idx) - 1, max(1, round(len(idx) * val_fraction)))])
+            held.update(idx[: min(len(idx) - 1, max(1, round(len(idx) * val_fraction)))])
     train = [e for i, e in enumerate(examples) if i not in held]
     val = [e for i, e in enumerate(examples) if i in held]
     return train, val
@@ -131,8 +134,14 @@ def build_classifier(
     seed: int = 0,
 ) -> GPTNeoForSequenceClassification:
     """A sequence classifier for `labels` on top of the checkpoint in `folder`."""
-    return build_head_model(folder, GPTNeoForSequenceClassification, labels, device, seed,
-                            {"problem_type": "single_label_classification"})
+    return build_head_model(
+        folder,
+        GPTNeoForSequenceClassification,
+        labels,
+        device,
+        seed,
+        {"problem_type": "single_label_classification"},
+    )
 
 
 def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
@@ -146,9 +155,14 @@ class ClassifierTask(HeadTask):
 
     name = "sequence-classification"
 
-    def __init__(self, model: GPTNeoForSequenceClassification, tokenizer: Any,
-                 config: HeadConfig, train: Sequence[LabeledExample],
-                 val: Sequence[LabeledExample]) -> None:
+    def __init__(
+        self,
+        model: GPTNeoForSequenceClassification,
+        tokenizer: Any,
+        config: HeadConfig,
+        train: Sequence[LabeledExample],
+        val: Sequence[LabeledExample],
+    ) -> None:
         super().__init__(model, tokenizer, config)
         unknown = sorted({e.label for e in [*train, *val]} - set(self.labels))
         if unknown:
@@ -170,14 +184,16 @@ class ClassifierTask(HeadTask):
         reporter.message(f"computing features for {count} example{'s' * (count != 1)}")
 
         def features(rows: list[list[int]]) -> torch.Tensor:
-            found = frozen_features(self.model, rows, self.pad_id, self.config.batch_size,
-                                    self.amp, lambda h: h[-1])
+            found = frozen_features(
+                self.model, rows, self.pad_id, self.config.batch_size, self.amp, lambda h: h[-1]
+            )
             return torch.stack(found) if found else torch.empty(0, self.model.config.hidden_size)
 
         self.train_x, self.val_x = features(self.train_rows), features(self.val_rows)
 
-    def logits(self, rows: list[list[int]], x: torch.Tensor | None,
-               indices: Sequence[int]) -> torch.Tensor:
+    def logits(
+        self, rows: list[list[int]], x: torch.Tensor | None, indices: Sequence[int]
+    ) -> torch.Tensor:
         if x is not None:
             return self.model.score(x[list(indices)].to(self.device)).float()
         hidden, mask = self.hidden([rows[i] for i in indices])
@@ -191,9 +207,12 @@ class ClassifierTask(HeadTask):
 
     def score(self) -> tuple[float, float]:
         size = self.config.batch_size
-        parts = [self.logits(self.val_rows, self.val_x,
-                             range(i, min(i + size, len(self.val_rows)))).cpu()
-                 for i in range(0, len(self.val_rows), size)]
+        parts = [
+            self.logits(
+                self.val_rows, self.val_x, range(i, min(i + size, len(self.val_rows)))
+            ).cpu()
+            for i in range(0, len(self.val_rows), size)
+        ]
         logits = torch.cat(parts)
         loss = float(F.cross_entropy(logits, self.val_y))
         return loss, float((logits.argmax(-1) == self.val_y).float().mean())
@@ -214,8 +233,14 @@ def train_classifier(
     """Train the score layer (or the whole model), keep the best by validation accuracy."""
     config.validate()
     task = ClassifierTask(model, tokenizer, config, train_examples, val_examples)
-    return fit_head(task, output, tokenizer=tokenizer, tokenizer_source=tokenizer_source,
-                    reporter=reporter, info=info)
+    return fit_head(
+        task,
+        output,
+        tokenizer=tokenizer,
+        tokenizer_source=tokenizer_source,
+        reporter=reporter,
+        info=info,
+    )
 
 
 def fit_classifier(
@@ -244,7 +269,14 @@ def fit_classifier(
     if not train_ex:
         raise ValueError("data: no training examples are left after holding out val_fraction")
     return fit_from_folder(
-        folder, output, config, GPTNeoForSequenceClassification, labels,
+        folder,
+        output,
+        config,
+        GPTNeoForSequenceClassification,
+        labels,
         lambda model, tokenizer: ClassifierTask(model, tokenizer, config, train_ex, val_ex),
-        device=device, reporter=reporter, info={"base_model": base_name or str(folder)},
-        extra={"problem_type": "single_label_classification"})
+        device=device,
+        reporter=reporter,
+        info={"base_model": base_name or str(folder)},
+        extra={"problem_type": "single_label_classification"},
+    )

@@ -64,8 +64,9 @@ def read_documents(
         elif path.is_file():
             docs.extend(_file_documents(path, strict=True))
         elif path.exists():  # a FIFO or a device: reading it could block or never end
-            raise ValueError(f"data: {raw} is not a regular file; give text files, folders "
-                             "or .jsonl")
+            raise ValueError(
+                f"data: {raw} is not a regular file; give text files, folders or .jsonl"
+            )
         else:
             raise ValueError(f"data: {raw} does not exist; give text files, folders or .jsonl")
     docs = [d for d in docs if d.text]
@@ -85,9 +86,7 @@ def _file_documents(path: Path, strict: bool) -> list[Document]:
     return [Document(str(path), text)]
 
 
-def read_jsonl(
-    path: Path, required: Sequence[str]
-) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_jsonl(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line, checking the required string keys."""
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
@@ -115,9 +114,11 @@ def hold_out(items: Sequence[T], val_fraction: float, seed: int) -> tuple[list[T
         return list(items), []
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
-    held = set(order[:min(len(items) - 1, max(1, round(len(items) * val_fraction)))])
-    return ([x for i, x in enumerate(items) if i not in held],
-            [x for i, x in enumerate(items) if i in held])
+    held = set(order[: min(len(items) - 1, max(1, round(len(items) * val_fraction)))])
+    return (
+        [x for i, x in enumerate(items) if i not in held],
+        [x for i, x in enumerate(items) if i in held],
+    )
 
 
 def split_documents(

@@ -134,8 +134,8 @@ def padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, to
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, :len(row)] = 1
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
     return ids, mask
 
 
@@ -157,12 +157,12 @@ def frozen_features(
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # less padding per batch
     with torch.no_grad():
         for lo in range(0, len(order), batch_size):
-            chunk = order[lo:lo + batch_size]
+            chunk = order[lo : lo + batch_size]
             ids, mask = padded([rows[i] for i in chunk], pad_id)
             with autocast_context(device, amp):
                 hidden = model.transformer(ids.to(device), mask.to(device)).last_hidden_state
             for k, i in enumerate(chunk):
-                out[i] = reduce(hidden[k, :len(rows[i])].float().cpu())
+                out[i] = reduce(hidden[k, : len(rows[i])].float().cpu())
     return out
 
 
@@ -191,24 +191,28 @@ class HeadTask:
         for p in self.model.transformer.parameters():
             p.requires_grad_(not self.head_only)
 
-    def token_features(self, reporter: Reporter,
-                       noun: str) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
+    def token_features(
+        self, reporter: Reporter, noun: str
+    ) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
         """Every token's frozen features, train and held-out (None unless head-only)."""
         if not self.head_only:
             return None, None
         count = len(self.train_rows) + len(self.val_rows)
         reporter.message(f"computing features for {count} {noun}{'s' * (count != 1)}")
         return tuple(  # type: ignore[return-value]
-            frozen_features(self.model, rows, self.pad_id, self.config.batch_size, self.amp,
-                            lambda h: h)
-            for rows in (self.train_rows, self.val_rows))
+            frozen_features(
+                self.model, rows, self.pad_id, self.config.batch_size, self.amp, lambda h: h
+            )
+            for rows in (self.train_rows, self.val_rows)
+        )
 
     def hidden(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states [B, T, H] of padded `rows` (float32) and their mask [B, T]."""
         ids, mask = padded(rows, self.pad_id)
         with autocast_context(self.device, self.amp):
-            hidden = self.model.transformer(ids.to(self.device),
-                                            mask.to(self.device)).last_hidden_state
+            hidden = self.model.transformer(
+                ids.to(self.device), mask.to(self.device)
+            ).last_hidden_state
         return hidden.float(), mask.to(self.device)
 
     def loss(self, indices: Sequence[int]) -> torch.Tensor:
@@ -239,9 +243,16 @@ def fit_head(
     task.prepare(reporter)
     run = _HeadRun(task, reporter)
     labels = task.labels
-    run_info = {**(info or {}), "labels": labels, "train_examples": len(task.train_rows),
-                "val_examples": len(task.val_rows), "total_steps": run.total_steps,
-                "train": config.train, "device": str(task.device), **task.info()}
+    run_info = {
+        **(info or {}),
+        "labels": labels,
+        "train_examples": len(task.train_rows),
+        "val_examples": len(task.val_rows),
+        "total_steps": run.total_steps,
+        "train": config.train,
+        "device": str(task.device),
+        **task.info(),
+    }
     source = Path(tokenizer_source) if tokenizer_source else None
     reporter.start(run.total_steps, run_info)
     while run.step < run.total_steps:
@@ -250,19 +261,29 @@ def fit_head(
             export_model(model, output, None, source, tokenizer)
     reporter.end()
     has_val = bool(task.val_rows)
-    result = HeadResult(output, labels, run.step, run.best_metric if has_val else None,
-                        run.best_loss if has_val else None, len(task.train_rows),
-                        len(task.val_rows), run.history)
-    write_json(output / TRAINING_INFO, {
-        "task": task.name,
-        "labels": labels,
-        "steps": run.step,
-        f"val_{task.metric}": result.val_metric,
-        "val_loss": result.val_loss,
-        "history": run.history,
-        "config": asdict(config),
-        **run_info,
-    })
+    result = HeadResult(
+        output,
+        labels,
+        run.step,
+        run.best_metric if has_val else None,
+        run.best_loss if has_val else None,
+        len(task.train_rows),
+        len(task.val_rows),
+        run.history,
+    )
+    write_json(
+        output / TRAINING_INFO,
+        {
+            "task": task.name,
+            "labels": labels,
+            "steps": run.step,
+            f"val_{task.metric}": result.val_metric,
+            "val_loss": result.val_loss,
+            "history": run.history,
+            "config": asdict(config),
+            **run_info,
+        },
+    )
     return result
 
 
@@ -288,8 +309,14 @@ def fit_from_folder(
     dev = resolve_device(device)
     autocast_dtype(config.precision, dev)  # reject e.g. float16 on CPU before loading
     model = build_head_model(folder, model_cls, labels, dev, config.seed, extra)
-    return fit_head(make_task(model, tokenizer), output, tokenizer=tokenizer,
-                    tokenizer_source=Path(folder), reporter=reporter, info=info)
+    return fit_head(
+        make_task(model, tokenizer),
+        output,
+        tokenizer=tokenizer,
+        tokenizer_source=Path(folder),
+        reporter=reporter,
+        info=info,
+    )
 
 
 class _HeadRun:
@@ -303,8 +330,9 @@ class _HeadRun:
         self.total_steps = config.max_steps or per_epoch * config.epochs
         self.warmup = round(config.warmup_ratio * self.total_steps)
         self.params = [p for _, p in trainable_parameters(task.model)]
-        self.optimizer = build_optimizer(trainable_parameters(task.model),
-                                         config.learning_rate, config.weight_decay)
+        self.optimizer = build_optimizer(
+            trainable_parameters(task.model), config.learning_rate, config.weight_decay
+        )
         self.scaler = None if task.head_only else grad_scaler(task.device, task.amp)
         self.step = self.epoch = self.tokens = 0
         self.clock = RateClock()
@@ -320,7 +348,7 @@ class _HeadRun:
         for lo in range(0, self.n, self.config.batch_size):
             if self.step >= self.total_steps:
                 break
-            self.train_step(order[lo:lo + self.config.batch_size])
+            self.train_step(order[lo : lo + self.config.batch_size])
 
     def train_step(self, chunk: list[int]) -> None:
         config = self.config
@@ -336,10 +364,18 @@ class _HeadRun:
         if self.step % config.log_every and self.step not in (1, self.total_steps):
             return
         elapsed = self.clock.seconds
-        self.reporter.step(StepStats(self.step, self.total_steps, self.epoch,
-                                     float(loss.detach()), lr,
-                                     self.tokens / elapsed if elapsed else 0.0, elapsed,
-                                     self.clock.eta(self.total_steps - self.step)))
+        self.reporter.step(
+            StepStats(
+                self.step,
+                self.total_steps,
+                self.epoch,
+                float(loss.detach()),
+                lr,
+                self.tokens / elapsed if elapsed else 0.0,
+                elapsed,
+                self.clock.eta(self.total_steps - self.step),
+            )
+        )
 
     def end_epoch(self) -> bool:
         """Score the held-out split; True when this epoch is the best so far."""
@@ -352,8 +388,14 @@ class _HeadRun:
         with torch.no_grad():
             val_loss, metric = self.task.score()
         self.task.model.train()
-        self.history.append({"step": self.step, "epoch": self.epoch, "val_loss": val_loss,
-                             f"val_{self.task.metric}": metric})
+        self.history.append(
+            {
+                "step": self.step,
+                "epoch": self.epoch,
+                "val_loss": val_loss,
+                f"val_{self.task.metric}": metric,
+            }
+        )
         improved = self.best is None or (metric, -val_loss) > self.best
         if improved:
             self.best, self.best_metric, self.best_loss = (metric, -val_loss), metric, val_loss

@@ -89,8 +89,7 @@ class TrainConfig:
     """Keep the resumable checkpoint folder after a run that finished."""
 
     def validate(self) -> None:
-        check_positive_ints(self, ("block_size", "batch_size", "grad_accum", "epochs",
-                                   "log_every"))
+        check_positive_ints(self, ("block_size", "batch_size", "grad_accum", "epochs", "log_every"))
         check_positive_ints(self, ("max_steps", "eval_every"), optional=True)
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
@@ -138,11 +137,12 @@ def evaluate_lm(
     with torch.no_grad():
         for group in by_length.values():
             for i in range(0, len(group), batch_size):
-                batch = torch.stack(group[i:i + batch_size]).to(device)
+                batch = torch.stack(group[i : i + batch_size]).to(device)
                 with autocast_context(device, autocast):
                     logits = model(batch[:, :-1]).logits
-                loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(),
-                                       reduction="sum")
+                loss = F.cross_entropy(
+                    logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"
+                )
                 total += float(loss)
                 count += batch[:, 1:].numel()
     model.train(was_training)
@@ -168,17 +168,26 @@ class _Plan:
         micro = math.ceil(n_blocks / config.batch_size)
         per_epoch = math.ceil(micro / config.grad_accum)
         total = config.max_steps or per_epoch * config.epochs
-        warmup = (config.warmup_steps if config.warmup_steps is not None
-                  else max(1, round(0.05 * total)))
-        return cls(micro, per_epoch, total, min(warmup, total),
-                   config.eval_every or max(1, total // 10))
+        warmup = (
+            config.warmup_steps if config.warmup_steps is not None else max(1, round(0.05 * total))
+        )
+        return cls(
+            micro, per_epoch, total, min(warmup, total), config.eval_every or max(1, total // 10)
+        )
 
 
 class _LMRun:
     """One causal-LM run: the model, its optimizer and state, and how it saves."""
 
-    def __init__(self, model: GPTNeoForCausalLM, data: LMData, config: TrainConfig,
-                 output: Path, reporter: Reporter, save: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        model: GPTNeoForCausalLM,
+        data: LMData,
+        config: TrainConfig,
+        output: Path,
+        reporter: Reporter,
+        save: Callable[[], None],
+    ) -> None:
         self.model, self.data, self.config, self.output = model, data, config, output
         self.reporter, self.save_model = reporter, save
         self.device = model.device
@@ -186,16 +195,18 @@ class _LMRun:
         self.scaler = grad_scaler(self.device, self.amp)
         self.plan = _Plan.of(data.train.shape[0], config)
         self.checkpoint_dir = output / CHECKPOINT_DIR
-        self.optimizer = build_optimizer(trainable_parameters(model), config.lr,
-                                         config.weight_decay)
+        self.optimizer = build_optimizer(
+            trainable_parameters(model), config.lr, config.weight_decay
+        )
         self.state = TrainerState()
         self.clock = RateClock()
         self.extra: dict[str, Any] = {}
         self.window_tokens, self.window_time = 0, 0.0
 
     def checkpoint(self) -> None:
-        save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.scaler,
-                        self.state, self.extra)
+        save_checkpoint(
+            self.checkpoint_dir, self.model, self.optimizer, self.scaler, self.state, self.extra
+        )
 
     def evaluate_and_keep(self) -> None:
         """Evaluate, export the model if it is the best so far, and checkpoint."""
@@ -206,8 +217,9 @@ class _LMRun:
             if best:
                 state.best_val_loss, state.best_step = val_loss, state.step
                 self.save_model()
-            state.history.append({"step": state.step, "val_loss": val_loss,
-                                  "train_loss": state.last_train_loss})
+            state.history.append(
+                {"step": state.step, "val_loss": val_loss, "train_loss": state.last_train_loss}
+            )
             self.reporter.evaluated(EvalStats(state.step, val_loss, best=best))
         self.checkpoint()
 
@@ -222,13 +234,19 @@ class _LMRun:
         """One optimizer step, then its progress line when one is due."""
         state, plan, config = self.state, self.plan, self.config
         self.clock.start()
-        micro, epoch, position = _next_batches(self.data.train, state, config,
-                                               plan.micro_per_epoch)
+        micro, epoch, position = _next_batches(self.data.train, state, config, plan.micro_per_epoch)
         targets = sum(b[:, 1:].numel() for b in micro)
-        lr = config.lr * lr_factor(state.step, plan.warmup, plan.total_steps,
-                                   config.min_lr_ratio)
-        loss = _optimizer_step(self.model, self.optimizer, self.scaler, micro, targets, lr,
-                               self.amp, config.max_grad_norm)
+        lr = config.lr * lr_factor(state.step, plan.warmup, plan.total_steps, config.min_lr_ratio)
+        loss = _optimizer_step(
+            self.model,
+            self.optimizer,
+            self.scaler,
+            micro,
+            targets,
+            lr,
+            self.amp,
+            config.max_grad_norm,
+        )
         # The step is complete only now: a Ctrl-C before this line leaves `state` at the
         # previous step, which is what the checkpoint then records.
         state.epoch, state.batch_in_epoch = epoch, position
@@ -245,8 +263,18 @@ class _LMRun:
     def report(self, loss: float, lr: float) -> None:
         state, total = self.state, self.plan.total_steps
         rate = self.window_tokens / self.window_time if self.window_time > 0 else 0.0
-        self.reporter.step(StepStats(state.step, total, state.epoch, loss, lr, rate,
-                                     state.train_time_s, self.clock.eta(total - state.step)))
+        self.reporter.step(
+            StepStats(
+                state.step,
+                total,
+                state.epoch,
+                loss,
+                lr,
+                rate,
+                state.train_time_s,
+                self.clock.eta(total - state.step),
+            )
+        )
         self.window_tokens, self.window_time = 0, 0.0
 
     def loop(self, should_stop: Callable[[], bool] | None) -> None:
@@ -284,8 +312,10 @@ def train_causal_lm(
     config.validate()
     output = Path(output)
     if data.block_size > model.config.max_position_embeddings:
-        raise ValueError(f"block_size: {data.block_size} exceeds the model's "
-                         f"{model.config.max_position_embeddings} positions")
+        raise ValueError(
+            f"block_size: {data.block_size} exceeds the model's "
+            f"{model.config.max_position_embeddings} positions"
+        )
     tok_source = Path(tokenizer_source) if tokenizer_source is not None else None
 
     def save() -> None:
@@ -296,8 +326,9 @@ def train_causal_lm(
     fingerprint = data.fingerprint()
     model.train()
     if resume_from is not None:
-        run.state = restore_checkpoint(Path(resume_from), model, run.optimizer, run.scaler,
-                                       fingerprint)
+        run.state = restore_checkpoint(
+            Path(resume_from), model, run.optimizer, run.scaler, fingerprint
+        )
     run_info = _run_info(run, info, resumed=resume_from is not None)
     run.extra = {"config": asdict(config), "fingerprint": fingerprint, "info": run_info}
     run.reporter.start(run.plan.total_steps, run_info)
@@ -310,7 +341,10 @@ def train_causal_lm(
         run.reporter.end()
         raise TrainingInterrupted(
             f"training stopped at step {run.state.step}/{run.plan.total_steps}; resume it "
-            f"from {run.checkpoint_dir}", run.checkpoint_dir, run.state.step) from None
+            f"from {run.checkpoint_dir}",
+            run.checkpoint_dir,
+            run.state.step,
+        ) from None
     run.reporter.end()
     if not data.val:  # nothing to choose by: the last model is the result
         save()
@@ -339,21 +373,32 @@ def _run_info(run: _LMRun, info: dict[str, Any] | None, resumed: bool) -> dict[s
 def _finish(run: _LMRun, run_info: dict[str, Any]) -> TrainResult:
     """Write training.json, drop the checkpoint unless kept, and sum the run up."""
     state = run.state
-    result = TrainResult(run.output, state.step, state.best_val_loss, state.best_step,
-                         state.last_train_loss, state.tokens_seen, state.train_time_s,
-                         state.history, run_info)
-    write_json(run.output / TRAINING_INFO, {
-        "task": "causal-lm",
-        "steps": state.step,
-        "best_val_loss": state.best_val_loss,
-        "best_step": state.best_step,
-        "final_train_loss": state.last_train_loss,
-        "tokens_seen": state.tokens_seen,
-        "train_time_s": round(state.train_time_s, 2),
-        "history": state.history,
-        "config": asdict(run.config),
-        **run_info,
-    })
+    result = TrainResult(
+        run.output,
+        state.step,
+        state.best_val_loss,
+        state.best_step,
+        state.last_train_loss,
+        state.tokens_seen,
+        state.train_time_s,
+        state.history,
+        run_info,
+    )
+    write_json(
+        run.output / TRAINING_INFO,
+        {
+            "task": "causal-lm",
+            "steps": state.step,
+            "best_val_loss": state.best_val_loss,
+            "best_step": state.best_step,
+            "final_train_loss": state.last_train_loss,
+            "tokens_seen": state.tokens_seen,
+            "train_time_s": round(state.train_time_s, 2),
+            "history": state.history,
+            "config": asdict(run.config),
+            **run_info,
+        },
+    )
     if not run.config.keep_checkpoint and run.checkpoint_dir.exists():
         shutil.rmtree(run.checkpoint_dir)
     return result
@@ -374,7 +419,7 @@ def _next_batches(
     micro = []
     while len(micro) < config.grad_accum and position < micro_per_epoch:
         lo = position * config.batch_size
-        micro.append(blocks[order[lo:lo + config.batch_size]])
+        micro.append(blocks[order[lo : lo + config.batch_size]])
         position += 1
     return micro, epoch, position
 
@@ -398,16 +443,19 @@ def _optimizer_step(
         batch = batch.to(device, non_blocking=True)
         with autocast_context(device, amp):
             logits = model(batch[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(),
-                               reduction="sum") / targets
+        loss = (
+            F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+            / targets
+        )
         backward(loss, scaler)
         step_loss += float(loss.detach())
     apply_gradients(list(model.parameters()), optimizer, scaler, max_grad_norm)
     return step_loss
 
 
-def fresh_model(config: GPTNeoConfig, seed: int,
-                device: str | torch.device | None = None) -> GPTNeoForCausalLM:
+def fresh_model(
+    config: GPTNeoConfig, seed: int, device: str | torch.device | None = None
+) -> GPTNeoForCausalLM:
     """A randomly initialised causal LM (GPT-Neo's N(0, 0.02) init), reproducible by seed."""
     torch.manual_seed(seed)
     model = GPTNeoForCausalLM(config)
@@ -450,17 +498,33 @@ def finetune(
     autocast_dtype(config.precision, dev)  # reject e.g. float16 on CPU before loading
     docs = read_documents(data, suffixes)
     val_docs = read_documents(val_data, suffixes) if val_data else None
-    lm_data = prepare_lm_data(docs, tokenizer, config.block_size, config.val_fraction,
-                              config.seed, val_docs)
+    lm_data = prepare_lm_data(
+        docs, tokenizer, config.block_size, config.val_fraction, config.seed, val_docs
+    )
     if from_scratch:
         model = fresh_model(GPTNeoConfig.from_json_file(folder), config.seed, dev)
     else:
         model = GPTNeoForCausalLM.from_pretrained(folder, device=dev)
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise GPTNeoError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
-                          f"{model.config.vocab_size} embeddings")
-    info = {"base_model": base_name or str(folder), "from_scratch": from_scratch,
-            "parameters": sum(p.numel() for p in model.parameters())}
-    return train_causal_lm(model, lm_data, config, output, tokenizer=tokenizer,
-                           tokenizer_source=folder, resume_from=resume_from, reporter=reporter,
-                           save_dtype=save_dtype, should_stop=should_stop, info=info)
+        raise GPTNeoError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
+            f"{model.config.vocab_size} embeddings"
+        )
+    info = {
+        "base_model": base_name or str(folder),
+        "from_scratch": from_scratch,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    return train_causal_lm(
+        model,
+        lm_data,
+        config,
+        output,
+        tokenizer=tokenizer,
+        tokenizer_source=folder,
+        resume_from=resume_from,
+        reporter=reporter,
+        save_dtype=save_dtype,
+        should_stop=should_stop,
+        info=info,
+    )

@@ -60,8 +60,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "float32":
         return None
     if precision == "float16" and device.type == "cpu":
-        raise ValueError("precision: float16 autocast needs a CUDA or MPS device; "
-                         "use bfloat16 or float32 on CPU")
+        raise ValueError(
+            "precision: float16 autocast needs a CUDA or MPS device; use bfloat16 or float32 on CPU"
+        )
     if precision == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("precision: this GPU has no bfloat16; use float16 or float32")
     return torch.bfloat16 if precision == "bfloat16" else torch.float16
@@ -82,8 +83,10 @@ def build_optimizer(
     embeddings included, and none on biases and LayerNorm parameters."""
     decay = [p for _, p in params if p.dim() >= 2]
     plain = [p for _, p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": plain, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": plain, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95))
 
 

@@ -75,7 +75,7 @@ def pack_blocks(ids: Sequence[int], block_size: int, keep_tail: bool = False) ->
     rows = []
     start = 0
     while start + block_size + 1 <= len(ids):
-        rows.append(list(ids[start:start + block_size + 1]))
+        rows.append(list(ids[start : start + block_size + 1]))
         start += block_size
     if keep_tail and len(ids) - start >= 2:
         rows.append(list(ids[start:]))
@@ -101,8 +101,11 @@ def prepare_lm_data(
         cut = len(train_ids) - max(2, int(len(train_ids) * val_fraction))
         train_ids, val_ids = train_ids[:cut], train_ids[cut:]
     train_rows = pack_blocks(train_ids, block_size)
-    if not train_rows and val_docs is None and val_fraction > 0 and pack_blocks(
-        train_ids + val_ids, block_size
+    if (
+        not train_rows
+        and val_docs is None
+        and val_fraction > 0
+        and pack_blocks(train_ids + val_ids, block_size)
     ):
         raise ValueError(
             f"val_fraction: holding out {val_fraction:g} of the data leaves "

@@ -56,9 +56,11 @@ def format_duration(seconds: float) -> str:
 
 def format_step(stats: StepStats) -> str:
     """The plain progress line (also used by the CLI off a terminal)."""
-    return (f"step {stats.step}/{stats.total_steps}  loss {stats.loss:.4f}  lr {stats.lr:.2e}  "
-            f"{stats.tokens_per_s:,.0f} tok/s  elapsed {format_duration(stats.elapsed_s)}  "
-            f"eta {format_duration(stats.eta_s)}")
+    return (
+        f"step {stats.step}/{stats.total_steps}  loss {stats.loss:.4f}  lr {stats.lr:.2e}  "
+        f"{stats.tokens_per_s:,.0f} tok/s  elapsed {format_duration(stats.elapsed_s)}  "
+        f"eta {format_duration(stats.eta_s)}"
+    )
 
 
 def format_eval(stats: EvalStats) -> str:

@@ -53,8 +53,7 @@ def is_model_file(name: str) -> bool:
     """True for the files a model save writes or would leave stale (shards included)."""
     if name in MODEL_FILES:
         return True
-    return name.startswith(("model-", "pytorch_model-")) and name.endswith(
-        (".safetensors", ".bin"))
+    return name.startswith(("model-", "pytorch_model-")) and name.endswith((".safetensors", ".bin"))
 
 
 def staging_prefix(folder: Path) -> str:
@@ -70,7 +69,7 @@ def leftover_staging(folder: Path) -> list[Path]:
     for entry in parent.iterdir():
         if not entry.name.startswith(staging_prefix(folder)):
             continue
-        pid = entry.name[len(staging_prefix(folder)):].split("-", 1)[0]
+        pid = entry.name[len(staging_prefix(folder)) :].split("-", 1)[0]
         if not (pid.isdigit() and _alive(int(pid))):
             found.append(entry)
     return found

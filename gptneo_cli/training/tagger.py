@@ -93,9 +93,11 @@ def _read_conll(path: Path) -> list[TaggedSentence]:
 
 def _sentence(words: list[Any], labels: list[Any], where: str) -> TaggedSentence:
     if len(words) != len(labels):
-        raise ValueError(f"data: {where}: {len(words)} word{'s' * (len(words) != 1)} and "
-                         f"{len(labels)} label{'s' * (len(labels) != 1)}; give one label "
-                         "per word")
+        raise ValueError(
+            f"data: {where}: {len(words)} word{'s' * (len(words) != 1)} and "
+            f"{len(labels)} label{'s' * (len(labels) != 1)}; give one label "
+            "per word"
+        )
     if not words:
         raise ValueError(f"data: {where}: a sentence without words")
     texts = [str(w).strip() for w in words]
@@ -113,8 +115,9 @@ def tag_names(sentences: Sequence[TaggedSentence]) -> list[str]:
     return (["O"] if "O" in labels else []) + rest
 
 
-def encode_sentence(tokenizer: Any, sentence: TaggedSentence,
-                    label2id: dict[str, int]) -> tuple[list[int], list[int]]:
+def encode_sentence(
+    tokenizer: Any, sentence: TaggedSentence, label2id: dict[str, int]
+) -> tuple[list[int], list[int]]:
     """Token ids of the words joined by spaces, and a label id for every token."""
     text = " ".join(sentence.words)
     ids, offsets = encode_with_offsets(tokenizer, text)
@@ -137,9 +140,14 @@ class TaggerTask(HeadTask):
 
     name = "token-classification"
 
-    def __init__(self, model: GPTNeoForTokenClassification, tokenizer: Any,
-                 config: HeadConfig, train: Sequence[TaggedSentence],
-                 val: Sequence[TaggedSentence]) -> None:
+    def __init__(
+        self,
+        model: GPTNeoForTokenClassification,
+        tokenizer: Any,
+        config: HeadConfig,
+        train: Sequence[TaggedSentence],
+        val: Sequence[TaggedSentence],
+    ) -> None:
         super().__init__(model, tokenizer, config)
         label2id = {label: i for i, label in enumerate(self.labels)}
         unknown = sorted({x for s in [*train, *val] for x in s.labels} - set(label2id))
@@ -160,8 +168,9 @@ class TaggerTask(HeadTask):
         super().prepare(reporter)
         self.train_x, self.val_x = self.token_features(reporter, "sentence")
 
-    def logits(self, rows: list[list[int]], x: list[torch.Tensor] | None,
-               indices: Sequence[int]) -> torch.Tensor:
+    def logits(
+        self, rows: list[list[int]], x: list[torch.Tensor] | None, indices: Sequence[int]
+    ) -> torch.Tensor:
         """Logits of every real token of the chosen rows, concatenated: [tokens, labels]."""
         if x is not None:
             features = torch.cat([x[i] for i in indices]).to(self.device)
@@ -177,8 +186,10 @@ class TaggerTask(HeadTask):
 
     def score(self) -> tuple[float, float]:
         size = self.config.batch_size
-        chunks = [list(range(i, min(i + size, len(self.val_rows))))
-                  for i in range(0, len(self.val_rows), size)]
+        chunks = [
+            list(range(i, min(i + size, len(self.val_rows))))
+            for i in range(0, len(self.val_rows), size)
+        ]
         logits = torch.cat([self.logits(self.val_rows, self.val_x, c).cpu() for c in chunks])
         target = torch.cat(self.val_y)
         loss = float(F.cross_entropy(logits, target))
@@ -207,6 +218,13 @@ def fit_tagger(
     if len(labels) < 2:
         raise ValueError(f"data: a tagger needs at least two labels, found {labels}")
     return fit_from_folder(
-        folder, output, config, GPTNeoForTokenClassification, labels,
+        folder,
+        output,
+        config,
+        GPTNeoForTokenClassification,
+        labels,
         lambda model, tokenizer: TaggerTask(model, tokenizer, config, train, val),
-        device=device, reporter=reporter, info={"base_model": base_name or str(folder)})
+        device=device,
+        reporter=reporter,
+        info={"base_model": base_name or str(folder)},
+    )
