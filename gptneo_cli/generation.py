@@ -195,6 +195,51 @@ def _normalize_prompts(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     return items
 
 
+class TextRow(Protocol):
+    """What push_text/finish_text need of a row (the engine's and the scheduler's rows)."""
+
+    decoder: _StreamDecoder
+    gate: StopGate | None
+    pieces: list[str]
+    finish_reason: FinishReason | None
+    finished_at: float
+
+
+def push_text(row: TextRow, token: int, now: float, *, at_length: bool) -> str:
+    """Decode one accepted (non-EOS) token into a row's text; a stop string or the length
+    limit finishes the row. Returns the text it releases (maybe ""). Shared by the engine
+    and the scheduler, so both end rows alike."""
+    delta = row.decoder.push(token)
+    if row.gate is not None and delta:
+        delta, hit = row.gate.push(delta)
+        if hit:
+            return finish_text(row, "stop", now, delta)
+    if at_length:
+        return finish_text(row, "length", now, delta)
+    if delta:
+        row.pieces.append(delta)
+    return delta
+
+
+def finish_text(row: TextRow, reason: FinishReason, now: float, delta: str = "") -> str:
+    """Mark a row done and return its last text: the delta plus anything held back."""
+    row.finish_reason, row.finished_at = reason, now
+    if reason != "stop":
+        rest = row.decoder.finish()
+        if row.gate is not None:
+            released, hit = row.gate.push(rest)
+            if hit:
+                row.finish_reason = "stop"
+                delta += released
+            else:
+                delta += released + row.gate.flush()
+        else:
+            delta += rest
+    if delta:
+        row.pieces.append(delta)
+    return delta
+
+
 @dataclass
 class _Row:
     """One sequence being generated, and everything it accumulates."""
@@ -528,34 +573,10 @@ class _Engine:
         row.token_ids.append(token)
         if token in self.stop_at_eos:
             return self._finish(row, "eos", now)
-        delta = row.decoder.push(token)
-        if row.gate is not None and delta:
-            delta, hit = row.gate.push(delta)
-            if hit:
-                return self._finish(row, "stop", now, delta)
-        if step >= row.max_new:
-            return self._finish(row, "length", now, delta)
-        if delta:
-            row.pieces.append(delta)
-        return delta
+        return push_text(row, token, now, at_length=step >= row.max_new)
 
     def _finish(self, row: _Row, reason: FinishReason, now: float, delta: str = "") -> str:
-        """Mark a row done and return its last text: the delta plus anything held back."""
-        row.finish_reason, row.finished_at = reason, now
-        if reason != "stop":
-            rest = row.decoder.finish()
-            if row.gate is not None:
-                released, hit = row.gate.push(rest)
-                if hit:
-                    row.finish_reason = "stop"
-                    delta += released
-                else:
-                    delta += released + row.gate.flush()
-            else:
-                delta += rest
-        if delta:
-            row.pieces.append(delta)
-        return delta
+        return finish_text(row, reason, now, delta)
 
     def _finish_all(self, reason: FinishReason) -> list[_Row]:
         """Cancellation: unfinished rows end here, with the text released so far."""

@@ -43,6 +43,8 @@ from .generation import (
     TokenizerLike,
     TokenLogprob,
     _budget,
+    finish_text,
+    push_text,
 )
 from .rowcache import RowCache
 
@@ -562,33 +564,10 @@ class Scheduler:
         cfg = seq.req.config
         if token in self.eos_ids and not cfg.ignore_eos:
             return self._finish(seq, "eos", now)
-        delta = seq.decoder.push(token)
-        if seq.gate is not None and delta:
-            delta, hit = seq.gate.push(delta)
-            if hit:
-                return self._finish(seq, "stop", now, delta)
-        if len(seq.token_ids) >= seq.req.max_new:
-            return self._finish(seq, "length", now, delta)
-        if delta:
-            seq.pieces.append(delta)
-        return delta
+        return push_text(seq, token, now, at_length=len(seq.token_ids) >= seq.req.max_new)
 
     def _finish(self, seq: _Seq, reason: FinishReason, now: float, delta: str = "") -> str:
-        seq.finish_reason, seq.finished_at = reason, now
-        if reason != "stop":
-            rest = seq.decoder.finish()
-            if seq.gate is not None:
-                released, hit = seq.gate.push(rest)
-                if hit:
-                    seq.finish_reason = "stop"
-                    delta += released
-                else:
-                    delta += released + seq.gate.flush()
-            else:
-                delta += rest
-        if delta:
-            seq.pieces.append(delta)
-        return delta
+        return finish_text(seq, reason, now, delta)
 
     def _retire(self, seq: _Seq) -> None:
         """Free a decode row: the last running row moves into its place."""
