@@ -29,6 +29,9 @@ from typing import Any
 
 import torch
 
+#: Written next to a trained model: what the run was (options, data, results).
+TRAINING_INFO = "training.json"
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "vocab.json",
