@@ -34,6 +34,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -118,6 +119,24 @@ def checkpoint(shape: str, cache_dir: Path) -> Path:
     save_safetensors(state, folder / "model.safetensors")
     del state
     done.write_text("ok\n")
+    return folder
+
+
+def checkpoint_with_tokenizer(shape: str, cache_dir: Path) -> Path:
+    """checkpoint(), plus the real GPT-2 vocabulary beside it (for the benchmarks that send
+    text). It is read from GPTNEO_TEST_GPT2_ASSETS or ../shared/assets/gpt2-tokenizer, as in
+    the tests, and copied into the cache folder only: never into the project."""
+    folder = checkpoint(shape, cache_dir)
+    if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file():
+        return folder
+    source = Path(
+        os.environ.get("GPTNEO_TEST_GPT2_ASSETS")
+        or REPO.parent / "shared" / "assets" / "gpt2-tokenizer"
+    )
+    if not (source / "vocab.json").is_file():
+        raise SystemExit(f"no GPT-2 vocabulary in {source}: set GPTNEO_TEST_GPT2_ASSETS")
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(source / name, folder / name)
     return folder
 
 

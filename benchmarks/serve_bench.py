@@ -30,7 +30,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import statistics
 import subprocess
@@ -42,22 +41,11 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+from bench import checkpoint_with_tokenizer, log  # noqa: E402
 
 
 def model_folder(cache: Path) -> Path:
-    from bench import checkpoint
-
-    folder = checkpoint("125m", cache)
-    if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
-        source = HERE.parent.parent / "shared" / "assets" / "gpt2-tokenizer"
-        if not source.is_dir():
-            source = Path("/work/shared/assets/gpt2-tokenizer")
-        for f in source.iterdir():
-            shutil.copy(f, folder / f.name)
-    return folder
+    return checkpoint_with_tokenizer("125m", cache)
 
 
 class Server:

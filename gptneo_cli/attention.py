@@ -13,7 +13,6 @@ They are boolean, True = may attend, shaped [B or 1, 1, T, S]. Positions are cou
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from types import ModuleType
@@ -211,9 +210,6 @@ _CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBac
 def _sdpa_cuda(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan
 ) -> torch.Tensor:
-    t = q.shape[-2]
-    if FLEX_FROM is not None and plan.window is not None and t >= FLEX_FROM and k.shape[-2] == t:
-        return flex_window_prefill(q, k, v, plan)
     with sdpa_kernel(_CUDA_SDPA):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=plan.mask, is_causal=plan.causal and plan.mask is None, scale=1.0
@@ -249,52 +245,6 @@ def _blocked_prefill(
             )
         )
     return torch.cat(out, dim=-2)
-
-
-#: On CUDA, a local layer's prefill of at least FLEX_FROM tokens runs through torch's
-#: flex_attention, which skips the key blocks outside the window (sdpa with an explicit mask
-#: computes every pair). None turns it off. See docs/PERFORMANCE.md for the measurement.
-FLEX_FROM: int | None = None
-
-
-@lru_cache(maxsize=2)
-def _flex(compiled: bool) -> tuple[Callable[..., torch.Tensor], Callable[..., object]]:
-    """(flex_attention, create_block_mask); flex_attention compiled unless asked otherwise
-    (uncompiled it is torch's slow reference, used by the CPU tests of the mask logic)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    kernel = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
-    return kernel, create_block_mask
-
-
-def flex_window_prefill(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    plan: AttentionPlan,
-    compiled: bool = True,
-) -> torch.Tensor:
-    """A local layer's prefill (keys == queries) through flex_attention with scale 1.0.
-
-    Without padding the mask is the causal window itself; with padding it is read from the
-    plan's dense mask, so both paths attend exactly like `sdpa_attention`.
-    """
-    assert plan.window is not None, "flex prefill is for windowed layers"
-    kernel, create_block_mask = _flex(compiled)
-    t, window = q.shape[-2], plan.window
-    dense = plan.mask[:, 0] if plan.mask is not None else None  # [B|1, T, T]
-
-    def in_window(b: torch.Tensor, h: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor):
-        return (ki <= qi) & (ki > qi - window)
-
-    def from_plan(b: torch.Tensor, h: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor):
-        assert dense is not None
-        return dense[b if dense.shape[0] > 1 else 0, qi, ki]
-
-    batch = dense.shape[0] if dense is not None and dense.shape[0] > 1 else None
-    mask_mod = in_window if dense is None else from_plan
-    block = create_block_mask(mask_mod, batch, None, t, t, device=q.device)
-    return kernel(q, k, v, block_mask=block, scale=1.0)
 
 
 def flash_attention(

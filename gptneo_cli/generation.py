@@ -195,6 +195,15 @@ def _normalize_prompts(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     return items
 
 
+def non_finite_scores() -> WeightsError:
+    """The error for NaN or infinite logits (the engine's and the scheduler's)."""
+    problem = (
+        "the model produced NaN or infinite scores, so generation stopped: its "
+        "checkpoint is likely corrupt (or float16 overflowed: try {})"
+    )
+    return WeightsError(problem.format("dtype float32"), cli=problem.format("--dtype float32"))
+
+
 class TextRow(Protocol):
     """What push_text/finish_text need of a row (the engine's and the scheduler's rows)."""
 
@@ -520,13 +529,7 @@ class _Engine:
                 raise
             tokens = []
         if not bool(finite):
-            problem = (
-                "the model produced NaN or infinite scores, so generation stopped: its "
-                "checkpoint is likely corrupt (or float16 overflowed: try {})"
-            )
-            raise WeightsError(
-                problem.format("dtype float32"), cli=problem.format("--dtype float32")
-            )
+            raise non_finite_scores()
         now = time.perf_counter()
         if self.step == 0:
             self.prefill_s = now - self.prefill_start

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from . import sampling
-from .errors import GPTNeoError, WeightsError, is_out_of_memory
+from .errors import GPTNeoError, is_out_of_memory
 from .generation import (
     FinishReason,
     GenerationConfig,
@@ -44,6 +44,7 @@ from .generation import (
     TokenLogprob,
     _budget,
     finish_text,
+    non_finite_scores,
     push_text,
 )
 from .rowcache import RowCache
@@ -511,10 +512,7 @@ class Scheduler:
         """Choose each row's next token from its logits row, hand it over, retire finished
         rows. Plain greedy rows share one argmax (and one device->host copy)."""
         if not torch.isfinite(logits).all():
-            raise WeightsError(
-                "the model produced NaN or infinite scores, so generation stopped: its "
-                "checkpoint is likely corrupt (or float16 overflowed: try --dtype float32)"
-            )
+            raise non_finite_scores()
         plain = logits.argmax(dim=-1).tolist()
         tokens: list[int] = []
         for j, seq in enumerate(seqs):

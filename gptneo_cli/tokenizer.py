@@ -30,6 +30,8 @@ VOCAB_JSON = "vocab.json"
 MERGES_TXT = "merges.txt"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+#: Every file a model folder's tokenizer may come in (copied and downloaded with the model).
+TOKENIZER_FILES = (TOKENIZER_JSON, VOCAB_JSON, MERGES_TXT, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP)
 ENDOFTEXT = "<|endoftext|>"
 SPECIAL_ROLES = ("bos", "eos", "unk", "pad")
 

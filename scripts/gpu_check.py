@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-for extra in (REPO, REPO / "tests", REPO / "benchmarks"):
+for extra in (REPO, REPO / "tests", REPO / "benchmarks", REPO / "scripts"):
     sys.path.insert(0, str(extra))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -125,17 +125,12 @@ def cuda_time_ms(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3) -> f
 
 
 def load_fast(folder: Path, dtype: str, attn: str = "auto", compile: bool = False) -> Any:
-    """The fast causal LM, through whichever public entry point this tree has."""
-    import gptneo_cli
+    """The fast causal LM (the test folders have no tokenizer, so not gptneo_cli.load)."""
+    from gptneo_cli.fast import FastCausalLM
 
-    fast = getattr(gptneo_cli, "load_model", None)
-    if fast is None:
-        from gptneo_cli.fast import FastCausalLM
-
-        return FastCausalLM.from_pretrained(
-            folder, dtype=dtype, device=DEVICE, attn=attn, compile=compile
-        )
-    return fast(folder, dtype=dtype, device=DEVICE, attn=attn, compile=compile)
+    return FastCausalLM.from_pretrained(
+        folder, dtype=dtype, device=DEVICE, attn=attn, compile=compile
+    )
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
@@ -427,6 +422,8 @@ def section_auto(tmp: Path) -> dict[str, Any]:
 
 
 def section_flex(tmp: Path) -> dict[str, Any]:
+    from flex_prefill import flex_window_prefill
+
     from gptneo_cli import attention
 
     result: dict[str, Any] = {}
@@ -442,7 +439,7 @@ def section_flex(tmp: Path) -> dict[str, Any]:
             plan = attention.build_plan("local", 0, t, window, None, q.device)
             glob = attention.build_plan("global", 0, t, window, None, q.device)
             began = time.perf_counter()
-            flex_out = attention.flex_window_prefill(q, k, v, plan)
+            flex_out = flex_window_prefill(q, k, v, plan)
             sync()
             first_call_s = time.perf_counter() - began
             sdpa_out = attention.sdpa_attention(q, k, v, plan)
@@ -453,9 +450,7 @@ def section_flex(tmp: Path) -> dict[str, Any]:
                 "sdpa_window_mask_ms": cuda_time_ms(
                     lambda x=qkv, p=plan: attention.sdpa_attention(*x, p)
                 ),
-                "flex_window_ms": cuda_time_ms(
-                    lambda x=qkv, p=plan: attention.flex_window_prefill(*x, p)
-                ),
+                "flex_window_ms": cuda_time_ms(lambda x=qkv, p=plan: flex_window_prefill(*x, p)),
                 "sdpa_causal_global_ms": cuda_time_ms(
                     lambda x=qkv, p=glob: attention.sdpa_attention(*x, p)
                 ),
@@ -465,9 +460,7 @@ def section_flex(tmp: Path) -> dict[str, Any]:
     # A second length: does a new prompt length recompile (and how long does it take)?
     q2 = torch.randn(1, 20, 1500, 128, device=DEVICE, dtype=torch.bfloat16)
     began = time.perf_counter()
-    attention.flex_window_prefill(
-        q2, q2, q2, attention.build_plan("local", 0, 1500, 256, None, q2.device)
-    )
+    flex_window_prefill(q2, q2, q2, attention.build_plan("local", 0, 1500, 256, None, q2.device))
     sync()
     result["second_length_first_call_s"] = time.perf_counter() - began
     # Padded batch through flex vs sdpa (the mask read from the plan).
@@ -475,7 +468,7 @@ def section_flex(tmp: Path) -> dict[str, Any]:
     valid[1, :300] = False
     plan = attention.build_plan("local", 0, 1024, 256, valid)
     qb = torch.randn(2, 16, 1024, 128, device=DEVICE, dtype=torch.bfloat16)
-    got = attention.flex_window_prefill(qb, qb, qb, plan)
+    got = flex_window_prefill(qb, qb, qb, plan)
     want = attention.sdpa_attention(qb, qb, qb, plan)
     result["padded_max_abs_diff_valid_rows"] = float(
         (got - want).float().abs()[valid[:, None, :, None].expand_as(got)].max()
@@ -486,6 +479,7 @@ def section_flex(tmp: Path) -> dict[str, Any]:
 def section_flex_model(cache_dir: Path) -> dict[str, Any]:
     """Whole-model 2048-token prefill, 2.7B shape bf16: sdpa everywhere vs flex on local."""
     from bench import checkpoint
+    from flex_prefill import flex_window_prefill
 
     from gptneo_cli import attention
 
@@ -498,13 +492,23 @@ def section_flex_model(cache_dir: Path) -> dict[str, Any]:
         def prefill() -> Any:
             return model(ids, logits_to_keep=1).logits
 
-        attention.FLEX_FROM = None
         base = prefill().float()
         result["sdpa_ms"] = cuda_time_ms(prefill, repeats=10)
-        attention.FLEX_FROM = 512
-        flexed = prefill().float()
-        result["flex_local_ms"] = cuda_time_ms(prefill, repeats=10)
-        attention.FLEX_FROM = None
+        plain = attention._sdpa_cuda
+
+        def routed(q: Any, k: Any, v: Any, plan: Any) -> Any:
+            # local layers' prefills of 512+ tokens through flex, the rest as before
+            long_local = plan.window is not None and q.shape[-2] >= 512
+            if long_local and k.shape[-2] == q.shape[-2]:
+                return flex_window_prefill(q, k, v, plan)
+            return plain(q, k, v, plan)
+
+        attention._sdpa_cuda = routed
+        try:
+            flexed = prefill().float()
+            result["flex_local_ms"] = cuda_time_ms(prefill, repeats=10)
+        finally:
+            attention._sdpa_cuda = plain
         result["last_logits_max_abs_diff"] = float((base - flexed).abs().max())
         result["same_argmax"] = bool((base.argmax(-1) == flexed.argmax(-1)).all())
     return result

@@ -44,6 +44,23 @@ def digest(folder: Path) -> dict[str, str]:
     }
 
 
+def finetune_args(base: Path, data: Path, out: Path) -> list[str]:
+    """A one-step finetune of `base` on `data` into `out` (the overwrite tests' command)."""
+    return [
+        "finetune",
+        str(base),
+        str(data),
+        "--output",
+        str(out),
+        "--block-size",
+        "16",
+        "--max-steps",
+        "1",
+        "--val-fraction",
+        "0",
+    ]
+
+
 def leftovers(folder: Path) -> list[str]:
     return sorted(
         p.name
@@ -53,7 +70,7 @@ def leftovers(folder: Path) -> list[str]:
 
 
 @pytest.fixture()
-def old_model(base_model: Path, tmp_path: Path) -> Path:  # noqa: F811
+def old_model(base_model: Path, tmp_path: Path) -> Path:
     """A saved model folder with a checkpoint and a user's note beside the model files."""
     out = tmp_path / "model"
     model = GPTNeoForCausalLM.from_pretrained(base_model)
@@ -62,7 +79,7 @@ def old_model(base_model: Path, tmp_path: Path) -> Path:  # noqa: F811
     return out
 
 
-def changed_model(base_model: Path) -> GPTNeoForCausalLM:  # noqa: F811
+def changed_model(base_model: Path) -> GPTNeoForCausalLM:
     model = GPTNeoForCausalLM.from_pretrained(base_model)
     with torch.no_grad():
         model.transformer.ln_f.bias.add_(1.0)
@@ -74,7 +91,7 @@ def changed_model(base_model: Path) -> GPTNeoForCausalLM:  # noqa: F811
 
 def test_fault_between_files_leaves_the_old_folder(
     old_model: Path,
-    base_model: Path,  # noqa: F811
+    base_model: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     before = digest(old_model)
@@ -92,7 +109,7 @@ def test_fault_between_files_leaves_the_old_folder(
 
 def test_full_disk_leaves_the_old_folder(
     old_model: Path,
-    base_model: Path,  # noqa: F811
+    base_model: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import safetensors
@@ -114,7 +131,7 @@ def test_full_disk_leaves_the_old_folder(
 
 def test_sigkill_midway_leaves_the_old_folder(
     old_model: Path,
-    base_model: Path,  # noqa: F811
+    base_model: Path,
     tmp_path: Path,
 ) -> None:
     before = digest(old_model)
@@ -150,7 +167,7 @@ def test_sigkill_midway_leaves_the_old_folder(
 
 def test_save_keeps_other_files_and_drops_stale_weights(
     old_model: Path,
-    base_model: Path,  # noqa: F811
+    base_model: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     (old_model / "pytorch_model.bin").write_bytes(b"old weights")
@@ -168,7 +185,7 @@ def test_save_keeps_other_files_and_drops_stale_weights(
 
 def test_a_kill_between_the_fallback_renames_loses_nothing(
     old_model: Path,
-    base_model: Path,  # noqa: F811
+    base_model: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     before = digest(old_model)
@@ -186,7 +203,7 @@ def test_a_kill_between_the_fallback_renames_loses_nothing(
 
 def test_a_symlinked_output_stays_a_link(
     old_model: Path,
-    base_model: Path,  # noqa: F811
+    base_model: Path,
     tmp_path: Path,
 ) -> None:
     link = tmp_path / "link"
@@ -201,25 +218,13 @@ def test_a_symlinked_output_stays_a_link(
 
 def test_cli_refuses_a_folder_of_other_files(
     base_model: Path,
-    text_data: Path,  # noqa: F811
+    text_data: Path,
     tmp_path: Path,
 ) -> None:
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "index.md").write_text("# docs\n", encoding="utf-8")
-    args = [
-        "finetune",
-        str(base_model),
-        str(text_data),
-        "--output",
-        str(docs),
-        "--block-size",
-        "16",
-        "--max-steps",
-        "1",
-        "--val-fraction",
-        "0",
-    ]
+    args = finetune_args(base_model, text_data, docs)
     proc = run_cli(*args, home=tmp_path)
     assert proc.returncode == 2
     err = proc.stderr.decode()
@@ -233,24 +238,12 @@ def test_cli_refuses_a_folder_of_other_files(
 
 def test_cli_replaces_a_model_only_with_yes(
     base_model: Path,
-    text_data: Path,  # noqa: F811
+    text_data: Path,
     labelled: Path,
     tmp_path: Path,
-) -> None:  # noqa: F811
+) -> None:
     out = tmp_path / "out"
-    args = [
-        "finetune",
-        str(base_model),
-        str(text_data),
-        "--output",
-        str(out),
-        "--block-size",
-        "16",
-        "--max-steps",
-        "1",
-        "--val-fraction",
-        "0",
-    ]
+    args = finetune_args(base_model, text_data, out)
     assert run_cli(*args, home=tmp_path).returncode == 0
     before = digest(out)
     proc = run_cli(*args, home=tmp_path)  # piped, no --yes: refused before any work
@@ -274,22 +267,10 @@ def test_cli_replaces_a_model_only_with_yes(
     assert digest(out)["model.safetensors"] != before["model.safetensors"]
 
 
-def test_cli_asks_on_a_terminal(base_model: Path, text_data: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_cli_asks_on_a_terminal(base_model: Path, text_data: Path, tmp_path: Path) -> None:
     pexpect = pytest.importorskip("pexpect")
     out = tmp_path / "out"
-    args = [
-        "finetune",
-        str(base_model),
-        str(text_data),
-        "--output",
-        str(out),
-        "--block-size",
-        "16",
-        "--max-steps",
-        "1",
-        "--val-fraction",
-        "0",
-    ]
+    args = finetune_args(base_model, text_data, out)
     assert run_cli(*args, home=tmp_path).returncode == 0
     before = digest(out)
     cmd = gptneo_command()
@@ -334,7 +315,7 @@ class Steps(Reporter):
 
 def test_resumed_eta_uses_the_rate_after_resuming(
     base_model: Path,
-    text_data: Path,  # noqa: F811
+    text_data: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -397,7 +378,7 @@ def test_counts_agree_with_their_nouns() -> None:
     )
 
 
-def test_cli_one_document_is_singular(base_model: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_cli_one_document_is_singular(base_model: Path, tmp_path: Path) -> None:
     doc = tmp_path / "one.txt"
     doc.write_text("def add(a, b):\n    return a + b\n" * 30, encoding="utf-8")
     proc = run_cli(

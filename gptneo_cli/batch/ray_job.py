@@ -136,12 +136,7 @@ def run_on_ray(
 
     def emit(writer: OutputWriter, record: dict[str, Any]) -> None:
         writer.write(record)
-        if record.get("error") is not None:
-            progress.failed += 1
-        else:
-            progress.done += 1
-            body = record["response"]["body"]
-            progress.tokens += (body.get("usage") or {}).get("completion_tokens", 0)
+        progress.count(record)
         if on_record is not None:
             on_record(record, progress)
 

@@ -33,6 +33,15 @@ class Progress:
     tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
 
+    def count(self, record: dict[str, Any]) -> None:
+        """Count one output record: an error, or a success and its generated tokens."""
+        if record.get("error") is not None:
+            self.failed += 1
+            return
+        self.done += 1
+        body = record["response"]["body"]
+        self.tokens += (body.get("usage") or {}).get("completion_tokens", 0)
+
 
 @dataclass
 class _Pending:
@@ -80,12 +89,7 @@ class Runner:
 
         def emit(record: Record) -> None:
             sink(record)
-            if record.get("error") is not None:
-                progress.failed += 1
-            else:
-                progress.done += 1
-                body = record["response"]["body"]
-                progress.tokens += (body.get("usage") or {}).get("completion_tokens", 0)
+            progress.count(record)
             if on_record is not None:
                 on_record(record, progress)
 

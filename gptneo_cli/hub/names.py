@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import HubError, ModelNotFoundError
 from ..paths import name_problem
+from ..tokenizer import TOKENIZER_FILES
 
 DEFAULT_MODEL = "EleutherAI/gpt-neo-125M"
 
@@ -26,13 +27,6 @@ ALIASES = {
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "data"
 
 CONFIG_FILE = "config.json"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-)
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PYTORCH_BIN = "pytorch_model.bin"

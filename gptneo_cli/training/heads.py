@@ -34,9 +34,7 @@ from .optim import (
     trainable_parameters,
 )
 from .report import EvalStats, RateClock, Reporter, StepStats
-from .saving import export_model, write_json
-
-TRAINING_INFO = "training.json"
+from .saving import TRAINING_INFO, export_model, write_json
 
 
 @dataclass

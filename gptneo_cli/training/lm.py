@@ -48,9 +48,7 @@ from .optim import (
 )
 from .packing import LMData, prepare_lm_data
 from .report import EvalStats, RateClock, Reporter, StepStats
-from .saving import export_model, write_json
-
-TRAINING_INFO = "training.json"
+from .saving import TRAINING_INFO, export_model, write_json
 
 
 class TrainingInterrupted(GPTNeoError):

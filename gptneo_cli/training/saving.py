@@ -29,13 +29,11 @@ from typing import Any
 
 import torch
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-)
+from ..tokenizer import TOKENIZER_FILES
+
+#: Written next to a trained model: what the run was (options, data, results).
+TRAINING_INFO = "training.json"
+
 #: Files that belong to a saved model and are replaced (never carried over) by a new save.
 MODEL_FILES = {
     "config.json",
