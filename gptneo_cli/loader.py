@@ -99,6 +99,7 @@ def load_folder(
         model = FastCausalLM.from_pretrained(
             folder, dtype=dtype, device=device, attn=attn, quantize=quantize, compile=compile
         )
+        model.source_folder = folder  # speculative decoding's self-int8 draft reloads it
         return model, tokenizer
     from . import modeling
 

@@ -126,7 +126,7 @@ def generation_options(command: str) -> Callable[[Callable[..., Any]], Callable[
     """
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
-        opts = [o for o in GENERATION if o.cli_flag and (command != "chat" or o.chat)]
+        opts = [o for o in GENERATION if o.cli_flag and _offered(o, command)]
         signature = inspect.signature(func, eval_str=True)
         params = list(signature.parameters.values())
         at = [p.name for p in params].index("generation")
@@ -142,6 +142,11 @@ def generation_options(command: str) -> Callable[[Callable[..., Any]], Callable[
         return wrapper
 
     return decorate
+
+
+def _offered(opt: Option, command: str) -> bool:
+    """Whether `command` has a flag for `opt` (chat and batch take a subset)."""
+    return (command != "chat" or opt.chat) and (command != "batch" or opt.batch)
 
 
 def _parameter(opt: Option) -> inspect.Parameter:
