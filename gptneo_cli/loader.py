@@ -106,6 +106,7 @@ def load_folder(
     model = getattr(modeling, head).from_pretrained(
         folder, dtype=dtype, device=device, attn=attn, quantize=quantize, compile=compile
     )
+    model.source_folder = folder
     return model, tokenizer
 
 

@@ -326,6 +326,7 @@ def load_draft(
         raise DraftError(
             f"draft model {name}: {exc}", cli=f"--draft-model {name}: {exc.cli or exc}"
         ) from None
+    check_draft(target, draft, name)
     if draft_tokenizer is not None and tokenizer is not None:
         if not _same_tokenizer(tokenizer, draft_tokenizer):
             raise _mismatch(name, "its tokenizer differs from the model's")

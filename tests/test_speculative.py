@@ -5,7 +5,10 @@ and the options' validation."""
 
 from __future__ import annotations
 
+import json
 import math
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -331,3 +334,63 @@ def test_a_missing_draft_model_is_a_clear_error(tmp_path):
     model = fast(random_folder(tmp_path, "mixed", seed=1))
     with pytest.raises(speculative.DraftError, match="draft model .*nowhere"):
         generate(model, TOK, PROMPT, greedy(draft_model=str(tmp_path / "nowhere")))
+
+
+# ---- the CLI -------------------------------------------------------------------------------
+
+SOURCE = str(Path(speculative.__file__).with_name("cache.py"))
+
+
+def _cli(tmp_path, *args: str):
+    from helpers_cli import run_cli
+
+    return run_cli("generate", "--model", "tiny", "--device", "cpu", *args, home=tmp_path)
+
+
+def test_cli_prompt_lookup_on_the_demo_model(tmp_path):
+    """The demo model continuing Python source: same text, drafts reported by --stats."""
+    common = ("--file", SOURCE, "--truncate", "left", "--greedy", "-n", "48", "--stats")
+    plain = _cli(tmp_path, *common)
+    spec = _cli(tmp_path, *common, "--prompt-lookup", "3")
+    assert plain.returncode == 0 and spec.returncode == 0, spec.stderr.decode()
+    assert spec.stdout == plain.stdout
+    stats = spec.stderr.decode()
+    line = next(x for x in stats.splitlines() if "speculative" in x)
+    drafted, accepted = (int(w) for w in re.findall(r"(\d+) (?:drafted|accepted)", line))
+    assert 0 < accepted <= drafted
+    assert "speculative" not in plain.stderr.decode()
+
+
+def test_cli_self_int8_draft_in_json(tmp_path):
+    done = _cli(
+        tmp_path, "def add(a, b):", "--greedy", "-n", "12", "--format", "json",
+        "--draft-model", "self-int8", "--draft-tokens", "4",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    record = json.loads(done.stdout)
+    assert record["speculative"]["drafted"] >= record["speculative"]["accepted"] > 0
+    assert record["settings"]["draft_model"] == "self-int8"
+
+
+def test_cli_bad_draft_models_are_one_line_errors(tmp_path, tmp_path_factory):
+    from helpers_cli import causal_checkpoint
+
+    other_vocab = causal_checkpoint(tmp_path_factory)
+    cases = {
+        str(tmp_path / "nowhere"): "--draft-model",
+        str(other_vocab): "vocabulary has",
+    }
+    for name, expected in cases.items():
+        done = _cli(tmp_path, "x = 1", "-n", "4", "--draft-model", name)
+        err = done.stderr.decode()
+        assert done.returncode != 0 and expected in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    both = _cli(tmp_path, "x", "--draft-model", "self-int8", "--prompt-lookup", "2")
+    assert both.returncode == 2 and "use one" in both.stderr.decode()
+
+
+def test_batch_has_no_speculative_flags(tmp_path):
+    from helpers_cli import run_cli
+
+    done = run_cli("batch", "in.jsonl", "-o", "out.jsonl", "--prompt-lookup", "2", home=tmp_path)
+    assert done.returncode == 2 and b"--prompt-lookup" in done.stderr

@@ -29,7 +29,7 @@ from .inputs import (
     read_text_file,
     stdin_has_input,
 )
-from .loading import LoadedModel, ModelOptions, load_model, spinner
+from .loading import LoadedModel, ModelOptions, load_draft, load_model, spinner
 from .options import (
     AttnOpt,
     CompileOpt,
@@ -182,6 +182,7 @@ def generate(
     sink: Any = sys.stdout if target is None else target
     try:
         loaded = load_model(options, fast=True)
+        load_draft(loaded, config)
         started = time.perf_counter()
         if fmt == "text" and len(prompts) == 1 and config.num_return_sequences == 1:
             results = [_stream_one(loaded, prompts[0], config, TextStream(sink), echo)]
@@ -378,6 +379,8 @@ def result_record(
     }
     if config.logprobs is not None and result.logprobs is not None:
         record["logprobs"] = [item.to_dict() for item in result.logprobs]
+    if config.speculative:
+        record["speculative"] = {"drafted": result.drafted, "accepted": result.accepted}
     return record
 
 
@@ -445,5 +448,10 @@ def _print_stats(
         rows.append(("results", str(len(results))))
         rows.append(("prompt", f"{prompt_tokens} tokens"))
         rows.append(("generation", f"{completion} tokens in {elapsed:.2f} s, {rate:.1f} tok/s"))
+    drafted = sum(r.drafted for r in results)
+    if drafted or any(r.accepted for r in results):
+        accepted = sum(r.accepted for r in results)
+        rate = accepted / drafted if drafted else 0.0
+        rows.append(("speculative", f"{drafted} drafted, {accepted} accepted ({rate:.0%})"))
     rows.append(("peak memory", peak_memory(loaded.model)))
     diag.table("Stats", rows)
