@@ -17,7 +17,16 @@ import typer
 from ..settings import load_settings
 from .help import examples
 from .loading import ModelOptions, import_torch, load_model
-from .options import AttnOpt, DebugOpt, DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt, RevisionOpt
+from .options import (
+    AttnOpt,
+    DebugOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    QuantizeOpt,
+    RevisionOpt,
+    ThreadsOpt,
+)
 
 SERVER_PANEL = "Server"
 
@@ -134,6 +143,7 @@ def serve(
     dtype: DtypeOpt = None,
     attn: AttnOpt = None,
     quantize: QuantizeOpt = None,
+    threads: ThreadsOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming)."""
@@ -146,6 +156,7 @@ def serve(
         dtype=dtype,
         attn=attn,
         quantize=quantize,
+        threads=threads,
     )
     key = settings.get("api_key", api_key) or os.environ.get("GPTNEO_API_KEY") or None
     from ..server.run import bind, make_server, url
