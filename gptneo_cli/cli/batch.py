@@ -284,7 +284,7 @@ def _run_here(
 
     if threads:
         torch.set_num_threads(threads)
-    loaded = load_model(options, fast=True)
+    loaded = load_model(options, "auto", fast=True)  # a classifier serves its head
     from ..batch.jobs import OutputWriter
     from ..batch.runner import make_runner
 
