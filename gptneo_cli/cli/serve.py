@@ -17,7 +17,16 @@ import typer
 from ..settings import Settings, load_settings
 from .help import examples
 from .loading import ModelOptions, import_torch, load_model
-from .options import AttnOpt, DebugOpt, DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt, RevisionOpt
+from .options import (
+    AttnOpt,
+    DebugOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    QuantizeOpt,
+    RevisionOpt,
+    ThreadsOpt,
+)
 
 if TYPE_CHECKING:
     from ..conversation import ChatTemplate
@@ -148,6 +157,7 @@ def serve(
     dtype: DtypeOpt = None,
     attn: AttnOpt = None,
     quantize: QuantizeOpt = None,
+    threads: ThreadsOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming)."""
@@ -160,6 +170,7 @@ def serve(
         dtype=dtype,
         attn=attn,
         quantize=quantize,
+        threads=threads,
     )
     key = settings.get("api_key", api_key) or os.environ.get("GPTNEO_API_KEY") or None
     template = _chat_template(settings, chat_template)
