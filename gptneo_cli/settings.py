@@ -47,6 +47,7 @@ _CHAT: dict[str, tuple[type, Any]] = {
     "system": (str, None),
     "user_prefix": (str, "User:"),
     "assistant_prefix": (str, "Assistant:"),
+    "chat_template": (str, None),  # `gptneo serve`: a built-in name or a file (see conversation)
     "history_file": (str, None),
 }
 

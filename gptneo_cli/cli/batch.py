@@ -268,7 +268,7 @@ def _run_here(
     progress: Any,
     on_record: Any,
 ) -> None:
-    loaded = load_model(options, fast=True)  # sets the threads
+    loaded = load_model(options, "auto", fast=True)  # sets the threads; a classifier: its head
     from ..batch.jobs import OutputWriter
     from ..batch.runner import make_runner
 

@@ -164,7 +164,9 @@ def load_model(
     and tokenizer through gptneo_cli.loader; a spinner runs on a terminal's stderr.
 
     fast=True (generation) loads the causal LM as gptneo_cli.fast.FastCausalLM: packed
-    weights, same outputs, plus options.quantize / options.compile.
+    weights, same outputs, plus options.quantize / options.compile. head="auto" (serve,
+    batch) loads what the checkpoint is: its sequence-classification head when it has one
+    (gptneo_cli.tasks.checkpoint_head), else the causal LM.
     """
     start = time.perf_counter()
     import_torch()
@@ -172,6 +174,12 @@ def load_model(
     from ..device import resolve_device, resolve_dtype
     from ..loader import load_folder, resolve
 
+    if head == "auto":
+        from ..tasks import checkpoint_head
+
+        resolve_device(options.device)  # bad values fail before any download
+        path = path if path is not None else resolve(options.model, options.revision)
+        head = checkpoint_head(path)
     reference = not (fast and head == "GPTNeoForCausalLM")
     if reference and (options.quantize not in (None, "none") or options.compile):
         raise ValueError("--quantize and --compile apply to text generation only")
