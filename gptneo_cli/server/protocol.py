@@ -152,6 +152,19 @@ class ClassifyRequest(BaseModel):
     calibrate: bool = Field(True, description="Zero-shot: subtract an empty text's scores.")
 
 
+class ErrorDetail(BaseModel):
+    message: str = Field(..., description="One line saying what is wrong.")
+    type: str = Field(..., description="e.g. invalid_request_error, authentication_error.")
+    param: str | None = Field(None, description="The request field at fault, if one is.")
+    code: str | None = Field(None, description="e.g. context_length_exceeded, queue_full.")
+
+
+class ErrorResponse(BaseModel):
+    """Every failure's body, in OpenAI's shape."""
+
+    error: ErrorDetail
+
+
 def to_config(body: BaseModel, *, logprobs: int | None) -> GenerationConfig:
     """The request's GenerationConfig; ValueError names the API field on a bad value."""
     values: dict[str, Any] = {}
