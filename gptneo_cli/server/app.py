@@ -136,8 +136,9 @@ class _Guard:
             self._done(scope, 413, start)
             return
         status = [0]
+        over = [False]  # a body without content-length grew past the cap
         try:
-            await self.app(scope, self._limited(receive), self._watched(send, status))
+            await self.app(scope, self._limited(receive, over), self._watched(send, status, over))
         except _BodyTooLarge:
             if status[0] == 0:
                 await self._too_large(send)
@@ -149,7 +150,7 @@ class _Guard:
         finally:
             self._done(scope, status[0] or 500, start)
 
-    def _limited(self, receive: Callable) -> Callable:
+    def _limited(self, receive: Callable, over: list[bool]) -> Callable:
         """receive() that stops a body growing past the cap (a missing content-length)."""
         seen = [0]
 
@@ -158,16 +159,23 @@ class _Guard:
             if message["type"] == "http.request":
                 seen[0] += len(message.get("body", b""))
                 if seen[0] > self.max_body:
+                    over[0] = True
                     raise _BodyTooLarge
             return message
 
         return limited_receive
 
-    @staticmethod
-    def _watched(send: Callable, status: list[int]) -> Callable:
-        """send() that records the response status for the log line."""
+    def _watched(self, send: Callable, status: list[int], over: list[bool]) -> Callable:
+        """send() that records the response status for the log line. Once the body went
+        past the cap, the app's answer (FastAPI turns the failed read into a 400) is
+        replaced by the 413."""
 
         async def watched_send(message: dict) -> None:
+            if over[0]:
+                if message["type"] == "http.response.start" and status[0] == 0:
+                    status[0] = 413
+                    await self._too_large(send)
+                return
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)
