@@ -9,7 +9,7 @@ import typer
 
 from .help import examples
 from .inputs import read_source
-from .options import AttnOpt, DebugOpt, DeviceOpt, DtypeOpt, ModelOpt, RevisionOpt
+from .options import AttnOpt, DebugOpt, DeviceOpt, DtypeOpt, ModelOpt, RevisionOpt, ThreadsOpt
 from .output import check_format, is_tty, make_console, tsv, write_json
 from .task_options import FormatOpt, MaxSeqLenOpt, StrideOpt, load_with_head, model_options
 
@@ -52,6 +52,7 @@ def answer(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     attn: AttnOpt = None,
+    threads: ThreadsOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Answer a question from a context with a question-answering checkpoint.
@@ -62,7 +63,7 @@ def answer(
     fmt = check_format(fmt)
     if not question.strip():
         raise ValueError("the question is empty")
-    options = model_options(model, revision, device, dtype, attn)
+    options = model_options(model, revision, device, dtype, attn, threads)
     text, _ = read_source(context)
     from .. import tasks
 

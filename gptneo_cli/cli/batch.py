@@ -18,7 +18,7 @@ import typer
 
 from ..settings import load_settings
 from .help import examples
-from .loading import ModelOptions, import_torch, load_model
+from .loading import ModelOptions, load_model
 from .options import (
     AttnOpt,
     DebugOpt,
@@ -27,6 +27,7 @@ from .options import (
     ModelOpt,
     QuantizeOpt,
     RevisionOpt,
+    ThreadsOpt,
     generation_config,
     generation_options,
 )
@@ -100,17 +101,6 @@ def batch(
             help="Sequences decoded together (continuous batching).",
         ),
     ] = 16,
-    threads: Annotated[
-        int | None,
-        typer.Option(
-            "--threads",
-            min=1,
-            max=1024,
-            rich_help_panel=JOB_PANEL,
-            show_default=False,
-            help="CPU threads per model (torch's default: the cores).",
-        ),
-    ] = None,
     ray: Annotated[
         bool,
         typer.Option(
@@ -164,6 +154,7 @@ def batch(
     dtype: DtypeOpt = None,
     attn: AttnOpt = None,
     quantize: QuantizeOpt = None,
+    threads: ThreadsOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Run a file of requests (completions, chat, classify) resumably; --ray scales out.
@@ -182,6 +173,7 @@ def batch(
         dtype=dtype,
         attn=attn,
         quantize=quantize,
+        threads=threads,
     )
     if ray and not _has_ray():
         raise ValueError(f"--ray needs Ray: {RAY_INSTALL}")
@@ -216,7 +208,7 @@ def batch(
                     attn=options.attn,
                     quantize=options.quantize,
                     max_running=max_running,
-                    threads=threads or max(1, int(cpus_per_actor)),
+                    threads=options.threads or max(1, int(cpus_per_actor)),
                     defaults=defaults,
                     aliases=_aliases(options.model),
                 )
@@ -232,9 +224,7 @@ def batch(
                     on_record=on_record,
                 )
             else:
-                _run_here(
-                    items, output, options, max_running, threads, defaults, progress, on_record
-                )
+                _run_here(items, output, options, max_running, defaults, progress, on_record)
 
         _with_bar(remaining, work, lambda: _summary(progress, previous, output))
     if previous.failed + progress.failed:
@@ -274,17 +264,11 @@ def _run_here(
     output: Path,
     options: ModelOptions,
     max_running: int,
-    threads: int | None,
     defaults: dict[str, Any],
     progress: Any,
     on_record: Any,
 ) -> None:
-    import_torch()
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    loaded = load_model(options, fast=True)
+    loaded = load_model(options, "auto", fast=True)  # sets the threads; a classifier: its head
     from ..batch.jobs import OutputWriter
     from ..batch.runner import make_runner
 

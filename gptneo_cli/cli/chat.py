@@ -30,6 +30,7 @@ from .options import (
     DtypeOpt,
     ModelOpt,
     RevisionOpt,
+    ThreadsOpt,
     generation_config,
     generation_options,
 )
@@ -382,6 +383,7 @@ def chat(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     attn: AttnOpt = None,
+    threads: ThreadsOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Chat with a GPT-Neo model. With piped stdin, each line is one turn."""
@@ -401,7 +403,13 @@ def chat(
     if not conversation.user_prefix.strip() or not conversation.assistant_prefix.strip():
         raise ValueError("--user-prefix and --assistant-prefix must not be empty")
     options = ModelOptions.merge(
-        settings, model=model, revision=revision, device=device, dtype=dtype, attn=attn
+        settings,
+        model=model,
+        revision=revision,
+        device=device,
+        dtype=dtype,
+        attn=attn,
+        threads=threads,
     )
     diag = Diagnostics()
     loaded = load_model(options)

@@ -39,6 +39,7 @@ from .options import (
     ModelOpt,
     QuantizeOpt,
     RevisionOpt,
+    ThreadsOpt,
     generation_config,
     generation_options,
 )
@@ -156,6 +157,7 @@ def generate(
     attn: AttnOpt = None,
     quantize: QuantizeOpt = None,
     compile: CompileOpt = False,
+    threads: ThreadsOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Continue a prompt with a GPT-Neo model, streaming the text as it is generated."""
@@ -163,7 +165,9 @@ def generate(
     settings = load_settings()
     given = generation or {}
     config = generation_config(settings, given)
-    model_flags = dict(model=model, revision=revision, device=device, dtype=dtype, attn=attn)
+    model_flags = dict(
+        model=model, revision=revision, device=device, dtype=dtype, attn=attn, threads=threads
+    )
     options = ModelOptions.merge(settings, **model_flags, quantize=quantize, compile=compile)
     diag = Diagnostics()
     _check_flags(diag, fmt, batch_size, config)
@@ -395,6 +399,9 @@ def _show_config(
         return settings.sources.get(key, "default")
 
     values = {**asdict(options), **config.to_dict()}
+    del values["threads_source"]  # source() says where threads came from
+    if values["threads"] is None:
+        values["threads"] = "auto"
     if config.max_new_tokens is None and config.max_length is None:
         from ..options import DEFAULT_MAX_NEW_TOKENS
 
@@ -445,5 +452,10 @@ def _print_stats(
         rows.append(("results", str(len(results))))
         rows.append(("prompt", f"{prompt_tokens} tokens"))
         rows.append(("generation", f"{completion} tokens in {elapsed:.2f} s, {rate:.1f} tok/s"))
+    from ..threads import current
+
+    choice = current()
+    if choice is not None:
+        rows.append(("threads", choice.describe()))
     rows.append(("peak memory", peak_memory(loaded.model)))
     diag.table("Stats", rows)

@@ -87,6 +87,17 @@ AttnOpt = Annotated[
         show_default=False,
     ),
 ]
+ThreadsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--threads",
+        metavar="N|auto",
+        help="CPU threads torch uses. auto: the cores other processes leave free (a core "
+        "busy with another program would stall every step). (env GPTNEO_THREADS; default auto)",
+        rich_help_panel=MODEL_PANEL,
+        show_default=False,
+    ),
+]
 QuantizeOpt = Annotated[
     str | None,
     typer.Option(

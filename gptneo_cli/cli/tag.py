@@ -9,7 +9,7 @@ import typer
 
 from .help import examples
 from .inputs import read_source
-from .options import AttnOpt, DebugOpt, DeviceOpt, DtypeOpt, ModelOpt, RevisionOpt
+from .options import AttnOpt, DebugOpt, DeviceOpt, DtypeOpt, ModelOpt, RevisionOpt, ThreadsOpt
 from .output import Diagnostics, check_format, is_tty, make_console, tsv, write_json
 from .task_options import FormatOpt, MaxSeqLenOpt, StrideOpt, load_with_head, model_options
 
@@ -45,11 +45,12 @@ def tag(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     attn: AttnOpt = None,
+    threads: ThreadsOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Tag a text (e.g. named entities) and print each span with its label and score."""
     fmt = check_format(fmt)
-    options = model_options(model, revision, device, dtype, attn)
+    options = model_options(model, revision, device, dtype, attn, threads)
     text, name = read_source(source)
     from .. import tasks
 

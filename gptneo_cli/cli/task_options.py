@@ -38,10 +38,21 @@ StrideOpt = Annotated[
 
 
 def model_options(
-    model: str | None, revision: str | None, device: str | None, dtype: str | None, attn: str | None
+    model: str | None,
+    revision: str | None,
+    device: str | None,
+    dtype: str | None,
+    attn: str | None,
+    threads: str | None = None,
 ) -> ModelOptions:
     return ModelOptions.merge(
-        load_settings(), model=model, revision=revision, device=device, dtype=dtype, attn=attn
+        load_settings(),
+        model=model,
+        revision=revision,
+        device=device,
+        dtype=dtype,
+        attn=attn,
+        threads=threads,
     )
 
 
