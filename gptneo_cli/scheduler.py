@@ -207,8 +207,9 @@ class Scheduler:
     max_running: rows decoded together (the KV cache holds that many sequences).
     max_queue: requests waiting for a row; beyond it `submit` raises QueueFull.
     prefill_chunk: prompt tokens per prefill forward pass (see the module's docstring).
-    prefill_rows: requests prefilled side by side; prefill_budget: prompt tokens per step
-    (default one chunk).
+    prefill_rows: requests prefilled side by side (default max_running: new prompts' first
+    chunks run as one batch); prefill_budget: prompt tokens per step (default one chunk:
+    what bounds the running rows' extra delay; batch jobs raise it for throughput).
     """
 
     def __init__(
@@ -219,7 +220,7 @@ class Scheduler:
         max_running: int = 16,
         max_queue: int = 64,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-        prefill_rows: int = 2,
+        prefill_rows: int | None = None,
         prefill_budget: int | None = None,
     ) -> None:
         if max_running < 1:
@@ -242,7 +243,7 @@ class Scheduler:
         self.dtype = getattr(model, "dtype", param.dtype)
         self._forward = model_body(model)
         self._cache = RowCache(self.config, max_running, dtype=self.dtype, device=self.device)
-        self._prefill_rows = max(1, min(prefill_rows, max_running))
+        self._prefill_rows = max(1, min(prefill_rows or max_running, max_running))
         self._pcache = RowCache(
             self.config, self._prefill_rows, dtype=self.dtype, device=self.device
         )

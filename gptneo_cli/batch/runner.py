@@ -208,6 +208,10 @@ def _error_body(exc: APIError) -> dict[str, Any]:
     return error_body(exc.status, exc.message, exc.param, exc.code)
 
 
+#: Prompt tokens a batch job prefills per scheduler step.
+BATCH_PREFILL_BUDGET = 1024
+
+
 def make_runner(
     model: Any,
     tokenizer: Any,
@@ -220,7 +224,15 @@ def make_runner(
 ) -> tuple[Runner, Scheduler]:
     """A scheduler over a loaded model and a runner on it (close the scheduler after).
     `chat_template` (a conversation.ChatTemplate) renders chat lines; None: the default."""
-    scheduler = make_scheduler(model, tokenizer, max_running=max_running, max_queue=max_running)
+    # Throughput first: up to BATCH_PREFILL_BUDGET prompt tokens prefilled per step (a
+    # server keeps one chunk, for its streams' latency), so a batch refills in a few steps.
+    scheduler = make_scheduler(
+        model,
+        tokenizer,
+        max_running=max_running,
+        max_queue=max_running,
+        prefill_budget=BATCH_PREFILL_BUDGET,
+    )
     endpoints = Endpoints(
         model, tokenizer, model_name=model_name, aliases=list(aliases), chat_template=chat_template
     )
