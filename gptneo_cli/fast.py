@@ -7,12 +7,13 @@ blocks, the attention dispatch, the final norm and the forward are the reference
 
 What changes, and why (numbers in docs/PERFORMANCE.md):
 - q, k and v become one fused [3h, h] matrix (`qkv_proj`): one product instead of three.
-- On CPU, layer matrices are prepacked for oneDNN (`PackedLinear`). bf16: F.linear on a
-  plain bf16 matrix reorders it on every call, the packed one runs the product about 1.5x
-  as fast. float32: F.linear goes to MKL, whose products run 2.2-2.4x slower than oneDNN's
-  on AMD EPYC (MKL takes a generic code path there), at every row count from 1 to 512.
-  Where packing is unavailable, float32 matrices are stored transposed (`ColumnLinear`).
-  Elsewhere (CUDA, MPS) they stay nn.Linear.
+- On CPU, each matrix shape gets the layout that ran fastest on this machine, measured at
+  first load and cached (gptneo_cli.kernels): prepacked for oneDNN (`PackedLinear`), plain
+  rows through F.linear, or transposed (`ColumnLinear`). Measured so far: bf16 F.linear on a
+  plain matrix reorders it on every call (packed: ~1.5x as fast); float32 F.linear goes to
+  MKL, 2.2-2.4x slower than oneDNN on AMD EPYC but fast on Intel. Where packing is
+  unavailable, float32 matrices are stored transposed. Elsewhere (CUDA, MPS) they stay
+  nn.Linear.
 - The lm_head is the embedding matrix itself (never copied), see `TiedHead`.
 - `quantize="int8"`: weight-only int8 with one scale per output channel (`Int8Linear`),
   computed from the checkpoint while it is read (no full-precision copy is kept). The tied
@@ -43,6 +44,7 @@ from .attention import AttentionPlan
 from .cache import KVCache
 from .checkpoint import frozen
 from .errors import BackendError, GPTNeoError
+from .kernels import KernelChooser
 from .modeling import AttentionStep, GPTNeoForCausalLM, GPTNeoOutput
 from .weights import StoredTensor, iter_tensors
 
@@ -605,6 +607,8 @@ class _Packer:
         # torch.compile cannot trace oneDNN's opaque packed tensors; it packs weights itself.
         self.packed = quantize is None and cpu and not compile and _mkldnn_packing_works(dtype)
         self.columns = quantize is None and cpu and dtype == torch.float32 and not self.packed
+        #: Where packing works, the layout of each shape is measured (or cached, or forced).
+        self.kernels = KernelChooser(dtype) if self.packed else None
         #: Linear layers waiting for their other pieces: module name -> {"weight"/"bias": tensor}
         self.pending: dict[str, dict[str, Any]] = {}
         self.swaps = 0
@@ -638,8 +642,11 @@ class _Packer:
         assert isinstance(weight, torch.Tensor)
         if self.columns:
             return ColumnLinear(self._put(weight), bias)
-        if self.packed:
-            return PackedLinear(self._put(weight), bias)
+        if self.kernels is not None:
+            builders = _layer_builders(self.dtype)
+            shape = (weight.shape[0], weight.shape[1])
+            layout = self.kernels.layout("linear", shape, builders)
+            return _LAYER_LAYOUTS[layout](self._put(weight), bias)
         return plain_linear(self._put(weight), bias)
 
     def add(self, name: str, tensor: torch.Tensor | StoredTensor) -> None:
@@ -661,7 +668,10 @@ class _Packer:
             assert isinstance(tensor, torch.Tensor)
             weight = frozen(self._put(tensor))
             model.transformer.wte.weight = weight
-            onednn = self.packed and self.dtype == torch.float32
+            onednn = False
+            if self.kernels is not None and self.dtype == torch.float32:
+                shape = (weight.shape[0], weight.shape[1])
+                onednn = self.kernels.layout("head", shape, _HEAD_BUILDERS) == "onednn"
             model.lm_head = TiedHead(weight, onednn=onednn)
             return
         q, scales = quantize_rows(tensor)
@@ -704,6 +714,30 @@ class _Packer:
             if type(module) is nn.LayerNorm:
                 module.__class__ = FastLayerNorm  # same parameters, a cheaper call
         _trim_heap()
+
+
+#: The CPU layer layouts gptneo_cli.kernels chooses between, by name.
+_LAYER_LAYOUTS: dict[str, Any] = {
+    "onednn": PackedLinear,
+    "linear": plain_linear,
+    "columns": ColumnLinear,
+}
+#: The tied head: oneDNN reading the plain embedding in place, or TiedHead's own products
+#: (bf16 heads are never oneDNN: it would reorder the matrix on every call).
+_HEAD_BUILDERS = {
+    "onednn": lambda w: TiedHead(nn.Parameter(w, requires_grad=False), onednn=True),
+    "linear": lambda w: TiedHead(nn.Parameter(w, requires_grad=False), onednn=False),
+}
+
+
+def _layer_builders(dtype: torch.dtype) -> dict[str, Any]:
+    """The layouts measured for a layer matrix: all three for float32, where MKL and oneDNN
+    compete; packed or plain for bf16/fp16 (both oneDNN underneath)."""
+    names = LAYER_CHOICES if dtype == torch.float32 else ("onednn", "linear")
+    return {name: (lambda w, cls=_LAYER_LAYOUTS[name]: cls(w, None)) for name in names}
+
+
+LAYER_CHOICES = ("onednn", "linear", "columns")
 
 
 def optimize_for_inference(
