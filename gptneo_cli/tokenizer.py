@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TokenizerError
+from .jsonfiles import read_json
 from .stderr import native_stderr_hidden
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -358,12 +359,7 @@ def _load_tokenizer_json(path: Path) -> Any:
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TokenizerError(f"cannot read {path}: {exc}") from exc
-    except RecursionError:
-        raise TokenizerError(f"cannot read {path}: its JSON is nested too deeply") from None
+    data = read_json(path, TokenizerError)
     return data if isinstance(data, dict) else {}
 
 
