@@ -705,6 +705,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                     f"{r['decode_tok_s']:.0f} tok/s = "
                     f"{100 * r['decode_tok_s'] / ceiling:.0f}% of {ceiling:.0f}"
                 )
+    lines += _ceiling().markdown_lines(rows, meta)
     if meta.get("agreement"):
         a = meta["agreement"]
         lines.append("")
@@ -742,6 +743,16 @@ def machine() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def _ceiling() -> Any:
+    """benchmarks/ceiling.py: the bandwidth ceiling of decode (bytes per token, share)."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import ceiling
+
+    return ceiling
 
 
 def log(message: str) -> None:
@@ -844,6 +855,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.device.startswith("cuda"):
         meta["bandwidth_gbs"] = copy_bandwidth_gbs(args.device)
+    meta["read_bandwidth_gbs"] = _ceiling().read_bandwidth_gbs(args.device)
+    log(f"memory read bandwidth: {meta['read_bandwidth_gbs']:.1f} GB/s")
     rows: list[dict[str, Any]] = []
     raw: dict[str, Any] = {}
     for shape in args.shapes:
@@ -853,6 +866,7 @@ def main(argv: list[str] | None = None) -> int:
         speed = measure_speed(engines, folder, args.device, args)
         loads = {} if args.no_load else measure_loads(engines, folder, args.device, args)
         rows += summarize(shape, args.device, groups, speed, loads, args)
+        _ceiling().annotate(rows, meta["read_bandwidth_gbs"], hub_config, 32, args.new_tokens)
         raw[shape] = {
             "speed": {k: v.values for k, v in speed.items()},
             "load": {k: v.values for k, v in loads.items()},

@@ -54,25 +54,30 @@ class BatchActor:
     """One loaded model per actor; each call runs one block of requests to completion."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
-        import torch
-
         from ..device import resolve_device, resolve_dtype
-        from ..fast import FastCausalLM
         from ..hub import resolve_model_dir
-        from ..tokenizer import load_tokenizer
+        from ..loader import load_folder
+        from ..tasks import CAUSAL_LM, checkpoint_head
         from .runner import make_runner
 
         s = RaySpec(**spec)
-        torch.set_num_threads(max(1, s.threads))
-        device = resolve_device(s.device)
-        dtype = resolve_dtype(s.dtype, device, s.quantize)
         path = resolve_model_dir(s.model, revision=s.revision)
-        model = FastCausalLM.from_pretrained(
-            path, dtype=dtype, device=device, attn=s.attn, quantize=s.quantize
+        head = checkpoint_head(path)  # a classifier answers /v1/classify with its head
+        quantize = s.quantize if head == CAUSAL_LM else None
+        device = resolve_device(s.device)
+        dtype = resolve_dtype(s.dtype, device, quantize)
+        model, tokenizer = load_folder(
+            path,
+            head=head,
+            dtype=dtype,
+            device=device,
+            attn=s.attn,
+            quantize=quantize,
+            threads=max(1, s.threads),
         )
         self.runner, self.scheduler = make_runner(
             model,
-            load_tokenizer(path),
+            tokenizer,
             model_name=s.model,
             max_running=s.max_running,
             defaults=s.defaults,

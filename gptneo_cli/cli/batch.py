@@ -18,7 +18,7 @@ import typer
 
 from ..settings import load_settings
 from .help import examples
-from .loading import ModelOptions, import_torch, load_model
+from .loading import ModelOptions, load_model
 from .options import (
     DebugOpt,
     generation_config,
@@ -88,17 +88,6 @@ def batch(
         typer.Option("--yes", "-y", rich_help_panel=JOB_PANEL, help="Do not ask before --restart."),
     ] = False,
     max_running: Annotated[int, max_running_option(JOB_PANEL)] = 16,
-    threads: Annotated[
-        int | None,
-        typer.Option(
-            "--threads",
-            min=1,
-            max=1024,
-            rich_help_panel=JOB_PANEL,
-            show_default=False,
-            help="CPU threads per model (torch's default: the cores).",
-        ),
-    ] = None,
     ray: Annotated[
         bool,
         typer.Option(
@@ -191,7 +180,7 @@ def batch(
                     attn=options.attn,
                     quantize=options.quantize,
                     max_running=max_running,
-                    threads=threads or max(1, int(cpus_per_actor)),
+                    threads=options.threads or max(1, int(cpus_per_actor)),
                     defaults=defaults,
                     aliases=_aliases(options.model),
                 )
@@ -207,9 +196,7 @@ def batch(
                     on_record=on_record,
                 )
             else:
-                _run_here(
-                    items, output, options, max_running, threads, defaults, progress, on_record
-                )
+                _run_here(items, output, options, max_running, defaults, progress, on_record)
 
         _with_bar(remaining, work, lambda: _summary(progress, previous, output))
     if previous.failed + progress.failed:
@@ -249,17 +236,11 @@ def _run_here(
     output: Path,
     options: ModelOptions,
     max_running: int,
-    threads: int | None,
     defaults: dict[str, Any],
     progress: Any,
     on_record: Any,
 ) -> None:
-    import_torch()
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    loaded = load_model(options, fast=True)
+    loaded = load_model(options, "auto", fast=True)  # sets the threads; a classifier: its head
     from ..batch.jobs import OutputWriter
     from ..batch.runner import make_runner
 

@@ -140,25 +140,16 @@ def classify(
             else ("pass --labels a,b,c to classify zero-shot with it as a language model"),
         )
         texts = [item.text or "" for item in good]
-        if label_list:
-            results = tasks.zero_shot(
-                loaded.model,
-                loaded.tokenizer,
-                texts,
-                label_list,
-                template=template,
-                calibrate=calibrate,
-                batch_size=batch_size,
-                max_seq_len=max_seq_len,
-            )
-        else:
-            results = tasks.classify(
-                loaded.model,
-                loaded.tokenizer,
-                texts,
-                batch_size=batch_size,
-                max_seq_len=max_seq_len,
-            )
+        results = tasks.classify_texts(  # the head, or zero-shot with --labels
+            loaded.model,
+            loaded.tokenizer,
+            texts,
+            label_list,
+            template=template,
+            calibrate=calibrate,
+            batch_size=batch_size,
+            max_seq_len=max_seq_len,
+        )
         for item, result in zip(good, results, strict=True):
             item.result = result
             if result.truncated_tokens:

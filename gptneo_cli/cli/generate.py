@@ -380,6 +380,9 @@ def _show_config(
         return settings.sources.get(key, "default")
 
     values = {**asdict(options), **config.to_dict()}
+    del values["threads_source"]  # source() says where threads came from
+    if values["threads"] is None:
+        values["threads"] = "auto"
     if config.max_new_tokens is None and config.max_length is None:
         from ..options import DEFAULT_MAX_NEW_TOKENS
 
@@ -430,5 +433,10 @@ def _print_stats(
         rows.append(("results", str(len(results))))
         rows.append(("prompt", f"{prompt_tokens} tokens"))
         rows.append(("generation", f"{completion} tokens in {elapsed:.2f} s, {rate:.1f} tok/s"))
+    from ..threads import current
+
+    choice = current()
+    if choice is not None:
+        rows.append(("threads", choice.describe()))
     rows.append(("peak memory", peak_memory(loaded.model)))
     diag.table("Stats", rows)

@@ -97,12 +97,22 @@ def _settings() -> tuple[Settings, str | None]:
 def collect() -> dict[str, Any]:
     """Everything `info` prints, as plain data (so --format json is the same report)."""
     settings, problem = _settings()
+    from .. import threads
+
+    threads.start_sample()  # measured while torch imports (in _devices)
+    devices = _devices(settings.get("dtype"))
+    choice = threads.decide(settings.get("threads"), settings.sources.get("threads", "default"))
+    devices[0]["detail"] = (
+        f"{choice.count} thread{'s' if choice.count != 1 else ''} ({choice.reason}), "
+        + devices[0]["detail"]
+    )
     return {
         "version": __version__,
         "python": f"{platform.python_version()} ({sys.executable})",
         "platform": platform.platform(),
         "packages": {name: _version(name) for name in PACKAGES},
-        "devices": _devices(settings.get("dtype")),
+        "devices": devices,
+        "threads": {"count": choice.count, "reason": choice.reason},
         "config": {
             "model": settings.model(),
             "file": str(settings.path),
@@ -134,7 +144,6 @@ def _devices(dtype_name: str) -> list[dict[str, Any]]:
     devices = [
         (
             torch.device("cpu"),
-            f"{torch.get_num_threads()} threads, "
             f"native bf16: {'yes' if cpu_has_fast_bf16() else 'no'}",
         )
     ]

@@ -87,6 +87,17 @@ AttnOpt = Annotated[
         show_default=False,
     ),
 ]
+ThreadsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--threads",
+        metavar="N|auto",
+        help="CPU threads torch uses. auto: the cores other processes leave free (a core "
+        "busy with another program would stall every step). (env GPTNEO_THREADS; default auto)",
+        rich_help_panel=MODEL_PANEL,
+        show_default=False,
+    ),
+]
 QuantizeOpt = Annotated[
     str | None,
     typer.Option(
@@ -147,8 +158,8 @@ def generation_options(command: str) -> Callable[[Callable[..., Any]], Callable[
 def loading_options(
     *, quantize: bool = False, compile: bool = False
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Give a command the Model panel: --model, --revision, --device, --dtype, --attn, and
-    --quantize / --compile where it loads the fast model.
+    """Give a command the Model panel: --model, --revision, --device, --dtype, --attn,
+    --quantize / --compile where it loads the fast model, and --threads.
 
     The command declares a `loading` parameter where the panel goes; it receives the flags'
     values by ModelOptions.merge's keyword names (None when not given), so a new loading
@@ -165,6 +176,7 @@ def loading_options(
         flags.append(("quantize", QuantizeOpt, None))
     if compile:
         flags.append(("compile", CompileOpt, False))
+    flags.append(("threads", ThreadsOpt, None))
     params = [
         inspect.Parameter(
             name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=hint

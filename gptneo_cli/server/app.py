@@ -25,6 +25,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..api import Endpoints, Row, finish_name
+from ..conversation import ChatTemplate
 from ..generation import GenerationResult
 from ..scheduler import QueueFull, Scheduler, SchedulerClosed, Update
 from . import errors
@@ -49,8 +50,8 @@ class ServeOptions:
     cors_origins: list[str] = field(default_factory=list)
     log_prompts: bool = False
     shutdown_timeout: float = 10.0
-    user_prefix: str = "User:"
-    assistant_prefix: str = "Assistant:"
+    chat_template: ChatTemplate = field(default_factory=ChatTemplate)
+    """How /v1/chat/completions renders messages (the `gptneo chat` turn template)."""
     log: Callable[[str], None] | None = None
     aliases: list[str] = field(default_factory=list)
     """Other names a request's `model` may use for the served model (its repo id, alias)."""
@@ -228,8 +229,7 @@ class _Api:
             tokenizer,
             model_name=options.model_name,
             aliases=options.aliases,
-            user_prefix=options.user_prefix,
-            assistant_prefix=options.assistant_prefix,
+            chat_template=options.chat_template,
         )
 
     # ---- plumbing -----------------------------------------------------------------------

@@ -142,9 +142,14 @@ class ClassifyRequest(BaseModel):
 
     model: str | None = None
     input: str | list[str] = Field(..., description="One text or several.")
-    labels: list[str] = Field(..., min_length=1, description="The candidate labels.")
+    labels: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="The candidate labels (zero-shot: required; a classification "
+        "checkpoint answers with its own labels, and a list given must name them).",
+    )
     template: str | None = Field(None, description="Zero-shot prompt with {text}.")
-    calibrate: bool = True
+    calibrate: bool = Field(True, description="Zero-shot: subtract an empty text's scores.")
 
 
 def to_config(body: BaseModel, *, logprobs: int | None) -> GenerationConfig:
