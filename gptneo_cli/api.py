@@ -101,8 +101,10 @@ def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
     if first.get("type") == "missing":
+        if param is None:
+            return "the request body is missing: send a JSON object", None
         return f"{param} is required", param
-    message = str(first.get("msg", "is not valid"))
+    message = str(first.get("msg", "is not valid")).removeprefix("Value error, ")
     return (f"{param}: {message}" if param else message), param
 
 
