@@ -21,7 +21,11 @@ the int8 rows are compared with transformers float32):
 - load time from disk (page cache warm) and peak RSS while loading (minus the RSS before
   loading, next to the checkpoint's bytes in that dtype), peak RSS while generating.
 Both engines decode greedily with generate(); gptneo through gptneo_cli.generation with a
-stub tokenizer (no text decoding on either side).
+stub tokenizer (no text decoding on either side). The fp32 rows' greedy tokens are compared.
+
+The peers, ONNX Runtime and OpenVINO, join when their own virtualenv exists
+(benchmarks/peers/.venv, see benchmarks/peers/README.md): each peer engine runs in a process
+of that venv's python, measured with this file's functions, alternating with the others.
 
 Output: a JSON file with every sample and a markdown table (docs/PERFORMANCE.md holds one).
 """
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -39,13 +44,17 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "benchmarks"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from peers import client as peer_client  # noqa: E402 - stdlib only; needs the path above
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -58,6 +67,7 @@ SHAPES: dict[str, dict[str, Any]] = {
     "2.7b": dict(hidden_size=2560, num_layers=32, num_heads=20),
 }
 TRANSFORMERS = "transformers"
+PEER = "peer"  # ONNX Runtime or OpenVINO, run by benchmarks/peers/run_peer.py in its own venv
 
 
 # ---- checkpoints ------------------------------------------------------------------------
@@ -147,13 +157,14 @@ def checkpoint_with_tokenizer(shape: str, cache_dir: Path) -> Path:
 class Engine:
     """One way of running the model: who, dtype, attention, options."""
 
-    name: str  # "gptneo", "gptneo-int8", "gptneo-compile", "transformers", ...
-    kind: str  # "gptneo" or "transformers"
+    name: str  # "gptneo", "gptneo-int8", "gptneo-compile", "transformers", "openvino", ...
+    kind: str  # "gptneo", "transformers" or "peer"
     dtype: str
     attn: str = "auto"
     quantize: str | None = None
     compile: bool = False
     reference: bool = False  # gptneo's reference modeling instead of the fast path
+    peer: str | None = None  # the engine name run_peer.py knows ("openvino-bf16", ...)
 
     @property
     def label(self) -> str:
@@ -287,6 +298,8 @@ def run_generate(
 @dataclass
 class Samples:
     values: dict[str, list[float]] = field(default_factory=dict)
+    tokens: list[int] | None = None  # fp32 engines: greedy tokens of the 32-token prompt
+    info: dict[str, Any] = field(default_factory=dict)  # a peer's versions and settings
 
     def add(self, key: str, value: float) -> None:
         self.values.setdefault(key, []).append(value)
@@ -296,42 +309,139 @@ class Samples:
         return statistics.median(vals) if vals else None
 
 
-def measure_speed(
-    engines: list[Engine], folder: Path, device: str, args: argparse.Namespace
-) -> dict[str, Samples]:
-    """Decode, TTFT and batch-8 for every engine, alternating engines within each repeat."""
+def workload_prompts(long_prompt: int, batch: int) -> tuple[Any, Any, Any]:
+    """The workload's prompts as token ids (32 tokens, `long_prompt` tokens, `batch` x 32),
+    seeded: every engine gets the same ones, the peers' runner included."""
     import torch
 
     gen = torch.Generator().manual_seed(1)
     prompt32 = torch.randint(0, 50000, (1, 32), generator=gen)
-    prompt_long = torch.randint(0, 50000, (1, args.long_prompt), generator=gen)
-    batch8 = torch.randint(0, 50000, (args.batch, 32), generator=gen)  # the batch row
+    prompt_long = torch.randint(0, 50000, (1, long_prompt), generator=gen)
+    batch8 = torch.randint(0, 50000, (batch, 32), generator=gen)  # the batch row
+    return prompt32, prompt_long, batch8
+
+
+#: generate(prompts, new tokens) -> (wall seconds, decode tokens/s), for one loaded engine.
+Generate = Callable[[Any, int], "tuple[float, float]"]
+
+
+def warm_up(generate: Generate, prompts: tuple[Any, Any, Any]) -> None:
+    """Every shape once (compiles and first-call allocations happen here)."""
+    prompt32, prompt_long, batch8 = prompts
+    generate(prompt32, 8)
+    generate(prompt_long, 1)
+    generate(batch8, 4)
+
+
+def repeat_samples(
+    generate: Generate, prompts: tuple[Any, Any, Any], args: argparse.Namespace
+) -> dict[str, float]:
+    """One repeat of the workload: the figures every engine reports, measured alike."""
+    prompt32, prompt_long, batch8 = prompts
+    out: dict[str, float] = {}
+    out["decode_tok_s"] = generate(prompt32, args.new_tokens)[1]
+    out["ttft_32_ms"] = 1000 * generate(prompt32, 1)[0]
+    out["ttft_long_ms"] = 1000 * generate(prompt_long, 1)[0]
+    wall, rate = generate(batch8, args.batch_tokens)
+    out["batch8_tok_s"] = args.batch * args.batch_tokens / wall
+    out["batch8_decode_tok_s"] = rate
+    return out
+
+
+def greedy_tokens(engine: Engine, model: Any, prompt: Any, new: int, device: str) -> list[int]:
+    """The greedy continuation of one prompt (for the fp32 token-identity check)."""
+    import torch
+
+    if engine.kind == TRANSFORMERS:
+        ids = prompt.to(model.device)
+        with torch.inference_mode():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=50256,
+            )
+        return [int(t) for t in out[0, ids.shape[1] :].tolist()]
+    from gptneo_cli.generation import GenerationConfig, generate
+
+    config = GenerationConfig(do_sample=False, max_new_tokens=new, ignore_eos=True)
+    return list(generate(model, StubTokenizer(), prompt.tolist(), config)[0].token_ids)
+
+
+def measure_speed(
+    engines: list[Engine], folder: Path, device: str, args: argparse.Namespace
+) -> dict[str, Samples]:
+    """Decode, TTFT and batch-8 for every engine, alternating engines within each repeat.
+
+    A peer engine (ONNX Runtime, OpenVINO) runs in its own process in the peers' virtualenv,
+    which loads and warms up once and then measures one repeat each time it is asked."""
+    prompts = workload_prompts(args.long_prompt, args.batch)
     samples = {e.label: Samples() for e in engines}
-    models: dict[str, Any] = {}
+    runs = start_engines(engines, folder, device, args, samples)
     for engine in engines:
-        log(f"loading {engine.label}")
-        models[engine.label] = engine.load(folder, device)
-    for engine in engines:  # warm-up: every shape once (compiles happen here)
-        model = models[engine.label]
-        log(f"warm-up {engine.label}")
-        run_generate(engine, model, prompt32, 8, device)
-        run_generate(engine, model, prompt_long, 1, device)
-        run_generate(engine, model, batch8, 4, device)
+        run = runs.get(engine.label)
+        if isinstance(run, functools.partial):  # an engine in this process
+            log(f"warm-up {engine.label}")
+            warm_up(run, prompts)
+            if engine.dtype == "float32" and not engine.quantize:
+                model = run.args[1]
+                tokens = greedy_tokens(engine, model, prompts[0], args.new_tokens, device)
+                samples[engine.label].tokens = tokens
     for repeat in range(args.repeats):
         for engine in engines:
-            model, s = models[engine.label], samples[engine.label]
+            if engine.label not in runs:
+                continue
             log(f"repeat {repeat + 1}/{args.repeats}: {engine.label}")
-            _, rate = run_generate(engine, model, prompt32, args.new_tokens, device)
-            s.add("decode_tok_s", rate)
-            s.add("ttft_32_ms", 1000 * run_generate(engine, model, prompt32, 1, device)[0])
-            s.add("ttft_long_ms", 1000 * run_generate(engine, model, prompt_long, 1, device)[0])
-            wall, rate = run_generate(engine, model, batch8, args.batch_tokens, device)
-            s.add("batch8_tok_s", args.batch * args.batch_tokens / wall)
-            s.add("batch8_decode_tok_s", rate)
-    for label in list(models):
-        del models[label]
+            figures = one_repeat(engine, runs, prompts, args)
+            for key, value in figures.items():
+                samples[engine.label].add(key, value)
+    for label in list(runs):
+        if isinstance(runs[label], peer_client.PeerProcess):
+            runs[label].close()
+        del runs[label]
     gc.collect()
     return samples
+
+
+def start_engines(
+    engines: list[Engine],
+    folder: Path,
+    device: str,
+    args: argparse.Namespace,
+    samples: dict[str, Samples],
+) -> dict[str, Any]:
+    """Load every engine: a generate function for ours and transformers, a running
+    PeerProcess (exported, loaded, warmed up) for a peer; a peer that fails is left out."""
+    runs: dict[str, Any] = {}
+    for engine in engines:
+        log(f"loading {engine.label}")
+        if engine.kind != PEER:
+            model = engine.load(folder, device)
+            runs[engine.label] = functools.partial(run_generate, engine, model, device=device)
+            continue
+        peer = peer_client.start(args.peers_python, engine.peer or "", folder, args, log)
+        if peer is not None:
+            runs[engine.label] = peer
+            samples[engine.label].info = peer.info
+            if engine.dtype == "float32" and not engine.quantize:
+                samples[engine.label].tokens = peer.tokens
+    return runs
+
+
+def one_repeat(
+    engine: Engine, runs: dict[str, Any], prompts: tuple[Any, Any, Any], args: argparse.Namespace
+) -> dict[str, float]:
+    """One repeat of one engine's workload ({} for a peer that fails now: it is dropped)."""
+    if engine.kind != PEER:
+        return repeat_samples(runs[engine.label], prompts, args)
+    try:
+        return runs[engine.label].repeat()
+    except (OSError, RuntimeError, ValueError) as exc:
+        peer_client.fail(engine.peer or "", exc, log)
+        runs.pop(engine.label).close()
+        return {}
 
 
 # ---- load time and memory in a fresh process ---------------------------------------
@@ -359,6 +469,33 @@ def reset_peak() -> bool:
         return False
 
 
+def load_figures(load: Callable[[], Any], generate: Callable[[Any, Any], Any]) -> dict[str, Any]:
+    """Time `load()` and the peak RSS while loading, then while generating from the loaded
+    model (a 32-token prompt): the load figures of every engine, the peers' included."""
+    import torch
+
+    gc.collect()
+    before, _ = rss_mib()
+    exact = reset_peak()
+    start = time.perf_counter()
+    model = load()
+    load_s = time.perf_counter() - start
+    after, load_peak = rss_mib()
+    reset_peak()
+    prompt = torch.randint(0, 50000, (1, 32), generator=torch.Generator().manual_seed(2))
+    generate(model, prompt)
+    _, gen_peak = rss_mib()
+    return {
+        "load_s": load_s,
+        "rss_before_mib": before,
+        "load_peak_mib": load_peak,
+        "load_delta_mib": load_peak - before,
+        "resident_after_load_mib": after - before,
+        "gen_peak_mib": gen_peak,
+        "peak_exact": exact,
+    }
+
+
 def child_load(spec: dict[str, Any]) -> dict[str, Any]:
     """Run in a subprocess: import, load once, generate once; report time and memory."""
     import torch
@@ -372,27 +509,16 @@ def child_load(spec: dict[str, Any]) -> dict[str, Any]:
         import gptneo_cli.fast  # noqa: F401
         import gptneo_cli.generation  # noqa: F401
         import gptneo_cli.hub  # noqa: F401
-    gc.collect()
-    before, _ = rss_mib()
-    exact = reset_peak()
-    start = time.perf_counter()
-    model = engine.load(Path(spec["folder"]), device)
-    sync(device)
-    load_s = time.perf_counter() - start
-    after, load_peak = rss_mib()
-    reset_peak()
-    prompt = torch.randint(0, 50000, (1, 32), generator=torch.Generator().manual_seed(2))
-    run_generate(engine, model, prompt, spec["gen_tokens"], device)
-    _, gen_peak = rss_mib()
-    out = {
-        "load_s": load_s,
-        "rss_before_mib": before,
-        "load_peak_mib": load_peak,
-        "load_delta_mib": load_peak - before,
-        "resident_after_load_mib": after - before,
-        "gen_peak_mib": gen_peak,
-        "peak_exact": exact,
-    }
+
+    def load() -> Any:
+        model = engine.load(Path(spec["folder"]), device)
+        sync(device)
+        return model
+
+    def generate(model: Any, prompt: Any) -> None:
+        run_generate(engine, model, prompt, spec["gen_tokens"], device)
+
+    out = load_figures(load, generate)
     if device.startswith("cuda"):
         out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -401,30 +527,44 @@ def child_load(spec: dict[str, Any]) -> dict[str, Any]:
 def measure_loads(
     engines: list[Engine], folder: Path, device: str, args: argparse.Namespace
 ) -> dict[str, Samples]:
+    """Load figures in a fresh process per engine and repeat, alternating engines."""
     samples = {e.label: Samples() for e in engines}
     for repeat in range(args.load_repeats):
         for engine in engines:
             log(f"load {repeat + 1}/{args.load_repeats}: {engine.label} (fresh process)")
-            spec = {
-                "engine": engine.__dict__,
-                "folder": str(folder),
-                "device": device,
-                "threads": args.threads,
-                "gen_tokens": args.new_tokens,
-            }
-            proc = subprocess.run(
-                [sys.executable, __file__, "--child", json.dumps(spec)],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if proc.returncode != 0:
-                raise RuntimeError(f"load subprocess failed for {engine.label}:\n{proc.stderr}")
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            if engine.kind == PEER:
+                if engine.peer in peer_client.FAILED:
+                    continue
+                result = peer_client.load(args.peers_python, engine.peer or "", folder, args, log)
+                if result is None:
+                    continue
+            else:
+                result = child_load_in_subprocess(engine, folder, device, args)
             for key, value in result.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     samples[engine.label].add(key, float(value))
     return samples
+
+
+def child_load_in_subprocess(
+    engine: Engine, folder: Path, device: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    spec = {
+        "engine": engine.__dict__,
+        "folder": str(folder),
+        "device": device,
+        "threads": args.threads,
+        "gen_tokens": args.new_tokens,
+    }
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"load subprocess failed for {engine.label}:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # ---- int8 quality ------------------------------------------------------------------
@@ -539,6 +679,10 @@ def plan(args: argparse.Namespace) -> list[tuple[str, list[Engine]]]:
             engines.append(
                 Engine("gptneo-int8-dynamic", "gptneo", dtype, attn="sdpa", quantize="int8-dynamic")
             )
+        for peer in args.peer_engines:
+            name, peer_dtype, quantize = peer_client.ROWS[peer]
+            if peer_dtype == dtype:
+                engines.append(Engine(name, PEER, dtype, quantize=quantize, peer=peer))
         groups.append((dtype, engines))
     return groups
 
@@ -571,6 +715,8 @@ def summarize(
     for dtype, engines in groups:
         for engine in engines:
             s, ld = speed[engine.label], loads.get(engine.label, Samples())
+            if engine.kind == PEER and not s.values:
+                continue  # it failed to start: meta["peer_errors"] says why
             # int8 is compared with transformers float32 (the target's yardstick).
             base_label = (
                 baselines.get("float32", baselines[dtype]) if engine.quantize else baselines[dtype]
@@ -584,6 +730,7 @@ def summarize(
                 "attn": engine.attn,
                 "quantize": engine.quantize,
                 "compile": engine.compile,
+                "peer": engine.peer,
                 "baseline": base_label,
                 "weights_mib": weight_bytes(config, dtype) / 2**20,
             }
@@ -619,6 +766,57 @@ def summarize(
                 row["resident_over_fp32_weights"] = row["resident_after_load_mib"] / fp32
             rows.append(row)
     return rows
+
+
+def token_check(speed: dict[str, Samples]) -> dict[str, Any]:
+    """Are the fp32 engines' greedy tokens identical? The first engine with tokens (the
+    transformers row) is the reference; a mismatch names the first differing position."""
+    with_tokens = [(label, s.tokens) for label, s in speed.items() if s.tokens is not None]
+    if not with_tokens:
+        return {}
+    reference, ref_tokens = with_tokens[0]
+    out: dict[str, Any] = {
+        "reference": reference,
+        "tokens": len(ref_tokens),
+        "identical": [reference],
+        "mismatch": {},
+    }
+    for label, tokens in with_tokens[1:]:
+        if tokens == ref_tokens:
+            out["identical"].append(label)
+            continue
+        at = next(
+            (i for i, (a, b) in enumerate(zip(tokens, ref_tokens, strict=False)) if a != b),
+            min(len(tokens), len(ref_tokens)),
+        )
+        out["mismatch"][label] = at
+        log(f"fp32 greedy tokens: {label} differs from {reference} at token {at}")
+    return out
+
+
+def token_lines(meta: dict[str, Any]) -> list[str]:
+    """The markdown lines of the fp32 token check and the peers' settings."""
+    lines = []
+    for shape, check in meta.get("fp32_tokens", {}).items():
+        if len(check.get("identical", [])) + len(check.get("mismatch", {})) < 2:
+            continue
+        same = ", ".join(check["identical"])
+        text = f"{shape}: fp32 greedy tokens ({check['tokens']} after the 32-token prompt): "
+        text += f"identical for {same}"
+        if check["mismatch"]:
+            text += "; MISMATCH: " + ", ".join(
+                f"{label} differs from token {at}" for label, at in check["mismatch"].items()
+            )
+        lines += ["", text + "."]
+    for shape, infos in meta.get("peers", {}).items():
+        versions = next(iter(infos.values())).get("versions", {})
+        lines += ["", f"{shape} peers: " + ", ".join(f"{k} {v}" for k, v in versions.items())]
+        for label, info in infos.items():
+            lines.append(f"- {label}: {peer_client.describe(info)}")
+    if meta.get("peer_errors"):
+        lines.append("")
+        lines += [f"- peer failed: {e}" for e in meta["peer_errors"]]
+    return lines
 
 
 def fmt(value: float | None, digits: int = 1, suffix: str = "") -> str:
@@ -705,6 +903,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                     f"{r['decode_tok_s']:.0f} tok/s = "
                     f"{100 * r['decode_tok_s'] / ceiling:.0f}% of {ceiling:.0f}"
                 )
+    lines += _ceiling().markdown_lines(rows, meta)
+    lines += token_lines(meta)
     if meta.get("agreement"):
         a = meta["agreement"]
         lines.append("")
@@ -742,6 +942,16 @@ def machine() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def _ceiling() -> Any:
+    """benchmarks/ceiling.py: the bandwidth ceiling of decode (bytes per token, share)."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import ceiling
+
+    return ceiling
 
 
 def log(message: str) -> None:
@@ -806,8 +1016,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="a smoke run: 1 repeat, 16 tokens, 128-token long prompt",
     )
+    p.add_argument(
+        "--peers",
+        default="auto",
+        help="ONNX Runtime and OpenVINO rows, run in the peers' virtualenv: auto (those "
+        "installed there), none, or a comma list of onnxruntime, openvino and engine names "
+        f"({', '.join(peer_client.ROWS)}); see benchmarks/peers/README.md",
+    )
+    p.add_argument(
+        "--peers-python",
+        default=None,
+        help="the peers' virtualenv python (default benchmarks/peers/.venv/bin/python)",
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.peers_python = args.peers_python or peer_client.default_python()
+    args.peer_engines = []  # chosen by main() (it asks the peers' python what it has)
     cuda = args.device.startswith("cuda")
     args.shapes = (args.shapes or ("1.3b,2.7b" if cuda else "125m")).split(",")
     args.dtypes = (args.dtypes or ("float16,bfloat16" if cuda else "float32,bfloat16")).split(",")
@@ -844,6 +1068,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.device.startswith("cuda"):
         meta["bandwidth_gbs"] = copy_bandwidth_gbs(args.device)
+    try:
+        args.peer_engines = peer_client.select(args.peers, args.peers_python, args.device, log)
+    except ValueError as exc:
+        log(f"error: --peers: {exc}")
+        return 2
+    meta["args"]["peer_engines"] = args.peer_engines
+    meta["read_bandwidth_gbs"] = _ceiling().read_bandwidth_gbs(args.device)
+    log(f"memory read bandwidth: {meta['read_bandwidth_gbs']:.1f} GB/s")
     rows: list[dict[str, Any]] = []
     raw: dict[str, Any] = {}
     for shape in args.shapes:
@@ -853,12 +1085,20 @@ def main(argv: list[str] | None = None) -> int:
         speed = measure_speed(engines, folder, args.device, args)
         loads = {} if args.no_load else measure_loads(engines, folder, args.device, args)
         rows += summarize(shape, args.device, groups, speed, loads, args)
+        _ceiling().annotate(rows, meta["read_bandwidth_gbs"], hub_config, 32, args.new_tokens)
         raw[shape] = {
             "speed": {k: v.values for k, v in speed.items()},
             "load": {k: v.values for k, v in loads.items()},
+            "tokens": {k: v.tokens for k, v in speed.items() if v.tokens is not None},
         }
+        meta.setdefault("fp32_tokens", {})[shape] = token_check(speed)
+        peers_info = {k: v.info for k, v in speed.items() if v.info}
+        if peers_info:
+            meta.setdefault("peers", {})[shape] = peers_info
     if args.agreement_model:
         meta["agreement"] = agreement(args.agreement_model, args.device)
+    if peer_client.ERRORS:
+        meta["peer_errors"] = list(peer_client.ERRORS)
     meta["elapsed_s"] = time.perf_counter() - started
     table = markdown(rows, meta)
     Path(args.json).write_text(

@@ -16,10 +16,11 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from .conversation import ChatTemplate
 from .generation import GenerationResult, TokenLogprob
 from .options import DEFAULT_MAX_NEW_TOKENS
 from .scheduler import Request as Job
-from .scheduler import Update
+from .scheduler import Scheduler, Update
 from .server.protocol import (
     MAX_PROMPTS,
     ChatRequest,
@@ -100,8 +101,10 @@ def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
     if first.get("type") == "missing":
+        if param is None:
+            return "the request body is missing: send a JSON object", None
         return f"{param} is required", param
-    message = str(first.get("msg", "is not valid"))
+    message = str(first.get("msg", "is not valid")).removeprefix("Value error, ")
     return (f"{param}: {message}" if param else message), param
 
 
@@ -137,6 +140,18 @@ class Row:
     drop_output: bool = False  # max_tokens 0 (echo only): the one generated token is dropped
 
 
+def make_scheduler(
+    model: Any, tokenizer: Any, *, max_running: int, max_queue: int, **options: Any
+) -> Scheduler:
+    """The scheduler that runs a served model's work. A sequence classifier never decodes
+    (its requests run through `Scheduler.call`), so it gets one KV-cache row, not
+    `max_running`."""
+    from .tasks import is_sequence_classifier
+
+    rows = 1 if is_sequence_classifier(model) else max_running
+    return Scheduler(model, tokenizer, max_running=rows, max_queue=max_queue, **options)
+
+
 #: Given a row's index, the callback its job reports updates to (or None).
 UpdateHook = Callable[[int], Callable[[Update], None] | None]
 
@@ -151,13 +166,17 @@ class Endpoints:
         *,
         model_name: str,
         aliases: Sequence[str] = (),
-        user_prefix: str = "User:",
-        assistant_prefix: str = "Assistant:",
+        chat_template: ChatTemplate | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.model_name, self.aliases = model_name, list(aliases)
-        self.user_prefix, self.assistant_prefix = user_prefix, assistant_prefix
+        #: How /v1/chat/completions lays out messages: the `gptneo chat` turn template.
+        self.template = chat_template or ChatTemplate()
         self.positions = model.config.max_position_embeddings
+        from .tasks import is_sequence_classifier
+
+        #: False for a sequence-classification checkpoint: it answers /v1/classify only.
+        self.generates = not is_sequence_classifier(model)
 
     # ---- checks -------------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -167,6 +186,17 @@ class Endpoints:
                 f"model {name!r} is not served here: this server serves {self.model_name!r}",
                 param="model",
                 code="model_not_found",
+            )
+
+    def check_generates(self) -> None:
+        """A 400 for completions and chat on a model that has no language-model head."""
+        if not self.generates:
+            raise APIError(
+                400,
+                f"{self.model_name} is a sequence-classification checkpoint: it has no "
+                "language-model head to generate text with; use POST /v1/classify",
+                param="model",
+                code="model_not_generative",
             )
 
     def prompts(self, prompt: Any) -> list[list[int]]:
@@ -233,8 +263,10 @@ class Endpoints:
             raise APIError(400, str(exc), param=exc.param) from None
 
     def render_chat(self, messages: list[Any]) -> str:
-        """The conversation as one prompt, in the same layout as `gptneo chat`."""
-        from .conversation import Conversation, Turn
+        """The conversation as one prompt, rendered as `gptneo chat` renders it (one
+        renderer: gptneo_cli.conversation) with the served chat template; the template's
+        system text applies when the messages bring none."""
+        from .conversation import Turn
 
         system = "\n".join(m.text() for m in messages if m.role in ("system", "developer"))
         talk = [m for m in messages if m.role not in ("system", "developer")]
@@ -249,12 +281,8 @@ class Endpoints:
                 turns.append(Turn("\n".join(user), m.text()))
                 user = []
         last = "\n".join([*user, talk[-1].text()])
-        conv = Conversation(
-            system=system,
-            user_prefix=self.user_prefix,
-            assistant_prefix=self.assistant_prefix,
-            turns=turns,
-        )
+        has_system = any(m.role in ("system", "developer") for m in messages)
+        conv = self.template.conversation(system if has_system else None, turns)
         return conv.render(last)
 
     # ---- jobs ---------------------------------------------------------------------------
@@ -263,6 +291,7 @@ class Endpoints:
     ) -> tuple[list[list[int]], list[Row]]:
         """(prompt ids, one row per choice) of a validated completion body."""
         self.check_model(body.model)
+        self.check_generates()
         config = self.config(body, body.logprobs)
         prompts = self.prompts(body.prompt)
         if body.max_tokens == 0 and not body.echo:
@@ -275,9 +304,10 @@ class Endpoints:
     ) -> tuple[list[list[int]], list[Row], str]:
         """(prompt ids, rows, the rendered prompt) of a validated chat body."""
         self.check_model(body.model)
+        self.check_generates()
         top = body.top_logprobs or 0
         config = self.config(body, top if body.logprobs else None)
-        config = config.replace(stop=[*config.stop, self.user_prefix])
+        config = config.replace(stop=[*config.stop, *self.template.conversation().stops()])
         prompt = self.render_chat(body.messages)
         prompts = self.prompts(prompt)
         return prompts, self.rows(body, prompts, config, prompt_logprobs=False, hook=hook), prompt
@@ -312,20 +342,25 @@ class Endpoints:
         return rows
 
     def classify_inputs(self, body: Any) -> tuple[list[str], str]:
-        """(texts, template) of a validated classify body."""
-        from .tasks import DEFAULT_TEMPLATE
+        """(texts, template) of a validated classify body, checked before any compute."""
+        from .tasks import DEFAULT_TEMPLATE, check_labels
 
         self.check_model(body.model)
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
         if not texts or len(texts) > MAX_PROMPTS:
             raise APIError(400, f"input must hold 1 to {MAX_PROMPTS} texts", param="input")
+        try:
+            check_labels(self.model, body.labels)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="labels") from None
         template = body.template or DEFAULT_TEMPLATE
-        if "{text}" not in template:
+        if self.generates and "{text}" not in template:
             raise APIError(400, "template must contain {text}", param="template")
         return texts, template
 
     def classify_call(self, body: Any) -> Callable[[], list[Any]]:
-        """The model work of a classify body, to run on the scheduler's thread."""
+        """The model work of a classify body, to run on the scheduler's thread: the
+        checkpoint's classification head, or zero-shot among `labels` (as `gptneo classify`)."""
         texts, template = self.classify_inputs(body)
 
         def run() -> list[Any]:
@@ -334,7 +369,7 @@ class Endpoints:
             from . import tasks
 
             with torch.inference_mode():
-                return tasks.zero_shot(
+                return tasks.classify_texts(
                     self.model,
                     self.tokenizer,
                     texts,

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from . import threads as cpu_threads
 from . import tokenizer as tokenizer_module
 from .device import resolve_device, resolve_dtype
 from .tokenizer import Tokenizer
@@ -53,6 +54,7 @@ def load(
     quantize: str | None = None,
     compile: bool = False,
     revision: str | None = None,
+    threads: int | str | None = "auto",
 ) -> tuple[Any, Tokenizer]:
     """Load a model and its tokenizer, in eval mode.
 
@@ -61,7 +63,13 @@ def load(
     GPTNeoForCausalLM (nn.Linear layers with the Hub's names, trainable, saveable). `head`
     names another class (see HEADS); those are always the reference kind. dtype and device
     "auto" pick the fastest good choice for this machine; None means float32 / CPU.
+
+    `threads`: torch's CPU thread count, set for the whole process (torch.set_num_threads).
+    "auto" uses the cores other processes leave free (gptneo_cli.threads explains the
+    rule); a number sets it; None leaves torch's setting alone.
     """
+    if cpu_threads.check_threads(threads) is None and threads is not None:
+        cpu_threads.start_sample()  # measured while the name resolves and the tokenizer loads
     dev = resolve_device(device) if device is not None else torch.device("cpu")
     dt = resolve_dtype(dtype, dev, quantize if not reference else None)
     folder = resolve(name, revision)
@@ -74,6 +82,7 @@ def load(
         attn=attn,
         quantize=quantize,
         compile=compile,
+        threads=threads,
     )
 
 
@@ -87,12 +96,18 @@ def load_folder(
     attn: str = "auto",
     quantize: str | None = None,
     compile: bool = False,
+    threads: int | str | None = "auto",
 ) -> tuple[Any, Tokenizer]:
     """`load` for a folder already on disk (the CLI resolves first, outside its spinner)."""
     if head not in HEADS:
         raise ValueError(f"unknown model class {head!r}: use one of {', '.join(HEADS)}")
+    requested = cpu_threads.check_threads(threads)
+    if threads is not None and requested is None:
+        cpu_threads.start_sample()
     folder = Path(folder)
     tokenizer = tokenizer_module.load_tokenizer(folder)
+    if threads is not None:  # before the fast path measures its kernels
+        cpu_threads.apply(requested)
     if head == "GPTNeoForCausalLM" and not reference:
         from .fast import FastCausalLM
 

@@ -8,11 +8,15 @@ row from those positions. Rows are kept compact (rows 0..n-1 are in use) so a de
 reads views, never copies of the whole cache: a leaving row is replaced by the last one.
 
 One forward call either decodes one token for each of the first n rows (`begin_decode`),
-or prefills a chunk of tokens for one row (`begin_chunk`); then `plans()` gives the masks
-for the model's attention and `update()` stores and returns keys as the model asks.
+or prefills a chunk of tokens for one row, or the first chunk of several new rows together
+(`begin_chunk`); then `plans()` gives the masks for the model's attention and `update()`
+stores and returns keys as the model asks. Masks are built only where rows differ: a
+batch whose rows sit at one position decodes without any.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -54,8 +58,11 @@ class RowCache:
         self.length = 1
         self._mode = "decode"
         self._n = 0
-        self._row = 0
+        self._rows: list[int] = [0]
+        self._lengths: list[int] = []
         self._start = 0
+        self._span = 1
+        self._uniform = True
         self._pos = torch.zeros(0, dtype=torch.long, device=self.device)
 
     def nbytes(self) -> int:
@@ -108,18 +115,35 @@ class RowCache:
                     store[i][dst, :, :length] = store[i][src, :, :length]
 
     # ---- one forward call ---------------------------------------------------------------
-    def begin_decode(self, positions: torch.Tensor) -> None:
-        """Next call: one new token for each of rows 0..n-1, at `positions` (LongTensor [n])."""
+    def begin_decode(self, positions: Sequence[int]) -> None:
+        """Next call: one new token for each of rows 0..n-1, at `positions`."""
         self._mode = "decode"
-        self._pos = positions.to(self.device)
-        self._n = int(positions.shape[0])
-        self.ensure(int(positions.max()) + 1, self._n)
+        self._n = len(positions)
+        low, high = min(positions), max(positions)
+        self._span = high + 1
+        #: Every row at the same position: no row can see a key another row cannot, so no
+        #: mask is needed and keys are written with a plain slice (the common case: one row,
+        #: or a batch that started together).
+        self._uniform = low == high
+        self._pos = torch.tensor(positions, device=self.device)
+        self.ensure(self._span, self._n)
 
-    def begin_chunk(self, row: int, start: int) -> None:
-        """Next call: a chunk of tokens for `row`, its first one at position `start`."""
+    def begin_chunk(
+        self, rows: int | Sequence[int], start: int, lengths: Sequence[int] = ()
+    ) -> None:
+        """Next call: a chunk of tokens for each of `rows`, the first one at position `start`.
+
+        Several rows go together only from position 0 (new prompts), right-padded to the
+        longest: `lengths` gives each row's real token count, and only real tokens' keys are
+        kept (a padding key written into a local layer's ring would overwrite a real one).
+        """
+        rows = [rows] if isinstance(rows, int) else list(rows)
+        if len(rows) > 1 and start != 0:
+            raise ValueError("several rows are prefilled together only from position 0")
         self._mode = "chunk"
-        self._row, self._start = row, start
-        self.ensure(0, row + 1)
+        self._rows, self._start = rows, start
+        self._lengths = list(lengths)
+        self.ensure(0, max(rows) + 1)
 
     def plans(self, new: int) -> dict[str, AttentionPlan]:
         """The attention masks of each layer kind for the call announced by begin_*."""
@@ -128,25 +152,31 @@ class RowCache:
         out: dict[str, AttentionPlan] = {}
         for kind in set(self.kinds):
             local = kind == "local"
-            keys = self._chunk_key_positions(new, local) if self._mode == "chunk" else None
+            window = self.window if local else None
             if self._mode == "chunk":
-                assert keys is not None
+                if self._start == 0 and (not local or new <= self.window):
+                    out[kind] = AttentionPlan(None, causal=new > 1, window=window)
+                    continue
+                keys = self._chunk_key_positions(new, local)
                 queries = torch.arange(self._start, self._start + new, device=self.device)
                 allowed = keys[None, :] <= queries[:, None]
                 if local:
                     allowed &= keys[None, :] > queries[:, None] - self.window
                 mask = allowed[None, None]  # [1, 1, T, S]
+            elif self._uniform:
+                # Every cached key is in the past and (local: the ring) inside the window.
+                out[kind] = AttentionPlan(None, causal=False, window=window)
+                continue
             else:
                 pos = self._pos[:, None]
-                span = int(self._pos.max()) + 1
                 if local:
-                    slots = torch.arange(min(self.window, span), device=self.device)[None]
+                    slots = torch.arange(min(self.window, self._span), device=self.device)[None]
                     held = pos - torch.remainder(pos - slots, self.window)
                     allowed = held >= 0
                 else:
-                    allowed = torch.arange(span, device=self.device)[None] <= pos
+                    allowed = torch.arange(self._span, device=self.device)[None] <= pos
                 mask = allowed[:, None, None, :]  # [B, 1, 1, S]
-            out[kind] = AttentionPlan(mask, causal=False, window=self.window if local else None)
+            out[kind] = AttentionPlan(mask, causal=False, window=window)
         return out
 
     def _chunk_key_positions(self, new: int, local: bool) -> torch.Tensor:
@@ -162,18 +192,13 @@ class RowCache:
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store a layer's new keys/values; return what to attend over (matches plans())."""
-        keys, values = self.keys[layer], self.values[layer]
         local = self.kinds[layer] == "local"
         if self._mode == "decode":
-            n = self._n
-            rows = torch.arange(n, device=self.device)
-            slot = torch.remainder(self._pos, self.window) if local else self._pos
-            keys[rows, :, slot] = k[:, :, 0]
-            values[rows, :, slot] = v[:, :, 0]
-            span = int(self._pos.max()) + 1
-            size = min(self.window, span) if local else span
-            return keys[:n, :, :size], values[:n, :, :size]
-        row, start, new = self._row, self._start, k.shape[2]
+            return self._update_decode(layer, local, k, v)
+        if len(self._rows) > 1:
+            return self._update_new_rows(layer, local, k, v)
+        keys, values = self.keys[layer], self.values[layer]
+        row, start, new = self._rows[0], self._start, k.shape[2]
         if not local:
             keys[row, :, start : start + new] = k[0]
             values[row, :, start : start + new] = v[0]
@@ -181,11 +206,48 @@ class RowCache:
         filled = min(start, self.window)
         attend_k = torch.cat([keys[row : row + 1, :, :filled], k], dim=2)
         attend_v = torch.cat([values[row : row + 1, :, :filled], v], dim=2)
+        self._keep_ring(layer, row, start, k[0], v[0])
+        return attend_k, attend_v
+
+    def _update_decode(
+        self, layer: int, local: bool, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.keys[layer], self.values[layer]
+        n = self._n
+        if self._uniform:
+            slot = (self._span - 1) % self.window if local else self._span - 1
+            keys[:n, :, slot] = k[:, :, 0]
+            values[:n, :, slot] = v[:, :, 0]
+        else:
+            rows = torch.arange(n, device=self.device)
+            slots = torch.remainder(self._pos, self.window) if local else self._pos
+            keys[rows, :, slots] = k[:, :, 0]
+            values[rows, :, slots] = v[:, :, 0]
+        size = min(self.window, self._span) if local else self._span
+        return keys[:n, :, :size], values[:n, :, :size]
+
+    def _update_new_rows(
+        self, layer: int, local: bool, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """New prompts from position 0: they attend over their own keys only."""
+        keys, values = self.keys[layer], self.values[layer]
+        for b, (row, length) in enumerate(zip(self._rows, self._lengths, strict=True)):
+            if local:
+                self._keep_ring(layer, row, 0, k[b, :, :length], v[b, :, :length])
+            else:
+                keys[row, :, :length] = k[b, :, :length]
+                values[row, :, :length] = v[b, :, :length]
+        return k, v
+
+    def _keep_ring(
+        self, layer: int, row: int, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Store the last `window` of a row's new keys [H, T, D] in its local ring."""
+        new = k.shape[1]
         keep = min(new, self.window)
         slots = torch.arange(start + new - keep, start + new, device=self.device) % self.window
-        keys[row][:, slots] = k[0, :, new - keep :]
-        values[row][:, slots] = v[0, :, new - keep :]
-        return attend_k, attend_v
+        self.keys[layer][row][:, slots] = k[:, new - keep :]
+        self.values[layer][row][:, slots] = v[:, new - keep :]
 
     def advance(self, new: int) -> None:
         """Called by models after a forward pass; positions are the scheduler's business."""

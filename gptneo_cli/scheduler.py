@@ -47,6 +47,7 @@ from .generation import (
     non_finite_scores,
     push_text,
 )
+from .modeling import AttentionStep
 from .rowcache import RowCache
 
 #: Prompt tokens prefilled per step (across admitted requests): bounds the extra delay a
@@ -177,28 +178,23 @@ def _make_chooser(config: GenerationConfig, eos_ids: Sequence[int]) -> tuple[Any
     return sampling.build_chooser(config, tuple(eos_ids))
 
 
-def model_body(model: Any) -> Callable[[torch.Tensor, torch.Tensor, RowCache, int], torch.Tensor]:
-    """forward(ids [B, T], positions [B, T], cache, keep) -> logits of the last `keep`
-    positions (0: all), with the masks the row cache gives. Runs the model's own modules:
-    the embeddings, its blocks and the (tied) head."""
+def model_body(model: Any) -> Callable[..., torch.Tensor]:
+    """forward(ids [B, T], positions [B, T], cache, keep) -> logits, with the masks the row
+    cache gives. keep: 0 for every position, 1 for the last, or a LongTensor [B] of each
+    row's last real position (right-padded new prompts): then logits are [B, 1, V]. Runs the
+    model's own modules: the embeddings, its blocks and the (tied) head."""
     base = model.base()
-    try:
-        from .modeling import AttentionStep  # the one-model layout (issue 10)
-    except ImportError:
-        AttentionStep = None  # noqa: N806
 
-    def forward(ids: torch.Tensor, positions: torch.Tensor, cache: RowCache, keep: int):
+    def forward(
+        ids: torch.Tensor, positions: torch.Tensor, cache: RowCache, keep: int | torch.Tensor
+    ) -> torch.Tensor:
         setting = getattr(base, "attn_backend", None) or getattr(base, "_attn", "auto")
         backend = "eager" if setting == "eager" else "sdpa"
         plans = cache.plans(ids.shape[1])
-        if AttentionStep is not None and hasattr(base, "run"):
-            x = base.run(ids, positions, AttentionStep(plans=plans, backend=backend, cache=cache))
-        else:
-            x = base.wte(ids) + base.wpe(positions)
-            for block in base.h:
-                x = block(x, plans[block.attn.attention_type], backend, cache, None)
-            x = base.ln_f(x)
-        if keep:
+        x = base.run(ids, positions, AttentionStep(plans=plans, backend=backend, cache=cache))
+        if isinstance(keep, torch.Tensor):
+            x = x[torch.arange(x.shape[0], device=x.device), keep][:, None]
+        elif keep:
             x = x[:, -keep:]
         return model.lm_head(x).float()
 
@@ -211,8 +207,9 @@ class Scheduler:
     max_running: rows decoded together (the KV cache holds that many sequences).
     max_queue: requests waiting for a row; beyond it `submit` raises QueueFull.
     prefill_chunk: prompt tokens per prefill forward pass (see the module's docstring).
-    prefill_rows: requests prefilled side by side; prefill_budget: prompt tokens per step
-    (default one chunk).
+    prefill_rows: requests prefilled side by side (default max_running: new prompts' first
+    chunks run as one batch); prefill_budget: prompt tokens per step (default one chunk:
+    what bounds the running rows' extra delay; batch jobs raise it for throughput).
     """
 
     def __init__(
@@ -223,7 +220,7 @@ class Scheduler:
         max_running: int = 16,
         max_queue: int = 64,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-        prefill_rows: int = 2,
+        prefill_rows: int | None = None,
         prefill_budget: int | None = None,
     ) -> None:
         if max_running < 1:
@@ -246,7 +243,7 @@ class Scheduler:
         self.dtype = getattr(model, "dtype", param.dtype)
         self._forward = model_body(model)
         self._cache = RowCache(self.config, max_running, dtype=self.dtype, device=self.device)
-        self._prefill_rows = max(1, min(prefill_rows, max_running))
+        self._prefill_rows = max(1, min(prefill_rows or max_running, max_running))
         self._pcache = RowCache(
             self.config, self._prefill_rows, dtype=self.dtype, device=self.device
         )
@@ -444,35 +441,78 @@ class Scheduler:
         )
 
     def _prefill(self) -> None:
-        """Up to prefill_chunk prompt tokens, chunk by chunk, oldest request first."""
+        """Up to prefill_budget prompt tokens, chunk by chunk, oldest request first. New
+        prompts' first chunks run together in one forward pass; a long prompt's later
+        chunks run one request at a time."""
         budget = self.prefill_budget
+        first: list[tuple[_Seq, int]] = []
         for seq in list(self._prefilling):
             if budget <= 0:
                 break
-            prompt = seq.req.prompt_ids
             start = seq.prefilled
-            end = min(len(prompt), (start // self.prefill_chunk + 1) * self.prefill_chunk)
+            end = min(
+                len(seq.req.prompt_ids), (start // self.prefill_chunk + 1) * self.prefill_chunk
+            )
             budget -= end - start
-            ids = torch.tensor([prompt[start:end]], device=self.device)
-            positions = torch.arange(start, end, device=self.device)[None]
-            self._pcache.begin_chunk(seq.slot, start)
-            last = end == len(prompt)
-            want_all = seq.req.want_prompt_logprobs
-            logits = self._forward(ids, positions, self._pcache, 0 if want_all else 1)
-            if want_all:
-                self._record_prompt_logprobs(seq, logits[0], start, end)
+            if start == 0:
+                first.append((seq, end))
+            else:
+                self._prefill_rest(seq, start, end)
+        if first:
+            self._prefill_first(first)
+
+    def _prefill_first(self, chunks: list[tuple[_Seq, int]]) -> None:
+        """The first chunk of new prompts, right-padded to the longest, in one pass."""
+        lengths = [end for _, end in chunks]
+        width = max(lengths)
+        ids = torch.zeros(len(chunks), width, dtype=torch.long)
+        for b, (seq, end) in enumerate(chunks):
+            ids[b, :end] = torch.tensor(seq.req.prompt_ids[:end])
+        ids = ids.to(self.device)
+        positions = torch.arange(width, device=self.device)[None].expand(len(chunks), width)
+        self._pcache.begin_chunk([seq.slot for seq, _ in chunks], 0, lengths)
+        want_all = any(seq.req.want_prompt_logprobs for seq, _ in chunks)
+        last = torch.tensor([end - 1 for end in lengths], device=self.device)
+        logits = self._forward(ids, positions, self._pcache, 0 if want_all else last)
+        done: list[_Seq] = []
+        for b, (seq, end) in enumerate(chunks):
+            if seq.req.want_prompt_logprobs:
+                self._record_prompt_logprobs(seq, logits[b, :end], 0, end)
             seq.prefilled = seq.length = end
-            if not last:
-                continue
-            # The prompt is in: move the row to the decode cache and choose the first token.
+            if end == len(seq.req.prompt_ids):
+                done.append(seq)
+        if done:
+            rows = [b for b, (seq, _) in enumerate(chunks) if seq in done]
+            at = torch.tensor(rows, device=self.device)
+            picked = logits[at, last[at]] if want_all else logits[at, -1]
+            self._start_decoding(done, picked)
+
+    def _prefill_rest(self, seq: _Seq, start: int, end: int) -> None:
+        """A later chunk of one long prompt (its keys so far are in the prefill cache)."""
+        prompt = seq.req.prompt_ids
+        ids = torch.tensor([prompt[start:end]], device=self.device)
+        positions = torch.arange(start, end, device=self.device)[None]
+        self._pcache.begin_chunk(seq.slot, start)
+        want_all = seq.req.want_prompt_logprobs
+        logits = self._forward(ids, positions, self._pcache, 0 if want_all else 1)
+        if want_all:
+            self._record_prompt_logprobs(seq, logits[0], start, end)
+        seq.prefilled = seq.length = end
+        if end == len(prompt):
+            self._start_decoding([seq], logits[:, -1])
+
+    def _start_decoding(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        """Prompts are in: move their rows to the decode cache and choose the first tokens."""
+        now = time.perf_counter()
+        for seq in seqs:
             self._prefilling.remove(seq)
-            seq.prefill_s = time.perf_counter() - seq.started_at
+            seq.prefill_s = now - seq.started_at
             slot = len(self._running)
             self._cache.copy_row(slot, self._pcache, seq.slot, seq.length)
             seq.slot = slot
             self._running.append(seq)
-            self.prompt_tokens_total += len(prompt)
-            self._take([seq], logits[:, -1])
+            self.prompt_tokens_total += len(seq.req.prompt_ids)
+        self._take(seqs, logits)
 
     def _record_prompt_logprobs(
         self, seq: _Seq, logits: torch.Tensor, start: int, end: int
@@ -501,9 +541,10 @@ class Scheduler:
     def _decode(self) -> None:
         seqs = self._running
         ids = torch.tensor([[s.last] for s in seqs], device=self.device)
-        positions = torch.tensor([s.length for s in seqs], device=self.device)
-        self._cache.begin_decode(positions)
-        logits = self._forward(ids, positions[:, None], self._cache, 1)[:, -1]
+        lengths = [s.length for s in seqs]
+        self._cache.begin_decode(lengths)
+        positions = torch.tensor(lengths, device=self.device)[:, None]
+        logits = self._forward(ids, positions, self._cache, 1)[:, -1]
         for s in seqs:
             s.length += 1
         self._take(list(seqs), logits)

@@ -4,6 +4,7 @@ The file is flat TOML in the user config dir (``gptneo info`` prints the path), 
 
     model = "125m"
     dtype = "bfloat16"
+    threads = 2          # or "auto" (the default: the free cores, see gptneo_cli.threads)
     temperature = 0.7
     max_new_tokens = 200
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .options import GENERATION, OptionError, option
+from .threads import check_threads
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,12 +40,14 @@ _MODEL: dict[str, tuple[type, Any]] = {
     "device": (str, "auto"),
     "dtype": (str, "auto"),
     "attn": (str, "auto"),
+    "threads": (int, None),  # CPU threads; None = the free-core rule (gptneo_cli.threads)
     "api_key": (str, None),  # `gptneo serve`: the key clients must send (GPTNEO_API_KEY)
 }
 _CHAT: dict[str, tuple[type, Any]] = {
     "system": (str, None),
     "user_prefix": (str, "User:"),
     "assistant_prefix": (str, "Assistant:"),
+    "chat_template": (str, None),  # `gptneo serve`: a built-in name or a file (see conversation)
     "history_file": (str, None),
 }
 
@@ -61,7 +65,7 @@ def keys() -> dict[str, tuple[type, Any]]:
 
 
 # Environment variables that are not settings keys but still shape behaviour.
-EXTRA_ENV = ("GPTNEO_CONFIG", "GPTNEO_DEBUG")
+EXTRA_ENV = ("GPTNEO_CONFIG", "GPTNEO_DEBUG", "GPTNEO_KERNEL")
 
 
 def user_config_dir(environ: Mapping[str, str] = os.environ) -> Path:
@@ -73,6 +77,17 @@ def user_config_dir(environ: Mapping[str, str] = os.environ) -> Path:
 def user_data_dir(environ: Mapping[str, str] = os.environ) -> Path:
     """The per-user data folder (chat history lives here)."""
     return _platform_dir(environ, "XDG_DATA_HOME", Path.home() / ".local" / "share")
+
+
+def user_cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """The per-user cache folder (measured kernel choices live here): XDG_CACHE_HOME on
+    Linux, ~/Library/Caches on macOS, LOCALAPPDATA on Windows."""
+    if sys.platform == "win32":
+        base = environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+        return Path(base) / APP_NAME / "cache"
+    if sys.platform == "darwin" and not environ.get("XDG_CACHE_HOME"):
+        return Path.home() / "Library" / "Caches" / APP_NAME
+    return Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / APP_NAME
 
 
 def _platform_dir(environ: Mapping[str, str], xdg_var: str, xdg_default: Path) -> Path:
@@ -165,6 +180,8 @@ def _read_file(path: Path, known: dict[str, tuple[type, Any]]) -> dict[str, Any]
         where = f"{key} in {path}"
         if key in generation_keys():
             out[key] = _checked(where, lambda value=value, key=key: option(key).check(value))
+        elif key == "threads":
+            out[key] = check_threads(value, where)
         else:
             out[key] = _check_type(where, value, known[key][0])
     return out
@@ -188,4 +205,6 @@ def _check_type(where: str, value: Any, kind: type) -> Any:
 def _parse_env(name: str, raw: str, key: str, kind: type) -> Any:
     if key in generation_keys():
         return _checked(name, lambda: option(key).parse(raw))
+    if key == "threads":
+        return check_threads(raw, name)
     return raw

@@ -116,10 +116,11 @@ def _pad_id(tokenizer: Any) -> int:
     return int(pad) if pad is not None else 0
 
 
-def _right_pad(
-    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device
+def right_pad(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack token rows into ids [B, T] and an attention mask [B, T] of 1/0."""
+    """Stack token rows into ids [B, T] and an attention mask [B, T] of 1/0 (also the
+    batches head training runs)."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -186,6 +187,87 @@ def missing_head(folder: str | Path, model_cls: type) -> list[str]:
     return [name for name in model_cls.head_params if name not in names]
 
 
+#: The model class of a checkpoint whose weights hold a sequence-classification head.
+SEQUENCE_HEAD = "GPTNeoForSequenceClassification"
+CAUSAL_LM = "GPTNeoForCausalLM"
+
+
+def checkpoint_head(folder: str | Path) -> str:
+    """The class to serve the checkpoint in `folder` as: SEQUENCE_HEAD when its weights hold
+    a `score.weight` (or, for .bin files, whose names cost a load, when config.json's
+    `architectures` says so), CAUSAL_LM otherwise.
+
+    `gptneo serve` and `gptneo batch` load what the checkpoint is: a classifier answers
+    /v1/classify with its head, and has no language-model head to generate with.
+    """
+    from .config import GPTNeoConfig
+    from .weights import stored_names
+
+    names = stored_names(Path(folder))
+    if names is not None:
+        return SEQUENCE_HEAD if "score.weight" in names else CAUSAL_LM
+    architectures = GPTNeoConfig.from_json_file(folder).extra.get("architectures") or []
+    return SEQUENCE_HEAD if SEQUENCE_HEAD in architectures else CAUSAL_LM
+
+
+def is_sequence_classifier(model: Any) -> bool:
+    """Whether `model` is a sequence-classification model (it has no language-model head)."""
+    from .modeling import GPTNeoForSequenceClassification
+
+    return isinstance(model, GPTNeoForSequenceClassification)
+
+
+def head_labels(model: Any) -> list[str]:
+    """A sequence-classification model's labels, in the order of its outputs (id2label)."""
+    return [model.config.id2label[i] for i in range(model.config.num_labels)]
+
+
+def check_labels(model: Any, labels: Sequence[str] | None) -> None:
+    """ValueError unless `labels` suit `model`: a classification head answers with its own
+    labels (a list given must name the same ones, in any order); zero-shot needs a list."""
+    if is_sequence_classifier(model):
+        own = head_labels(model)
+        if labels is not None and sorted(labels) != sorted(own):
+            raise ValueError(
+                f"labels {list(labels)} do not match this classifier's labels {own}: "
+                "leave them out, or give exactly those"
+            )
+    elif not labels:
+        raise ValueError("labels are needed to classify zero-shot with a language model")
+
+
+def classify_texts(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    labels: Sequence[str] | None = None,
+    *,
+    template: str = DEFAULT_TEMPLATE,
+    calibrate: bool = True,
+    batch_size: int = 8,
+    max_seq_len: int | None = None,
+) -> list[Classification]:
+    """Classify with the model's classification head when it has one (`labels`, if given,
+    must be the head's: see `check_labels`), else zero-shot among `labels`.
+
+    The one entry point of `gptneo classify`, the server's and the batch jobs' /v1/classify.
+    """
+    check_labels(model, labels)
+    if is_sequence_classifier(model):
+        return classify(model, tokenizer, texts, batch_size=batch_size, max_seq_len=max_seq_len)
+    assert labels is not None
+    return zero_shot(
+        model,
+        tokenizer,
+        texts,
+        labels,
+        template=template,
+        calibrate=calibrate,
+        batch_size=batch_size,
+        max_seq_len=max_seq_len,
+    )
+
+
 # ---- classify with a sequence-classification head -----------------------------------------
 @torch.inference_mode()
 def classify(
@@ -204,13 +286,13 @@ def classify(
     """
     _check_batch_size(batch_size)
     limit = _max_len(model, max_seq_len)
-    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    labels = head_labels(model)
     encoded = [_encode_nonempty(tokenizer, t) for t in texts]
     rows = [ids[:limit] for ids in encoded]
     results: list[Classification | None] = [None] * len(rows)
     device = model.device
     for group in _batches([len(r) for r in rows], batch_size):
-        ids, mask = _right_pad([rows[i] for i in group], _pad_id(tokenizer), device)
+        ids, mask = right_pad([rows[i] for i in group], _pad_id(tokenizer), device)
         logits = model(ids, attention_mask=mask).logits  # pooled at each last real token
         probs = torch.softmax(logits.float(), dim=-1).cpu()
         for row, i in enumerate(group):
@@ -352,7 +434,7 @@ def _continuation_logliks(
     out = [0.0] * len(rows)
     device = model.device
     for group in _batches([len(r) for r in rows], batch_size):
-        ids, mask = _right_pad([rows[i] for i in group], _pad_id(tokenizer), device)
+        ids, mask = right_pad([rows[i] for i in group], _pad_id(tokenizer), device)
         hidden = model.transformer(ids, attention_mask=mask).last_hidden_state  # [B, T, H]
         # Position t predicts token t+1: gather exactly the positions that predict labels.
         owner, positions, targets = [], [], []

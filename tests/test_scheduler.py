@@ -286,3 +286,54 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_keep_decoding(mod
         while not long.done:
             sched.step()
     assert long.result.token_ids == reference_greedy(model, prompt(60, 3), 5)
+
+
+def test_new_prompts_prefilled_together_equal_their_solo_runs(model) -> None:
+    """Six new prompts of different lengths (some longer than the local window, some longer
+    than the chunk) start in one step: their first chunks run as one right-padded pass, and
+    padding never reaches a row's keys (greedy equals the full forward; prompt logprobs of
+    the row that asks for them too)."""
+    tok = NumberTokenizer()
+    lengths = [1, 4, 9, 12, 5, 20]
+    sched = Scheduler(
+        model, tok, max_running=6, prefill_chunk=12, prefill_rows=6, prefill_budget=80
+    )
+    sched._ensure_thread = lambda: None
+    passes: list[int] = []
+    real = sched._forward
+
+    def counting(ids, positions, cache, keep):
+        passes.append(ids.shape[0])
+        return real(ids, positions, cache, keep)
+
+    sched._forward = counting
+    cfg = GREEDY.replace(logprobs=1)
+    reqs = [
+        sched.submit(Request(prompt(n, 70 + n), cfg, 8, prompt_logprobs=n == 9)) for n in lengths
+    ]
+    with torch.inference_mode():
+        while not all(r.done for r in reqs):
+            sched.step()
+    assert passes[0] == 6  # every first chunk in one forward pass
+    for n, req in zip(lengths, reqs, strict=True):
+        assert req.result.token_ids == reference_greedy(model, prompt(n, 70 + n), 8), n
+    ids = prompt(9, 79)
+    with torch.no_grad():
+        logp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    got = reqs[2].prompt_logprobs
+    assert got[0] is None and len(got) == 9
+    for i in range(1, 9):
+        assert got[i].logprob == pytest.approx(float(logp[i - 1, ids[i]]), abs=1e-4)
+
+
+def test_rows_at_one_position_decode_without_masks(model) -> None:
+    """A batch that started together (equal prompt lengths) needs no attention mask; rows at
+    different positions get one per row."""
+    cache = RowCache(model.config, 4)
+    cache.begin_decode([7, 7, 7])
+    assert all(plan.mask is None for plan in cache.plans(1).values())
+    cache.begin_decode([7, 3, 9])
+    plans = cache.plans(1)
+    assert all(plan.mask is not None and plan.mask.shape[0] == 3 for plan in plans.values())
+    glob = plans["global"].mask[:, 0, 0]
+    assert glob[1].tolist() == [True] * 4 + [False] * 6

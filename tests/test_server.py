@@ -22,66 +22,13 @@ import openai
 import pytest
 import torch
 from helpers_cli import cli_env, gptneo_command
+from helpers_server import Running, error_of, greedy_ids
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gptneo_cli.fast import FastCausalLM
 from gptneo_cli.hub import resolve_model_dir
-from gptneo_cli.scheduler import Scheduler
-from gptneo_cli.server.app import ServeOptions, create_app
-from gptneo_cli.server.run import bind, make_server, url
-
-KEY = "test-key"
-
-
-class Running:
-    """A server on a thread, with what the tests need to check it."""
-
-    def __init__(self, model, tokenizer, *, key: str | None = KEY, **sched) -> None:
-        self.model, self.tokenizer = model, tokenizer
-        self.scheduler = Scheduler(model, tokenizer, **sched)
-        self.lines: list[str] = []
-        app = create_app(
-            model,
-            tokenizer,
-            self.scheduler,
-            ServeOptions(
-                "tiny",
-                api_key=key,
-                max_body_bytes=64 * 1024,
-                shutdown_timeout=1,
-                log=self.lines.append,
-            ),
-        )
-        sock = bind("127.0.0.1", 0)
-        self.url = url(sock)
-        self.server = make_server(app, 1)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
-        )
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.01)
-        self.http = httpx.Client(
-            base_url=self.url, timeout=60, headers={"Authorization": f"Bearer {KEY}"} if key else {}
-        )
-        self.client = openai.OpenAI(
-            base_url=self.url + "/v1", api_key=key or "none", max_retries=0, timeout=60
-        )
-
-    def stop(self) -> None:
-        self.http.close()
-        self.server.should_exit = True
-        self.thread.join(30)
-        assert not self.thread.is_alive()
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(self.url + "/metrics", timeout=10).text
-        match = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
-        assert match, f"{name} not in /metrics"
-        return float(match.group(1))
+from gptneo_cli.server.run import bind
 
 
 @pytest.fixture(scope="module")
@@ -97,17 +44,6 @@ def srv(tiny):
     running = Running(*tiny, max_running=6, max_queue=64, prefill_chunk=16)
     yield running
     running.stop()
-
-
-def greedy_ids(model, ids: list[int], steps: int) -> list[int]:
-    """The reference: greedy tokens from full forward passes, no cache, no batching."""
-    seq, out = list(ids), []
-    with torch.no_grad():
-        for _ in range(steps):
-            token = int(model(torch.tensor([seq])).logits[0, -1].argmax())
-            out.append(token)
-            seq.append(token)
-    return out
 
 
 # ---- completions ---------------------------------------------------------------------------
@@ -366,40 +302,33 @@ def test_openapi_schema_lists_routes_and_derived_ranges(srv) -> None:
 # ---- errors and auth -----------------------------------------------------------------------
 
 
-def _error(response: httpx.Response) -> dict:
-    body = response.json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"message", "type", "param", "code"}
-    return body["error"]
-
-
 def test_errors_in_openai_shape(srv) -> None:
     r = srv.http.post("/v1/completions", json={"prompt": "x", "temperature": -1})
-    assert r.status_code == 400 and _error(r)["param"] == "temperature"
+    assert r.status_code == 400 and error_of(r)["param"] == "temperature"
     r = srv.http.post("/v1/completions", json={"prompt": "x", "top_p": "high"})
-    assert r.status_code == 400 and _error(r)["param"] == "top_p"
-    assert isinstance(_error(r)["message"], str)
+    assert r.status_code == 400 and error_of(r)["param"] == "top_p"
+    assert isinstance(error_of(r)["message"], str)
     r = srv.http.post("/v1/completions", json={"max_tokens": 3})
-    assert r.status_code == 400 and _error(r)["param"] == "prompt"
+    assert r.status_code == 400 and error_of(r)["param"] == "prompt"
     r = srv.http.post(
         "/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
     )
-    assert r.status_code == 400 and _error(r)
+    assert r.status_code == 400 and error_of(r)
     r = srv.http.post("/v1/completions", json={"prompt": "x", "model": "gpt-4"})
-    assert r.status_code == 404 and _error(r)["code"] == "model_not_found"
+    assert r.status_code == 404 and error_of(r)["code"] == "model_not_found"
     r = srv.http.get("/v1/nothing")
-    assert r.status_code == 404 and _error(r)["type"] == "not_found_error"
+    assert r.status_code == 404 and error_of(r)["type"] == "not_found_error"
     r = srv.http.post("/v1/completions", json={"prompt": "x", "n": 1000})
-    assert r.status_code == 400 and _error(r)["param"] == "n"
+    assert r.status_code == 400 and error_of(r)["param"] == "n"
     r = srv.http.post("/v1/completions", json={"prompt": "x" * 100_000})
-    assert r.status_code == 413 and _error(r)
+    assert r.status_code == 413 and error_of(r)
 
 
 def test_speculative_options_are_a_clear_400(srv) -> None:
     for field, value in (("prompt_lookup", 3), ("draft_model", "self-int8"), ("draft_tokens", 4)):
         r = srv.http.post("/v1/completions", json={"prompt": "x", field: value})
-        assert r.status_code == 400 and _error(r)["param"] == field
-        assert "speculative decoding is not available in the server" in _error(r)["message"]
+        assert r.status_code == 400 and error_of(r)["param"] == field
+        assert "speculative decoding is not available in the server" in error_of(r)["message"]
     r = srv.http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "prompt_lookup": 0})
     assert r.status_code == 200
 
@@ -407,7 +336,7 @@ def test_speculative_options_are_a_clear_400(srv) -> None:
 def test_a_prompt_longer_than_the_context_is_400_before_compute(srv) -> None:
     before = srv.scheduler.prompt_tokens_total
     r = srv.http.post("/v1/completions", json={"prompt": list(range(1, 250)), "max_tokens": 20})
-    err = _error(r)
+    err = error_of(r)
     assert r.status_code == 400 and err["code"] == "context_length_exceeded"
     assert "256" in err["message"]
     assert srv.scheduler.prompt_tokens_total == before
@@ -420,7 +349,7 @@ def test_auth_needs_the_key_but_health_is_open(srv) -> None:
     with pytest.raises(openai.AuthenticationError):
         bad.completions.create(model="tiny", prompt="x", max_tokens=1)
     r = httpx.post(srv.url + "/v1/completions", json={"prompt": "x"})
-    assert r.status_code == 401 and _error(r)["code"] == "invalid_api_key"
+    assert r.status_code == 401 and error_of(r)["code"] == "invalid_api_key"
     assert httpx.post(srv.url + "/tokenize", json={"prompt": "x"}).status_code == 401
     assert httpx.get(srv.url + "/health").status_code == 200
 
@@ -519,7 +448,7 @@ def test_full_queue_answers_429_with_retry_after(tiny) -> None:
             assert first.result(60).status_code == 200
         assert busy.status_code == 429
         assert int(busy.headers["retry-after"]) >= 1
-        assert _error(busy)["type"] == "rate_limit_error"
+        assert error_of(busy)["type"] == "rate_limit_error"
     finally:
         blocker.set()
         small.stop()
@@ -581,7 +510,7 @@ def test_fuzzed_bodies_never_give_a_5xx(srv, route, body, small) -> None:
     r = srv.http.post(route, json=body)
     assert r.status_code < 500, r.text
     if r.status_code >= 400:
-        _error(r)
+        error_of(r)
     assert srv.http.get("/health").status_code == 200
 
 

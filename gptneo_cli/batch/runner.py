@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..api import APIError, Endpoints, Row, error_body, parse_body
+from ..api import APIError, Endpoints, Row, error_body, make_scheduler, parse_body
 from ..scheduler import QueueFull, Scheduler, Update
 from ..server.protocol import SHARED
 from .jobs import Item, bad_line_record, result_record
@@ -208,6 +208,10 @@ def _error_body(exc: APIError) -> dict[str, Any]:
     return error_body(exc.status, exc.message, exc.param, exc.code)
 
 
+#: Prompt tokens a batch job prefills per scheduler step.
+BATCH_PREFILL_BUDGET = 1024
+
+
 def make_runner(
     model: Any,
     tokenizer: Any,
@@ -216,8 +220,20 @@ def make_runner(
     max_running: int,
     defaults: dict[str, Any] | None = None,
     aliases: Iterable[str] = (),
+    chat_template: Any = None,
 ) -> tuple[Runner, Scheduler]:
-    """A scheduler over a loaded model and a runner on it (close the scheduler after)."""
-    scheduler = Scheduler(model, tokenizer, max_running=max_running, max_queue=max_running)
-    endpoints = Endpoints(model, tokenizer, model_name=model_name, aliases=list(aliases))
+    """A scheduler over a loaded model and a runner on it (close the scheduler after).
+    `chat_template` (a conversation.ChatTemplate) renders chat lines; None: the default."""
+    # Throughput first: up to BATCH_PREFILL_BUDGET prompt tokens prefilled per step (a
+    # server keeps one chunk, for its streams' latency), so a batch refills in a few steps.
+    scheduler = make_scheduler(
+        model,
+        tokenizer,
+        max_running=max_running,
+        max_queue=max_running,
+        prefill_budget=BATCH_PREFILL_BUDGET,
+    )
+    endpoints = Endpoints(
+        model, tokenizer, model_name=model_name, aliases=list(aliases), chat_template=chat_template
+    )
     return Runner(endpoints, scheduler, defaults=defaults), scheduler

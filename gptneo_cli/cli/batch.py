@@ -18,17 +18,13 @@ import typer
 
 from ..settings import load_settings
 from .help import examples
-from .loading import ModelOptions, import_torch, load_model
+from .loading import ModelOptions, load_model
 from .options import (
-    AttnOpt,
     DebugOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ModelOpt,
-    QuantizeOpt,
-    RevisionOpt,
     generation_config,
     generation_options,
+    loading_options,
+    max_running_option,
 )
 from .output import is_tty, make_console
 
@@ -58,6 +54,7 @@ def register(app: typer.Typer) -> None:
 
 
 @generation_options("batch")
+@loading_options(quantize=True)
 def batch(
     input_file: Annotated[
         str,
@@ -90,27 +87,7 @@ def batch(
         bool,
         typer.Option("--yes", "-y", rich_help_panel=JOB_PANEL, help="Do not ask before --restart."),
     ] = False,
-    max_running: Annotated[
-        int,
-        typer.Option(
-            "--max-running",
-            min=1,
-            max=1024,
-            rich_help_panel=JOB_PANEL,
-            help="Sequences decoded together (continuous batching).",
-        ),
-    ] = 16,
-    threads: Annotated[
-        int | None,
-        typer.Option(
-            "--threads",
-            min=1,
-            max=1024,
-            rich_help_panel=JOB_PANEL,
-            show_default=False,
-            help="CPU threads per model (torch's default: the cores).",
-        ),
-    ] = None,
+    max_running: Annotated[int, max_running_option(JOB_PANEL)] = 16,
     ray: Annotated[
         bool,
         typer.Option(
@@ -158,12 +135,7 @@ def batch(
         ),
     ] = 0.0,
     generation: dict[str, Any] | None = None,
-    model: ModelOpt = None,
-    revision: RevisionOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    attn: AttnOpt = None,
-    quantize: QuantizeOpt = None,
+    loading: dict[str, Any] | None = None,
     debug: DebugOpt = False,
 ) -> None:
     """Run a file of requests (completions, chat, classify) resumably; --ray scales out.
@@ -174,15 +146,7 @@ def batch(
     settings = load_settings()
     given = generation or {}
     generation_config(settings, given)  # bad flags fail here, before any work
-    options = ModelOptions.merge(
-        settings,
-        model=model,
-        revision=revision,
-        device=device,
-        dtype=dtype,
-        attn=attn,
-        quantize=quantize,
-    )
+    options = ModelOptions.merge(settings, **(loading or {}))
     if ray and not _has_ray():
         raise ValueError(f"--ray needs Ray: {RAY_INSTALL}")
     if input_file != "-" and Path(input_file).resolve() == output.resolve():
@@ -216,7 +180,7 @@ def batch(
                     attn=options.attn,
                     quantize=options.quantize,
                     max_running=max_running,
-                    threads=threads or max(1, int(cpus_per_actor)),
+                    threads=options.threads or max(1, int(cpus_per_actor)),
                     defaults=defaults,
                     aliases=_aliases(options.model),
                 )
@@ -232,9 +196,7 @@ def batch(
                     on_record=on_record,
                 )
             else:
-                _run_here(
-                    items, output, options, max_running, threads, defaults, progress, on_record
-                )
+                _run_here(items, output, options, max_running, defaults, progress, on_record)
 
         _with_bar(remaining, work, lambda: _summary(progress, previous, output))
     if previous.failed + progress.failed:
@@ -274,17 +236,11 @@ def _run_here(
     output: Path,
     options: ModelOptions,
     max_running: int,
-    threads: int | None,
     defaults: dict[str, Any],
     progress: Any,
     on_record: Any,
 ) -> None:
-    import_torch()
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    loaded = load_model(options, fast=True)
+    loaded = load_model(options, "auto", fast=True)  # sets the threads; a classifier: its head
     from ..batch.jobs import OutputWriter
     from ..batch.runner import make_runner
 

@@ -14,7 +14,8 @@ import typer
 from ..settings import load_settings
 from .errors import EXIT_INTERRUPTED
 from .help import examples
-from .options import DebugOpt, DeviceOpt, RevisionOpt, complete_model
+from .loading import apply_threads, thread_setting
+from .options import DebugOpt, DeviceOpt, RevisionOpt, ThreadsOpt, complete_model
 from .output import check_format
 from .progress import make_reporter
 from .train_common import ForceOpt, YesOpt, check_output, resolve_base, write_summary
@@ -205,6 +206,7 @@ def finetune(
     fmt: Annotated[
         str, typer.Option("--format", help="Summary as text or json.", rich_help_panel=RUN_PANEL)
     ] = "text",
+    threads: ThreadsOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Fine-tune a causal language model on your text; keeps the best model by held-out loss.
@@ -214,6 +216,7 @@ def finetune(
     """
     fmt = check_format(fmt)
     settings = load_settings()
+    thread_count = thread_setting(settings, threads)
     check_output(output, force=force, yes=yes, resume=resume)
     from ..training import CheckpointMismatch, TrainConfig, TrainingInterrupted
     from ..training import finetune as run
@@ -237,6 +240,7 @@ def finetune(
     dtype = _save_dtype(save_dtype)
     suffixes = [s if s.startswith(".") else f".{s}" for s in include] if include else None
     folder = resolve_base(model_arg, settings.get("revision", revision))
+    apply_threads(*thread_count)
     try:
         result = run(
             folder,

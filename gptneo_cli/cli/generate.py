@@ -30,18 +30,7 @@ from .inputs import (
     stdin_has_input,
 )
 from .loading import LoadedModel, ModelOptions, load_draft, load_model, spinner
-from .options import (
-    AttnOpt,
-    CompileOpt,
-    DebugOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ModelOpt,
-    QuantizeOpt,
-    RevisionOpt,
-    generation_config,
-    generation_options,
-)
+from .options import DebugOpt, generation_config, generation_options, loading_options
 from .output import Diagnostics, TextStream, check_format, is_tty, write_json
 from .userfiles import AtomicTextFile
 
@@ -70,6 +59,7 @@ def register(app: typer.Typer) -> None:
 
 
 @generation_options("generate")
+@loading_options(quantize=True, compile=True)
 def generate(
     prompt: Annotated[
         str | None,
@@ -149,13 +139,7 @@ def generate(
         ),
     ] = 8,
     generation: dict[str, Any] | None = None,
-    model: ModelOpt = None,
-    revision: RevisionOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    attn: AttnOpt = None,
-    quantize: QuantizeOpt = None,
-    compile: CompileOpt = False,
+    loading: dict[str, Any] | None = None,
     debug: DebugOpt = False,
 ) -> None:
     """Continue a prompt with a GPT-Neo model, streaming the text as it is generated."""
@@ -163,14 +147,15 @@ def generate(
     settings = load_settings()
     given = generation or {}
     config = generation_config(settings, given)
-    model_flags = dict(model=model, revision=revision, device=device, dtype=dtype, attn=attn)
-    options = ModelOptions.merge(settings, **model_flags, quantize=quantize, compile=compile)
+    model_flags = dict(loading or {})
+    options = ModelOptions.merge(settings, **model_flags)
     diag = Diagnostics()
     _check_flags(diag, fmt, batch_size, config)
     stdin: IO[str] | None = sys.stdin
     if show_config:
         flags = {k for k, v in {**given, **model_flags}.items() if v is not None}
-        _show_config(diag, settings, options, config, flags)
+        # (--quantize and --compile rows have always said "default", flag or not)
+        _show_config(diag, settings, options, config, flags - {"quantize", "compile"})
         if input_file is None and file is None and prompt is None:
             stdin = _piped_after_show_config()
     if stdin is None:  # --show-config alone: the table was the whole job
@@ -398,6 +383,9 @@ def _show_config(
         return settings.sources.get(key, "default")
 
     values = {**asdict(options), **config.to_dict()}
+    del values["threads_source"]  # source() says where threads came from
+    if values["threads"] is None:
+        values["threads"] = "auto"
     if config.max_new_tokens is None and config.max_length is None:
         from ..options import DEFAULT_MAX_NEW_TOKENS
 
@@ -453,5 +441,10 @@ def _print_stats(
         accepted = sum(r.accepted for r in results)
         rate = accepted / drafted if drafted else 0.0
         rows.append(("speculative", f"{drafted} drafted, {accepted} accepted ({rate:.0%})"))
+    from ..threads import current
+
+    choice = current()
+    if choice is not None:
+        rows.append(("threads", choice.describe()))
     rows.append(("peak memory", peak_memory(loaded.model)))
     diag.table("Stats", rows)

@@ -11,7 +11,14 @@ from typing import Annotated, Any
 import typer
 
 from .. import __version__
-from ..settings import Settings, config_path, default_history_file, keys, load_settings
+from ..settings import (
+    Settings,
+    config_path,
+    default_history_file,
+    keys,
+    load_settings,
+    user_cache_dir,
+)
 from .help import examples
 from .options import DebugOpt
 from .output import Diagnostics, check_format, write_json, write_table
@@ -69,6 +76,7 @@ def info(
             ("default model", f"{cfg['model']} ({cfg['sources']['model']})"),
             ("config file", f"{cfg['file']} ({'found' if cfg['file_found'] else 'not found'})"),
             ("chat history", cfg["history_file"]),
+            ("kernel choices", cfg["kernel_cache"]),
             *[(name, value) for name, value in cfg["env"].items()],
         ],
     )
@@ -97,17 +105,28 @@ def _settings() -> tuple[Settings, str | None]:
 def collect() -> dict[str, Any]:
     """Everything `info` prints, as plain data (so --format json is the same report)."""
     settings, problem = _settings()
+    from .. import threads
+
+    threads.start_sample()  # measured while torch imports (in _devices)
+    devices = _devices(settings.get("dtype"))
+    choice = threads.decide(settings.get("threads"), settings.sources.get("threads", "default"))
+    devices[0]["detail"] = (
+        f"{choice.count} thread{'s' if choice.count != 1 else ''} ({choice.reason}), "
+        + devices[0]["detail"]
+    )
     return {
         "version": __version__,
         "python": f"{platform.python_version()} ({sys.executable})",
         "platform": platform.platform(),
         "packages": {name: _version(name) for name in PACKAGES},
-        "devices": _devices(settings.get("dtype")),
+        "devices": devices,
+        "threads": {"count": choice.count, "reason": choice.reason},
         "config": {
             "model": settings.model(),
             "file": str(settings.path),
             "file_found": settings.file_found,
             "history_file": settings.get("history_file") or str(default_history_file()),
+            "kernel_cache": str(user_cache_dir() / "kernels.json"),
             "env": dict(sorted(settings.env.items())),
             "settings": {key: settings.values[key] for key in keys()},
             "sources": settings.sources,
@@ -134,7 +153,6 @@ def _devices(dtype_name: str) -> list[dict[str, Any]]:
     devices = [
         (
             torch.device("cpu"),
-            f"{torch.get_num_threads()} threads, "
             f"native bf16: {'yes' if cpu_has_fast_bf16() else 'no'}",
         )
     ]

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import threads
 from ..settings import Settings
+from ..threads import check_threads
 from .output import is_tty, make_console
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:0", "cuda:1", "mps")
@@ -50,9 +52,13 @@ def sigint_deferred() -> Iterator[None]:
 
 
 def import_torch() -> None:
-    """Import torch (once) with Ctrl-C held back; commands call this before model code."""
+    """Import torch (once) with Ctrl-C held back; commands call this before model code.
+
+    The CPU-usage sample for the default thread count (gptneo_cli.threads) runs meanwhile,
+    so it costs no time."""
     if "torch" in sys.modules:
         return
+    threads.start_sample()
     with sigint_deferred():
         import torch  # noqa: F401
 
@@ -68,6 +74,10 @@ class ModelOptions:
     attn: str
     quantize: str | None = None
     compile: bool = False
+    threads: int | None = None
+    """CPU threads; None: the free-core rule of gptneo_cli.threads."""
+    threads_source: str = "threads"
+    """Where `threads` came from (--threads, env GPTNEO_THREADS, file ...), for --stats."""
 
     @classmethod
     def merge(
@@ -81,9 +91,12 @@ class ModelOptions:
         attn: str | None,
         quantize: str | None = None,
         compile: bool = False,
+        threads: str | int | None = None,
     ) -> ModelOptions:
-        """Flags win; then the settings (env > file > default). The backend name is checked
-        here so a typo fails before anything is read; device and dtype in `load_model`."""
+        """Flags win; then the settings (env > file > default). The backend name and the
+        thread count are checked here so a typo fails before anything is read (before torch
+        is imported); device and dtype in `load_model`."""
+        count, source = thread_setting(settings, threads)
         opts = cls(
             model=settings.model(model),
             revision=settings.get("revision", revision),
@@ -92,6 +105,8 @@ class ModelOptions:
             attn=settings.get("attn", attn).strip().lower(),
             quantize=quantize,
             compile=compile,
+            threads=count,
+            threads_source=source,
         )
         if quantize is not None and quantize.strip().lower() not in (
             "none",
@@ -110,6 +125,21 @@ class ModelOptions:
                 f"unknown dtype {opts.dtype!r}: use auto, float32, bfloat16 or float16"
             )
         return opts
+
+
+def thread_setting(settings: Settings, flag: str | int | None) -> tuple[int | None, str]:
+    """(--threads, else GPTNEO_THREADS, else the file's `threads`; None = auto, where it
+    came from). The flag is checked here, before torch loads; settings were when read."""
+    count = check_threads(flag, "--threads")
+    if flag is not None:
+        return count, "--threads" if count is not None else "auto"
+    return settings.get("threads"), settings.sources.get("threads", "default")
+
+
+def apply_threads(count: int | None, source: str) -> None:
+    """Import torch and set its thread count (commands that load models their own way)."""
+    import_torch()
+    threads.apply(count, source)
 
 
 @dataclass
@@ -134,13 +164,22 @@ def load_model(
     and tokenizer through gptneo_cli.loader; a spinner runs on a terminal's stderr.
 
     fast=True (generation) loads the causal LM as gptneo_cli.fast.FastCausalLM: packed
-    weights, same outputs, plus options.quantize / options.compile.
+    weights, same outputs, plus options.quantize / options.compile. head="auto" (serve,
+    batch) loads what the checkpoint is: its sequence-classification head when it has one
+    (gptneo_cli.tasks.checkpoint_head), else the causal LM.
     """
     start = time.perf_counter()
     import_torch()
+    threads.apply(options.threads, options.threads_source)  # before kernels are measured
     from ..device import resolve_device, resolve_dtype
     from ..loader import load_folder, resolve
 
+    if head == "auto":
+        from ..tasks import checkpoint_head
+
+        resolve_device(options.device)  # bad values fail before any download
+        path = path if path is not None else resolve(options.model, options.revision)
+        head = checkpoint_head(path)
     reference = not (fast and head == "GPTNeoForCausalLM")
     if reference and (options.quantize not in (None, "none") or options.compile):
         raise ValueError("--quantize and --compile apply to text generation only")
@@ -160,6 +199,7 @@ def load_model(
             attn=options.attn,
             quantize=None if reference else options.quantize,
             compile=options.compile and not reference,
+            threads=None,  # applied above, with where the number came from
         )
     return LoadedModel(model, tokenizer, options, path, time.perf_counter() - start)
 

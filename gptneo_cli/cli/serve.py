@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ..settings import load_settings
+from ..settings import Settings, load_settings
 from .help import examples
 from .loading import ModelOptions, import_torch, load_model
-from .options import AttnOpt, DebugOpt, DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt, RevisionOpt
+from .options import DebugOpt, loading_options, max_running_option
+
+if TYPE_CHECKING:
+    from ..conversation import ChatTemplate
 
 SERVER_PANEL = "Server"
 
@@ -32,8 +35,9 @@ def register(app: typer.Typer) -> None:
     )(serve)
 
 
+@loading_options(quantize=True)
 def serve(
-    model: ModelOpt = None,
+    loading: dict[str, Any] | None = None,
     host: Annotated[
         str,
         typer.Option(
@@ -63,16 +67,7 @@ def serve(
             "/detokenize. (env GPTNEO_API_KEY)",
         ),
     ] = None,
-    max_running: Annotated[
-        int,
-        typer.Option(
-            "--max-running",
-            min=1,
-            max=1024,
-            rich_help_panel=SERVER_PANEL,
-            help="Sequences decoded together (continuous batching).",
-        ),
-    ] = 16,
+    max_running: Annotated[int, max_running_option(SERVER_PANEL)] = 16,
     max_queue: Annotated[
         int,
         typer.Option(
@@ -121,6 +116,17 @@ def serve(
             help="On Ctrl-C/SIGTERM: seconds running requests get to finish.",
         ),
     ] = 10.0,
+    chat_template: Annotated[
+        str | None,
+        typer.Option(
+            "--chat-template",
+            rich_help_panel=SERVER_PANEL,
+            show_default=False,
+            help="How /v1/chat/completions lays out messages: default (User:/Assistant:), "
+            "human-ai, qa, or a JSON/TOML file with user_prefix, assistant_prefix and "
+            "system. (default: the chat settings user_prefix, assistant_prefix, system)",
+        ),
+    ] = None,
     log_prompts: Annotated[
         bool,
         typer.Option(
@@ -129,25 +135,13 @@ def serve(
             help="Put the prompt text in the per-request log lines (off: never logged).",
         ),
     ] = False,
-    revision: RevisionOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    attn: AttnOpt = None,
-    quantize: QuantizeOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming)."""
     settings = load_settings()
-    options = ModelOptions.merge(
-        settings,
-        model=model,
-        revision=revision,
-        device=device,
-        dtype=dtype,
-        attn=attn,
-        quantize=quantize,
-    )
+    options = ModelOptions.merge(settings, **(loading or {}))
     key = settings.get("api_key", api_key) or os.environ.get("GPTNEO_API_KEY") or None
+    template = _chat_template(settings, chat_template)
     from ..server.run import bind, make_server, url
 
     try:
@@ -163,13 +157,11 @@ def serve(
             file=sys.stderr,
         )
     import_torch()
-    loaded = load_model(options, fast=True)
-    from ..scheduler import Scheduler
+    loaded = load_model(options, "auto", fast=True)  # a classifier serves its head
+    from ..api import make_scheduler
     from ..server.app import ServeOptions, create_app, stderr_log
 
-    user_prefix = settings.get("user_prefix") or "User:"
-    assistant_prefix = settings.get("assistant_prefix") or "Assistant:"
-    scheduler = Scheduler(
+    scheduler = make_scheduler(
         loaded.model,
         loaded.tokenizer,
         max_running=max_running,
@@ -187,8 +179,7 @@ def serve(
             cors_origins=list(cors_origin or []),
             log_prompts=log_prompts,
             shutdown_timeout=shutdown_timeout,
-            user_prefix=user_prefix,
-            assistant_prefix=assistant_prefix,
+            chat_template=template,
             log=stderr_log,
             aliases=_aliases(options.model),
         ),
@@ -204,6 +195,23 @@ def serve(
     server = make_server(app, shutdown_timeout, ready)
     server.run(sockets=[sock])
     scheduler.close(0)
+
+
+def _chat_template(settings: Settings, flag: str | None) -> ChatTemplate:
+    """--chat-template (or the chat_template setting), else the chat command's settings."""
+    from ..conversation import ChatTemplate, load_chat_template
+
+    spec = settings.get("chat_template", flag)
+    if spec:
+        try:
+            return load_chat_template(spec)
+        except ValueError as exc:
+            raise ValueError(f"--chat-template: {exc}") from None
+    return ChatTemplate(
+        user_prefix=settings.get("user_prefix") or "User:",
+        assistant_prefix=settings.get("assistant_prefix") or "Assistant:",
+        system=settings.get("system") or "",
+    )
 
 
 def _aliases(name: str) -> list[str]:

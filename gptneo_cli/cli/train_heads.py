@@ -18,7 +18,8 @@ import typer
 
 from ..settings import load_settings
 from .help import examples
-from .options import DebugOpt, DeviceOpt, RevisionOpt
+from .loading import apply_threads, thread_setting
+from .options import DebugOpt, DeviceOpt, RevisionOpt, ThreadsOpt
 from .output import check_format
 from .progress import make_reporter
 from .train_common import (
@@ -158,10 +159,12 @@ def _command(kind: str) -> Callable[..., None]:
         force: ForceOpt = False,
         yes: YesOpt = False,
         fmt: SummaryFormatOpt = "text",
+        threads: ThreadsOpt = None,
         debug: DebugOpt = False,
     ) -> None:
         fmt = check_format(fmt)
         settings = load_settings()
+        thread_count = thread_setting(settings, threads)
         check_output(output, force=force, yes=yes)
         config = head_config(
             train=train,
@@ -176,6 +179,7 @@ def _command(kind: str) -> Callable[..., None]:
             seed=seed,
         )
         folder = resolve_base(model_arg, settings.get("revision", revision))
+        apply_threads(*thread_count)
         extra = (
             {"text_column": text_column, "label_column": label_column}
             if kind == "classifier"

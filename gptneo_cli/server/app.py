@@ -19,15 +19,17 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ..api import Endpoints, Row, finish_name
+from ..conversation import ChatTemplate
 from ..generation import GenerationResult
 from ..scheduler import QueueFull, Scheduler, SchedulerClosed, Update
-from . import errors
+from . import errors, openapi
 from .errors import APIError
 from .metrics import Metrics
 from .protocol import (
@@ -49,8 +51,8 @@ class ServeOptions:
     cors_origins: list[str] = field(default_factory=list)
     log_prompts: bool = False
     shutdown_timeout: float = 10.0
-    user_prefix: str = "User:"
-    assistant_prefix: str = "Assistant:"
+    chat_template: ChatTemplate = field(default_factory=ChatTemplate)
+    """How /v1/chat/completions renders messages (the `gptneo chat` turn template)."""
     log: Callable[[str], None] | None = None
     aliases: list[str] = field(default_factory=list)
     """Other names a request's `model` may use for the served model (its repo id, alias)."""
@@ -71,19 +73,26 @@ def create_app(model: Any, tokenizer: Any, scheduler: Scheduler, options: ServeO
         description="OpenAI-compatible API over a local GPT-Neo model.",
     )
     errors.install(app)
+    openapi.install(app)
     api = _Api(model, tokenizer, scheduler, options)
-    auth = [Depends(api.check_key)]
+    # With a key, the routes need it (and the schema says so); /health and /metrics never.
+    auth = [Depends(api.check_key)] if options.api_key else []
+    key = (401,) if options.api_key else ()
+
+    def post(path: str, handler: Any, *codes: int, stream: bool = False) -> None:
+        responses = {**(openapi.streams() if stream else {}), **openapi.errors(*key, *codes)}
+        app.post(path, dependencies=auth, responses=responses)(handler)
 
     app.get("/health", summary="200 while the server runs")(api.health)
     app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)(
         api.metrics_text
     )
-    app.get("/v1/models", dependencies=auth)(api.models)
-    app.post("/v1/completions", dependencies=auth)(api.completions)
-    app.post("/v1/chat/completions", dependencies=auth)(api.chat)
-    app.post("/v1/classify", dependencies=auth)(api.classify)
-    app.post("/tokenize", dependencies=auth)(api.tokenize)
-    app.post("/detokenize", dependencies=auth)(api.detokenize)
+    app.get("/v1/models", dependencies=auth, responses=openapi.errors(*key))(api.models)
+    post("/v1/completions", api.completions, 400, 404, 413, 429, 503, stream=True)
+    post("/v1/chat/completions", api.chat, 400, 404, 413, 429, 503, stream=True)
+    post("/v1/classify", api.classify, 400, 404, 413, 503)
+    post("/tokenize", api.tokenize, 400, 404, 413)
+    post("/detokenize", api.detokenize, 400, 404, 413)
 
     wrapped: Any = app
     if options.cors_origins:
@@ -127,8 +136,9 @@ class _Guard:
             self._done(scope, 413, start)
             return
         status = [0]
+        over = [False]  # a body without content-length grew past the cap
         try:
-            await self.app(scope, self._limited(receive), self._watched(send, status))
+            await self.app(scope, self._limited(receive, over), self._watched(send, status, over))
         except _BodyTooLarge:
             if status[0] == 0:
                 await self._too_large(send)
@@ -140,7 +150,7 @@ class _Guard:
         finally:
             self._done(scope, status[0] or 500, start)
 
-    def _limited(self, receive: Callable) -> Callable:
+    def _limited(self, receive: Callable, over: list[bool]) -> Callable:
         """receive() that stops a body growing past the cap (a missing content-length)."""
         seen = [0]
 
@@ -149,16 +159,23 @@ class _Guard:
             if message["type"] == "http.request":
                 seen[0] += len(message.get("body", b""))
                 if seen[0] > self.max_body:
+                    over[0] = True
                     raise _BodyTooLarge
             return message
 
         return limited_receive
 
-    @staticmethod
-    def _watched(send: Callable, status: list[int]) -> Callable:
-        """send() that records the response status for the log line."""
+    def _watched(self, send: Callable, status: list[int], over: list[bool]) -> Callable:
+        """send() that records the response status for the log line. Once the body went
+        past the cap, the app's answer (FastAPI turns the failed read into a 400) is
+        replaced by the 413."""
 
         async def watched_send(message: dict) -> None:
+            if over[0]:
+                if message["type"] == "http.response.start" and status[0] == 0:
+                    status[0] = 413
+                    await self._too_large(send)
+                return
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)
@@ -210,6 +227,11 @@ class _Guard:
         self.log(" ".join(parts))
 
 
+#: The key as the schema shows it (an "Authorize" button in /docs); checked by check_key.
+_BEARER = HTTPBearer(auto_error=False, description="The server's --api-key.")
+_Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
+
+
 class _Api:
     def __init__(
         self, model: Any, tokenizer: Any, scheduler: Scheduler, options: ServeOptions
@@ -228,21 +250,17 @@ class _Api:
             tokenizer,
             model_name=options.model_name,
             aliases=options.aliases,
-            user_prefix=options.user_prefix,
-            assistant_prefix=options.assistant_prefix,
+            chat_template=options.chat_template,
         )
 
     # ---- plumbing -----------------------------------------------------------------------
-    async def check_key(self, request: Request) -> None:
+    async def check_key(self, credentials: _Credentials = None) -> None:
+        """Authorization: Bearer KEY, compared in constant time."""
         key = self.options.api_key
         if not key:
             return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        ok = scheme.lower() == "bearer" and hmac.compare_digest(
-            token.strip().encode(), key.encode()
-        )
-        if not ok:
+        token = credentials.credentials.strip() if credentials is not None else ""
+        if not hmac.compare_digest(token.encode(), key.encode()):
             raise APIError(
                 401,
                 "missing or wrong API key: send Authorization: Bearer KEY",

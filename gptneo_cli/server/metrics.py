@@ -3,6 +3,7 @@ one process (tests) never share counters."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -13,6 +14,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 #: Routes counted by name; anything else (404s, fuzzing) counts as "other".
 ROUTES = (
@@ -29,6 +32,26 @@ ROUTES = (
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+class _Totals(Collector):
+    """The scheduler's token totals as Prometheus counters (they only grow), read when
+    scraped: gptneo_prompt_tokens_total and gptneo_generation_tokens_total."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "gptneo_prompt_tokens",
+            "Prompt tokens prefilled since start.",
+            value=self.scheduler.prompt_tokens_total,
+        )
+        yield CounterMetricFamily(
+            "gptneo_generation_tokens",
+            "Tokens generated since start.",
+            value=self.scheduler.generated_tokens_total,
+        )
+
+
 class Metrics:
     def __init__(self, scheduler: Any) -> None:
         self.registry = registry = CollectorRegistry()
@@ -41,14 +64,7 @@ class Metrics:
         running.set_function(lambda: scheduler.stats()["running"])
         waiting = Gauge("gptneo_waiting_requests", "Requests queued for a row.", registry=registry)
         waiting.set_function(lambda: scheduler.stats()["waiting"])
-        prompt = Gauge(
-            "gptneo_prompt_tokens_total", "Prompt tokens prefilled since start.", registry=registry
-        )
-        prompt.set_function(lambda: scheduler.prompt_tokens_total)
-        generated = Gauge(
-            "gptneo_generation_tokens_total", "Tokens generated since start.", registry=registry
-        )
-        generated.set_function(lambda: scheduler.generated_tokens_total)
+        registry.register(_Totals(scheduler))
         self.ttft = Histogram(
             "gptneo_time_to_first_token_seconds",
             "From the request's arrival to its first token.",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from ..options import MAX_LOGPROBS, SPECULATIVE, GenerationConfig, Option, OptionError, option
 
@@ -60,15 +60,44 @@ def _sampling_fields() -> dict[str, Any]:
     return {api: _field(api, option(opt)) for api, opt in SHARED.items()}
 
 
-class StreamOptions(BaseModel):
+def _valid_text(value: Any) -> Any:
+    """Refuse text that cannot be UTF-8: JSON's "\\ud800" escapes decode to lone surrogates,
+    which the tokenizer cannot take (a 400 naming the field, not a failure deep inside)."""
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(
+                    "text must be valid Unicode: it holds a lone surrogate (e.g. \\ud800)"
+                ) from None
+    elif isinstance(value, list):
+        for item in value:
+            _valid_text(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _valid_text(key)
+            _valid_text(item)
+    return value
+
+
+class _Body(BaseModel):
+    """A request body: unknown fields are ignored (as OpenAI's clients send many), every
+    text must be valid Unicode."""
+
     model_config = ConfigDict(extra="ignore")
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _unicode(cls, value: Any) -> Any:
+        return _valid_text(value)
+
+
+class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _Base(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class _Base(_Body):
     model: str | None = Field(None, description="The served model's id (optional).")
     n: int = Field(1, ge=1, le=MAX_N, description="Choices per prompt.")
     stop: str | list[str] | None = Field(None, description="Strings that end the text.")
@@ -104,9 +133,7 @@ CompletionRequest = create_model(
 )
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[dict[str, Any]] | None = ""
 
@@ -127,29 +154,41 @@ ChatRequest = create_model(
 )
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
     content: str | None = Field(None, description="llama.cpp's name for prompt.")
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int]
 
 
-class ClassifyRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ClassifyRequest(_Body):
     model: str | None = None
     input: str | list[str] = Field(..., description="One text or several.")
-    labels: list[str] = Field(..., min_length=1, description="The candidate labels.")
+    labels: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="The candidate labels (zero-shot: required; a classification "
+        "checkpoint answers with its own labels, and a list given must name them).",
+    )
     template: str | None = Field(None, description="Zero-shot prompt with {text}.")
-    calibrate: bool = True
+    calibrate: bool = Field(True, description="Zero-shot: subtract an empty text's scores.")
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(..., description="One line saying what is wrong.")
+    type: str = Field(..., description="e.g. invalid_request_error, authentication_error.")
+    param: str | None = Field(None, description="The request field at fault, if one is.")
+    code: str | None = Field(None, description="e.g. context_length_exceeded, queue_full.")
+
+
+class ErrorResponse(BaseModel):
+    """Every failure's body, in OpenAI's shape."""
+
+    error: ErrorDetail
 
 
 def to_config(body: BaseModel, *, logprobs: int | None) -> GenerationConfig:

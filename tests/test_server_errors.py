@@ -1,0 +1,140 @@
+"""The server's edges: bodies that are too large without a content-length, text that is not
+valid Unicode, bodies that are not objects, methods a route does not take, `--log-prompts`,
+the metric types, and a shutdown whose grace period runs out."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+from helpers_server import Running, error_of
+
+from gptneo_cli.fast import FastCausalLM
+from gptneo_cli.hub import resolve_model_dir
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from gptneo_cli.tokenizer import load_tokenizer
+
+    path = resolve_model_dir("tiny")
+    return FastCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def srv(tiny):
+    running = Running(*tiny, key=None, options={"log_prompts": True})
+    yield running
+    running.stop()
+
+
+def _raw(srv: Running, path: str, content: bytes | object) -> httpx.Response:
+    return srv.http.post(path, content=content, headers={"content-type": "application/json"})
+
+
+def test_a_streamed_body_past_the_cap_is_413(srv) -> None:
+    def chunks():  # no content-length: the cap applies while it arrives
+        yield b'{"prompt": "'
+        for _ in range(100):
+            yield b"x" * 1000
+        yield b'"}'
+
+    r = _raw(srv, "/v1/completions", chunks())
+    assert r.status_code == 413 and "larger than 65536 bytes" in error_of(r)["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", '{"prompt": "a\\ud800"}', "prompt"),
+        ("/v1/completions", '{"prompt": "a", "stop": ["\\udc00"]}', "stop"),
+        ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}]}', None),
+        ("/v1/classify", '{"input": ["ok", "\\ud800"], "labels": ["a", "b"]}', "input"),
+        ("/v1/classify", '{"input": "ok", "labels": ["\\ud800", "b"]}', "labels"),
+        ("/tokenize", '{"prompt": "\\ud800"}', "prompt"),
+    ],
+)
+def test_text_that_is_not_unicode_is_a_400_naming_the_field(srv, path, body, param) -> None:
+    r = _raw(srv, path, body.encode())
+    err = error_of(r)
+    assert r.status_code == 400 and "lone surrogate" in err["message"]
+    if param is not None:
+        assert err["param"] == param
+    else:
+        assert err["param"].startswith("messages.0")
+
+
+def test_bodies_that_are_not_objects_and_wrong_methods(srv) -> None:
+    r = _raw(srv, "/v1/completions", b"")
+    assert r.status_code == 400 and error_of(r)["message"] == (
+        "the request body is missing: send a JSON object"
+    )
+    r = _raw(srv, "/v1/completions", b"[1, 2]")
+    assert r.status_code == 400 and error_of(r)
+    r = srv.http.get("/v1/completions")
+    assert r.status_code == 405 and "GET is not allowed" in error_of(r)["message"]
+    r = srv.http.post("/v1/models")
+    assert r.status_code == 405 and error_of(r)
+
+
+def test_log_prompts_puts_the_prompt_in_the_line(srv) -> None:
+    srv.lines.clear()
+    srv.http.post("/v1/completions", json={"prompt": "SECRET\nline", "max_tokens": 1})
+    deadline = time.monotonic() + 10
+    while not srv.lines and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (line,) = srv.lines
+    assert line.startswith("POST /v1/completions 200 1 tokens")
+    assert line.endswith("prompt='SECRET\\nline'")  # quoted: one log line per request
+
+
+def test_token_totals_are_counters(srv) -> None:
+    text = httpx.get(srv.url + "/metrics").text
+    assert "# TYPE gptneo_prompt_tokens_total counter" in text
+    assert "# TYPE gptneo_generation_tokens_total counter" in text
+    assert "# TYPE gptneo_running_rows gauge" in text
+
+
+def test_shutdown_cancels_what_outlives_the_grace_period(tiny) -> None:
+    """Grace is 1 s (Running's server); the request cannot finish in it because the
+    scheduler's thread is held. Shutdown cancels it, and the server stops."""
+    srv = Running(*tiny, key=None)
+    events: list[str] = []
+    blocker = threading.Event()
+
+    def client() -> None:
+        body = {"prompt": "a", "max_tokens": 240, "ignore_eos": True, "stream": True}
+        try:
+            with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
+                events.extend(line for line in r.iter_lines() if line)
+        except httpx.HTTPError:
+            events.append("cut")
+
+    reader = threading.Thread(target=client)
+    reader.start()
+    deadline = time.monotonic() + 30
+    while len(events) < 2:
+        assert time.monotonic() < deadline, "no token arrived"
+        time.sleep(0.01)
+    srv.scheduler.call(blocker.wait)  # from the next step on, nothing advances
+    stopper = threading.Thread(target=srv.stop)
+    stopper.start()
+    try:
+        while not srv.scheduler._stopped:  # close() has cancelled what still ran
+            assert time.monotonic() < deadline + 60, "the scheduler was not closed"
+            time.sleep(0.01)
+    finally:
+        blocker.set()
+    stopper.join(60)
+    reader.join(60)
+    assert not stopper.is_alive() and not reader.is_alive()
+    finals = [
+        json.loads(e[6:])["choices"][0]["finish_reason"]
+        for e in events
+        if e.startswith("data: {") and json.loads(e[6:])["choices"]
+    ]
+    assert "length" not in finals  # it did not run to its end
+    assert srv.scheduler.generated_tokens_total < 240
