@@ -200,9 +200,10 @@ def test_rejected_drafts_never_corrupt_the_ring(tmp_path):
 def test_prompt_lookup_drafts_from_the_latest_match():
     lookup = speculative.PromptLookup(3)
     assert lookup.propose([1, 2, 3, 9, 9, 1, 2, 3, 7, 1, 2, 3], 4)[0] == [7, 1, 2, 3]
-    assert lookup.propose([1, 2, 3, 9, 9, 1, 2, 3, 7, 1, 2, 3, 4, 4], 2)[0] == [4]
+    assert lookup.propose([1, 2, 3, 9, 9, 1, 2, 3, 7, 1, 2, 3, 4, 4], 2)[0] == [4, 4]
     assert lookup.propose([1, 2, 3, 9, 9, 1, 2, 3, 7, 1, 2, 3, 4, 4, 8], 2)[0] == []
-    assert speculative.PromptLookup(2).propose([5, 6, 7, 6], 3)[0] == [7, 6]
+    # a match next to the end repeats its loop
+    assert speculative.PromptLookup(2).propose([5, 6, 7, 6], 3)[0] == [7, 6, 7]
 
 
 # ---- sampling keeps the target's distribution ----------------------------------------------
