@@ -173,7 +173,7 @@ def serve(
         threads=threads,
     )
     key = settings.get("api_key", api_key) or os.environ.get("GPTNEO_API_KEY") or None
-    template = _chat_template(settings, chat_template)
+    template = chat_template_of(settings, chat_template)
     from ..server.run import bind, make_server, url
 
     try:
@@ -229,8 +229,9 @@ def serve(
     scheduler.close(0)
 
 
-def _chat_template(settings: Settings, flag: str | None) -> ChatTemplate:
-    """--chat-template (or the chat_template setting), else the chat command's settings."""
+def chat_template_of(settings: Settings, flag: str | None) -> ChatTemplate:
+    """--chat-template (or the chat_template setting), else the chat command's settings
+    (serve and batch render chat requests with it)."""
     from ..conversation import ChatTemplate, load_chat_template
 
     spec = settings.get("chat_template", flag)
