@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -224,7 +225,11 @@ def serve(
             flush=True,
         )
 
-    server = make_server(app, shutdown_timeout, ready)
+    def stop_running() -> None:
+        """At the first signal: requests get the grace period, then are cancelled."""
+        threading.Thread(target=scheduler.close, args=(shutdown_timeout,), daemon=True).start()
+
+    server = make_server(app, shutdown_timeout, ready, on_exit=stop_running)
     server.run(sockets=[sock])
     scheduler.close(0)
 
