@@ -21,7 +21,11 @@ the int8 rows are compared with transformers float32):
 - load time from disk (page cache warm) and peak RSS while loading (minus the RSS before
   loading, next to the checkpoint's bytes in that dtype), peak RSS while generating.
 Both engines decode greedily with generate(); gptneo through gptneo_cli.generation with a
-stub tokenizer (no text decoding on either side).
+stub tokenizer (no text decoding on either side). The fp32 rows' greedy tokens are compared.
+
+The peers, ONNX Runtime and OpenVINO, join when their own virtualenv exists
+(benchmarks/peers/.venv, see benchmarks/peers/README.md): each peer engine runs in a process
+of that venv's python, measured with this file's functions, alternating with the others.
 
 Output: a JSON file with every sample and a markdown table (docs/PERFORMANCE.md holds one).
 """

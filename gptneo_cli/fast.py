@@ -7,12 +7,13 @@ blocks, the attention dispatch, the final norm and the forward are the reference
 
 What changes, and why (numbers in docs/PERFORMANCE.md):
 - q, k and v become one fused [3h, h] matrix (`qkv_proj`): one product instead of three.
-- On CPU, layer matrices are prepacked for oneDNN (`PackedLinear`). bf16: F.linear on a
-  plain bf16 matrix reorders it on every call, the packed one runs the product about 1.5x
-  as fast. float32: F.linear goes to MKL, whose products run 2.2-2.4x slower than oneDNN's
-  on AMD EPYC (MKL takes a generic code path there), at every row count from 1 to 512.
-  Where packing is unavailable, float32 matrices are stored transposed (`ColumnLinear`).
-  Elsewhere (CUDA, MPS) they stay nn.Linear.
+- On CPU, each matrix shape gets the layout that ran fastest on this machine, measured at
+  first load and cached (gptneo_cli.kernels): prepacked for oneDNN (`PackedLinear`), plain
+  rows through F.linear, or transposed (`ColumnLinear`). Measured so far: bf16 F.linear on a
+  plain matrix reorders it on every call (packed: ~1.5x as fast); float32 F.linear goes to
+  MKL, 2.2-2.4x slower than oneDNN on AMD EPYC but fast on Intel. Where packing is
+  unavailable, float32 matrices are stored transposed. Elsewhere (CUDA, MPS) they stay
+  nn.Linear.
 - The lm_head is the embedding matrix itself (never copied), see `TiedHead`.
 - `quantize="int8"`: weight-only int8 with one scale per output channel (`Int8Linear`),
   computed from the checkpoint while it is read (no full-precision copy is kept). The tied
@@ -43,6 +44,7 @@ from .attention import AttentionPlan
 from .cache import KVCache
 from .checkpoint import frozen
 from .errors import BackendError, GPTNeoError
+from .kernels import KernelChooser
 from .modeling import AttentionStep, GPTNeoForCausalLM, GPTNeoOutput
 from .weights import StoredTensor, iter_tensors
 
@@ -69,6 +71,23 @@ class FastLinear(nn.Module):
 
     #: Bytes held outside parameters (packed library objects), for `weight_bytes`.
     extra_bytes = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Straight to `forward`: these modules are inference-only and never hooked, and
+        nn.Module's call machinery (hook checks, tracing state) costs about a microsecond
+        for each of the ~50 products of every decoded token. For the same reason forward
+        methods read their tensors from `self._parameters` (one dict lookup) rather than
+        through nn.Module.__getattr__."""
+        return self.forward(x)
+
+
+class FastLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm called straight into torch's kernel (inference-only, never hooked): the
+    module and functional wrappers cost more than the kernel itself for one decoded row,
+    25 times a token for gpt-neo-125M. The fast path swaps it in for every LayerNorm."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -103,12 +122,13 @@ class TiedHead(FastLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
+        weight = self._parameters["weight"]
         if self.onednn:
-            out = onednn_linear(flat, self.weight)
+            out = onednn_linear(flat, weight)
         elif self.column_rows(flat.shape[0]):
-            out = torch.mm(self.weight, flat.t()).t()
+            out = torch.mm(weight, flat.t()).t()
         else:
-            out = F.linear(flat, self.weight)
+            out = F.linear(flat, weight)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -123,10 +143,12 @@ class ColumnLinear(FastLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if self.bias is None:
-            out = torch.mm(flat, self.weight_t)
+        params = self._parameters
+        bias = params.get("bias")
+        if bias is None:
+            out = torch.mm(flat, params["weight_t"])
         else:
-            out = torch.addmm(self.bias, flat, self.weight_t)
+            out = torch.addmm(bias, flat, params["weight_t"])
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -143,7 +165,8 @@ class PackedLinear(FastLinear):
         self.bias = _optional(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return onednn_linear(x, self.packed, self.bias)
+        params = self._parameters
+        return onednn_linear(x, params["packed"], params.get("bias"))
 
 
 class Int8Linear(FastLinear):
@@ -179,16 +202,18 @@ class Int8Linear(FastLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         flat = x.reshape(-1, x.shape[-1])
+        params = self._parameters
+        qweight, scales, bias = params["qweight"], params["scales"], params.get("bias")
         if self.packed and flat.shape[0] < self.DEQUANT_ROWS:
-            out = torch._weight_int8pack_mm(flat.to(self.act_dtype), self.qweight, self.scales)
+            out = torch._weight_int8pack_mm(flat.to(self.act_dtype), qweight, scales)
         else:
             gemm = torch.float32 if flat.device.type == "cpu" else self.act_dtype
-            weight = self.qweight.to(gemm) * self.scales.to(gemm)[:, None]
+            weight = qweight.to(gemm) * scales.to(gemm)[:, None]
             product = onednn_linear if self.onednn else F.linear
             out = product(flat.to(gemm), weight)
         out = out.to(dtype)
-        if self.bias is not None:
-            out = out + self.bias
+        if bias is not None:
+            out = out + bias
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -582,6 +607,8 @@ class _Packer:
         # torch.compile cannot trace oneDNN's opaque packed tensors; it packs weights itself.
         self.packed = quantize is None and cpu and not compile and _mkldnn_packing_works(dtype)
         self.columns = quantize is None and cpu and dtype == torch.float32 and not self.packed
+        #: Where packing works, the layout of each shape is measured (or cached, or forced).
+        self.kernels = KernelChooser(dtype) if self.packed else None
         #: Linear layers waiting for their other pieces: module name -> {"weight"/"bias": tensor}
         self.pending: dict[str, dict[str, Any]] = {}
         self.swaps = 0
@@ -615,8 +642,11 @@ class _Packer:
         assert isinstance(weight, torch.Tensor)
         if self.columns:
             return ColumnLinear(self._put(weight), bias)
-        if self.packed:
-            return PackedLinear(self._put(weight), bias)
+        if self.kernels is not None:
+            builders = _layer_builders(self.dtype)
+            shape = (weight.shape[0], weight.shape[1])
+            layout = self.kernels.layout("linear", shape, builders)
+            return _LAYER_LAYOUTS[layout](self._put(weight), bias)
         return plain_linear(self._put(weight), bias)
 
     def add(self, name: str, tensor: torch.Tensor | StoredTensor) -> None:
@@ -638,7 +668,10 @@ class _Packer:
             assert isinstance(tensor, torch.Tensor)
             weight = frozen(self._put(tensor))
             model.transformer.wte.weight = weight
-            onednn = self.packed and self.dtype == torch.float32
+            onednn = False
+            if self.kernels is not None and self.dtype == torch.float32:
+                shape = (weight.shape[0], weight.shape[1])
+                onednn = self.kernels.layout("head", shape, _HEAD_BUILDERS) == "onednn"
             model.lm_head = TiedHead(weight, onednn=onednn)
             return
         q, scales = quantize_rows(tensor)
@@ -677,7 +710,34 @@ class _Packer:
             raise GPTNeoError(f"incomplete checkpoint: {', '.join(sorted(self.pending))}")
         model = self.model
         model._dtype, model._device, model.quantize = self.dtype, self.device, self.quantize
+        for module in model.modules():
+            if type(module) is nn.LayerNorm:
+                module.__class__ = FastLayerNorm  # same parameters, a cheaper call
         _trim_heap()
+
+
+#: The CPU layer layouts gptneo_cli.kernels chooses between, by name.
+_LAYER_LAYOUTS: dict[str, Any] = {
+    "onednn": PackedLinear,
+    "linear": plain_linear,
+    "columns": ColumnLinear,
+}
+#: The tied head: oneDNN reading the plain embedding in place, or TiedHead's own products
+#: (bf16 heads are never oneDNN: it would reorder the matrix on every call).
+_HEAD_BUILDERS = {
+    "onednn": lambda w: TiedHead(nn.Parameter(w, requires_grad=False), onednn=True),
+    "linear": lambda w: TiedHead(nn.Parameter(w, requires_grad=False), onednn=False),
+}
+
+
+def _layer_builders(dtype: torch.dtype) -> dict[str, Any]:
+    """The layouts measured for a layer matrix: all three for float32, where MKL and oneDNN
+    compete; packed or plain for bf16/fp16 (both oneDNN underneath)."""
+    names = LAYER_CHOICES if dtype == torch.float32 else ("onednn", "linear")
+    return {name: (lambda w, cls=_LAYER_LAYOUTS[name]: cls(w, None)) for name in names}
+
+
+LAYER_CHOICES = ("onednn", "linear", "columns")
 
 
 def optimize_for_inference(

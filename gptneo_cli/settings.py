@@ -65,7 +65,7 @@ def keys() -> dict[str, tuple[type, Any]]:
 
 
 # Environment variables that are not settings keys but still shape behaviour.
-EXTRA_ENV = ("GPTNEO_CONFIG", "GPTNEO_DEBUG")
+EXTRA_ENV = ("GPTNEO_CONFIG", "GPTNEO_DEBUG", "GPTNEO_KERNEL")
 
 
 def user_config_dir(environ: Mapping[str, str] = os.environ) -> Path:
@@ -77,6 +77,17 @@ def user_config_dir(environ: Mapping[str, str] = os.environ) -> Path:
 def user_data_dir(environ: Mapping[str, str] = os.environ) -> Path:
     """The per-user data folder (chat history lives here)."""
     return _platform_dir(environ, "XDG_DATA_HOME", Path.home() / ".local" / "share")
+
+
+def user_cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """The per-user cache folder (measured kernel choices live here): XDG_CACHE_HOME on
+    Linux, ~/Library/Caches on macOS, LOCALAPPDATA on Windows."""
+    if sys.platform == "win32":
+        base = environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+        return Path(base) / APP_NAME / "cache"
+    if sys.platform == "darwin" and not environ.get("XDG_CACHE_HOME"):
+        return Path.home() / "Library" / "Caches" / APP_NAME
+    return Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / APP_NAME
 
 
 def _platform_dir(environ: Mapping[str, str], xdg_var: str, xdg_default: Path) -> Path:

@@ -32,6 +32,16 @@ def tiny_checkpoint(tmp_path):
     return make
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache_dir(tmp_path_factory):
+    """Measured kernel choices (gptneo_cli.kernels) go to a folder of this run, never to the
+    user's ~/.cache; CLI subprocesses inherit it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        patch.delenv("GPTNEO_KERNEL", raising=False)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _quiet_transformers():
     logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -55,21 +55,25 @@ def padded_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
 # ---- fused + transposed float32 -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout", ["onednn", "columns"])
+@pytest.mark.parametrize("layout", ["onednn", "linear", "columns", "no-packing"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("config", sorted(TINY_CONFIGS))
 def test_float32_fast_path_matches_transformers(tiny_checkpoint, config, attn, layout, monkeypatch):
-    """Both CPU float32 layouts: oneDNN (packed layers, the plain tied head read in place),
-    and the transposed-column fallback for builds where oneDNN packing does not work."""
-    if layout == "onednn" and not fast._mkldnn_packing_works(torch.float32):
+    """Every CPU float32 layout gptneo_cli.kernels may choose (forced with GPTNEO_KERNEL):
+    oneDNN (packed layers, the plain tied head read in place), plain rows through F.linear,
+    transposed columns; and the transposed fallback for builds where packing does not work."""
+    if layout != "no-packing" and not fast._mkldnn_packing_works(torch.float32):
         pytest.skip("this torch build has no working oneDNN float32 packing")
-    if layout == "columns":
+    if layout == "no-packing":
         monkeypatch.setattr(fast, "_mkldnn_packing_works", lambda dtype: False)
+    else:
+        monkeypatch.setenv("GPTNEO_KERNEL", layout)
     folder, ref = tiny_checkpoint("causal_lm", config)
     model = FastCausalLM.from_pretrained(folder, attn=attn)
-    kind = fast.PackedLinear if layout == "onednn" else fast.ColumnLinear
+    kind = {"onednn": fast.PackedLinear, "linear": torch.nn.Linear}.get(layout, fast.ColumnLinear)
     attention = model.transformer.h[0].attn.attention
     assert isinstance(attention.qkv_proj, kind)  # fused, in the layout chosen for CPU fp32
+    assert isinstance(model.transformer.h[0].mlp.c_proj, kind)
     assert not hasattr(attention, "q_proj")
     assert model.lm_head.onednn == (layout == "onednn")
     vocab = TINY_CONFIGS[config]["vocab_size"]
@@ -165,10 +169,17 @@ def test_generate_gives_the_reference_tokens(tiny_checkpoint, dtype):
     assert got == want
 
 
-def test_bf16_packed_matches_the_reference_bf16(tiny_checkpoint):
+@pytest.mark.parametrize("layout", ["onednn", "linear"])
+def test_bf16_layouts_match_the_reference_bf16(tiny_checkpoint, layout, monkeypatch):
+    """Both bf16 layouts gptneo_cli.kernels may choose: prepacked and plain rows."""
+    if not fast._mkldnn_packing_works(torch.bfloat16):
+        pytest.skip("this torch build has no working oneDNN bf16 packing")
+    monkeypatch.setenv("GPTNEO_KERNEL", layout)
     folder, _ = tiny_checkpoint("causal_lm", "alternating")
     reference = GPTNeoForCausalLM.from_pretrained(folder, dtype="bfloat16")
     model = FastCausalLM.from_pretrained(folder, dtype="bfloat16")
+    kind = fast.PackedLinear if layout == "onednn" else torch.nn.Linear
+    assert isinstance(model.transformer.h[0].mlp.c_fc, kind)
     ids = torch.randint(1, 131, (2, 15), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want, got = reference(ids).logits, model(ids).logits

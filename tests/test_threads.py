@@ -280,6 +280,7 @@ def test_info_shows_the_threads(tmp_path):
     report = json.loads(done.stdout)
     assert report["threads"] == {"count": 3, "reason": "env GPTNEO_THREADS"}
     assert report["config"]["settings"]["threads"] == 3
+    assert report["config"]["kernel_cache"].endswith("kernels.json")  # gptneo_cli.kernels
     text = run_cli("info", home=tmp_path, env={"GPTNEO_THREADS": "3"}).stdout.decode()
     assert "cpu: 3 threads (env GPTNEO_THREADS)" in text
     auto = json.loads(run_cli("info", "--format", "json", home=tmp_path).stdout)

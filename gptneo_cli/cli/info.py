@@ -11,7 +11,14 @@ from typing import Annotated, Any
 import typer
 
 from .. import __version__
-from ..settings import Settings, config_path, default_history_file, keys, load_settings
+from ..settings import (
+    Settings,
+    config_path,
+    default_history_file,
+    keys,
+    load_settings,
+    user_cache_dir,
+)
 from .help import examples
 from .options import DebugOpt
 from .output import Diagnostics, check_format, write_json, write_table
@@ -69,6 +76,7 @@ def info(
             ("default model", f"{cfg['model']} ({cfg['sources']['model']})"),
             ("config file", f"{cfg['file']} ({'found' if cfg['file_found'] else 'not found'})"),
             ("chat history", cfg["history_file"]),
+            ("kernel choices", cfg["kernel_cache"]),
             *[(name, value) for name, value in cfg["env"].items()],
         ],
     )
@@ -118,6 +126,7 @@ def collect() -> dict[str, Any]:
             "file": str(settings.path),
             "file_found": settings.file_found,
             "history_file": settings.get("history_file") or str(default_history_file()),
+            "kernel_cache": str(user_cache_dir() / "kernels.json"),
             "env": dict(sorted(settings.env.items())),
             "settings": {key: settings.values[key] for key in keys()},
             "sources": settings.sources,

@@ -1,0 +1,213 @@
+"""Which layout a CPU matrix product runs in, chosen by measuring it on this machine.
+
+The fast path (gptneo_cli/fast.py) can hold a linear layer's matrix three ways on CPU:
+
+- `onednn`: prepacked into oneDNN's blocked layout (`PackedLinear`); for the tied lm_head,
+  the plain embedding matrix read in place by oneDNN;
+- `linear`: the checkpoint's [out, in] rows through F.linear (MKL for float32);
+- `columns`: transposed, [in, out], through torch.mm (`ColumnLinear`; not for the head).
+
+Which is fastest depends on the CPU, not the vendor's name: float32 oneDNN ran 2.2x MKL's
+F.linear on an AMD EPYC, while MKL is fast on Intel. So the first load of a model on a
+machine times each candidate for each matrix shape, at 1 row (a decode step) and at
+`PREFILL_ROWS` rows (a prompt), on enough copies of the matrix that the reads come from
+memory as in decoding, a few ms each (the head at 1 and `HEAD_ROWS` rows: a prompt runs
+it for its last token only). Each layout's score is the sum of its two times
+relative to the fastest at that row count; the lowest score wins, but another layout than
+`onednn` (the layout chosen before measurements existed) must beat it by `MARGIN` to be
+chosen, so that noise on a busy machine does not flip the choice.
+
+Results are cached in `kernels.json` in the user cache dir ($XDG_CACHE_HOME/gptneo,
+~/.cache/gptneo), keyed by CPU model, torch version, thread count, dtype and shape: later
+loads read the file and measure nothing. A file that cannot be read or parsed is ignored
+(measured again and rewritten); one that cannot be written is not kept.
+`GPTNEO_KERNEL=onednn|linear|columns` skips the measurement and forces a layout; `auto` (or
+unset) measures. Delete the file to measure again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .settings import user_cache_dir
+
+LAYOUTS = ("onednn", "linear", "columns")
+CHOICES = ("auto", *LAYOUTS)
+ENV = "GPTNEO_KERNEL"
+#: The layout kept unless another one is this much better (a share of its score).
+DEFAULT = "onednn"
+MARGIN = 0.10
+#: Rows of the prompt-sized measurement (layers) and of a batched decode step (the head,
+#: which a prompt runs for its last token only).
+PREFILL_ROWS = 64
+HEAD_ROWS = 8
+#: Each timing repeats for about this long (at least MIN_ROUNDS passes).
+BUDGET_S = 0.02
+MIN_ROUNDS = 2
+MAX_ROUNDS = 10
+#: Bytes of matrix copies cycled through per measurement: more than a CPU's last-level
+#: cache, so one-row products stream their weights from memory as decoding does.
+STREAM_BYTES = 64 * 2**20
+MAX_COPIES = 32
+FILE_VERSION = 1
+
+
+def forced(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The layout GPTNEO_KERNEL forces, or None for `auto` / unset."""
+    raw = environ.get(ENV, "").strip().lower()
+    if raw in ("", "auto"):
+        return None
+    if raw not in LAYOUTS:
+        raise ValueError(f"{ENV} must be auto, onednn, linear or columns, got {raw!r}")
+    return raw
+
+
+def cache_path(environ: Mapping[str, str] = os.environ) -> Path:
+    return user_cache_dir(environ) / "kernels.json"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cache_key(kind: str, shape: tuple[int, int], dtype: torch.dtype) -> str:
+    """Machine (CPU model, torch version, threads) + dtype + which matrix and its shape."""
+    name = str(dtype).removeprefix("torch.")
+    return (
+        f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
+        f"{name} | {kind} {shape[0]}x{shape[1]}"
+    )
+
+
+class KernelCache:
+    """kernels.json: {"version": 1, "choices": {key: {"layout": ..., "seconds": {...}}}}."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.choices: dict[str, dict[str, Any]] = {}
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError):
+            return  # absent or corrupt: measure again
+        if isinstance(data, dict) and data.get("version") == FILE_VERSION:
+            choices = data.get("choices")
+            if isinstance(choices, dict):
+                self.choices = {
+                    k: v
+                    for k, v in choices.items()
+                    if isinstance(v, dict) and v.get("layout") in LAYOUTS
+                }
+
+    def get(self, key: str) -> str | None:
+        entry = self.choices.get(key)
+        return entry["layout"] if entry else None
+
+    def put(self, key: str, layout: str, seconds: dict[str, dict[str, float]]) -> None:
+        """Remember a choice; the file is replaced whole (never left half-written)."""
+        self.choices[key] = {"layout": layout, "seconds": seconds}
+        data = {"version": FILE_VERSION, "choices": self.choices}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".kernels-", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError:
+            with contextlib.suppress(OSError, UnboundLocalError):
+                os.unlink(tmp)
+
+
+#: layout -> a module (or function) computing x @ W.T for a given [out, in] matrix.
+Builders = Mapping[str, Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]]
+
+
+def measure(
+    builders: Builders, shape: tuple[int, int], dtype: torch.dtype, rows: tuple[int, ...]
+) -> dict[str, dict[str, float]]:
+    """Seconds per product of each layout at each row count: the best of a few passes. One
+    row cycles through enough copies of the [out, in] matrix to stream it from memory (as a
+    decode step does); more rows are compute-bound and use one copy."""
+    out_features, in_features = shape
+    size = out_features * in_features * torch.finfo(dtype).bits // 8
+    copies = max(1, min(MAX_COPIES, math.ceil(STREAM_BYTES / max(size, 1))))
+    weight = torch.full(shape, 0.01, dtype=dtype)
+    seconds: dict[str, dict[str, float]] = {}
+    with torch.inference_mode():
+        for layout, build in builders.items():
+            modules = [build(weight if i == 0 else weight.clone()) for i in range(copies)]
+            seconds[layout] = {}
+            for count in rows:
+                x = torch.full((count, in_features), 0.5, dtype=dtype)
+                seconds[layout][str(count)] = _best_time(modules if count == 1 else modules[:1], x)
+            del modules
+    return seconds
+
+
+def _best_time(modules: list[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor) -> float:
+    """Seconds per call: the best pass over `modules`, after a warm-up call."""
+    modules[0](x)  # first-call allocations, oneDNN primitive caches
+    best, rounds, began = float("inf"), 0, time.perf_counter()
+    while rounds < MIN_ROUNDS or (time.perf_counter() - began < BUDGET_S and rounds < MAX_ROUNDS):
+        start = time.perf_counter()
+        for module in modules:
+            module(x)
+        best = min(best, (time.perf_counter() - start) / len(modules))
+        rounds += 1
+    return best
+
+
+def pick(seconds: Mapping[str, Mapping[str, float]]) -> str:
+    """The layout with the lowest score (module docstring); DEFAULT unless beaten by MARGIN."""
+    rows = {r for times in seconds.values() for r in times}
+    fastest = {r: min(t[r] for t in seconds.values()) for r in rows}
+    scores = {
+        layout: sum(times[r] / fastest[r] for r in rows if fastest[r] > 0)
+        for layout, times in seconds.items()
+    }
+    best = min(scores, key=lambda layout: scores[layout])
+    if DEFAULT in scores and scores[best] > (1 - MARGIN) * scores[DEFAULT]:
+        return DEFAULT
+    return best
+
+
+class KernelChooser:
+    """The layout for each matrix shape of one load: forced, cached, or measured (once)."""
+
+    def __init__(self, dtype: torch.dtype, environ: Mapping[str, str] = os.environ) -> None:
+        self.dtype = dtype
+        self.forced = forced(environ)
+        self.cache = KernelCache(cache_path(environ)) if self.forced is None else None
+        self.chosen: dict[str, str] = {}
+
+    def layout(self, kind: str, shape: tuple[int, int], builders: Builders) -> str:
+        if self.forced is not None:  # the head has no `columns`: its own products then
+            if self.forced in builders:
+                return self.forced
+            return "linear" if "linear" in builders else DEFAULT
+        key = cache_key(kind, shape, self.dtype)
+        if key not in self.chosen:
+            assert self.cache is not None
+            cached = self.cache.get(key)
+            if cached is None or cached not in builders:
+                rows = (1, HEAD_ROWS if kind == "head" else PREFILL_ROWS)
+                seconds = measure(builders, shape, self.dtype, rows)
+                cached = pick(seconds)
+                self.cache.put(key, cached, seconds)
+            self.chosen[key] = cached
+        return self.chosen[key]

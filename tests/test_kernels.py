@@ -1,0 +1,149 @@
+"""Kernel layouts chosen by measurement (gptneo_cli.kernels): measured once per machine and
+shape, cached in the user cache dir, forced by GPTNEO_KERNEL, robust to a broken cache file.
+The measurement itself is replaced by a fake here: no test depends on timings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gptneo_cli import fast, kernels
+from gptneo_cli.fast import FastCausalLM
+
+pytestmark = pytest.mark.skipif(
+    not fast._mkldnn_packing_works(torch.float32),
+    reason="layouts are measured only where oneDNN packing works",
+)
+
+
+class FakeMeasure:
+    """Stands in for kernels.measure: says `winner` is fastest, counts its calls."""
+
+    def __init__(self, winner: str) -> None:
+        self.winner = winner
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, builders, shape, dtype, rows):
+        self.calls.append(shape)
+        for build in builders.values():  # every candidate really builds for this shape
+            module = build(torch.zeros(shape, dtype=dtype))
+            assert module(torch.ones(rows[-1], shape[1], dtype=dtype)).shape == (rows[-1], shape[0])
+        slow = {str(r): 1.0 for r in rows}
+        fast_ = {str(r): 0.5 for r in rows}
+        return {name: fast_ if name == self.winner else slow for name in builders}
+
+
+@pytest.fixture
+def cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("GPTNEO_KERNEL", raising=False)
+    return tmp_path / "cache" / "gptneo" / "kernels.json"
+
+
+def _layers(model):
+    block = model.transformer.h[0]
+    return [block.attn.attention.qkv_proj, block.attn.attention.out_proj, block.mlp.c_fc]
+
+
+def test_measured_once_then_read_from_the_cache(tiny_checkpoint, cache_home, monkeypatch):
+    folder, ref = tiny_checkpoint("causal_lm", "alternating")
+    fake = FakeMeasure("columns")
+    monkeypatch.setattr(kernels, "measure", fake)
+    model = FastCausalLM.from_pretrained(folder)
+    assert all(isinstance(m, fast.ColumnLinear) for m in _layers(model))
+    assert model.lm_head.onednn  # the head has no columns layout: a tie keeps the default
+    shapes = sorted(set(fake.calls))
+    assert len(fake.calls) == len(shapes)  # one measurement per shape, not per layer
+    saved = json.loads(cache_home.read_text())
+    assert saved["version"] == kernels.FILE_VERSION
+    keys = list(saved["choices"])
+    assert len(keys) == len(shapes)
+    assert all(f"{torch.get_num_threads()} threads" in k and torch.__version__ in k for k in keys)
+    assert all(kernels.cpu_model() in k and "float32" in k for k in keys)
+
+    fake.calls.clear()
+    again = FastCausalLM.from_pretrained(folder)  # a new load: the file answers
+    assert fake.calls == []
+    assert all(isinstance(m, fast.ColumnLinear) for m in _layers(again))
+    ids = torch.randint(1, 131, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (again(ids).logits - ref(ids).logits).abs().max().item() < 1e-5
+
+
+def test_a_forced_layout_is_used_without_measuring(tiny_checkpoint, cache_home, monkeypatch):
+    folder, _ = tiny_checkpoint("causal_lm", "alternating")
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured although GPTNEO_KERNEL forces a layout")
+
+    monkeypatch.setattr(kernels, "measure", never)
+    monkeypatch.setenv("GPTNEO_KERNEL", "linear")
+    model = FastCausalLM.from_pretrained(folder)
+    assert all(type(m) is torch.nn.Linear for m in _layers(model))
+    monkeypatch.setenv("GPTNEO_KERNEL", " OneDNN ")
+    model = FastCausalLM.from_pretrained(folder)
+    assert all(isinstance(m, fast.PackedLinear) for m in _layers(model))
+    assert model.lm_head.onednn
+    assert not cache_home.exists()
+
+
+@pytest.mark.parametrize(
+    "text", ["{not json", "[]", '{"version": 99, "choices": {}}', '{"version": 1, "choices": 3}',
+             "\xff\xfe"]
+)  # fmt: skip
+def test_a_corrupt_cache_file_is_measured_again(tiny_checkpoint, cache_home, monkeypatch, text):
+    cache_home.parent.mkdir(parents=True)
+    cache_home.write_bytes(text.encode("latin-1"))
+    folder, _ = tiny_checkpoint("causal_lm", "one_layer")
+    fake = FakeMeasure("linear")
+    monkeypatch.setattr(kernels, "measure", fake)
+    model = FastCausalLM.from_pretrained(folder)
+    assert fake.calls
+    assert all(type(m) is torch.nn.Linear for m in _layers(model))
+    assert json.loads(cache_home.read_text())["version"] == kernels.FILE_VERSION
+
+
+def test_a_bad_entry_or_an_unwritable_cache_is_no_crash(tiny_checkpoint, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # the cache dir cannot be created
+    folder, _ = tiny_checkpoint("causal_lm", "one_layer")
+    fake = FakeMeasure("onednn")
+    monkeypatch.setattr(kernels, "measure", fake)
+    model = FastCausalLM.from_pretrained(folder)
+    assert all(isinstance(m, fast.PackedLinear) for m in _layers(model))
+    cache = kernels.KernelCache(tmp_path / "k.json")
+    cache.path.write_text('{"version": 1, "choices": {"k": {"layout": "fastest"}, "j": 1}}')
+    assert kernels.KernelCache(cache.path).choices == {}
+
+
+def test_bad_gptneo_kernel_is_a_clear_error():
+    with pytest.raises(ValueError, match="GPTNEO_KERNEL must be auto, onednn, linear or columns"):
+        kernels.forced({"GPTNEO_KERNEL": "mkl"})
+    assert kernels.forced({"GPTNEO_KERNEL": "auto"}) is None
+    assert kernels.forced({}) is None
+
+
+def test_the_choice_rule():
+    # the sum of each layout's times relative to the fastest at that row count
+    seconds = {
+        "onednn": {"1": 1.0, "64": 1.0},
+        "linear": {"1": 0.5, "64": 1.0},  # twice as fast decoding, as fast prefilling
+        "columns": {"1": 2.0, "64": 4.0},
+    }
+    assert kernels.pick(seconds) == "linear"
+    # another layout must beat onednn by the margin: 5 % better is noise
+    close = {"onednn": {"1": 1.0, "64": 1.0}, "linear": {"1": 0.9, "64": 1.0}}
+    assert kernels.pick(close) == "onednn"
+    mixed = {"onednn": {"1": 1.0, "64": 1.0}, "linear": {"1": 0.5, "64": 3.0}}
+    assert kernels.pick(mixed) == "onednn"  # faster decode does not pay for 3x slower prefill
+    assert kernels.pick({"linear": {"1": 1.0}, "columns": {"1": 0.7}}) == "columns"
+
+
+def test_the_real_measurement_times_every_layout():
+    builders = fast._layer_builders(torch.float32)
+    seconds = kernels.measure(builders, (24, 16), torch.float32, (1, 4))
+    assert set(seconds) == {"onednn", "linear", "columns"}
+    assert all(set(t) == {"1", "4"} and min(t.values()) > 0 for t in seconds.values())
