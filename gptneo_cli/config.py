@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .jsonfiles import read_json
 
 #: Activations transformers accepts for GPT-Neo (its ACT2FN names) that we implement: all
 #: but prelu and xielu, which carry weights of their own that GPT-Neo checkpoints lack.
@@ -273,12 +274,7 @@ class GPTNeoConfig:
             path = path / "config.json"
         if not path.is_file():
             raise ConfigError(f"no config.json in {path.parent}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read {path}: {exc}") from exc
-        except RecursionError:
-            raise ConfigError(f"cannot read {path}: its JSON is nested too deeply") from None
+        data = read_json(path, ConfigError)
         if not isinstance(data, dict):
             raise ConfigError(f"{path} does not hold a JSON object")
         return cls.from_dict(data)

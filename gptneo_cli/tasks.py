@@ -116,10 +116,11 @@ def _pad_id(tokenizer: Any) -> int:
     return int(pad) if pad is not None else 0
 
 
-def _right_pad(
-    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device
+def right_pad(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack token rows into ids [B, T] and an attention mask [B, T] of 1/0."""
+    """Stack token rows into ids [B, T] and an attention mask [B, T] of 1/0 (also the
+    batches head training runs)."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -291,7 +292,7 @@ def classify(
     results: list[Classification | None] = [None] * len(rows)
     device = model.device
     for group in _batches([len(r) for r in rows], batch_size):
-        ids, mask = _right_pad([rows[i] for i in group], _pad_id(tokenizer), device)
+        ids, mask = right_pad([rows[i] for i in group], _pad_id(tokenizer), device)
         logits = model(ids, attention_mask=mask).logits  # pooled at each last real token
         probs = torch.softmax(logits.float(), dim=-1).cpu()
         for row, i in enumerate(group):
@@ -433,7 +434,7 @@ def _continuation_logliks(
     out = [0.0] * len(rows)
     device = model.device
     for group in _batches([len(r) for r in rows], batch_size):
-        ids, mask = _right_pad([rows[i] for i in group], _pad_id(tokenizer), device)
+        ids, mask = right_pad([rows[i] for i in group], _pad_id(tokenizer), device)
         hidden = model.transformer(ids, attention_mask=mask).last_hidden_state  # [B, T, H]
         # Position t predicts token t+1: gather exactly the positions that predict labels.
         owner, positions, targets = [], [], []

@@ -18,12 +18,14 @@ import codecs
 import contextlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from .errors import TokenizerError
+from .jsonfiles import read_json
+from .stderr import native_stderr_hidden
 
 TOKENIZER_JSON = "tokenizer.json"
 VOCAB_JSON = "vocab.json"
@@ -308,7 +310,7 @@ def _native(call: Any, *args: Any, **kwargs: Any) -> Any:
     """Call into `tokenizers`, turning a Rust panic (pyo3's PanicException, which is a
     BaseException that `except Exception` misses) into a TokenizerError."""
     try:
-        with _fd2_hidden() if HIDE_NATIVE_PANIC_OUTPUT else contextlib.nullcontext():
+        with native_stderr_hidden() if HIDE_NATIVE_PANIC_OUTPUT else contextlib.nullcontext():
             return call(*args, **kwargs)
     except BaseException as exc:
         if type(exc).__name__ != "PanicException":
@@ -319,23 +321,6 @@ def _native(call: Any, *args: Any, **kwargs: Any) -> Any:
             f"the tokenizer failed (the tokenizers library panicked: "
             f"{reason}); its tokenizer files may be broken"
         ) from None
-
-
-@contextlib.contextmanager
-def _fd2_hidden() -> Iterator[None]:
-    try:
-        saved = os.dup(2)
-        null = os.open(os.devnull, os.O_WRONLY)
-    except OSError:  # no descriptor 2 (closed): nothing to hide
-        yield
-        return
-    try:
-        os.dup2(null, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
 
 
 # ---- building and loading -----------------------------------------------------------
@@ -374,12 +359,7 @@ def _load_tokenizer_json(path: Path) -> Any:
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TokenizerError(f"cannot read {path}: {exc}") from exc
-    except RecursionError:
-        raise TokenizerError(f"cannot read {path}: its JSON is nested too deeply") from None
+    data = read_json(path, TokenizerError)
     return data if isinstance(data, dict) else {}
 
 

@@ -14,7 +14,6 @@ need the package and the model, not the input file. Only this module imports ray
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -23,11 +22,12 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..stderr import native_stderr_hidden
 from .jobs import Item, OutputWriter, bad_line_record
 from .runner import Progress
 
@@ -157,7 +157,12 @@ def run_on_ray(
             )
             if count == 0:
                 return progress
-            with _native_stderr_muted():
+            # Ray's C++ core logs on descriptor 2 (warnings at error level, e.g. about the
+            # constructor arguments it keeps for actor restarts): muted, so the job's stderr
+            # keeps our own errors and the progress bar (the CLI draws it on a copy of the
+            # descriptor); Ray's failures still raise, reported once the descriptor is back.
+            sys.stderr.flush()
+            with native_stderr_hidden():
                 _run(
                     ray,
                     folder,
@@ -172,24 +177,6 @@ def run_on_ray(
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return progress
-
-
-@contextlib.contextmanager
-def _native_stderr_muted() -> Iterator[None]:
-    """Ray's C++ core logs on file descriptor 2 (warnings at error level, e.g. about the
-    constructor arguments it keeps for actor restarts). The job's stderr stays for our own
-    errors and the progress bar (the CLI draws it on a copy of the descriptor); Ray's
-    failures still raise, and are reported once the descriptor is back."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 def _run(

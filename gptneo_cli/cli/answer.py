@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from .help import examples
 from .inputs import read_source
-from .options import AttnOpt, DebugOpt, DeviceOpt, DtypeOpt, ModelOpt, RevisionOpt, ThreadsOpt
+from .options import DebugOpt, loading_options
 from .output import check_format, is_tty, make_console, tsv, write_json
 from .task_options import FormatOpt, MaxSeqLenOpt, StrideOpt, load_with_head, model_options
 
@@ -30,6 +30,7 @@ def register(app: typer.Typer) -> None:
     )(answer)
 
 
+@loading_options()
 def answer(
     question: Annotated[str, typer.Argument(help="The question to answer.", show_default=False)],
     context: Annotated[
@@ -47,12 +48,7 @@ def answer(
     stride: StrideOpt = 128,
     max_seq_len: MaxSeqLenOpt = None,
     fmt: FormatOpt = "text",
-    model: ModelOpt = None,
-    revision: RevisionOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    attn: AttnOpt = None,
-    threads: ThreadsOpt = None,
+    loading: dict[str, Any] | None = None,
     debug: DebugOpt = False,
 ) -> None:
     """Answer a question from a context with a question-answering checkpoint.
@@ -63,7 +59,7 @@ def answer(
     fmt = check_format(fmt)
     if not question.strip():
         raise ValueError("the question is empty")
-    options = model_options(model, revision, device, dtype, attn, threads)
+    options = model_options(loading)
     text, _ = read_source(context)
     from .. import tasks
 

@@ -21,16 +21,11 @@ from ..settings import load_settings
 from .help import examples
 from .loading import ModelOptions, load_model
 from .options import (
-    AttnOpt,
     DebugOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ModelOpt,
-    QuantizeOpt,
-    RevisionOpt,
-    ThreadsOpt,
     generation_config,
     generation_options,
+    loading_options,
+    max_running_option,
 )
 from .output import is_tty, make_console
 
@@ -60,6 +55,7 @@ def register(app: typer.Typer) -> None:
 
 
 @generation_options("batch")
+@loading_options(quantize=True)
 def batch(
     input_file: Annotated[
         str,
@@ -102,16 +98,7 @@ def batch(
         bool,
         typer.Option("--yes", "-y", rich_help_panel=JOB_PANEL, help="Do not ask before --restart."),
     ] = False,
-    max_running: Annotated[
-        int,
-        typer.Option(
-            "--max-running",
-            min=1,
-            max=1024,
-            rich_help_panel=JOB_PANEL,
-            help="Sequences decoded together (continuous batching).",
-        ),
-    ] = 16,
+    max_running: Annotated[int, max_running_option(JOB_PANEL)] = 16,
     ray: Annotated[
         bool,
         typer.Option(
@@ -159,13 +146,7 @@ def batch(
         ),
     ] = 0.0,
     generation: dict[str, Any] | None = None,
-    model: ModelOpt = None,
-    revision: RevisionOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    attn: AttnOpt = None,
-    quantize: QuantizeOpt = None,
-    threads: ThreadsOpt = None,
+    loading: dict[str, Any] | None = None,
     debug: DebugOpt = False,
 ) -> None:
     """Run a file of requests (completions, chat, classify) resumably; --ray scales out.
@@ -176,16 +157,7 @@ def batch(
     settings = load_settings()
     given = generation or {}
     generation_config(settings, given)  # bad flags fail here, before any work
-    options = ModelOptions.merge(
-        settings,
-        model=model,
-        revision=revision,
-        device=device,
-        dtype=dtype,
-        attn=attn,
-        quantize=quantize,
-        threads=threads,
-    )
+    options = ModelOptions.merge(settings, **(loading or {}))
     if ray and not _has_ray():
         raise ValueError(f"--ray needs Ray: {RAY_INSTALL}")
     if input_file != "-" and Path(input_file).resolve() == output.resolve():

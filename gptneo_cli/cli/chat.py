@@ -23,17 +23,7 @@ from .errors import EXIT_RUNTIME, EXIT_USAGE, report_error
 from .help import examples
 from .inputs import MAX_PROMPT_BYTES, check_text, read_text_file
 from .loading import LoadedModel, ModelOptions, load_model
-from .options import (
-    AttnOpt,
-    DebugOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ModelOpt,
-    RevisionOpt,
-    ThreadsOpt,
-    generation_config,
-    generation_options,
-)
+from .options import DebugOpt, generation_config, generation_options, loading_options
 from .output import Diagnostics, TextStream, is_tty, write_json
 from .userfiles import WriteError, write_text_atomic
 
@@ -331,6 +321,7 @@ def _show(value: Any) -> str:
 
 
 @generation_options("chat")
+@loading_options()
 def chat(
     system: Annotated[
         str | None,
@@ -378,12 +369,7 @@ def chat(
         ),
     ] = "text",
     generation: dict[str, Any] | None = None,
-    model: ModelOpt = None,
-    revision: RevisionOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    attn: AttnOpt = None,
-    threads: ThreadsOpt = None,
+    loading: dict[str, Any] | None = None,
     debug: DebugOpt = False,
 ) -> None:
     """Chat with a GPT-Neo model. With piped stdin, each line is one turn."""
@@ -402,15 +388,7 @@ def chat(
     check_text(conversation.assistant_prefix, "--assistant-prefix")
     if not conversation.user_prefix.strip() or not conversation.assistant_prefix.strip():
         raise ValueError("--user-prefix and --assistant-prefix must not be empty")
-    options = ModelOptions.merge(
-        settings,
-        model=model,
-        revision=revision,
-        device=device,
-        dtype=dtype,
-        attn=attn,
-        threads=threads,
-    )
+    options = ModelOptions.merge(settings, **(loading or {}))
     diag = Diagnostics()
     loaded = load_model(options)
     session = ChatSession(loaded, config, conversation, diag, fmt)

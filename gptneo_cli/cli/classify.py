@@ -19,7 +19,7 @@ import typer
 from .errors import EXIT_RUNTIME, report_error
 from .help import examples
 from .inputs import check_text, read_stdin, read_text_file
-from .options import AttnOpt, DebugOpt, DeviceOpt, DtypeOpt, ModelOpt, RevisionOpt, ThreadsOpt
+from .options import DebugOpt, loading_options
 from .output import Diagnostics, check_format, is_tty, make_console, tsv, write_json
 from .task_options import TASK_PANEL, FormatOpt, MaxSeqLenOpt, load_with_head, model_options
 
@@ -52,6 +52,7 @@ class Item:
     result: Any = None
 
 
+@loading_options()
 def classify(
     inputs: Annotated[
         list[str] | None,
@@ -111,12 +112,7 @@ def classify(
     ] = 8,
     max_seq_len: MaxSeqLenOpt = None,
     fmt: FormatOpt = "text",
-    model: ModelOpt = None,
-    revision: RevisionOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    attn: AttnOpt = None,
-    threads: ThreadsOpt = None,
+    loading: dict[str, Any] | None = None,
     debug: DebugOpt = False,
 ) -> None:
     """Classify texts with a classification checkpoint, or zero-shot with --labels."""
@@ -125,7 +121,7 @@ def classify(
     template = unescape(template)
     if label_list is not None and "{text}" not in template:
         raise ValueError("--template must contain {text}, e.g. '{text}\\nTopic:'")
-    options = model_options(model, revision, device, dtype, attn, threads)
+    options = model_options(loading)
 
     items = gather(inputs or [], recursive=recursive, input_file=input_file)
     for item in items:

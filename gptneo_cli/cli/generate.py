@@ -30,19 +30,7 @@ from .inputs import (
     stdin_has_input,
 )
 from .loading import LoadedModel, ModelOptions, load_model, spinner
-from .options import (
-    AttnOpt,
-    CompileOpt,
-    DebugOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ModelOpt,
-    QuantizeOpt,
-    RevisionOpt,
-    ThreadsOpt,
-    generation_config,
-    generation_options,
-)
+from .options import DebugOpt, generation_config, generation_options, loading_options
 from .output import Diagnostics, TextStream, check_format, is_tty, write_json
 from .userfiles import AtomicTextFile
 
@@ -71,6 +59,7 @@ def register(app: typer.Typer) -> None:
 
 
 @generation_options("generate")
+@loading_options(quantize=True, compile=True)
 def generate(
     prompt: Annotated[
         str | None,
@@ -150,14 +139,7 @@ def generate(
         ),
     ] = 8,
     generation: dict[str, Any] | None = None,
-    model: ModelOpt = None,
-    revision: RevisionOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    attn: AttnOpt = None,
-    quantize: QuantizeOpt = None,
-    compile: CompileOpt = False,
-    threads: ThreadsOpt = None,
+    loading: dict[str, Any] | None = None,
     debug: DebugOpt = False,
 ) -> None:
     """Continue a prompt with a GPT-Neo model, streaming the text as it is generated."""
@@ -165,16 +147,15 @@ def generate(
     settings = load_settings()
     given = generation or {}
     config = generation_config(settings, given)
-    model_flags = dict(
-        model=model, revision=revision, device=device, dtype=dtype, attn=attn, threads=threads
-    )
-    options = ModelOptions.merge(settings, **model_flags, quantize=quantize, compile=compile)
+    model_flags = dict(loading or {})
+    options = ModelOptions.merge(settings, **model_flags)
     diag = Diagnostics()
     _check_flags(diag, fmt, batch_size, config)
     stdin: IO[str] | None = sys.stdin
     if show_config:
         flags = {k for k, v in {**given, **model_flags}.items() if v is not None}
-        _show_config(diag, settings, options, config, flags)
+        # (--quantize and --compile rows have always said "default", flag or not)
+        _show_config(diag, settings, options, config, flags - {"quantize", "compile"})
         if input_file is None and file is None and prompt is None:
             stdin = _piped_after_show_config()
     if stdin is None:  # --show-config alone: the table was the whole job

@@ -125,6 +125,17 @@ DebugOpt = Annotated[
 ]
 
 
+def max_running_option(panel: str) -> Any:
+    """--max-running of the commands that run the scheduler (batch, serve), in their panel."""
+    return typer.Option(
+        "--max-running",
+        min=1,
+        max=1024,
+        rich_help_panel=panel,
+        help="Sequences decoded together (continuous batching).",
+    )
+
+
 GEN_PANEL = "Generation"
 
 
@@ -135,21 +146,65 @@ def generation_options(command: str) -> Callable[[Callable[..., Any]], Callable[
     {option name: the flag's value, or None when the flag was not given}. `chat` gets the
     options marked chat=True. A new option in the schema is a new flag here, with no edit.
     """
+    opts = [o for o in GENERATION if o.cli_flag and (command != "chat" or o.chat)]
+    by_name = {o.name: o for o in opts}
+    return _expand(
+        "generation",
+        [_parameter(o) for o in opts],
+        lambda name, value: _flag_value(by_name[name], value),
+    )
+
+
+def loading_options(
+    *, quantize: bool = False, compile: bool = False
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command the Model panel: --model, --revision, --device, --dtype, --attn,
+    --quantize / --compile where it loads the fast model, and --threads.
+
+    The command declares a `loading` parameter where the panel goes; it receives the flags'
+    values by ModelOptions.merge's keyword names (None when not given), so a new loading
+    flag is one edit here and in ModelOptions, not one per command.
+    """
+    flags: list[tuple[str, Any, Any]] = [
+        ("model", ModelOpt, None),
+        ("revision", RevisionOpt, None),
+        ("device", DeviceOpt, None),
+        ("dtype", DtypeOpt, None),
+        ("attn", AttnOpt, None),
+    ]
+    if quantize:
+        flags.append(("quantize", QuantizeOpt, None))
+    if compile:
+        flags.append(("compile", CompileOpt, False))
+    flags.append(("threads", ThreadsOpt, None))
+    params = [
+        inspect.Parameter(
+            name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=hint
+        )
+        for name, hint, default in flags
+    ]
+    return _expand("loading", params, lambda name, value: value)
+
+
+def _expand(
+    placeholder: str, params: list[inspect.Parameter], convert: Callable[[str, Any], Any]
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Put `params` in the place of the command's `placeholder` parameter (so the help keeps
+    the order the command declares); the command receives {name: convert(name, value)}."""
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
-        opts = [o for o in GENERATION if o.cli_flag and (command != "chat" or o.chat)]
         signature = inspect.signature(func, eval_str=True)
-        params = list(signature.parameters.values())
-        at = [p.name for p in params].index("generation")
-        params[at : at + 1] = [_parameter(o) for o in opts]
+        own = list(signature.parameters.values())
+        at = [p.name for p in own].index(placeholder)
+        own[at : at + 1] = params
 
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            given = {o.name: _flag_value(o, kwargs.pop(o.name, None)) for o in opts}
-            return func(*args, generation=given, **kwargs)
+            given = {p.name: convert(p.name, kwargs.pop(p.name, p.default)) for p in params}
+            return func(*args, **{placeholder: given}, **kwargs)
 
-        wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
-        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        wrapper.__signature__ = signature.replace(parameters=own)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in own}
         return wrapper
 
     return decorate

@@ -11,23 +11,14 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from ..settings import Settings, load_settings
 from .help import examples
 from .loading import ModelOptions, import_torch, load_model
-from .options import (
-    AttnOpt,
-    DebugOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ModelOpt,
-    QuantizeOpt,
-    RevisionOpt,
-    ThreadsOpt,
-)
+from .options import DebugOpt, loading_options, max_running_option
 
 if TYPE_CHECKING:
     from ..conversation import ChatTemplate
@@ -45,8 +36,9 @@ def register(app: typer.Typer) -> None:
     )(serve)
 
 
+@loading_options(quantize=True)
 def serve(
-    model: ModelOpt = None,
+    loading: dict[str, Any] | None = None,
     host: Annotated[
         str,
         typer.Option(
@@ -76,16 +68,7 @@ def serve(
             "/detokenize. (env GPTNEO_API_KEY)",
         ),
     ] = None,
-    max_running: Annotated[
-        int,
-        typer.Option(
-            "--max-running",
-            min=1,
-            max=1024,
-            rich_help_panel=SERVER_PANEL,
-            help="Sequences decoded together (continuous batching).",
-        ),
-    ] = 16,
+    max_running: Annotated[int, max_running_option(SERVER_PANEL)] = 16,
     max_queue: Annotated[
         int,
         typer.Option(
@@ -153,26 +136,11 @@ def serve(
             help="Put the prompt text in the per-request log lines (off: never logged).",
         ),
     ] = False,
-    revision: RevisionOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    attn: AttnOpt = None,
-    quantize: QuantizeOpt = None,
-    threads: ThreadsOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming)."""
     settings = load_settings()
-    options = ModelOptions.merge(
-        settings,
-        model=model,
-        revision=revision,
-        device=device,
-        dtype=dtype,
-        attn=attn,
-        quantize=quantize,
-        threads=threads,
-    )
+    options = ModelOptions.merge(settings, **(loading or {}))
     key = settings.get("api_key", api_key) or os.environ.get("GPTNEO_API_KEY") or None
     template = chat_template_of(settings, chat_template)
     from ..server.run import bind, make_server, url

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from .help import examples
 from .inputs import read_source
-from .options import AttnOpt, DebugOpt, DeviceOpt, DtypeOpt, ModelOpt, RevisionOpt, ThreadsOpt
+from .options import DebugOpt, loading_options
 from .output import Diagnostics, check_format, is_tty, make_console, tsv, write_json
 from .task_options import FormatOpt, MaxSeqLenOpt, StrideOpt, load_with_head, model_options
 
@@ -30,6 +30,7 @@ def register(app: typer.Typer) -> None:
     )(tag)
 
 
+@loading_options()
 def tag(
     source: Annotated[
         str | None,
@@ -40,17 +41,12 @@ def tag(
     stride: StrideOpt = 128,
     max_seq_len: MaxSeqLenOpt = None,
     fmt: FormatOpt = "text",
-    model: ModelOpt = None,
-    revision: RevisionOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    attn: AttnOpt = None,
-    threads: ThreadsOpt = None,
+    loading: dict[str, Any] | None = None,
     debug: DebugOpt = False,
 ) -> None:
     """Tag a text (e.g. named entities) and print each span with its label and score."""
     fmt = check_format(fmt)
-    options = model_options(model, revision, device, dtype, attn, threads)
+    options = model_options(loading)
     text, name = read_source(source)
     from .. import tasks
 

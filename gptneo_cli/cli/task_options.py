@@ -4,7 +4,7 @@ checkpoint that must have a given head.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -37,23 +37,9 @@ StrideOpt = Annotated[
 ]
 
 
-def model_options(
-    model: str | None,
-    revision: str | None,
-    device: str | None,
-    dtype: str | None,
-    attn: str | None,
-    threads: str | None = None,
-) -> ModelOptions:
-    return ModelOptions.merge(
-        load_settings(),
-        model=model,
-        revision=revision,
-        device=device,
-        dtype=dtype,
-        attn=attn,
-        threads=threads,
-    )
+def model_options(loading: dict[str, Any] | None) -> ModelOptions:
+    """The Model panel's flags (see options.loading_options) merged with the settings."""
+    return ModelOptions.merge(load_settings(), **(loading or {}))
 
 
 def load_with_head(options: ModelOptions, head: str, hint: str | None = None) -> LoadedModel:

@@ -1,6 +1,6 @@
 """What the three head trainers share (sequence classification, token classification,
-question answering): options, a head model on top of a checkpoint, padded batches, frozen
-features, and the loop that keeps the best epoch.
+question answering): options, a head model on top of a checkpoint, frozen features, and
+the loop that keeps the best epoch (batches are padded by tasks.right_pad, as at inference).
 
 A task (classifier.py, tagger.py, qa.py) only says how a batch of its examples becomes a
 loss and how its held-out split is scored; `fit_head` does the rest.
@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 
 from ..modeling import GPTNeoModel
+from ..tasks import right_pad
 from .optim import (
     apply_gradients,
     autocast_context,
@@ -126,17 +127,6 @@ def build_head_model(
     return model
 
 
-def padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and the matching attention mask."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids, mask
-
-
 def frozen_features(
     model: Any,
     rows: Sequence[Sequence[int]],
@@ -156,7 +146,7 @@ def frozen_features(
     with torch.no_grad():
         for lo in range(0, len(order), batch_size):
             chunk = order[lo : lo + batch_size]
-            ids, mask = padded([rows[i] for i in chunk], pad_id)
+            ids, mask = right_pad([rows[i] for i in chunk], pad_id)
             with autocast_context(device, amp):
                 hidden = model.transformer(ids.to(device), mask.to(device)).last_hidden_state
             for k, i in enumerate(chunk):
@@ -206,7 +196,7 @@ class HeadTask:
 
     def hidden(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states [B, T, H] of padded `rows` (float32) and their mask [B, T]."""
-        ids, mask = padded(rows, self.pad_id)
+        ids, mask = right_pad(rows, self.pad_id)
         with autocast_context(self.device, self.amp):
             hidden = self.model.transformer(
                 ids.to(self.device), mask.to(self.device)
