@@ -152,7 +152,7 @@ def generation_options(command: str) -> Callable[[Callable[..., Any]], Callable[
     {option name: the flag's value, or None when the flag was not given}. `chat` gets the
     options marked chat=True. A new option in the schema is a new flag here, with no edit.
     """
-    opts = [o for o in GENERATION if o.cli_flag and (command != "chat" or o.chat)]
+    opts = [o for o in GENERATION if o.cli_flag and _offered(o, command)]
     by_name = {o.name: o for o in opts}
     return _expand(
         "generation",
@@ -214,6 +214,11 @@ def _expand(
         return wrapper
 
     return decorate
+
+
+def _offered(opt: Option, command: str) -> bool:
+    """Whether `command` has a flag for `opt` (chat and batch take a subset)."""
+    return (command != "chat" or opt.chat) and (command != "batch" or opt.batch)
 
 
 def _parameter(opt: Option) -> inspect.Parameter:
