@@ -31,6 +31,7 @@ class Running:
         key: str | None = KEY,
         name: str = "tiny",
         options: dict[str, Any] | None = None,
+        close_on_exit: bool = False,
         **sched: Any,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
@@ -54,7 +55,13 @@ class Running:
         self.app = app
         sock = bind("127.0.0.1", 0)
         self.url = url(sock)
-        self.server = make_server(app, 1)
+        on_exit = None
+        if close_on_exit:  # as `gptneo serve` does: the grace period, then cancel the rest
+
+            def on_exit() -> None:
+                threading.Thread(target=self.scheduler.close, args=(1,), daemon=True).start()
+
+        self.server = make_server(app, 1, on_exit=on_exit)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
         )

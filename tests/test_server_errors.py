@@ -5,11 +5,15 @@ the metric types, and a shutdown whose grace period runs out."""
 from __future__ import annotations
 
 import json
+import re
+import signal
+import subprocess
 import threading
 import time
 
 import httpx
 import pytest
+from helpers_cli import cli_env, gptneo_command
 from helpers_server import Running, error_of
 
 from gptneo_cli.fast import FastCausalLM
@@ -99,9 +103,10 @@ def test_token_totals_are_counters(srv) -> None:
 
 
 def test_shutdown_cancels_what_outlives_the_grace_period(tiny) -> None:
-    """Grace is 1 s (Running's server); the request cannot finish in it because the
-    scheduler's thread is held. Shutdown cancels it, and the server stops."""
-    srv = Running(*tiny, key=None)
+    """SIGTERM as `gptneo serve` handles it, with a grace of 1 s that the request cannot
+    meet (the scheduler's thread is held): it is cancelled, and its stream still ends
+    cleanly, with finish_reason "abort" and [DONE]; the server stops."""
+    srv = Running(*tiny, key=None, close_on_exit=True)
     events: list[str] = []
     blocker = threading.Event()
 
@@ -120,21 +125,60 @@ def test_shutdown_cancels_what_outlives_the_grace_period(tiny) -> None:
         assert time.monotonic() < deadline, "no token arrived"
         time.sleep(0.01)
     srv.scheduler.call(blocker.wait)  # from the next step on, nothing advances
-    stopper = threading.Thread(target=srv.stop)
-    stopper.start()
+    srv.server.handle_exit(signal.SIGTERM, None)
     try:
-        while not srv.scheduler._stopped:  # close() has cancelled what still ran
+        while not srv.scheduler._stopped:  # the grace ran out: close() cancelled the rest
             assert time.monotonic() < deadline + 60, "the scheduler was not closed"
             time.sleep(0.01)
     finally:
         blocker.set()
-    stopper.join(60)
     reader.join(60)
-    assert not stopper.is_alive() and not reader.is_alive()
+    srv.thread.join(60)
+    assert not reader.is_alive() and not srv.thread.is_alive()
+    srv.http.close()
+    assert events[-1] == "data: [DONE]" and "cut" not in events
     finals = [
         json.loads(e[6:])["choices"][0]["finish_reason"]
         for e in events
         if e.startswith("data: {") and json.loads(e[6:])["choices"]
     ]
-    assert "length" not in finals  # it did not run to its end
+    assert finals[-1] == "abort" and "length" not in finals
     assert srv.scheduler.generated_tokens_total < 240
+
+
+def test_serve_command_with_no_grace_still_ends_streams_cleanly(tmp_path) -> None:
+    """--shutdown-timeout 0: SIGTERM cancels the request in flight at once; its stream ends
+    with a finish reason and [DONE] (not a cut connection), and the command exits 0."""
+    args = ["serve", "--model", "tiny", "--port", "0", "--shutdown-timeout", "0"]
+    proc = subprocess.Popen(
+        [*gptneo_command(), *args],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        env=cli_env(tmp_path),
+        cwd=tmp_path,
+        text=True,
+    )
+    events: list[str] = []
+    try:
+        match = re.search(r"http://127\.0\.0\.1:\d+", proc.stderr.readline())
+        assert match
+        body = {"prompt": "a", "max_tokens": 240, "ignore_eos": True, "stream": True, "n": 8}
+        with httpx.stream("POST", match.group(0) + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line:
+                    events.append(line)
+                if len(events) == 2:
+                    proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0
+    assert events[-1] == "data: [DONE]"
+    finals = {}
+    for e in events[:-1]:
+        choice = json.loads(e[6:])["choices"][0]
+        if choice["finish_reason"]:
+            finals[choice["index"]] = choice["finish_reason"]
+    assert sorted(finals) == list(range(8))  # every choice got its ending
+    assert "abort" in finals.values()

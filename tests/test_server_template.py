@@ -129,3 +129,16 @@ def test_serve_command_uses_the_template_file(tmp_path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_batch_chat_lines_use_the_template(tiny, tmp_path) -> None:
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    body = {"messages": [{"role": "user", "content": "Bye"}], "max_tokens": 1}
+    line = {"custom_id": "c", "method": "POST", "url": "/v1/chat/completions", "body": body}
+    src.write_text(json.dumps(line) + "\n", encoding="utf-8")
+    args = ("batch", str(src), "-o", str(out), "-m", "tiny", "--chat-template", "qa")
+    done = run_cli(*args, home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    usage = json.loads(out.read_text())["response"]["body"]["usage"]
+    assert usage["prompt_tokens"] == len(tiny[1].encode("Q: Bye\nA:"))
+    assert usage["prompt_tokens"] != len(tiny[1].encode("User: Bye\nAssistant:"))

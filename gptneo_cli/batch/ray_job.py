@@ -48,12 +48,15 @@ class RaySpec:
     threads: int = 1
     defaults: dict[str, Any] = field(default_factory=dict)
     aliases: list[str] = field(default_factory=list)
+    chat_template: dict[str, str] = field(default_factory=dict)
+    """conversation.ChatTemplate's fields (empty: the default template)."""
 
 
 class BatchActor:
     """One loaded model per actor; each call runs one block of requests to completion."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
+        from ..conversation import ChatTemplate
         from ..device import resolve_device, resolve_dtype
         from ..hub import resolve_model_dir
         from ..loader import load_folder
@@ -82,6 +85,7 @@ class BatchActor:
             max_running=s.max_running,
             defaults=s.defaults,
             aliases=s.aliases,
+            chat_template=ChatTemplate(**s.chat_template) if s.chat_template else None,
         )
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:

@@ -8,6 +8,7 @@ inside the command only.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -83,6 +84,16 @@ def batch(
             help="Delete OUTPUT's results and start over (asks first; --yes does not).",
         ),
     ] = False,
+    chat_template: Annotated[
+        str | None,
+        typer.Option(
+            "--chat-template",
+            rich_help_panel=JOB_PANEL,
+            show_default=False,
+            help="How /v1/chat/completions lines are laid out, as for `gptneo serve`: "
+            "default, human-ai, qa or a JSON/TOML file.",
+        ),
+    ] = None,
     yes: Annotated[
         bool,
         typer.Option("--yes", "-y", rich_help_panel=JOB_PANEL, help="Do not ask before --restart."),
@@ -151,6 +162,9 @@ def batch(
         raise ValueError(f"--ray needs Ray: {RAY_INSTALL}")
     if input_file != "-" and Path(input_file).resolve() == output.resolve():
         raise ValueError("--output must not be the input file")
+    from .serve import chat_template_of
+
+    template = chat_template_of(settings, chat_template)
     from ..batch.jobs import BatchInput, scan_output
     from ..batch.runner import Progress, body_defaults
 
@@ -183,6 +197,7 @@ def batch(
                     threads=options.threads or max(1, int(cpus_per_actor)),
                     defaults=defaults,
                     aliases=_aliases(options.model),
+                    chat_template=dataclasses.asdict(template),
                 )
                 run_on_ray(
                     items,
@@ -196,7 +211,9 @@ def batch(
                     on_record=on_record,
                 )
             else:
-                _run_here(items, output, options, max_running, defaults, progress, on_record)
+                _run_here(
+                    items, output, options, max_running, defaults, template, progress, on_record
+                )
 
         _with_bar(remaining, work, lambda: _summary(progress, previous, output))
     if previous.failed + progress.failed:
@@ -237,6 +254,7 @@ def _run_here(
     options: ModelOptions,
     max_running: int,
     defaults: dict[str, Any],
+    template: Any,
     progress: Any,
     on_record: Any,
 ) -> None:
@@ -251,6 +269,7 @@ def _run_here(
         max_running=max_running,
         defaults=defaults,
         aliases=_aliases(options.model),
+        chat_template=template,
     )
     try:
         with OutputWriter(output) as writer:

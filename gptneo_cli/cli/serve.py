@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -141,7 +142,7 @@ def serve(
     settings = load_settings()
     options = ModelOptions.merge(settings, **(loading or {}))
     key = settings.get("api_key", api_key) or os.environ.get("GPTNEO_API_KEY") or None
-    template = _chat_template(settings, chat_template)
+    template = chat_template_of(settings, chat_template)
     from ..server.run import bind, make_server, url
 
     try:
@@ -192,13 +193,18 @@ def serve(
             flush=True,
         )
 
-    server = make_server(app, shutdown_timeout, ready)
+    def stop_running() -> None:
+        """At the first signal: requests get the grace period, then are cancelled."""
+        threading.Thread(target=scheduler.close, args=(shutdown_timeout,), daemon=True).start()
+
+    server = make_server(app, shutdown_timeout, ready, on_exit=stop_running)
     server.run(sockets=[sock])
     scheduler.close(0)
 
 
-def _chat_template(settings: Settings, flag: str | None) -> ChatTemplate:
-    """--chat-template (or the chat_template setting), else the chat command's settings."""
+def chat_template_of(settings: Settings, flag: str | None) -> ChatTemplate:
+    """--chat-template (or the chat_template setting), else the chat command's settings
+    (serve and batch render chat requests with it)."""
     from ..conversation import ChatTemplate, load_chat_template
 
     spec = settings.get("chat_template", flag)

@@ -27,10 +27,23 @@ def url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def make_server(app: Any, shutdown_timeout: float, ready: Callable[[], None] | None = None) -> Any:
+#: Seconds uvicorn waits, after the grace period, for the answers that `on_exit` ended to
+#: be sent before it cuts the connections.
+CUT_AFTER = 5.0
+
+
+def make_server(
+    app: Any,
+    shutdown_timeout: float,
+    ready: Callable[[], None] | None = None,
+    on_exit: Callable[[], None] | None = None,
+) -> Any:
     """A uvicorn Server: quiet (we log our own line per request), graceful on SIGINT/SIGTERM
     for `shutdown_timeout` seconds before open connections are cut. `ready` runs once it
-    listens, with its signal handlers in place (so the startup line means "Ctrl-C is safe")."""
+    listens, with its signal handlers in place (so the startup line means "Ctrl-C is safe").
+    `on_exit` runs at the first signal: `gptneo serve` closes its scheduler there with the
+    grace period, so requests still running at its end are cancelled and their streams end
+    with a finish reason and `data: [DONE]` instead of a cut connection."""
     import uvicorn
 
     config = uvicorn.Config(
@@ -38,7 +51,7 @@ def make_server(app: Any, shutdown_timeout: float, ready: Callable[[], None] | N
         log_level="warning",
         access_log=False,
         lifespan="on",
-        timeout_graceful_shutdown=max(shutdown_timeout, 0.1),
+        timeout_graceful_shutdown=max(shutdown_timeout, 0.1) + (CUT_AFTER if on_exit else 0),
     )
 
     class Server(uvicorn.Server):
@@ -48,7 +61,10 @@ def make_server(app: Any, shutdown_timeout: float, ready: Callable[[], None] | N
                 ready()
 
         def handle_exit(self, sig: int, frame: Any) -> None:
+            first = not self.should_exit
             super().handle_exit(sig, frame)
+            if first and on_exit is not None:
+                on_exit()
             # uvicorn re-raises the signal once it has stopped; a stop we asked for with
             # Ctrl-C or SIGTERM is a clean exit (0), so it is not re-raised.
             self._captured_signals.clear()
