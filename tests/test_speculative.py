@@ -390,6 +390,18 @@ def test_cli_bad_draft_models_are_one_line_errors(tmp_path, tmp_path_factory):
     assert both.returncode == 2 and "use one" in both.stderr.decode()
 
 
+def test_chat_speculates_and_reports_drafts(tmp_path):
+    from helpers_cli import run_cli
+
+    args = ("chat", "-m", "tiny", "--device", "cpu", "--format", "jsonl", "--greedy", "-n", "16")
+    plain = run_cli(*args, home=tmp_path, input="def add(a, b):\n")
+    spec = run_cli(*args, "--prompt-lookup", "2", home=tmp_path, input="def add(a, b):\n")
+    assert spec.returncode == 0, spec.stderr.decode()
+    record, before = json.loads(spec.stdout), json.loads(plain.stdout)
+    assert record["reply"] == before["reply"] and record["tokens"] == 16
+    assert record["speculative"]["drafted"] >= record["speculative"]["accepted"] > 0
+
+
 def test_batch_has_no_speculative_flags(tmp_path):
     from helpers_cli import run_cli
 
