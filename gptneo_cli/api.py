@@ -395,54 +395,56 @@ class Endpoints:
         self, body: Any, prompts: list[list[int]], rows: list[Row], rid: str
     ) -> dict[str, Any]:
         """The /v1/completions answer once every row is done."""
-        choices = []
-        completion_tokens = 0
-        for row in rows:
-            result = row.job.wait(0)
-            n_out = 0 if row.drop_output else result.completion_tokens
-            completion_tokens += n_out
+
+        def choice(row: Row, result: Any) -> tuple[dict[str, Any], int]:
             text = "" if row.drop_output else result.text
             if body.echo:
                 text = self.tokenizer.decode(row.ids) + text
-            choices.append(
-                {
-                    "index": row.index,
-                    "text": text,
-                    "logprobs": self.completion_logprobs(body, row, result),
-                    "finish_reason": "length"
-                    if row.drop_output
-                    else finish_name(result.finish_reason),
-                }
-            )
-        return {
-            "id": rid,
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": self.model_name,
-            "choices": choices,
-            "usage": self.usage(prompts, completion_tokens),
-        }
+            entry = {
+                "index": row.index,
+                "text": text,
+                "logprobs": self.completion_logprobs(body, row, result),
+                "finish_reason": "length" if row.drop_output else finish_name(result.finish_reason),
+            }
+            return entry, 0 if row.drop_output else result.completion_tokens
+
+        return self._answer(rid, "text_completion", prompts, rows, choice)
 
     def chat_body(
         self, body: Any, prompts: list[list[int]], rows: list[Row], rid: str
     ) -> dict[str, Any]:
         """The /v1/chat/completions answer once every row is done."""
+
+        def choice(row: Row, result: Any) -> tuple[dict[str, Any], int]:
+            entry = {
+                "index": row.index,
+                "message": {"role": "assistant", "content": result.text.strip()},
+                "logprobs": self.chat_logprobs(result.logprobs) if body.logprobs else None,
+                "finish_reason": finish_name(result.finish_reason),
+            }
+            return entry, result.completion_tokens
+
+        return self._answer(rid, "chat.completion", prompts, rows, choice)
+
+    def _answer(
+        self,
+        rid: str,
+        kind: str,
+        prompts: list[list[int]],
+        rows: list[Row],
+        choice: Callable[[Row, Any], tuple[dict[str, Any], int]],
+    ) -> dict[str, Any]:
+        """A finished response: `choice(row, result)` gives each row's entry and the tokens
+        it counts toward usage."""
         choices = []
         completion_tokens = 0
         for row in rows:
-            result = row.job.wait(0)
-            completion_tokens += result.completion_tokens
-            choices.append(
-                {
-                    "index": row.index,
-                    "message": {"role": "assistant", "content": result.text.strip()},
-                    "logprobs": self.chat_logprobs(result.logprobs) if body.logprobs else None,
-                    "finish_reason": finish_name(result.finish_reason),
-                }
-            )
+            entry, tokens = choice(row, row.job.wait(0))
+            choices.append(entry)
+            completion_tokens += tokens
         return {
             "id": rid,
-            "object": "chat.completion",
+            "object": kind,
             "created": int(time.time()),
             "model": self.model_name,
             "choices": choices,

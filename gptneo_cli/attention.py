@@ -82,10 +82,12 @@ def choose_backend(requested: str, device: torch.device, dtype: torch.dtype) -> 
 # ---- plans (masks) ----------------------------------------------------------------------
 
 
-def _ring_steps(past: int, window: int, device: torch.device) -> torch.Tensor:
-    """The step held by each filled slot of a local layer's ring buffer after `past` steps."""
-    slots = torch.arange(min(past, window), device=device)
-    return past - 1 - torch.remainder(past - 1 - slots, window)
+def _ring_steps(past: int, ring: int, device: torch.device) -> torch.Tensor:
+    """The step held by each filled slot of a local layer's ring buffer (`ring` slots)
+    after `past` steps. A slot a rejected draft wrote counts as holding the step `ring`
+    before it, which is outside the window when the ring has room for the drafts."""
+    slots = torch.arange(min(past, ring), device=device)
+    return past - 1 - torch.remainder(past - 1 - slots, ring)
 
 
 def build_plan(
@@ -95,33 +97,38 @@ def build_plan(
     window: int,
     key_valid: torch.Tensor | None,
     device: torch.device | None = None,
+    ring: int | None = None,
 ) -> AttentionPlan:
     """The mask for `new` queries after `past` cached steps, for a global or local layer.
 
     key_valid is a bool [B, past + new] marking non-padding steps, or None when there is no
     padding. The key order matches what `KVCache.update` returns for this kind of layer.
     The mask lives on `device` (the activations' device; default key_valid's, else CPU).
+    ring: the slots of a local layer's ring buffer (`KVCache.ring`; default the window).
+    A ring larger than the window (speculative decoding) holds steps that left the window,
+    so a one-token step is masked too once the ring has wrapped past the window.
     """
     if device is None:
         device = key_valid.device if key_valid is not None else torch.device("cpu")
     local = kind == "local"
     win = window if local else None
+    ring = window if ring is None else ring
     if past == 0:
         if key_valid is None and (not local or new <= window):
             return AttentionPlan(None, causal=new > 1, window=win)
         key_steps = torch.arange(new, device=device)
     elif new == 1:
-        # Decoding one token: every cached key is in the past (and, for a local layer's ring,
-        # inside the window), so only padding can mask anything.
-        if key_valid is None:
+        # Decoding one token: every cached key is in the past (and, for a local layer's ring
+        # of window slots, inside the window), so only padding can mask anything.
+        if key_valid is None and (not local or ring <= window or past < window):
             return AttentionPlan(None, causal=False, window=win)
         if local:
-            key_steps = _ring_steps(past + 1, window, device)
+            key_steps = _ring_steps(past + 1, ring, device)
         else:
             key_steps = torch.arange(past + 1, device=device)
     elif local:
-        ring = _ring_steps(past, window, device)
-        key_steps = torch.cat([ring, torch.arange(past, past + new, device=device)])
+        held = _ring_steps(past, ring, device)
+        key_steps = torch.cat([held, torch.arange(past, past + new, device=device)])
     else:
         key_steps = torch.arange(past + new, device=device)
 

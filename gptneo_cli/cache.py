@@ -1,9 +1,13 @@
 """The KV cache: preallocated once, written in place, never concatenated per step.
 
 Global layers keep every step (capacity = max_length). Local layers keep only the last
-`window_size` steps in a ring buffer: step s lives in slot s % window, so their memory stops
+`window_size` steps in a ring buffer: step s lives in slot s % ring, so their memory stops
 growing at the window. Attention does not care about key order, only about the mask, and
 `attention.build_plan` knows which step each slot holds.
+
+Speculative decoding feeds k drafted tokens at once and may take them back (`truncate`).
+Its cache is made with `spare=k`: the ring holds window + k slots, so a rejected draft can
+only have overwritten steps that already left the window of every later query.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class KVCache:
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        spare: int = 0,
     ) -> None:
         if max_length < 1:
             raise ValueError(f"max_length must be at least 1, got {max_length}")
@@ -34,6 +39,8 @@ class KVCache:
             )
         self.max_length = max_length
         self.window = config.window_size
+        #: Slots of a local layer's ring: the window, plus room for rejected drafts.
+        self.ring = min(self.window + max(spare, 0), max_length)
         self.kinds = list(config.attention_layers)
         self.length = 0
         #: bool [B, max_length], True for real tokens; None while no padding has been seen.
@@ -42,7 +49,7 @@ class KVCache:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         for kind in self.kinds:
-            capacity = min(self.window, max_length) if kind == "local" else max_length
+            capacity = self.ring if kind == "local" else max_length
             size = (*shape[:2], capacity, shape[3])
             self.keys.append(torch.zeros(size, dtype=dtype, device=device))
             self.values.append(torch.zeros(size, dtype=dtype, device=device))
@@ -110,6 +117,14 @@ class KVCache:
     def advance(self, new: int) -> None:
         """Called once per forward pass, after every layer has stored its keys."""
         self.length += new
+
+    def truncate(self, length: int) -> None:
+        """Forget every step from `length` on (rejected drafts). Global layers just stop
+        reading them; a local layer's ring has `spare` extra slots, so what the dropped
+        steps overwrote was already outside the window of any later query."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} steps to {length}")
+        self.length = length
 
     def keep_rows(self, index: torch.Tensor) -> None:
         """Keep only the batch rows in `index` (finished rows stop costing work)."""

@@ -378,15 +378,14 @@ class FastCausalLM(GPTNeoForCausalLM):
         """The compute dtype (activations, KV cache); int8 weights report it too."""
         return self._dtype
 
-    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+    def new_cache(self, batch_size: int, max_length: int, spare: int = 0) -> KVCache:
+        kwargs = dict(dtype=self.dtype, device=self.device, spare=spare)
         if not (self.compiled and batch_size == 1):
-            return KVCache(
-                self.config, batch_size, max_length, dtype=self.dtype, device=self.device
-            )
+            return KVCache(self.config, batch_size, max_length, **kwargs)
         # Static shapes: a few capacities only.
         bucket = -(-max_length // COMPILE_BUCKET) * COMPILE_BUCKET
         max_length = min(bucket, self.config.max_position_embeddings)
-        cache = KVCache(self.config, 1, max_length, dtype=self.dtype, device=self.device)
+        cache = KVCache(self.config, 1, max_length, **kwargs)
         if self.device.type == "cuda":
             # The CUDA graph writes the cache in place: its buffers must be static inputs
             # (else inductor skips the graph for "mutated inputs"). No guard: a new cache
@@ -499,13 +498,15 @@ class FastCausalLM(GPTNeoForCausalLM):
         values: list[torch.Tensor],
     ) -> torch.Tensor:
         """Decode one token at position `pos` ([1, 1]): the model body (`run`) over whole
-        cache buffers, slots not yet written masked out. For a local layer's ring every slot
-        is a step inside the window once it is full, so `slot <= pos` masks both kinds."""
+        cache buffers, slots not yet written masked out, and on a local layer whose ring is
+        larger than the window (speculative decoding) the slots outside the window too."""
         cache = StaticStepCache(keys, values, pos.view(1))
         plans: dict[str, AttentionPlan] = {}
         for index, kind in enumerate(self.config.attention_layers):
             if kind not in plans:
-                plans[kind] = AttentionPlan(cache.visible(index), causal=False, window=None)
+                window = self.config.window_size if kind == "local" else None
+                mask = cache.visible(index, window)
+                plans[kind] = AttentionPlan(mask, causal=False, window=None)
         x = self.transformer.run(ids, pos, AttentionStep(plans, "sdpa", cache))
         return self.lm_head(x)
 
@@ -531,10 +532,16 @@ class StaticStepCache:
         values.index_copy_(2, slot, v)
         return keys, values
 
-    def visible(self, layer: int) -> torch.Tensor:
-        """bool [1, 1, 1, capacity]: the slots of `layer` written so far (this step's too)."""
+    def visible(self, layer: int, window: int | None = None) -> torch.Tensor:
+        """bool [1, 1, 1, capacity]: the slots of `layer` written so far (this step's too)
+        whose step is inside `window` (None: any step). Slot s holds the step
+        pos - (pos - s) % capacity; a negative one was never written."""
         capacity = self.keys[layer].shape[2]
-        seen = torch.arange(capacity, device=self.step.device) <= self.step
+        slots = torch.arange(capacity, device=self.step.device)
+        held = self.step - torch.remainder(self.step - slots, capacity)
+        seen = held >= 0
+        if window is not None and window < capacity:
+            seen = seen & (held > self.step - window)
         return seen.view(1, 1, 1, capacity)
 
 

@@ -108,6 +108,15 @@ class GenerationResult:
     logprobs: list[TokenLogprob] | None = None
     prompt_index: int = 0
     """Which of the prompts this result belongs to (results come in prompt order)."""
+    drafted: int = 0
+    """Speculative decoding: tokens drafted (prompt lookup or a draft model)."""
+    accepted: int = 0
+    """Speculative decoding: drafted tokens the model kept."""
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """accepted / drafted, or None when nothing was drafted."""
+        return self.accepted / self.drafted if self.drafted else None
 
     @property
     def usage(self) -> dict[str, int]:
@@ -125,6 +134,8 @@ class GenerationResult:
             "truncated_tokens": self.truncated_tokens,
             "logprobs": None if self.logprobs is None else [t.to_dict() for t in self.logprobs],
             "prompt_index": self.prompt_index,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
         }
 
 
@@ -447,6 +458,9 @@ class _Engine:
         self.generator: torch.Generator | None = None
         self.cache: Any = None
         self.chosen = torch.empty(0, dtype=torch.long)
+        # Speculative decoding (one row only): the loop and the target's rule.
+        self.spec: Any = None
+        self.spec_rule: Any = None
 
     def run(self) -> Generator[Deltas, None, list[_Row]]:
         """Yield each step's deltas; return the rows once all are finished or cancelled."""
@@ -470,6 +484,9 @@ class _Engine:
         # caller's code between steps never runs with autograd silently switched off.
         with torch.inference_mode():
             logits = self._prefill()
+        if self.spec is not None:
+            yield from self.spec.run(logits)
+            return
         while True:
             with torch.inference_mode():
                 deltas, keep = self._choose(logits)
@@ -508,10 +525,33 @@ class _Engine:
             self.generator.manual_seed(self.seed)
 
         # The last token is never fed back, so the cache needs one position less.
-        self.cache = model.new_cache(batch, total - 1)
+        if config.speculative and batch == 1:
+            self._start_speculation(total - 1)
+        else:
+            self.cache = model.new_cache(batch, total - 1)
         self.prefill_start = time.perf_counter()
         out = model(ids, attention_mask=mask, cache=self.cache, logits_to_keep=1)
         return out.logits[:, -1].float()
+
+    def _start_speculation(self, length: int) -> None:
+        """A cache with ring room for rejected drafts, the drafter and the verify loop."""
+        from . import speculative
+
+        k = self.config.draft_tokens
+        self.cache = self.model.new_cache(1, length, spare=k)
+        self.spec_rule = speculative.TargetRule(
+            self.config, self.eos_ids, self.prompt_len, self.generator
+        )
+        drafter = speculative.drafter_for(self, length)
+        self.spec = speculative.SpeculativeLoop(self, drafter, k)
+
+    def take(self, row: _Row, token: int, logits: torch.Tensor) -> str:
+        """Take one verified token into a (speculating) row: what `_choose` does for one."""
+        if self.config.logprobs is not None:
+            chosen = torch.tensor([token], device=logits.device)
+            self._record_logprobs(logits, chosen, [token])
+        self.step += 1
+        return self._accept(row, token, self.step, time.perf_counter())
 
     def _choose(self, logits: torch.Tensor) -> tuple[Deltas, list[int]]:
         """Pick each active row's next token and take it in; return (deltas, rows to keep)."""
@@ -644,6 +684,8 @@ class _Engine:
             truncated_tokens=row.truncated,
             logprobs=row.logprobs,
             prompt_index=row.prompt_index,
+            drafted=self.spec.drafted if self.spec is not None else 0,
+            accepted=self.spec.accepted if self.spec is not None else 0,
         )
 
 
@@ -659,6 +701,14 @@ def _engines(
     check = _cancel_check(cancel)
     rows = _prepare_rows(model, tokenizer, prompts, config)
     seed = None if config.greedy else (config.seed if config.seed is not None else _new_seed())
+    if config.speculative:
+        # Drafts are verified one sequence at a time: each row is its own batch of one. The
+        # draft model loads here, so a bad one fails before any compute.
+        if config.draft_model is not None:
+            from .speculative import load_draft
+
+            load_draft(model, config.draft_model, tokenizer=tokenizer)
+        return [_Engine(model, tokenizer, [row], config, seed, check) for row in rows]
     groups = _fit_groups(rows, model.config.max_position_embeddings)
     return [_Engine(model, tokenizer, g, config, seed, check) for g in groups]
 
@@ -684,7 +734,7 @@ def generate(
     config = config if config is not None else GenerationConfig()
     config.validate()
     rows = _prepare_rows(model, tokenizer, prompts, config)
-    if len(rows) > 1 and _schedulable(model):
+    if len(rows) > 1 and _schedulable(model) and not config.speculative:
         seed = None if config.greedy else (config.seed if config.seed is not None else _new_seed())
         return _generate_scheduled(model, tokenizer, rows, config, seed, _cancel_check(cancel))
     results: list[GenerationResult] = []

@@ -114,12 +114,14 @@ def load_folder(
         model = FastCausalLM.from_pretrained(
             folder, dtype=dtype, device=device, attn=attn, quantize=quantize, compile=compile
         )
+        model.source_folder = folder  # speculative decoding's self-int8 draft reloads it
         return model, tokenizer
     from . import modeling
 
     model = getattr(modeling, head).from_pretrained(
         folder, dtype=dtype, device=device, attn=attn, quantize=quantize, compile=compile
     )
+    model.source_folder = folder
     return model, tokenizer
 
 

@@ -143,9 +143,17 @@ class GPTNeoPreTrainedModel(nn.Module):
         choose_backend(name, self.device, self.dtype)
         self.base().attn_backend = name
 
-    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
-        """A preallocated KV cache for `batch_size` rows of up to `max_length` positions."""
-        return KVCache(self.config, batch_size, max_length, dtype=self.dtype, device=self.device)
+    def new_cache(self, batch_size: int, max_length: int, spare: int = 0) -> KVCache:
+        """A preallocated KV cache for `batch_size` rows of up to `max_length` positions
+        (`spare`: ring room for that many rejected draft tokens, see cache.py)."""
+        return KVCache(
+            self.config,
+            batch_size,
+            max_length,
+            dtype=self.dtype,
+            device=self.device,
+            spare=spare,
+        )
 
     def init_weights(self, module: nn.Module | None = None) -> None:
         """GPT-Neo's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorms."""
@@ -376,9 +384,10 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
         backend = choose_backend(self.attn_backend, device, dtype)
         if backend == "flash" and past > 0:
             backend = "sdpa"  # flash serves prefills; a cached step runs sdpa
+        window, ring = self.config.window_size, getattr(cache, "ring", None)
         step = AttentionStep(
             plans={
-                kind: build_plan(kind, past, new, self.config.window_size, key_valid, device)
+                kind: build_plan(kind, past, new, window, key_valid, device, ring)
                 for kind in set(self.config.attention_layers)
             },
             backend=backend,

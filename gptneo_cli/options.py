@@ -28,6 +28,10 @@ from typing import Any
 DEFAULT_MAX_NEW_TOKENS = 100
 #: The most alternatives `logprobs` may ask for per step.
 MAX_LOGPROBS = 20
+#: Speculative decoding: tokens drafted per step (default, most), longest n-gram looked up.
+DEFAULT_DRAFT_TOKENS = 5
+MAX_DRAFT_TOKENS = 32
+MAX_LOOKUP_NGRAM = 16
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -70,6 +74,9 @@ class Option:
     """Also a key of the settings file and a GPTNEO_* variable."""
     chat: bool = True
     """Also a `gptneo chat` flag and a /set key."""
+    batch: bool = True
+    """Also a `gptneo batch` flag (batch and the server run the continuous-batching
+    scheduler, which does not implement every option)."""
 
     @property
     def cli_flag(self) -> str | None:
@@ -369,7 +376,39 @@ GENERATION: list[Option] = [
         choices=("left", "error"),
         chat=False,
     ),
+    Option(
+        "prompt_lookup",
+        int,
+        0,
+        "Speculative decoding: draft tokens copied from where the context's last N tokens "
+        "(or fewer) occurred before; 0 disables.",
+        low=0,
+        high=MAX_LOOKUP_NGRAM,
+        batch=False,
+    ),
+    Option(
+        "draft_model",
+        str,
+        None,
+        "Speculative decoding: a GPT-Neo model with the same tokenizer drafts the tokens "
+        "(name or folder; self-int8 = this model's own int8 copy).",
+        optional=True,
+        batch=False,
+        shown_default="",
+    ),
+    Option(
+        "draft_tokens",
+        int,
+        DEFAULT_DRAFT_TOKENS,
+        "Speculative decoding: tokens drafted per step.",
+        low=1,
+        high=MAX_DRAFT_TOKENS,
+        batch=False,
+    ),
 ]
+
+#: The options a server request or a batch line cannot set (the scheduler lacks them).
+SPECULATIVE = ("prompt_lookup", "draft_model", "draft_tokens")
 
 
 def option(name: str) -> Option:
@@ -405,6 +444,11 @@ class _ConfigMethods:
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0  # type: ignore[attr-defined]
 
+    @property
+    def speculative(self) -> bool:
+        """Whether tokens are drafted and verified (prompt lookup or a draft model)."""
+        return bool(self.prompt_lookup) or self.draft_model is not None  # type: ignore[attr-defined]
+
     def replace(self, **changes: Any) -> Any:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
@@ -422,6 +466,18 @@ class _ConfigMethods:
                 option="num_return_sequences",
                 cli="--num-return-sequences above 1 needs sampling: greedy decoding would "
                 "repeat the same text (drop --greedy, and use a --temperature above 0)",
+            )
+        if self.prompt_lookup and self.draft_model is not None:  # type: ignore[attr-defined]
+            raise OptionError(
+                "prompt_lookup and draft_model are two ways to draft tokens: use one",
+                option="prompt_lookup",
+                cli="--prompt-lookup and --draft-model are two ways to draft tokens: use one",
+            )
+        if self.draft_model is not None and not self.draft_model.strip():  # type: ignore[attr-defined]
+            raise OptionError(
+                "draft_model is empty: name a model or leave it out",
+                option="draft_model",
+                cli="--draft-model is empty: name a model or leave it out",
             )
 
 

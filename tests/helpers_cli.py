@@ -73,6 +73,31 @@ def run_cli(
     )
 
 
+def on_a_pty(
+    home: Path,
+    argv: list[str],
+    *,
+    dimensions: tuple[int, int] = (40, 200),
+    encoding: str | None = None,
+    **env: str,
+):
+    """Run argv with stdin, stdout and stderr on a pseudo-terminal (pexpect) until it exits;
+    the closed child: `.before` holds everything the terminal got, `.exitstatus` the code."""
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(
+        argv[0],
+        argv[1:],
+        env=cli_env(home, **env),
+        cwd=str(home),
+        timeout=120,
+        encoding=encoding,
+        dimensions=dimensions,
+    )
+    child.expect(pexpect.EOF)
+    child.close()
+    return child
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 _CACHE: dict[str, Path] = {}

@@ -28,8 +28,9 @@ def small_model(tmp_path_factory):
     return str(causal_checkpoint(tmp_path_factory, max_positions=64))
 
 
-def chat_piped(model: str, home, lines: list[str], *args: str):
-    return run_cli(
+def chat_args(model: str, *args: str) -> list[str]:
+    """`chat` on `model`, on the CPU, seeded, with the USER prefix, then `args`."""
+    return [
         "chat",
         "--model",
         model,
@@ -40,6 +41,12 @@ def chat_piped(model: str, home, lines: list[str], *args: str):
         "--user-prefix",
         USER,
         *args,
+    ]
+
+
+def chat_piped(model: str, home, lines: list[str], *args: str):
+    return run_cli(
+        *chat_args(model, *args),
         home=home,
         input="\n".join(lines) + "\n",
         timeout=180,
@@ -222,19 +229,7 @@ def spawn(model: str, home, *args: str):
     cmd = gptneo_command()
     child = pexpect.spawn(
         cmd[0],
-        [
-            *cmd[1:],
-            "chat",
-            "--model",
-            model,
-            "--device",
-            "cpu",
-            "--seed",
-            "1",
-            "--user-prefix",
-            USER,
-            *args,
-        ],
+        [*cmd[1:], *chat_args(model, *args)],
         env=env,
         cwd=str(home),
         timeout=120,

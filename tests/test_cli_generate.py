@@ -11,7 +11,14 @@ import subprocess
 import sys
 
 import pytest
-from helpers_cli import ANSI_ESCAPE, causal_checkpoint, cli_env, gptneo_command, run_cli
+from helpers_cli import (
+    ANSI_ESCAPE,
+    causal_checkpoint,
+    cli_env,
+    gptneo_command,
+    on_a_pty,
+    run_cli,
+)
 
 RECORD_KEYS = {
     "model",
@@ -35,20 +42,18 @@ def model(tmp_path_factory):
     return str(causal_checkpoint(tmp_path_factory, max_positions=2048))
 
 
+def generate_args(model: str, *args: str) -> list[str]:
+    """`generate` on `model` in float32 on the CPU (runs are exactly repeatable), then args."""
+    return ["generate", "--model", model, "--device", "cpu", "--dtype", "float32", *args]
+
+
 @pytest.fixture
 def gen(model, tmp_path):
     """gptneo generate on the tiny model (float32 on CPU, so runs are exactly repeatable)."""
 
     def run(*args: str, **kwargs):
         return run_cli(
-            "generate",
-            "--model",
-            model,
-            "--device",
-            "cpu",
-            "--dtype",
-            "float32",
-            *args,
+            *generate_args(model, *args),
             home=tmp_path,
             **kwargs,
         )
@@ -281,30 +286,22 @@ def test_flash_on_cpu_is_a_runtime_error(gen):
     assert err.startswith("Error: --attn flash cannot run") and len(err.splitlines()) == 1
 
 
-def test_broken_pipe_exits_quietly(model, tmp_path):
-    """`gptneo generate ... | head -c 10`: no traceback, no message, exit 0. --stats would
-    print to stderr at the end, so an empty stderr shows the pipe broke mid-generation."""
-    proc = subprocess.Popen(
-        [
-            *gptneo_command(),
-            "generate",
-            "x",
-            "--model",
-            model,
-            "--device",
-            "cpu",
-            "-n",
-            "2000",
-            "--ignore-eos",
-            "--seed",
-            "1",
-            "--stats",
-        ],
+def long_generation(model: str, home, *args: str) -> subprocess.Popen[bytes]:
+    """gptneo generate running for 2000 tokens, its stdout and stderr on pipes."""
+    argv = ["generate", "x", "--model", model, "--device", "cpu", "-n", "2000", "--ignore-eos"]
+    return subprocess.Popen(
+        [*gptneo_command(), *argv, "--seed", "1", *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=cli_env(tmp_path),
+        env=cli_env(home),
     )
+
+
+def test_broken_pipe_exits_quietly(model, tmp_path):
+    """`gptneo generate ... | head -c 10`: no traceback, no message, exit 0. --stats would
+    print to stderr at the end, so an empty stderr shows the pipe broke mid-generation."""
+    proc = long_generation(model, tmp_path, "--stats")
     head = os.read(proc.stdout.fileno(), 10)
     proc.stdout.close()
     err = proc.stderr.read()
@@ -313,26 +310,7 @@ def test_broken_pipe_exits_quietly(model, tmp_path):
 
 
 def test_ctrl_c_keeps_the_text_and_exits_130(model, tmp_path):
-    proc = subprocess.Popen(
-        [
-            *gptneo_command(),
-            "generate",
-            "x",
-            "--model",
-            model,
-            "--device",
-            "cpu",
-            "-n",
-            "2000",
-            "--ignore-eos",
-            "--seed",
-            "1",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=cli_env(tmp_path),
-    )
+    proc = long_generation(model, tmp_path)
     first = os.read(proc.stdout.fileno(), 1)  # generation has started
     proc.send_signal(signal.SIGINT)
     rest = proc.stdout.read()
@@ -345,29 +323,9 @@ def test_ctrl_c_keeps_the_text_and_exits_130(model, tmp_path):
 def run_on_a_terminal(model: str, home, *args: str, stderr_too: bool = True, **env: str) -> bytes:
     """gptneo generate with stdout (and stderr unless stderr_too is False) on a
     pseudo-terminal; everything the terminal got."""
-    pexpect = pytest.importorskip("pexpect")
-    command = [
-        *gptneo_command(),
-        "generate",
-        "--model",
-        model,
-        "--device",
-        "cpu",
-        "--dtype",
-        "float32",
-        *args,
-    ]
+    command = [*gptneo_command(), *generate_args(model, *args)]
     line = shlex.join(command) + ("" if stderr_too else " 2>/dev/null")
-    child = pexpect.spawn(
-        "/bin/sh",
-        ["-c", line],
-        env=cli_env(home, TERM="xterm-256color", **env),
-        cwd=str(home),
-        timeout=120,
-        dimensions=(40, 200),
-    )
-    child.expect(pexpect.EOF)
-    child.close()
+    child = on_a_pty(home, ["/bin/sh", "-c", line], TERM="xterm-256color", **env)
     assert child.exitstatus == 0
     return child.before
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_cli import ANSI_ESCAPE, cli_env, gptneo_command, run_cli
+from helpers_cli import ANSI_ESCAPE, gptneo_command, on_a_pty, run_cli
 from test_tasks import load_ours, make_checkpoint, oracle_probs, raw_tokenizer, reference_zero_shot
 
 from gptneo_cli import tasks
@@ -135,21 +135,17 @@ def test_classify_plain_output_when_piped(ckpt, home):
 
 def test_classify_table_on_a_terminal(ckpt, home):
     """On a TTY: a table with one probability column per label (NO_COLOR: no escapes)."""
-    pexpect = pytest.importorskip("pexpect")
     folder, _ = ckpt["causal"]
     (home / "a.txt").write_text("Stocks fell.", encoding="utf-8")
-    cmd = gptneo_command()
-    child = pexpect.spawn(
-        cmd[0],
-        [*cmd[1:], "classify", "a.txt", "--labels", "finance,sport", "--model", str(folder), *CPU],
-        env=cli_env(home, NO_COLOR="1", TERM="xterm"),
-        cwd=str(home),
-        timeout=120,
-        encoding="utf-8",
+    argv = ["classify", "a.txt", "--labels", "finance,sport", "--model", str(folder), *CPU]
+    child = on_a_pty(
+        home,
+        [*gptneo_command(), *argv],
         dimensions=(24, 120),
+        encoding="utf-8",
+        NO_COLOR="1",
+        TERM="xterm",
     )
-    child.expect(pexpect.EOF)
-    child.close()
     assert child.exitstatus == 0
     # the pty merges stderr, where the loading spinner moves the cursor; styles are SGR (m)
     screen = re.sub(r"\x1b\[[0-9;?]*[ABCDHJKhl]", "", child.before)

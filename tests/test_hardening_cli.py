@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers_cli import cli_env, gptneo_command, run_cli
+from helpers_cli import cli_env, gptneo_command, on_a_pty, run_cli
 
 TINY = ("--model", "tiny", "--device", "cpu")
 GEN = ("generate", *TINY, "-n", "4", "--greedy")
@@ -35,22 +35,29 @@ def sh(command: str, home, **env: str) -> subprocess.CompletedProcess[bytes]:
 # ---- stdin it does not need ---------------------------------------------------------------
 
 
-def test_an_idle_stdin_pipe_does_not_hold_a_prompt_argument(tmp_path):
-    """`sleep 1000 | gptneo generate "prompt"`: the pipe never sends and never closes."""
+def with_an_idle_stdin(home, *args: str) -> tuple[int, bytes, bytes]:
+    """Run gptneo with a stdin pipe that stays open and silent: (exit code, stdout, stderr).
+    The timeout is a guard against a hang, not a measurement."""
     proc = subprocess.Popen(
-        [*gptneo_command(), *GEN, "Once upon a time"],
+        [*gptneo_command(), *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=cli_env(tmp_path),
-        cwd=tmp_path,
+        env=cli_env(home),
+        cwd=home,
     )
     try:
-        out, err = proc.communicate(timeout=120)  # a guard, not a measurement
+        out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
         proc.stdin.close()
-    assert proc.returncode == 0, err
+    return proc.returncode, out, err
+
+
+def test_an_idle_stdin_pipe_does_not_hold_a_prompt_argument(tmp_path):
+    """`sleep 1000 | gptneo generate "prompt"`: the pipe never sends and never closes."""
+    code, out, err = with_an_idle_stdin(tmp_path, *GEN, "Once upon a time")
+    assert code == 0, err
     alone = run_cli(*GEN, "Once upon a time", home=tmp_path)
     assert out == alone.stdout and out.strip()
 
@@ -61,20 +68,8 @@ def test_piped_text_is_still_put_before_the_argument(tmp_path):
 
 
 def test_show_config_does_not_wait_for_an_idle_pipe(tmp_path):
-    proc = subprocess.Popen(
-        [*gptneo_command(), "generate", "--show-config"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=cli_env(tmp_path),
-        cwd=tmp_path,
-    )
-    try:
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-        proc.stdin.close()
-    assert proc.returncode == 0 and b"Effective settings" in err
+    code, _, err = with_an_idle_stdin(tmp_path, "generate", "--show-config")
+    assert code == 0 and b"Effective settings" in err
 
 
 # ---- inputs are size-checked before they are read whole -----------------------------------
@@ -200,19 +195,8 @@ EVIL = "\x1b]0;pwned\x07\x1b[2J\x9b31m"
 
 
 def on_a_terminal(home, command: str, **env: str) -> bytes:
-    pexpect = pytest.importorskip("pexpect")
     line = f"G={shlex.join(gptneo_command())}; {command}"
-    child = pexpect.spawn(
-        "/bin/sh",
-        ["-c", line],
-        env=cli_env(home, TERM="xterm-256color", **env),
-        cwd=str(home),
-        timeout=120,
-        dimensions=(40, 200),
-    )
-    child.expect(pexpect.EOF)
-    child.close()
-    return child.before
+    return on_a_pty(home, ["/bin/sh", "-c", line], TERM="xterm-256color", **env).before
 
 
 def _no_raw_data_escapes(shown: bytes) -> None:

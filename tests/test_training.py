@@ -241,9 +241,17 @@ def test_from_scratch_ignores_weights(base_model: Path, text_data: Path, tmp_pat
     )
 
 
-def test_cli_finetune(base_model: Path, text_data: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    proc = run_cli(
+def finetune_args(
+    base_model: Path,
+    text_data: Path,
+    out: Path,
+    *,
+    batch_size: int,
+    max_steps: int,
+    eval_every: int,
+) -> list[str]:
+    """`gptneo finetune` of the base model on the text, 16-token blocks, into `out`."""
+    return [
         "finetune",
         str(base_model),
         str(text_data),
@@ -252,11 +260,18 @@ def test_cli_finetune(base_model: Path, text_data: Path, tmp_path: Path) -> None
         "--block-size",
         "16",
         "--batch-size",
-        "4",
+        str(batch_size),
         "--max-steps",
-        "3",
+        str(max_steps),
         "--eval-every",
-        "2",
+        str(eval_every),
+    ]
+
+
+def test_cli_finetune(base_model: Path, text_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = run_cli(
+        *finetune_args(base_model, text_data, out, batch_size=4, max_steps=3, eval_every=2),
         "--lr",
         "1e-3",
         "--format",
@@ -490,21 +505,7 @@ def test_cli_ctrl_c_saves_a_checkpoint_and_resume_finishes(
     from helpers_cli import cli_env, gptneo_command
 
     out = tmp_path / "out"
-    args = [
-        "finetune",
-        str(base_model),
-        str(text_data),
-        "--output",
-        str(out),
-        "--block-size",
-        "16",
-        "--batch-size",
-        "2",
-        "--max-steps",
-        "100000",
-        "--eval-every",
-        "5",
-    ]
+    args = finetune_args(base_model, text_data, out, batch_size=2, max_steps=100000, eval_every=5)
     proc = subprocess.Popen(
         [*gptneo_command(), *args],
         stdin=subprocess.DEVNULL,
@@ -547,37 +548,20 @@ def test_cli_finetune_rich_progress_on_a_terminal(
     """On a TTY, stderr carries a live Rich bar with the step count, loss, tokens/s and ETA."""
     import re
 
-    pexpect = pytest.importorskip("pexpect")
-    from helpers_cli import cli_env, gptneo_command
+    from helpers_cli import gptneo_command, on_a_pty
 
     out = tmp_path / "out"
-    cmd = gptneo_command()
-    child = pexpect.spawn(
-        cmd[0],
+    child = on_a_pty(
+        tmp_path,
         [
-            *cmd[1:],
-            "finetune",
-            str(base_model),
-            str(text_data),
-            "--output",
-            str(out),
-            "--block-size",
-            "16",
-            "--batch-size",
-            "4",
-            "--max-steps",
-            "4",
-            "--eval-every",
-            "2",
+            *gptneo_command(),
+            *finetune_args(base_model, text_data, out, batch_size=4, max_steps=4, eval_every=2),
         ],
-        env=cli_env(tmp_path, NO_COLOR="1", TERM="xterm"),
-        cwd=str(tmp_path),
-        timeout=120,
-        encoding="utf-8",
         dimensions=(30, 160),
+        encoding="utf-8",
+        NO_COLOR="1",
+        TERM="xterm",
     )
-    child.expect(pexpect.EOF)
-    child.close()
     assert child.exitstatus == 0, child.before
     assert "\x1b[2K" in child.before  # a live display redrawing its line, not plain lines
     screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", child.before)

@@ -22,7 +22,7 @@ from ..settings import default_history_file, load_settings
 from .errors import EXIT_RUNTIME, EXIT_USAGE, report_error
 from .help import examples
 from .inputs import MAX_PROMPT_BYTES, check_text, read_text_file
-from .loading import LoadedModel, ModelOptions, load_model
+from .loading import LoadedModel, ModelOptions, load_draft, load_model
 from .options import DebugOpt, generation_config, generation_options, loading_options
 from .output import Diagnostics, TextStream, is_tty, write_json
 from .userfiles import WriteError, write_text_atomic
@@ -118,17 +118,16 @@ class ChatSession:
         text, result = self._stream(prompt, config, out if self.fmt == "text" else None)
         self.printed += 1
         if self.fmt == "jsonl":
-            write_json(
-                {
-                    "user": message,
-                    "reply": text,
-                    "tokens": result.completion_tokens,
-                    "prompt_tokens": result.prompt_tokens,
-                    "finish_reason": result.finish_reason,
-                },
-                out.stream,
-                lines=True,
-            )
+            record = {
+                "user": message,
+                "reply": text,
+                "tokens": result.completion_tokens,
+                "prompt_tokens": result.prompt_tokens,
+                "finish_reason": result.finish_reason,
+            }
+            if config.speculative:
+                record["speculative"] = {"drafted": result.drafted, "accepted": result.accepted}
+            write_json(record, out.stream, lines=True)
         if result.finish_reason == "cancelled":
             # on a terminal the echoed ^C sits at the start of a line: start a fresh one
             self.diag.note(("\n" if out.tty else "") + "(reply stopped)")
@@ -391,6 +390,7 @@ def chat(
     options = ModelOptions.merge(settings, **(loading or {}))
     diag = Diagnostics()
     loaded = load_model(options)
+    load_draft(loaded, config)
     session = ChatSession(loaded, config, conversation, diag, fmt)
     if is_tty(sys.stdin):
         history_file = settings.get("history_file") if history else None

@@ -18,10 +18,19 @@ from .loading import apply_threads, thread_setting
 from .options import DebugOpt, DeviceOpt, RevisionOpt, ThreadsOpt, complete_model
 from .output import check_format
 from .progress import make_reporter
-from .train_common import ForceOpt, YesOpt, check_output, resolve_base, write_summary
+from .train_common import (
+    DATA_PANEL,
+    OPT_PANEL,
+    EpochsOpt,
+    ForceOpt,
+    MaxStepsOpt,
+    OutputOpt,
+    YesOpt,
+    check_output,
+    resolve_base,
+    write_summary,
+)
 
-DATA_PANEL = "Data"
-OPT_PANEL = "Optimization"
 RUN_PANEL = "Run"
 
 
@@ -60,12 +69,7 @@ def finetune(
             'with {"text": ...} per line.',
         ),
     ],
-    output: Annotated[
-        Path,
-        typer.Option(
-            "--output", "-o", help="Folder for the trained model (Hub format).", show_default=False
-        ),
-    ],
+    output: OutputOpt,
     revision: RevisionOpt = None,
     device: DeviceOpt = None,
     include: Annotated[
@@ -131,18 +135,8 @@ def finetune(
             show_default=False,
         ),
     ] = None,
-    epochs: Annotated[
-        int, typer.Option("--epochs", help="Passes over the data.", rich_help_panel=OPT_PANEL)
-    ] = 1,
-    max_steps: Annotated[
-        int | None,
-        typer.Option(
-            "--max-steps",
-            help="Optimizer steps; overrides --epochs.",
-            rich_help_panel=OPT_PANEL,
-            show_default=False,
-        ),
-    ] = None,
+    epochs: EpochsOpt = 1,
+    max_steps: MaxStepsOpt = None,
     precision: Annotated[
         str,
         typer.Option(

@@ -29,7 +29,7 @@ from .inputs import (
     read_text_file,
     stdin_has_input,
 )
-from .loading import LoadedModel, ModelOptions, load_model, spinner
+from .loading import LoadedModel, ModelOptions, load_draft, load_model, spinner
 from .options import DebugOpt, generation_config, generation_options, loading_options
 from .output import Diagnostics, TextStream, check_format, is_tty, write_json
 from .userfiles import AtomicTextFile
@@ -167,6 +167,7 @@ def generate(
     sink: Any = sys.stdout if target is None else target
     try:
         loaded = load_model(options, fast=True)
+        load_draft(loaded, config)
         started = time.perf_counter()
         if fmt == "text" and len(prompts) == 1 and config.num_return_sequences == 1:
             results = [_stream_one(loaded, prompts[0], config, TextStream(sink), echo)]
@@ -363,6 +364,8 @@ def result_record(
     }
     if config.logprobs is not None and result.logprobs is not None:
         record["logprobs"] = [item.to_dict() for item in result.logprobs]
+    if config.speculative:
+        record["speculative"] = {"drafted": result.drafted, "accepted": result.accepted}
     return record
 
 
@@ -433,6 +436,11 @@ def _print_stats(
         rows.append(("results", str(len(results))))
         rows.append(("prompt", f"{prompt_tokens} tokens"))
         rows.append(("generation", f"{completion} tokens in {elapsed:.2f} s, {rate:.1f} tok/s"))
+    drafted = sum(r.drafted for r in results)
+    if drafted or any(r.accepted for r in results):
+        accepted = sum(r.accepted for r in results)
+        rate = accepted / drafted if drafted else 0.0
+        rows.append(("speculative", f"{drafted} drafted, {accepted} accepted ({rate:.0%})"))
     from ..threads import current
 
     choice = current()

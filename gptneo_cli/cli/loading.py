@@ -204,6 +204,17 @@ def load_model(
     return LoadedModel(model, tokenizer, options, path, time.perf_counter() - start)
 
 
+def load_draft(loaded: LoadedModel, config: Any) -> None:
+    """--draft-model: load the draft model beside the model now, so that a bad one (not
+    found, another tokenizer) fails before any text is generated."""
+    if config.draft_model is None:
+        return
+    from ..speculative import load_draft as load
+
+    with spinner(f"Loading draft model {config.draft_model}"):
+        load(loaded.model, config.draft_model, tokenizer=loaded.tokenizer, folder=loaded.path)
+
+
 @contextlib.contextmanager
 def spinner(message: str) -> Iterator[None]:
     """A Rich spinner on stderr when it is a terminal; silent otherwise (pipes, CI, logs)."""

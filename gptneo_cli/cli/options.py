@@ -57,34 +57,42 @@ RevisionOpt = Annotated[
         show_default=False,
     ),
 ]
-DeviceOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--device",
-        help="auto, cpu, cuda, cuda:N or mps. (env GPTNEO_DEVICE; default auto)",
-        autocompletion=complete_from(DEVICE_CHOICES),
+
+
+def _model_choice(flag: str, help: str, choices: tuple[str, ...]) -> Any:
+    """A Model-panel flag that takes one of `choices` (completed by the shell); no default
+    shown, since the default comes from the settings."""
+    return typer.Option(
+        flag,
+        help=help,
+        autocompletion=complete_from(choices),
         rich_help_panel=MODEL_PANEL,
         show_default=False,
+    )
+
+
+DeviceOpt = Annotated[
+    str | None,
+    _model_choice(
+        "--device",
+        "auto, cpu, cuda, cuda:N or mps. (env GPTNEO_DEVICE; default auto)",
+        DEVICE_CHOICES,
     ),
 ]
 DtypeOpt = Annotated[
     str | None,
-    typer.Option(
+    _model_choice(
         "--dtype",
-        help="auto, float32, bfloat16 or float16. (env GPTNEO_DTYPE; default auto)",
-        autocompletion=complete_from(DTYPE_CHOICES),
-        rich_help_panel=MODEL_PANEL,
-        show_default=False,
+        "auto, float32, bfloat16 or float16. (env GPTNEO_DTYPE; default auto)",
+        DTYPE_CHOICES,
     ),
 ]
 AttnOpt = Annotated[
     str | None,
-    typer.Option(
+    _model_choice(
         "--attn",
-        help="Attention backend: auto, eager, sdpa or flash. (env GPTNEO_ATTN; default auto)",
-        autocompletion=complete_from(ATTN_CHOICES),
-        rich_help_panel=MODEL_PANEL,
-        show_default=False,
+        "Attention backend: auto, eager, sdpa or flash. (env GPTNEO_ATTN; default auto)",
+        ATTN_CHOICES,
     ),
 ]
 ThreadsOpt = Annotated[
@@ -100,14 +108,12 @@ ThreadsOpt = Annotated[
 ]
 QuantizeOpt = Annotated[
     str | None,
-    typer.Option(
+    _model_choice(
         "--quantize",
-        help="Quantize the weights when loading: int8 (weight-only, per-channel scales; "
+        "Quantize the weights when loading: int8 (weight-only, per-channel scales; "
         "~4x less memory, faster on CPU) or int8-dynamic (also quantizes activations: "
         "faster still on CPU, a little less exact). (default none)",
-        autocompletion=complete_from(("none", "int8", "int8-dynamic")),
-        rich_help_panel=MODEL_PANEL,
-        show_default=False,
+        ("none", "int8", "int8-dynamic"),
     ),
 ]
 CompileOpt = Annotated[
@@ -146,7 +152,7 @@ def generation_options(command: str) -> Callable[[Callable[..., Any]], Callable[
     {option name: the flag's value, or None when the flag was not given}. `chat` gets the
     options marked chat=True. A new option in the schema is a new flag here, with no edit.
     """
-    opts = [o for o in GENERATION if o.cli_flag and (command != "chat" or o.chat)]
+    opts = [o for o in GENERATION if o.cli_flag and _offered(o, command)]
     by_name = {o.name: o for o in opts}
     return _expand(
         "generation",
@@ -208,6 +214,11 @@ def _expand(
         return wrapper
 
     return decorate
+
+
+def _offered(opt: Option, command: str) -> bool:
+    """Whether `command` has a flag for `opt` (chat and batch take a subset)."""
+    return (command != "chat" or opt.chat) and (command != "batch" or opt.batch)
 
 
 def _parameter(opt: Option) -> inspect.Parameter:

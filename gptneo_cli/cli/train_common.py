@@ -117,7 +117,8 @@ def _show(value: object) -> str:
 
 
 # --------------------------------------------------------------------------- head trainers
-# The options train-classifier, train-tagger and train-qa share (gptneo_cli.training.heads).
+# The options train-classifier, train-tagger and train-qa share (gptneo_cli.training.heads);
+# finetune uses the ones it has too (DATA_PANEL, OPT_PANEL, OutputOpt, EpochsOpt, MaxStepsOpt).
 
 DATA_PANEL = "Data"
 OPT_PANEL = "Optimization"
@@ -131,7 +132,7 @@ BaseModelArg = Annotated[
         autocompletion=complete_model,
     ),
 ]
-HeadOutputOpt = Annotated[
+OutputOpt = Annotated[
     Path,
     typer.Option(
         "--output", "-o", help="Folder for the trained model (Hub format).", show_default=False

@@ -184,33 +184,10 @@ class _Guard:
 
     @staticmethod
     async def _internal_error(send: Callable, exc: Exception) -> None:
-        body = json.dumps(
-            errors.error_body(500, f"internal error: {type(exc).__name__}: {exc}")
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 500,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await _send_error(send, 500, f"internal error: {type(exc).__name__}: {exc}")
 
     async def _too_large(self, send: Callable) -> None:
-        body = json.dumps(
-            errors.error_body(413, f"the request body is larger than {self.max_body} bytes")
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await _send_error(send, 413, f"the request body is larger than {self.max_body} bytes")
 
     def _done(self, scope: dict, status: int, start: float) -> None:
         path = scope.get("path", "")
@@ -230,6 +207,15 @@ class _Guard:
 #: The key as the schema shows it (an "Authorize" button in /docs); checked by check_key.
 _BEARER = HTTPBearer(auto_error=False, description="The server's --api-key.")
 _Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
+
+
+async def _send_error(send: Callable, status: int, message: str) -> None:
+    """An OpenAI-style JSON error straight on the ASGI channel (no route ran: the body
+    was too large, or the app failed before answering)."""
+    body = json.dumps(errors.error_body(status, message)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class _Api:

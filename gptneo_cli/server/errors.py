@@ -14,15 +14,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..api import APIError, error_body, validation_message
 
 
-def error_response(
-    status: int,
-    message: str,
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
+def error_response(error: APIError) -> JSONResponse:
+    """An APIError as OpenAI's JSON error, with its status and headers."""
     return JSONResponse(
-        error_body(status, message, param, code), status_code=status, headers=headers
+        error_body(error.status, error.message, error.param, error.code),
+        status_code=error.status,
+        headers=error.headers,
     )
 
 
@@ -34,12 +31,12 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return error_response(400, message, param)
+        return error_response(APIError(400, message, param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -48,4 +45,6 @@ def install(app: FastAPI) -> None:
             message = f"no route {request.method} {request.url.path}"
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
-        return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+        return error_response(
+            APIError(exc.status_code, message, headers=getattr(exc, "headers", None))
+        )

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from ..options import MAX_LOGPROBS, GenerationConfig, Option, OptionError, option
+from ..options import MAX_LOGPROBS, SPECULATIVE, GenerationConfig, Option, OptionError, option
 
 #: The most choices (`n`) one request may ask for, and prompts in one request.
 MAX_N = 16
@@ -104,6 +104,11 @@ class _Base(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # Speculative decoding's options, declared so that asking for them is a clear 400
+    # rather than silently ignored: the server's scheduler does not draft (see to_config).
+    prompt_lookup: int | None = Field(None, description=option("prompt_lookup").help)
+    draft_model: str | None = Field(None, description=option("draft_model").help)
+    draft_tokens: int | None = Field(None, description=option("draft_tokens").help)
 
 
 PromptType = str | list[str] | list[int] | list[list[int]]
@@ -188,6 +193,14 @@ class ErrorResponse(BaseModel):
 
 def to_config(body: BaseModel, *, logprobs: int | None) -> GenerationConfig:
     """The request's GenerationConfig; ValueError names the API field on a bad value."""
+    for name in SPECULATIVE:
+        if getattr(body, name, None) not in (None, 0):
+            raise FieldError(
+                name,
+                f"{name}: speculative decoding is not available in the server or in batch "
+                "files (they run the continuous-batching scheduler, which does not draft); "
+                "use gptneo generate, gptneo chat or the Python API",
+            )
     values: dict[str, Any] = {}
     for api, opt in SHARED.items():
         if api in body.model_fields_set:
