@@ -353,6 +353,8 @@ class Endpoints:
             check_labels(self.model, body.labels)
         except ValueError as exc:
             raise APIError(400, str(exc), param="labels") from None
+        if not self.generates and any(not text for text in texts):
+            raise APIError(400, "input holds an empty text: nothing to classify", param="input")
         template = body.template or DEFAULT_TEMPLATE
         if self.generates and "{text}" not in template:
             raise APIError(400, "template must contain {text}", param="template")
