@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from .conversation import ChatTemplate
-from .generation import GenerationResult, TokenLogprob
+from .generation import GenerationResult, TokenLogprob, prompt_ids
 from .options import DEFAULT_MAX_NEW_TOKENS
 from .scheduler import Request as Job
 from .scheduler import Scheduler, Update
@@ -214,20 +214,10 @@ class Endpoints:
         out = []
         vocab = self.model.config.vocab_size
         for item in items:
-            ids = self.tokenizer.encode(item) if isinstance(item, str) else list(item)
-            if not ids:
-                start = (
-                    self.tokenizer.bos_id
-                    if self.tokenizer.bos_id is not None
-                    else (self.tokenizer.eos_id)
-                )
-                ids = [start]
-            if any(not 0 <= t < vocab for t in ids):
-                raise APIError(
-                    400,
-                    f"prompt has token ids outside the vocabulary (0..{vocab - 1})",
-                    param="prompt",
-                )
+            try:
+                ids = prompt_ids(self.tokenizer, item, vocab)
+            except ValueError as exc:
+                raise APIError(400, f"prompt: {exc}", param="prompt") from None
             out.append(ids)
         return out
 
@@ -353,6 +343,8 @@ class Endpoints:
             check_labels(self.model, body.labels)
         except ValueError as exc:
             raise APIError(400, str(exc), param="labels") from None
+        if not self.generates and any(not text for text in texts):
+            raise APIError(400, "input holds an empty text: nothing to classify", param="input")
         template = body.template or DEFAULT_TEMPLATE
         if self.generates and "{text}" not in template:
             raise APIError(400, "template must contain {text}", param="template")

@@ -319,6 +319,24 @@ def _budget(ids: list[int], config: GenerationConfig, positions: int) -> tuple[l
     return ids[over:], over, new
 
 
+def prompt_ids(tokenizer: TokenizerLike, prompt: str | Sequence[int], vocab: int) -> list[int]:
+    """A prompt's token ids, checked against the vocabulary. An empty prompt starts from
+    bos (else eos), as unconditional generation does: <|endoftext|> for GPT-Neo. Raises
+    ValueError (the one rule for generate, the scheduler, the server and batch jobs)."""
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        if start is None:
+            raise ValueError("the prompt is empty and the tokenizer has no bos token")
+        ids = [start]
+    bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+    if bad:
+        raise ValueError(
+            f"the prompt has token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}"
+        )
+    return ids
+
+
 def _prepare_rows(
     model: Any,
     tokenizer: TokenizerLike,
@@ -328,19 +346,16 @@ def _prepare_rows(
     """Tokenize, check and budget every prompt; raises before any model compute."""
     vocab = model.config.vocab_size
     positions = model.config.max_position_embeddings
-    start_id = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
     rows: list[_Row] = []
     normalized = _normalize_prompts(prompts)
     _check_batch_memory(model, len(normalized) * config.num_return_sequences)
     for index, prompt in enumerate(normalized):
-        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            if start_id is None:
-                raise ValueError("the prompt is empty and the tokenizer has no bos token")
-            ids = [start_id]  # unconditional generation starts from <|endoftext|>
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt {index} has token ids outside the vocabulary: {bad[:5]}")
+        try:
+            ids = prompt_ids(tokenizer, prompt, vocab)
+        except ValueError as exc:
+            if len(normalized) == 1:
+                raise
+            raise ValueError(f"prompt {index}: {exc}") from None
         kept, dropped, new = _budget(ids, config, positions)
         for _ in range(config.num_return_sequences):
             rows.append(

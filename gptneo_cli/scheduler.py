@@ -45,6 +45,7 @@ from .generation import (
     _budget,
     finish_text,
     non_finite_scores,
+    prompt_ids,
     push_text,
 )
 from .modeling import AttentionStep
@@ -266,22 +267,7 @@ class Scheduler:
     ) -> tuple[list[int], int, int]:
         """(prompt ids, new-token budget, tokens truncated) for one prompt; raises
         ValueError before any compute when it does not fit or has bad ids."""
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            start = (
-                self.tokenizer.bos_id
-                if self.tokenizer.bos_id is not None
-                else (self.tokenizer.eos_id)
-            )
-            if start is None:
-                raise ValueError("the prompt is empty and the tokenizer has no bos token")
-            ids = [start]
-        vocab = self.config.vocab_size
-        bad = [
-            t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab
-        ]
-        if bad:
-            raise ValueError(f"the prompt has token ids outside the vocabulary: {bad[:5]}")
+        ids = prompt_ids(self.tokenizer, prompt, self.config.vocab_size)
         kept, dropped, new = _budget(ids, config, self.config.max_position_embeddings)
         return kept, new, dropped
 

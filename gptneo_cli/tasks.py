@@ -232,8 +232,20 @@ def check_labels(model: Any, labels: Sequence[str] | None) -> None:
                 f"labels {list(labels)} do not match this classifier's labels {own}: "
                 "leave them out, or give exactly those"
             )
-    elif not labels:
+    elif labels is None:
         raise ValueError("labels are needed to classify zero-shot with a language model")
+    else:
+        _zero_shot_labels(labels)
+
+
+def _zero_shot_labels(labels: Sequence[str]) -> list[str]:
+    """The candidate labels as strings: a non-empty list of distinct, non-empty names."""
+    names = [str(lab) for lab in labels]
+    if not names or any(not name.strip() for name in names):
+        raise ValueError("labels must be a non-empty list of non-empty names")
+    if len(set(names)) != len(names):
+        raise ValueError(f"labels must be distinct, got {names}")
+    return names
 
 
 def classify_texts(
@@ -361,11 +373,7 @@ def zero_shot(
     right-padded batches; only the label positions go through the LM head.
     """
     _check_batch_size(batch_size)
-    labels = [str(lab) for lab in labels]
-    if not labels or any(not lab.strip() for lab in labels):
-        raise ValueError("labels must be a non-empty list of non-empty names")
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"labels must be distinct, got {labels}")
+    labels = _zero_shot_labels(labels)
     render_template(template, "")  # validate early
     limit = _max_len(model, max_seq_len)
     bos = [tokenizer.bos_id] if getattr(tokenizer, "bos_id", None) is not None else []

@@ -337,3 +337,39 @@ def test_rows_at_one_position_decode_without_masks(model) -> None:
     assert all(plan.mask is not None and plan.mask.shape[0] == 3 for plan in plans.values())
     glob = plans["global"].mask[:, 0, 0]
     assert glob[1].tolist() == [True] * 4 + [False] * 6
+
+
+class NoStartTokenizer(NumberTokenizer):
+    eos_id = bos_id = None
+
+
+@pytest.mark.parametrize("prompt", ["", [], [5, 97], [-1], [True]])
+def test_one_prompt_rule_for_generate_the_scheduler_and_the_api(model, prompt) -> None:
+    """An empty prompt without a bos/eos token, or ids outside the vocabulary, are the same
+    clear error in generate(), the scheduler and the HTTP/batch request layer (a 400)."""
+    from gptneo_cli import generation
+    from gptneo_cli.api import APIError, Endpoints
+
+    tok = NoStartTokenizer()
+    want = "no bos token" if not prompt else "outside the vocabulary"
+    with pytest.raises(ValueError, match=want):
+        generation.generate(model, tok, [prompt], GREEDY.replace(max_new_tokens=2))
+    with pytest.raises(ValueError, match=want):
+        Scheduler(model, tok).prepare(prompt, GREEDY)
+    endpoints = Endpoints(model, tok, model_name="m")
+    with pytest.raises(APIError, match=want) as err:
+        endpoints.prompts([prompt] if not prompt else prompt)
+    assert err.value.status == 400 and err.value.param == "prompt"
+
+
+def test_an_empty_prompt_starts_from_bos(model) -> None:
+    with Scheduler(model, NumberTokenizer()) as sched:
+        ids, _, _ = sched.prepare("", GREEDY.replace(max_new_tokens=4))
+    assert ids == [0]
+    assert generation_prompt_ids("") == [0]
+
+
+def generation_prompt_ids(prompt):
+    from gptneo_cli.generation import prompt_ids
+
+    return prompt_ids(NumberTokenizer(), prompt, 97)

@@ -78,6 +78,8 @@ def test_labels_that_are_not_the_heads_are_a_400_naming_them(served) -> None:
     err = error_of(r)
     assert r.status_code == 400 and err["param"] == "labels"
     assert "sports" in err["message"] and "negative" in err["message"]
+    r = srv.http.post("/v1/classify", json={"input": ["ok", ""]})
+    assert r.status_code == 400 and error_of(r)["param"] == "input"
 
 
 def test_generation_routes_refuse_a_classifier_in_openai_shape(served) -> None:
@@ -105,6 +107,9 @@ def test_zero_shot_server_still_needs_labels(tmp_path) -> None:
     try:
         r = srv.http.post("/v1/classify", json={"input": "Stocks fell."})
         assert r.status_code == 400 and error_of(r)["param"] == "labels"
+        r = srv.http.post("/v1/classify", json={"input": "x", "labels": ["a", "a"]})
+        assert r.status_code == 400 and "distinct" in error_of(r)["message"]
+        assert error_of(r)["param"] == "labels"
         ok = srv.http.post("/v1/classify", json={"input": "Stocks fell.", "labels": ["a", "b"]})
         want = tasks.zero_shot(model, tokenizer, ["Stocks fell."], ["a", "b"])
         assert ok.json()["data"][0]["scores"]["a"] == pytest.approx(want[0].scores["a"])

@@ -182,7 +182,7 @@ class Runner:
                 try:
                     results = pending.future.result()
                 except ValueError as exc:
-                    raise APIError(400, str(exc), param="labels") from None
+                    raise APIError(400, str(exc)) from None  # labels were checked before
                 return result_record(custom_id, 200, self.ep.classify_body(results))
             for row in pending.rows:
                 row.job.wait(0)  # raises the error that ended a row

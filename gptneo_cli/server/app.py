@@ -348,7 +348,7 @@ class _Api:
         try:
             results = await asyncio.wrap_future(future)
         except ValueError as exc:
-            raise APIError(400, str(exc), param="labels") from None
+            raise APIError(400, str(exc)) from None  # labels were checked before
         return self.ep.classify_body(results)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
