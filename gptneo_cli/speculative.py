@@ -69,7 +69,12 @@ class PromptLookup:
         for n in range(min(self.ngram, len(tokens)), 0, -1):
             start = self.index.get(tuple(tokens[len(tokens) - n :]))
             if start is not None:
-                return list(tokens[start : start + k]), None
+                # A match close to the end runs into the draft itself: a loop of period p
+                # (start = len - p) goes on repeating, as copying token by token would.
+                drafts: list[int] = []
+                for j in range(start, start + k):
+                    drafts.append(tokens[j] if j < len(tokens) else drafts[j - len(tokens)])
+                return drafts, None
         return [], None
 
     def commit(self, tokens: Sequence[int]) -> None:

@@ -197,12 +197,33 @@ def test_rejected_drafts_never_corrupt_the_ring(tmp_path):
                 pos += 1
 
 
+def test_the_compiled_steps_mask_skips_slots_outside_the_window(tmp_path):
+    """The compiled one-token step (run eagerly here) over a ring larger than the window,
+    after rejected drafts, gives the full forward's logits."""
+    model = fast(random_folder(tmp_path, "mixed", seed=10))
+    ids = torch.randint(1, 61, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        full = model(ids).logits[0]
+        cache = model.new_cache(1, 48, spare=5)
+        model(ids[:, :12], cache=cache)
+        for pos in range(12, 40):
+            if pos % 4 == 0:  # five junk drafts after the real token, then taken back
+                junk = torch.full((1, 5), 7)
+                model(torch.cat([ids[:, pos : pos + 1], junk], dim=1), cache=cache)
+                cache.truncate(pos)
+            step = torch.tensor([[pos]])
+            logits = model._static_step(ids[:, pos : pos + 1], step, cache.keys, cache.values)
+            cache.advance(1)
+            torch.testing.assert_close(logits[0, -1], full[pos], atol=1e-4, rtol=1e-4)
+
+
 def test_prompt_lookup_drafts_from_the_latest_match():
     lookup = speculative.PromptLookup(3)
     assert lookup.propose([1, 2, 3, 9, 9, 1, 2, 3, 7, 1, 2, 3], 4)[0] == [7, 1, 2, 3]
-    assert lookup.propose([1, 2, 3, 9, 9, 1, 2, 3, 7, 1, 2, 3, 4, 4], 2)[0] == [4]
+    assert lookup.propose([1, 2, 3, 9, 9, 1, 2, 3, 7, 1, 2, 3, 4, 4], 2)[0] == [4, 4]
     assert lookup.propose([1, 2, 3, 9, 9, 1, 2, 3, 7, 1, 2, 3, 4, 4, 8], 2)[0] == []
-    assert speculative.PromptLookup(2).propose([5, 6, 7, 6], 3)[0] == [7, 6]
+    # a match next to the end repeats its loop
+    assert speculative.PromptLookup(2).propose([5, 6, 7, 6], 3)[0] == [7, 6, 7]
 
 
 # ---- sampling keeps the target's distribution ----------------------------------------------
@@ -387,6 +408,18 @@ def test_cli_bad_draft_models_are_one_line_errors(tmp_path, tmp_path_factory):
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     both = _cli(tmp_path, "x", "--draft-model", "self-int8", "--prompt-lookup", "2")
     assert both.returncode == 2 and "use one" in both.stderr.decode()
+
+
+def test_chat_speculates_and_reports_drafts(tmp_path):
+    from helpers_cli import run_cli
+
+    args = ("chat", "-m", "tiny", "--device", "cpu", "--format", "jsonl", "--greedy", "-n", "16")
+    plain = run_cli(*args, home=tmp_path, input="def add(a, b):\n")
+    spec = run_cli(*args, "--prompt-lookup", "2", home=tmp_path, input="def add(a, b):\n")
+    assert spec.returncode == 0, spec.stderr.decode()
+    record, before = json.loads(spec.stdout), json.loads(plain.stdout)
+    assert record["reply"] == before["reply"] and record["tokens"] == 16
+    assert record["speculative"]["drafted"] >= record["speculative"]["accepted"] > 0
 
 
 def test_batch_has_no_speculative_flags(tmp_path):
