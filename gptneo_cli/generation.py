@@ -796,6 +796,8 @@ def _generate_scheduled(
         prefill_chunk=max(len(r.prompt_ids) for r in rows),
         prefill_rows=len(rows),
         prefill_budget=sum(len(r.prompt_ids) for r in rows),
+        background=False,
+        positions=max(len(r.prompt_ids) + r.max_new for r in rows),
     )
     sample: dict[int, int] = {}
     requests: list[Request] = []
@@ -810,17 +812,9 @@ def _generate_scheduled(
                 seed=None if seed is None else seed + j,
             )
         )
-    try:
-        for request in requests:
-            scheduler.submit(request)
-        _wait_all(requests, cancelled)
-    except KeyboardInterrupt:  # Ctrl-C: every row ends with what it has
-        for r in requests:
-            r.cancel()
-        for r in requests:
-            r._done.wait(30)
-    finally:
-        scheduler.close()
+    for request in requests:
+        scheduler.submit(request)
+    scheduler.drive(requests, cancelled)  # on this thread; Ctrl-C ends every row
     results = []
     for row, request in zip(rows, requests, strict=True):
         result = request.wait(0)
@@ -828,16 +822,6 @@ def _generate_scheduled(
         result.seed = seed
         results.append(result)
     return results
-
-
-def _wait_all(requests: list[Any], cancelled: CancelCheck | None) -> None:
-    """Wait for every request; a cancel check that fires cancels them all."""
-    for request in requests:
-        while not request.done:
-            if cancelled is not None and cancelled():
-                for r in requests:
-                    r.cancel()
-            request._done.wait(0.05)
 
 
 class Stream:

@@ -33,6 +33,7 @@ class RowCache:
         rows: int,
         *,
         capacity: int = 256,
+        initial_rows: int = 4,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
@@ -43,15 +44,16 @@ class RowCache:
         self.rows = rows
         self.dtype, self.device = dtype, torch.device(device)
         self.capacity = max(1, min(capacity, self.limit))
-        #: Rows and global-layer positions are allocated as they are needed (doubling), so
-        #: a server allowed 64 rows does not hold 64 full-length rows while 3 run.
-        self.allocated = min(rows, 4)
+        #: Rows and positions are allocated as they are needed (doubling), so a server
+        #: allowed 64 rows does not hold 64 full-length rows while 3 run; a caller that
+        #: knows its needs (generate) sizes the cache once. Local layers hold
+        #: min(window, capacity) slots: below the window a position's slot is itself.
+        self.allocated = min(rows, max(1, initial_rows))
         heads, dim = config.num_heads, config.head_dim
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         for kind in self.kinds:
-            size = self.window if kind == "local" else self.capacity
-            shape = (self.allocated, heads, size, dim)
+            shape = (self.allocated, heads, self._size(kind, self.capacity), dim)
             self.keys.append(torch.zeros(shape, dtype=dtype, device=self.device))
             self.values.append(torch.zeros(shape, dtype=dtype, device=self.device))
         #: Non-zero so models that treat an empty cache as "prefill" never do here.
@@ -64,6 +66,9 @@ class RowCache:
         self._span = 1
         self._uniform = True
         self._pos = torch.zeros(0, dtype=torch.long, device=self.device)
+
+    def _size(self, kind: str, capacity: int) -> int:
+        return min(self.window, capacity) if kind == "local" else capacity
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
@@ -87,7 +92,7 @@ class RowCache:
         for i, kind in enumerate(self.kinds):
             for store in (self.keys, self.values):
                 old = store[i]
-                size = old.shape[2] if kind == "local" else capacity
+                size = self._size(kind, capacity)
                 grown = old.new_zeros(allocated, old.shape[1], size, old.shape[3])
                 grown[: old.shape[0], :, : old.shape[2]] = old
                 store[i] = grown
@@ -97,22 +102,18 @@ class RowCache:
         """Copy the first `length` positions of row `src` of another cache into row `dst`."""
         self.ensure(length + 1, dst + 1)
         for i, kind in enumerate(self.kinds):
+            held = min(self.window, length) if kind == "local" else length
             for mine, theirs in ((self.keys, src_cache.keys), (self.values, src_cache.values)):
-                if kind == "local":
-                    mine[i][dst] = theirs[i][src]
-                else:
-                    mine[i][dst, :, :length] = theirs[i][src, :, :length]
+                mine[i][dst, :, :held] = theirs[i][src, :, :held]
 
     def move_row(self, dst: int, src: int, length: int) -> None:
         """Row `src` takes the place of row `dst` (which is being freed)."""
         if dst == src:
             return
         for i, kind in enumerate(self.kinds):
+            held = min(self.window, length) if kind == "local" else length
             for store in (self.keys, self.values):
-                if kind == "local":
-                    store[i][dst] = store[i][src]
-                else:
-                    store[i][dst, :, :length] = store[i][src, :, :length]
+                store[i][dst, :, :held] = store[i][src, :, :held]
 
     # ---- one forward call ---------------------------------------------------------------
     def begin_decode(self, positions: Sequence[int]) -> None:

@@ -208,6 +208,8 @@ class Scheduler:
     max_running: rows decoded together (the KV cache holds that many sequences).
     max_queue: requests waiting for a row; beyond it `submit` raises QueueFull.
     prefill_chunk: prompt tokens per prefill forward pass (see the module's docstring).
+    positions: the most positions any request needs, when known: the KV caches start at
+    that size and all rows (generate), instead of growing as rows arrive.
     prefill_rows: requests prefilled side by side (default max_running: new prompts' first
     chunks run as one batch); prefill_budget: prompt tokens per step (default one chunk:
     what bounds the running rows' extra delay; batch jobs raise it for throughput).
@@ -223,6 +225,8 @@ class Scheduler:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         prefill_rows: int | None = None,
         prefill_budget: int | None = None,
+        background: bool = True,
+        positions: int | None = None,
     ) -> None:
         if max_running < 1:
             raise ValueError(f"max_running must be at least 1, got {max_running}")
@@ -243,10 +247,14 @@ class Scheduler:
         self.device = torch.device(getattr(model, "device", param.device))
         self.dtype = getattr(model, "dtype", param.dtype)
         self._forward = model_body(model)
-        self._cache = RowCache(self.config, max_running, dtype=self.dtype, device=self.device)
         self._prefill_rows = max(1, min(prefill_rows or max_running, max_running))
+        # Known needs (generate: every row and its length) size the caches once.
+        size = {"capacity": positions, "initial_rows": max_running} if positions else {}
+        self._cache = RowCache(
+            self.config, max_running, dtype=self.dtype, device=self.device, **size
+        )
         self._pcache = RowCache(
-            self.config, self._prefill_rows, dtype=self.dtype, device=self.device
+            self.config, self._prefill_rows, dtype=self.dtype, device=self.device, **size
         )
         self._lock = threading.Condition()
         self._waiting: deque[Request] = deque()
@@ -256,6 +264,8 @@ class Scheduler:
         self._closing = False
         self._stopped = False
         self._thread: threading.Thread | None = None
+        #: False: no thread of its own; the caller runs the steps with `drive` (generate()).
+        self.background = background
         #: Counters for metrics: totals since start.
         self.prompt_tokens_total = 0
         self.generated_tokens_total = 0
@@ -343,8 +353,43 @@ class Scheduler:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def drive(
+        self, requests: Sequence[Request], cancelled: Callable[[], bool] | None = None
+    ) -> None:
+        """Run steps on the calling thread until `requests` are done (a scheduler built with
+        background=False). Why not the thread: torch's OpenMP workers on a second thread
+        made batch decoding ~25 % slower on a 2-core CPU (docs/PERFORMANCE.md). `cancelled`
+        is checked between steps and cancels them all; so does Ctrl-C. A failed forward
+        pass ends every request with its error (`wait` raises it)."""
+        try:
+            with torch.inference_mode():
+                while not all(r.done for r in requests):
+                    if cancelled is not None and cancelled():
+                        for r in requests:
+                            r.cancel()
+                    self._step_or_fail()
+        except KeyboardInterrupt:  # every row ends with what it has
+            for r in requests:
+                r.cancel()
+            with torch.inference_mode():
+                while not all(r.done for r in requests):
+                    self._step_or_fail()
+
+    def _step_or_fail(self) -> None:
+        try:
+            self.step()
+        except Exception as exc:  # noqa: BLE001 - handed to the requests' callers
+            self._fail_all(exc)
+            with self._lock:
+                waiting, self._waiting = list(self._waiting), deque()
+            for req in waiting:
+                req.error = exc
+                req._done.set()
+
     # ---- the scheduler thread -----------------------------------------------------------
     def _ensure_thread(self) -> None:
+        if not self.background:
+            return
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._main, name="gptneo-scheduler", daemon=True)
             self._thread.start()

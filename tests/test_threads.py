@@ -285,3 +285,18 @@ def test_info_shows_the_threads(tmp_path):
     assert "cpu: 3 threads (env GPTNEO_THREADS)" in text
     auto = json.loads(run_cli("info", "--format", "json", home=tmp_path).stdout)
     assert auto["threads"]["count"] >= 1 and auto["threads"]["reason"].startswith("auto: ")
+
+
+def test_passive_openmp_waits_is_a_default_the_user_can_override(monkeypatch) -> None:
+    """serve and batch run the model on a second thread: OpenMP's idle workers sleep there
+    unless the user chose otherwise."""
+    import os
+
+    from gptneo_cli.threads import passive_openmp_waits
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    passive_openmp_waits()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    passive_openmp_waits()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

@@ -157,6 +157,9 @@ def serve(
             "machine can use the model",
             file=sys.stderr,
         )
+    from ..threads import passive_openmp_waits
+
+    passive_openmp_waits()  # the model runs on the scheduler's thread
     import_torch()
     loaded = load_model(options, "auto", fast=True)  # a classifier serves its head
     from ..api import make_scheduler
