@@ -475,6 +475,7 @@ class Scheduler:
         """Up to prefill_budget prompt tokens, chunk by chunk, oldest request first. New
         prompts' first chunks run together in one forward pass; a long prompt's later
         chunks run one request at a time."""
+        self._pcache.live = 1 + max(s.slot for s in self._prefilling)
         budget = self.prefill_budget
         first: list[tuple[_Seq, int]] = []
         for seq in list(self._prefilling):
@@ -538,7 +539,7 @@ class Scheduler:
         for seq in seqs:
             self._prefilling.remove(seq)
             seq.prefill_s = now - seq.started_at
-            slot = len(self._running)
+            slot = self._cache.live = len(self._running)
             self._cache.copy_row(slot, self._pcache, seq.slot, seq.length)
             seq.slot = slot
             self._running.append(seq)
@@ -573,6 +574,7 @@ class Scheduler:
         seqs = self._running
         ids = torch.tensor([[s.last] for s in seqs], device=self.device)
         lengths = [s.length for s in seqs]
+        self._cache.live = len(seqs)
         self._cache.begin_decode(lengths)
         positions = torch.tensor(lengths, device=self.device)[:, None]
         logits = self._forward(ids, positions, self._cache, 1)[:, -1]
