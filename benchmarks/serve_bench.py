@@ -156,7 +156,9 @@ async def long_prompt(url: str, streams: int = 8, long_tokens: int = 2000) -> di
     async with httpx.AsyncClient(timeout=600) as c:
         await one_stream(c, url, [1, 2, 3], 2)
         tasks = [
-            asyncio.create_task(one_stream(c, url, [rng.randrange(50000) for _ in range(16)], 40))
+            # 300 tokens: still streaming when the long prompt arrives 1 s later and while it
+            # is prefilled (40 tokens ended before it at bf16 speed, leaving nothing to measure)
+            asyncio.create_task(one_stream(c, url, [rng.randrange(50000) for _ in range(16)], 300))
             for _ in range(streams)
         ]
         await asyncio.sleep(1.0)  # the streams are decoding

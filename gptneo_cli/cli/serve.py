@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from ..conversation import ChatTemplate
 
 SERVER_PANEL = "Server"
+#: New requests' prompt tokens prefilled per step, in chunks: a burst of short prompts
+#: starts in one step instead of four, while a long prompt still gets one chunk a step.
+SERVE_PREFILL_CHUNKS = 4
 
 
 def register(app: typer.Typer) -> None:
@@ -86,8 +89,9 @@ def serve(
             min=1,
             max=8192,
             rich_help_panel=SERVER_PANEL,
-            help="Prompt tokens prefilled per step: bounds how long a long prompt delays the "
-            "running streams.",
+            help="Prompt tokens per prefill chunk: a long prompt gets one chunk a step, which "
+            "bounds how long it delays the running streams; new short prompts share up to 4 "
+            "chunks' worth a step.",
         ),
     ] = 128,
     cors_origin: Annotated[
@@ -171,6 +175,7 @@ def serve(
         max_running=max_running,
         max_queue=max_queue,
         prefill_chunk=prefill_chunk,
+        prefill_budget=SERVE_PREFILL_CHUNKS * prefill_chunk,
     )
     app = create_app(
         loaded.model,
