@@ -615,3 +615,18 @@ def test_wide_open_host_without_key_warns(tmp_path) -> None:
 
 
 assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/detokenize", {"tokens": [True, 5]}, "tokens"),
+        ("/v1/completions", {"prompt": [True, 5], "max_tokens": 2}, "prompt"),
+        ("/v1/completions", {"prompt": [[5, False]], "max_tokens": 2}, "prompt"),
+    ],
+)
+def test_json_booleans_are_not_token_ids(srv, path, body, param) -> None:
+    """JSON true/false must not become tokens 1/0 (schemathesis found /detokenize taking them)."""
+    res = srv.http.post(path, json=body)
+    assert res.status_code == 400, res.text
+    assert res.json()["error"]["param"].startswith(param)  # e.g. "tokens.0"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, create_model, field_validator
 
 from ..options import MAX_LOGPROBS, SPECULATIVE, GenerationConfig, Option, OptionError, option
 
@@ -111,7 +111,8 @@ class _Base(_Body):
     draft_tokens: int | None = Field(None, description=option("draft_tokens").help)
 
 
-PromptType = str | list[str] | list[int] | list[list[int]]
+#: Token ids are strict ints: JSON true must not become token 1 (found by schemathesis).
+PromptType = str | list[str] | list[StrictInt] | list[list[StrictInt]]
 
 CompletionRequest = create_model(
     "CompletionRequest",
@@ -162,7 +163,7 @@ class TokenizeRequest(_Body):
 
 class DetokenizeRequest(_Body):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[StrictInt]
 
 
 class ClassifyRequest(_Body):
