@@ -28,6 +28,7 @@ unset) measures. Delete the file to measure again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -77,8 +78,10 @@ def cache_path(environ: Mapping[str, str] = os.environ) -> Path:
     return user_cache_dir(environ) / "kernels.json"
 
 
+@functools.cache
 def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
+    """The CPU's model name (/proc/cpuinfo, read once: every matrix of a load asks), else
+    what platform knows."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

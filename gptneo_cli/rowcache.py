@@ -125,8 +125,9 @@ class RowCache:
                 store[i][dst, :, :held] = store[i][src, :, :held]
 
     # ---- one forward call ---------------------------------------------------------------
-    def begin_decode(self, positions: Sequence[int]) -> None:
-        """Next call: one new token for each of rows 0..n-1, at `positions`."""
+    def begin_decode(self, positions: Sequence[int]) -> torch.Tensor:
+        """Next call: one new token for each of rows 0..n-1, at `positions`; returns them
+        as a LongTensor [n] on the cache's device (the model's position ids)."""
         self._mode = "decode"
         self._n = len(positions)
         low, high = min(positions), max(positions)
@@ -137,6 +138,7 @@ class RowCache:
         self._uniform = low == high
         self._pos = torch.tensor(positions, device=self.device)
         self.ensure(self._span, self._n)
+        return self._pos
 
     def begin_chunk(
         self, rows: int | Sequence[int], start: int, lengths: Sequence[int] = ()

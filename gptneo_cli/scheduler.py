@@ -573,11 +573,9 @@ class Scheduler:
     def _decode(self) -> None:
         seqs = self._running
         ids = torch.tensor([[s.last] for s in seqs], device=self.device)
-        lengths = [s.length for s in seqs]
         self._cache.live = len(seqs)
-        self._cache.begin_decode(lengths)
-        positions = torch.tensor(lengths, device=self.device)[:, None]
-        logits = self._forward(ids, positions, self._cache, 1)[:, -1]
+        positions = self._cache.begin_decode([s.length for s in seqs])
+        logits = self._forward(ids, positions[:, None], self._cache, 1)[:, -1]
         for s in seqs:
             s.length += 1
         self._take(list(seqs), logits)
