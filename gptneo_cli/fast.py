@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .attention import AttentionPlan
 from .cache import KVCache
 from .checkpoint import frozen
@@ -110,9 +111,11 @@ class TiedHead(FastLinear):
     copy (+32 % of a bf16 125M model), so the head stays unpacked.
     """
 
-    def __init__(self, weight: nn.Parameter, onednn: bool = False) -> None:
+    def __init__(self, weight: nn.Parameter, onednn: bool = False, native: bool = False) -> None:
         super().__init__()
         self.weight = weight  # the embedding's own parameter
+        #: One row (a decode step) through our own kernel (gptneo_cli/native.py).
+        self.native = native
         #: fp32 on CPU: oneDNN reads the plain [vocab, hidden] matrix in place, 2.6x faster
         #: than MKL's product on an AMD EPYC (3.4 vs 9.0 ms per token for gpt-neo-125M).
         self.onednn = onednn
@@ -124,7 +127,9 @@ class TiedHead(FastLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         weight = self._parameters["weight"]
-        if self.onednn:
+        if self.native and flat.shape[0] == 1:
+            out = native.gemv_f32(flat, weight, None)
+        elif self.onednn:
             out = onednn_linear(flat, weight)
         elif self.column_rows(flat.shape[0]):
             out = torch.mm(weight, flat.t()).t()
@@ -150,6 +155,27 @@ class ColumnLinear(FastLinear):
             out = torch.mm(flat, params["weight_t"])
         else:
             out = torch.addmm(bias, flat, params["weight_t"])
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class NativeLinear(FastLinear):
+    """float32 W as the checkpoint's plain [out, in] rows: one row (a decode step) runs our
+    own kernel (gptneo_cli/native.py, 1.1-1.7x oneDNN's one-row product, measured per
+    shape), more rows run oneDNN reading the same matrix in place (no second copy)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight = frozen(weight.contiguous())
+        self.bias = _optional(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        params = self._parameters
+        weight, bias = params["weight"], params.get("bias")
+        if flat.shape[0] == 1:
+            out = native.gemv_f32(flat, weight, bias)
+        else:
+            out = onednn_linear(flat, weight, bias)
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -203,10 +229,16 @@ class Int8Linear(FastLinear):
         scales: torch.Tensor,
         bias: torch.Tensor | None,
         act_dtype: torch.dtype,
+        native: bool = False,
     ) -> None:
         super().__init__()
         self.qweight = frozen(qweight)
         self.scales = frozen(scales.to(act_dtype))
+        #: One row through our own kernel (gptneo_cli/native.py), in float32: faster than
+        #: the int8 kernel and exact to float32 rounding (no bf16 activations or output).
+        self.native = native and qweight.device.type == "cpu"
+        if self.native:
+            self.scales32 = frozen(scales.float())
         self.bias = _optional(bias)
         self.act_dtype = act_dtype
         self.packed = qweight.shape[1] % 16 == 0 and _int8pack_works(qweight.device, act_dtype)
@@ -223,7 +255,9 @@ class Int8Linear(FastLinear):
         flat = x.reshape(-1, x.shape[-1])
         params = self._parameters
         qweight, scales, bias = params["qweight"], params["scales"], params.get("bias")
-        if self.packed and flat.shape[0] < self.DEQUANT_ROWS:
+        if self.native and flat.shape[0] == 1:
+            out = native.gemv_i8(flat.float(), qweight, params["scales32"], None)
+        elif self.packed and flat.shape[0] < self.DEQUANT_ROWS:
             out = torch._weight_int8pack_mm(flat.to(self.act_dtype), qweight, scales)
         else:
             gemm = self.gemm_dtype
@@ -249,14 +283,22 @@ class Int8Head(Int8Linear):
 
     REFINE = 8
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, act_dtype: torch.dtype) -> None:
-        super().__init__(qweight, scales, None, act_dtype)
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        act_dtype: torch.dtype,
+        native: bool = False,
+    ) -> None:
+        super().__init__(qweight, scales, None, act_dtype, native)
         self.exact_scales = frozen(scales.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
         if self.act_dtype == x.dtype and self.gemm_dtype == x.dtype:
             return out  # nothing was rounded
+        if self.native and x.numel() == x.shape[-1] and x.dtype == torch.float32:
+            return out  # one float32 row went through the native kernel: float32 output
         flat = out.reshape(-1, out.shape[-1])
         top = flat.topk(min(self.REFINE, flat.shape[-1]), dim=-1).indices  # [rows, R]
         params = self._parameters
@@ -665,6 +707,9 @@ class _Packer:
         self.columns = quantize is None and cpu and dtype == torch.float32 and not self.packed
         #: Where packing works, the layout of each shape is measured (or cached, or forced).
         self.kernels = KernelChooser(dtype) if self.packed else None
+        #: int8 on CPU: whether one-row products run the native kernel, measured the same way.
+        int8_native = quantize == "int8" and cpu and native.available()
+        self.int8_kernels = KernelChooser(torch.float32) if int8_native else None
         #: Linear layers waiting for their other pieces: module name -> {"weight"/"bias": tensor}
         self.pending: dict[str, dict[str, Any]] = {}
         self.swaps = 0
@@ -691,7 +736,8 @@ class _Packer:
         """The fast module for one matrix, in the layout chosen for this device and dtype."""
         if self.quantize == "int8":
             q, scales = quantize_rows(weight)
-            return Int8Linear(q.to(self.device), scales.to(self.device), bias, self._int8_act())
+            on = self._int8_native("int8 linear", q.shape)
+            return Int8Linear(q.to(self.device), scales.to(self.device), bias, self._int8_act(), on)
         if self.quantize == "int8-dynamic":
             q, scales = quantize_rows(weight)
             return DynamicInt8Linear(q, scales, bias, reduce_range=not self.vnni)
@@ -732,7 +778,15 @@ class _Packer:
             model.lm_head = DynamicInt8Linear(q, scales, None, not self.vnni)
         else:
             shared = model.transformer.wte.qweight  # one int8 matrix for both
-            model.lm_head = Int8Head(shared, scales.to(self.device), self._int8_act())
+            on = self._int8_native("int8 head", q.shape)
+            model.lm_head = Int8Head(shared, scales.to(self.device), self._int8_act(), on)
+
+    def _int8_native(self, kind: str, shape: torch.Size) -> bool:
+        """Whether an int8 matrix's one-row product runs the native kernel (measured)."""
+        if self.int8_kernels is None:
+            return False
+        builders = _INT8_BUILDERS[kind]
+        return self.int8_kernels.layout(kind, (shape[0], shape[1]), builders) == "native"
 
     def _head(self, weight: nn.Parameter) -> nn.Module:
         """The lm_head over the embedding matrix, in the layout measured fastest: float32
@@ -742,11 +796,11 @@ class _Packer:
             return TiedHead(weight)
         shape = (weight.shape[0], weight.shape[1])
         fp32 = self.dtype == torch.float32
-        builders = _HEAD_BUILDERS if fp32 else _PACKED_HEAD_BUILDERS
+        builders = _head_builders() if fp32 else _PACKED_HEAD_BUILDERS
         layout = self.kernels.layout("head", shape, builders)
         if layout == "onednn" and not fp32:
             return PackedHead(weight)
-        return TiedHead(weight, onednn=fp32 and layout == "onednn")
+        return TiedHead(weight, onednn=fp32 and layout != "linear", native=layout == "native")
 
     def _try_swap(self, name: str, linear: nn.Linear) -> None:
         """Swap a linear layer once its weight (and bias) are in; q, k and v once all three
@@ -787,6 +841,7 @@ _LAYER_LAYOUTS: dict[str, Any] = {
     "onednn": PackedLinear,
     "linear": plain_linear,
     "columns": ColumnLinear,
+    "native": NativeLinear,
 }
 #: The tied head: oneDNN reading the plain embedding in place, or TiedHead's own products
 #: (bf16 heads are never oneDNN: it would reorder the matrix on every call).
@@ -804,14 +859,44 @@ _PACKED_HEAD_BUILDERS = {
 }
 
 
+def _head_builders() -> dict[str, Any]:
+    """float32 heads: oneDNN in place, TiedHead's products, and the native kernel for one
+    row where it could be built."""
+    if not native.available():
+        return _HEAD_BUILDERS
+    native_head = lambda w: TiedHead(nn.Parameter(w, requires_grad=False), True, True)  # noqa: E731
+    return {**_HEAD_BUILDERS, "native": native_head}
+
+
 def _layer_builders(dtype: torch.dtype) -> dict[str, Any]:
-    """The layouts measured for a layer matrix: all three for float32, where MKL and oneDNN
-    compete; packed or plain for bf16/fp16 (both oneDNN underneath)."""
+    """The layouts measured for a layer matrix: float32 has MKL, oneDNN and (where it could be
+    built) the native kernel competing; bf16/fp16 packed or plain (both oneDNN underneath)."""
     names = LAYER_CHOICES if dtype == torch.float32 else ("onednn", "linear")
+    if dtype == torch.float32 and native.available():
+        names = (*names, "native")
     return {name: (lambda w, cls=_LAYER_LAYOUTS[name]: cls(w, None)) for name in names}
 
 
 LAYER_CHOICES = ("onednn", "linear", "columns")
+
+
+def _int8_builder(cls: type[Int8Linear], use_native: bool) -> Any:
+    """An int8 module of a float matrix (the kernel measurement hands float matrices)."""
+
+    def build(weight: torch.Tensor) -> Int8Linear:
+        q, scales = quantize_rows(weight)
+        if cls is Int8Head:
+            return Int8Head(q, scales, torch.bfloat16, use_native)
+        return Int8Linear(q, scales, None, torch.bfloat16, use_native)
+
+    return build
+
+
+#: int8 matrices: the one-row product through the native kernel or torch's int8 kernel.
+_INT8_BUILDERS = {
+    kind: {"native": _int8_builder(cls, True), "linear": _int8_builder(cls, False)}
+    for kind, cls in (("int8 linear", Int8Linear), ("int8 head", Int8Head))
+}
 
 
 def optimize_for_inference(
