@@ -128,7 +128,7 @@ class TiedHead(FastLinear):
         flat = x.reshape(-1, x.shape[-1])
         weight = self._parameters["weight"]
         if self.native and flat.shape[0] == 1:
-            out = native.gemv_f32(flat, weight, None)
+            out = native.gemv(flat, weight, None).to(flat.dtype)
         elif self.onednn:
             out = onednn_linear(flat, weight)
         elif self.column_rows(flat.shape[0]):
@@ -159,9 +159,10 @@ class ColumnLinear(FastLinear):
 
 
 class NativeLinear(FastLinear):
-    """float32 W as the checkpoint's plain [out, in] rows: one row (a decode step) runs our
-    own kernel (gptneo_cli/native.py, 1.1-1.7x oneDNN's one-row product, measured per
-    shape), more rows run oneDNN reading the same matrix in place (no second copy)."""
+    """W (float32 or bf16) as the checkpoint's plain [out, in] rows: one row (a decode step)
+    runs our own kernel (gptneo_cli/native.py; float32 1.1-1.7x oneDNN's one-row product,
+    measured per shape), more rows run oneDNN reading the same matrix in place (no second
+    copy; for bf16 oneDNN reorders it per call, which the measurement weighs)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -173,7 +174,7 @@ class NativeLinear(FastLinear):
         params = self._parameters
         weight, bias = params["weight"], params.get("bias")
         if flat.shape[0] == 1:
-            out = native.gemv_f32(flat, weight, bias)
+            out = native.gemv(flat, weight, bias).to(flat.dtype)
         else:
             out = onednn_linear(flat, weight, bias)
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -790,14 +791,14 @@ class _Packer:
 
     def _head(self, weight: nn.Parameter) -> nn.Module:
         """The lm_head over the embedding matrix, in the layout measured fastest: float32
-        reads the embedding in place (oneDNN or TiedHead's own products); bf16/fp16 either
-        reads it in place or keeps a packed copy of it (`PackedHead`)."""
+        reads the embedding in place (oneDNN, TiedHead's own products or, for one row, the
+        native kernel); bf16/fp16 either reads it in place (TiedHead, native) or keeps a
+        packed copy of it (`PackedHead`)."""
         if self.kernels is None:
             return TiedHead(weight)
         shape = (weight.shape[0], weight.shape[1])
         fp32 = self.dtype == torch.float32
-        builders = _head_builders() if fp32 else _PACKED_HEAD_BUILDERS
-        layout = self.kernels.layout("head", shape, builders)
+        layout = self.kernels.layout("head", shape, _head_builders(self.dtype))
         if layout == "onednn" and not fp32:
             return PackedHead(weight)
         return TiedHead(weight, onednn=fp32 and layout != "linear", native=layout == "native")
@@ -859,20 +860,23 @@ _PACKED_HEAD_BUILDERS = {
 }
 
 
-def _head_builders() -> dict[str, Any]:
-    """float32 heads: oneDNN in place, TiedHead's products, and the native kernel for one
-    row where it could be built."""
-    if not native.available():
-        return _HEAD_BUILDERS
-    native_head = lambda w: TiedHead(nn.Parameter(w, requires_grad=False), True, True)  # noqa: E731
-    return {**_HEAD_BUILDERS, "native": native_head}
+def _head_builders(dtype: torch.dtype) -> dict[str, Any]:
+    """float32 heads: oneDNN in place or TiedHead's products; bf16/fp16: a packed copy or
+    TiedHead's products; both: the native kernel for one row (reading the embedding in
+    place) where it could be built and takes the dtype."""
+    fp32 = dtype == torch.float32
+    builders = _HEAD_BUILDERS if fp32 else _PACKED_HEAD_BUILDERS
+    if not native.available() or dtype not in native.DTYPES:
+        return builders
+    native_head = lambda w: TiedHead(nn.Parameter(w, requires_grad=False), fp32, True)  # noqa: E731
+    return {**builders, "native": native_head}
 
 
 def _layer_builders(dtype: torch.dtype) -> dict[str, Any]:
     """The layouts measured for a layer matrix: float32 has MKL, oneDNN and (where it could be
     built) the native kernel competing; bf16/fp16 packed or plain (both oneDNN underneath)."""
     names = LAYER_CHOICES if dtype == torch.float32 else ("onednn", "linear")
-    if dtype == torch.float32 and native.available():
+    if dtype in native.DTYPES and native.available():
         names = (*names, "native")
     return {name: (lambda w, cls=_LAYER_LAYOUTS[name]: cls(w, None)) for name in names}
 

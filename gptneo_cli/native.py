@@ -31,6 +31,7 @@ import subprocess
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -91,6 +92,7 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.gemv_f32.argtypes, lib.gemv_f32.restype = _ARGS_F32, None
     lib.gemv_i8.argtypes, lib.gemv_i8.restype = _ARGS_I8, None
+    lib.gemv_bf16.argtypes, lib.gemv_bf16.restype = _ARGS_F32, None
     if not _agrees(lib):
         log.warning("native kernels disagree with torch's on a check matrix; using torch's")
         return None
@@ -137,11 +139,15 @@ def _agrees(lib: ctypes.CDLL) -> bool:
     b = torch.randn(21, generator=gen)
     q = torch.randint(-127, 128, (21, 37), generator=gen, dtype=torch.int8)
     s = torch.rand(21, generator=gen)
+    wb = w.bfloat16()
     got_f32 = _call_f32(lib, x, w, b)
     got_i8 = _call_i8(lib, x, q, s, b)
+    got_bf16 = _call_f32(lib, x, wb, b, lib.gemv_bf16)
     want_i8 = (x @ q.float().t()) * s + b
-    return torch.allclose(got_f32, torch.addmm(b, x, w.t()), atol=1e-4) and torch.allclose(
-        got_i8, want_i8, atol=1e-3
+    return (
+        torch.allclose(got_f32, torch.addmm(b, x, w.t()), atol=1e-4)
+        and torch.allclose(got_i8, want_i8, atol=1e-3)
+        and torch.allclose(got_bf16, torch.addmm(b, x, wb.float().t()), atol=1e-4)
     )
 
 
@@ -150,11 +156,17 @@ def _ptr(tensor: torch.Tensor | None) -> int | None:
 
 
 def _call_f32(
-    lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
+    lib: ctypes.CDLL,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    function: Any = None,
 ) -> torch.Tensor:
+    """gemv_f32, or `function` (gemv_bf16) with the same arguments."""
     y = torch.empty(1, w.shape[0], dtype=torch.float32)
     threads = torch.get_num_threads()
-    lib.gemv_f32(w.data_ptr(), x.data_ptr(), _ptr(bias), y.data_ptr(), *w.shape, threads)
+    call = function or lib.gemv_f32
+    call(w.data_ptr(), x.data_ptr(), _ptr(bias), y.data_ptr(), *w.shape, threads)
     return y
 
 
@@ -179,6 +191,27 @@ def gemv_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     lib = library()
     assert lib is not None
     return _call_f32(lib, x.contiguous(), weight, bias)
+
+
+#: The weight dtypes `gemv` takes (int8 has its own `gemv_i8`).
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """One row times a float32 or bf16 weight (+ bias): float32 [1, m]."""
+    if weight.dtype == torch.bfloat16:
+        return gemv_bf16(x, weight, bias)
+    return gemv_f32(x, weight, bias)
+
+
+def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """[1, n] x times a contiguous bf16 [m, n] weight (+ bias [m]), in float32 -> [1, m]
+    float32; x and bias are converted to float32 here."""
+    lib = library()
+    assert lib is not None
+    x32 = x.float().contiguous()
+    bias32 = None if bias is None else bias.float()
+    return _call_f32(lib, x32, weight, bias32, lib.gemv_bf16)
 
 
 def gemv_i8(

@@ -48,6 +48,7 @@ def test_products_match_torch_on_ragged_shapes(rows, width, threads):
         got_nobias = native.gemv_f32(x, w, None)
         got_i8 = native.gemv_i8(x, q, scales, None)
         got_i8_bias = native.gemv_i8(x, q, scales, bias)
+        got_bf16 = native.gemv(x.bfloat16(), w.bfloat16(), bias)
     finally:
         torch.set_num_threads(before)
     exact = x.double() @ w.double().t()
@@ -58,6 +59,9 @@ def test_products_match_torch_on_ragged_shapes(rows, width, threads):
     assert (got_nobias.double() - exact).abs().max().item() < tol
     assert (got_i8.double() - exact_i8).abs().max().item() < tol * 128
     assert (got_i8_bias.double() - (exact_i8 + bias.double())).abs().max().item() < tol * 128
+    exact_bf16 = x.bfloat16().double() @ w.bfloat16().double().t() + bias.double()
+    assert got_bf16.dtype == torch.float32  # float32 sums of the exact bf16 products
+    assert (got_bf16.double() - exact_bf16).abs().max().item() < tol
 
 
 @needs_native
@@ -89,6 +93,25 @@ def test_forced_native_decodes_like_the_reference(tiny_checkpoint, config, monke
         for t in range(6, 30):  # past the local window: the ring wraps
             got.append(model(ids[:, t : t + 1], cache=cache).logits)
     assert (torch.cat(got, dim=1) - want).abs().max().item() < 1e-4
+
+
+@needs_native
+def test_forced_native_bf16_decodes_like_the_bf16_reference(tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("GPTNEO_KERNEL", "native")
+    folder, ref = tiny_checkpoint("causal_lm", "alternating")
+    model = FastCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    assert isinstance(model.transformer.h[0].mlp.c_fc, fast.NativeLinear)
+    assert isinstance(model.lm_head, fast.TiedHead) and model.lm_head.native  # no copy
+    ids = torch.randint(1, 131, (1, 20), generator=torch.Generator().manual_seed(5))
+    reference = ref.to(torch.bfloat16)
+    with torch.no_grad():
+        want = reference(ids).logits.float()
+        cache = model.new_cache(1, 20)
+        got = [model(ids[:, :4], cache=cache).logits]
+        got += [model(ids[:, t : t + 1], cache=cache).logits for t in range(4, 20)]
+    got_all = torch.cat(got, dim=1).float()
+    assert got_all.dtype == torch.float32 and got[-1].dtype == torch.bfloat16
+    assert (got_all - want).abs().max().item() < 0.03 * (want.max() - want.min()).item()
 
 
 @needs_native

@@ -9,6 +9,9 @@
  *
  *   y[o] = sum_i W[o, i] * x[i] (+ bias[o])              gemv_f32: W float32 [m, n]
  *   y[o] = scale[o] * sum_i Q[o, i] * x[i] (+ bias[o])   gemv_i8:  Q int8 [m, n]
+ *   y[o] = sum_i B[o, i] * x[i] (+ bias[o])              gemv_bf16: B bfloat16 [m, n]
+ *
+ * x, scale, bias and y are float32; products and sums are float32 in every case.
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -97,6 +100,55 @@ static void i8_rows(const int8_t *q, const float *scale, const float *x, const f
     for (; o < end; o++) i8_block(q + o * n, scale + o, x, bias ? bias + o : 0, y + o, n, 1);
 }
 
+/* 16 bf16 weights as float32: bf16 is the top half of a float32, so a shift is exact. */
+static inline __m512 bf16_to_f32(const uint16_t *p) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+static inline __m512 bf16_to_f32_masked(const uint16_t *p, __mmask16 m) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+/* bf16 rows: 64 weights per row per pass, float32 products and sums, a masked tail. */
+static inline __attribute__((always_inline)) void bf16_block(
+    const uint16_t *r, const float *x, const float *bias, float *y, int64_t n, int rows) {
+    __m512 acc[ROWS];
+    for (int k = 0; k < ROWS; k++) acc[k] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);
+        __m512 x2 = _mm512_loadu_ps(x + i + 32), x3 = _mm512_loadu_ps(x + i + 48);
+        for (int k = 0; k < rows; k++) {
+            const uint16_t *p = r + k * n + i;
+            _mm_prefetch((const char *)p + AHEAD, _MM_HINT_T0);
+            _mm_prefetch((const char *)p + AHEAD + 64, _MM_HINT_T0);
+            __m512 a = acc[k];
+            a = _mm512_fmadd_ps(bf16_to_f32(p), x0, a);
+            a = _mm512_fmadd_ps(bf16_to_f32(p + 16), x1, a);
+            a = _mm512_fmadd_ps(bf16_to_f32(p + 32), x2, a);
+            a = _mm512_fmadd_ps(bf16_to_f32(p + 48), x3, a);
+            acc[k] = a;
+        }
+    }
+    for (; i < n; i += 16) {
+        __mmask16 m = tail_mask(n - i);
+        __m512 xv = _mm512_maskz_loadu_ps(m, x + i);
+        for (int k = 0; k < rows; k++)
+            acc[k] = _mm512_fmadd_ps(bf16_to_f32_masked(r + k * n + i, m), xv, acc[k]);
+    }
+    for (int k = 0; k < rows; k++) y[k] = finish(acc[k], 0, bias ? bias + k : 0, 0);
+}
+
+static void bf16_rows(const uint16_t *w, const float *x, const float *bias, float *y,
+                      int64_t start, int64_t end, int64_t n) {
+    int64_t o = start;
+    for (; o + ROWS <= end; o += ROWS)
+        bf16_block(w + o * n, x, bias ? bias + o : 0, y + o, n, ROWS);
+    for (; o < end; o++) bf16_block(w + o * n, x, bias ? bias + o : 0, y + o, n, 1);
+}
+
 /* Rows [start, end) of thread t of T: whole blocks of ROWS, the last thread takes the rest. */
 static void share(int64_t m, int t, int T, int64_t *start, int64_t *end) {
     int64_t per = (m + T - 1) / T;
@@ -122,5 +174,15 @@ void gemv_i8(const int8_t *q, const float *scale, const float *x, const float *b
         int64_t start, end;
         share(m, omp_get_thread_num(), omp_get_num_threads(), &start, &end);
         i8_rows(q, scale, x, bias, y, start, end, n);
+    }
+}
+
+void gemv_bf16(const uint16_t *w, const float *x, const float *bias, float *y, int64_t m,
+               int64_t n, int threads) {
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int64_t start, end;
+        share(m, omp_get_thread_num(), omp_get_num_threads(), &start, &end);
+        bf16_rows(w, x, bias, y, start, end, n);
     }
 }
