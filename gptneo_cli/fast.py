@@ -47,7 +47,15 @@ from .checkpoint import frozen
 from .device import cpu_has_fast_bf16
 from .errors import BackendError, GPTNeoError
 from .kernels import KernelChooser
-from .modeling import AttentionStep, GPTNeoForCausalLM, GPTNeoOutput
+from .modeling import (
+    AttentionStep,
+    GPTNeoAttention,
+    GPTNeoBlock,
+    GPTNeoForCausalLM,
+    GPTNeoMLP,
+    GPTNeoOutput,
+    GPTNeoSelfAttention,
+)
 from .weights import StoredTensor, iter_tensors
 
 QUANTIZE_CHOICES = ("none", "int8", "int8-dynamic")
@@ -90,6 +98,19 @@ class FastLayerNorm(nn.LayerNorm):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def _direct_call(cls: type[nn.Module]) -> type[nn.Module]:
+    """`cls` with calls going straight to its forward, for the same reason as FastLinear's
+    (each decoded token calls these modules 4 times per block)."""
+    doc = f"{cls.__name__} called straight into forward (fast path, inference only)."
+    return type(f"Direct{cls.__name__}", (cls,), {"__call__": cls.forward, "__doc__": doc})
+
+
+#: The model's own modules that the fast path calls directly (same parameters and forward).
+_DIRECT_CALL = {
+    cls: _direct_call(cls) for cls in (GPTNeoBlock, GPTNeoAttention, GPTNeoSelfAttention, GPTNeoMLP)
+}
 
 
 def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -834,6 +855,8 @@ class _Packer:
         for module in model.modules():
             if type(module) is nn.LayerNorm:
                 module.__class__ = FastLayerNorm  # same parameters, a cheaper call
+            elif type(module) in _DIRECT_CALL:
+                module.__class__ = _DIRECT_CALL[type(module)]
         _trim_heap()
 
 
