@@ -103,14 +103,32 @@ def available() -> bool:
     return library() is not None
 
 
+def status() -> str:
+    """One line for `gptneo info`, without building anything."""
+    if disabled():
+        return f"off ({ENV}=0)"
+    if not cpu_supported():
+        return "unavailable (needs an x86-64 CPU with AVX-512)"
+    cc = compiler()
+    if cc is None:
+        return "unavailable (no C compiler: set CC or install gcc)"
+    if _library_path(cc).is_file():
+        return "built"
+    return f"not built yet (built with {Path(cc).name} at the first model load)"
+
+
+def _library_path(cc: str) -> Path:
+    """Where the library built from SOURCE with `cc` and FLAGS lives (the key is a hash)."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((cc, *FLAGS)).encode()).hexdigest()
+    return user_cache_dir() / "native" / f"gemv-{digest[:16]}.so"
+
+
 def _build(cc: str) -> Path:
     """Compile SOURCE once per (source, flags, compiler) into the user cache dir."""
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join((cc, *FLAGS)).encode()).hexdigest()[:16]
-    folder = user_cache_dir() / "native"
-    path = folder / f"gemv-{digest}.so"
+    path = _library_path(cc)
     if path.is_file():
         return path
+    folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".gemv-", suffix=".so")
     os.close(fd)

@@ -193,3 +193,21 @@ def test_built_once_then_loaded_from_the_cache(fresh_native, tmp_path):
     assert native.library() is not None
     assert built[0].stat().st_mtime_ns == stamp  # opened, not rebuilt
     assert not list(built[0].parent.glob(".gemv-*"))  # no temporary left behind
+
+
+def test_status_says_why_without_building(fresh_native, monkeypatch, tmp_path):
+    monkeypatch.setenv("GPTNEO_NATIVE", "0")
+    assert native.status() == "off (GPTNEO_NATIVE=0)"
+    monkeypatch.delenv("GPTNEO_NATIVE")
+    if not native.cpu_supported():
+        assert native.status().startswith("unavailable (needs an x86-64 CPU with AVX-512")
+        return
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert native.status() == "unavailable (no C compiler: set CC or install gcc)"
+    monkeypatch.delenv("CC")
+    if native.compiler() is None:
+        return
+    assert native.status().startswith("not built yet")
+    assert not (tmp_path / "cache" / "gptneo" / "native").exists()  # status built nothing
+    if native.available():
+        assert native.status() == "built"
