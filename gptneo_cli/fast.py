@@ -40,12 +40,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .attention import AttentionPlan
 from .cache import KVCache
 from .checkpoint import frozen
+from .device import cpu_has_fast_bf16
 from .errors import BackendError, GPTNeoError
 from .kernels import KernelChooser
-from .modeling import AttentionStep, GPTNeoForCausalLM, GPTNeoOutput
+from .modeling import (
+    AttentionStep,
+    GPTNeoAttention,
+    GPTNeoBlock,
+    GPTNeoForCausalLM,
+    GPTNeoMLP,
+    GPTNeoOutput,
+    GPTNeoSelfAttention,
+)
 from .weights import StoredTensor, iter_tensors
 
 QUANTIZE_CHOICES = ("none", "int8", "int8-dynamic")
@@ -90,6 +100,19 @@ class FastLayerNorm(nn.LayerNorm):
         return torch.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
+def _direct_call(cls: type[nn.Module]) -> type[nn.Module]:
+    """`cls` with calls going straight to its forward, for the same reason as FastLinear's
+    (each decoded token calls these modules 4 times per block)."""
+    doc = f"{cls.__name__} called straight into forward (fast path, inference only)."
+    return type(f"Direct{cls.__name__}", (cls,), {"__call__": cls.forward, "__doc__": doc})
+
+
+#: The model's own modules that the fast path calls directly (same parameters and forward).
+_DIRECT_CALL = {
+    cls: _direct_call(cls) for cls in (GPTNeoBlock, GPTNeoAttention, GPTNeoSelfAttention, GPTNeoMLP)
+}
+
+
 def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     """nn.Linear around existing tensors, [out, in] as in checkpoints (CUDA, MPS)."""
     with torch.device("meta"):
@@ -109,9 +132,11 @@ class TiedHead(FastLinear):
     copy (+32 % of a bf16 125M model), so the head stays unpacked.
     """
 
-    def __init__(self, weight: nn.Parameter, onednn: bool = False) -> None:
+    def __init__(self, weight: nn.Parameter, onednn: bool = False, native: bool = False) -> None:
         super().__init__()
         self.weight = weight  # the embedding's own parameter
+        #: One row (a decode step) through our own kernel (gptneo_cli/native.py).
+        self.native = native
         #: fp32 on CPU: oneDNN reads the plain [vocab, hidden] matrix in place, 2.6x faster
         #: than MKL's product on an AMD EPYC (3.4 vs 9.0 ms per token for gpt-neo-125M).
         self.onednn = onednn
@@ -123,7 +148,9 @@ class TiedHead(FastLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         weight = self._parameters["weight"]
-        if self.onednn:
+        if self.native and flat.shape[0] == 1:
+            out = native.gemv(flat, weight, None).to(flat.dtype)
+        elif self.onednn:
             out = onednn_linear(flat, weight)
         elif self.column_rows(flat.shape[0]):
             out = torch.mm(weight, flat.t()).t()
@@ -152,6 +179,28 @@ class ColumnLinear(FastLinear):
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
+class NativeLinear(FastLinear):
+    """W (float32 or bf16) as the checkpoint's plain [out, in] rows: one row (a decode step)
+    runs our own kernel (gptneo_cli/native.py; float32 1.1-1.7x oneDNN's one-row product,
+    measured per shape), more rows run oneDNN reading the same matrix in place (no second
+    copy; for bf16 oneDNN reorders it per call, which the measurement weighs)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight = frozen(weight.contiguous())
+        self.bias = _optional(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        params = self._parameters
+        weight, bias = params["weight"], params.get("bias")
+        if flat.shape[0] == 1:
+            out = native.gemv(flat, weight, bias).to(flat.dtype)
+        else:
+            out = onednn_linear(flat, weight, bias)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
 class PackedLinear(FastLinear):
     """W reordered once into oneDNN's blocked layout (CPU: float32, bf16, fp16).
 
@@ -169,15 +218,28 @@ class PackedLinear(FastLinear):
         return onednn_linear(x, params["packed"], params.get("bias"))
 
 
+class PackedHead(PackedLinear):
+    """A bf16/fp16 lm_head as a oneDNN-packed copy of the embedding matrix (the embedding
+    keeps its own plain rows for lookups). It costs a second embedding-sized matrix (+77 MB
+    for gpt-neo-125M in bf16) and reads it about 3x as fast for one row as TiedHead's
+    products, which made the head more than a third of a bf16 decode step
+    (docs/PERFORMANCE.md); the kernel measurement chooses it only where it wins."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__(weight.detach(), None)
+
+
 class Int8Linear(FastLinear):
     """int8 W [out, in] with a float scale per output row; inputs run in `act_dtype`.
 
     For a few rows (decoding) torch._weight_int8pack_mm does the product without ever
     materialising a float W. For many rows (a prefill) the product dominates and that kernel
-    is slow, so the matrix is dequantized for the call and the float GEMM runs (float32 on
-    CPU, through oneDNN where it works, like PackedLinear). The same happens where the kernel
-    is missing (older torch, some devices) or cannot take the shape (its CPU kernel reads
-    garbage unless the input width is a multiple of 16).
+    is slow, so the int8 matrix is converted for the call, the float GEMM runs on it and the
+    scales multiply the output columns (`gemm_dtype`: bf16 on CPUs with native bf16, where
+    it ran 2.5-3.5x the float32 dequantize-and-multiply at 64-512 rows; int8 values are
+    exact in bf16, so only the output is rounded, as the int8 kernel's is). The same happens
+    where the kernel is missing (older torch, some devices) or cannot take the shape (its
+    CPU kernel reads garbage unless the input width is a multiple of 16).
     """
 
     #: From this many rows on, dequantize + float GEMM beats the int8 kernel (measured).
@@ -189,32 +251,83 @@ class Int8Linear(FastLinear):
         scales: torch.Tensor,
         bias: torch.Tensor | None,
         act_dtype: torch.dtype,
+        native: bool = False,
     ) -> None:
         super().__init__()
         self.qweight = frozen(qweight)
         self.scales = frozen(scales.to(act_dtype))
+        #: One row through our own kernel (gptneo_cli/native.py), in float32: faster than
+        #: the int8 kernel and exact to float32 rounding (no bf16 activations or output).
+        self.native = native and qweight.device.type == "cpu"
+        if self.native:
+            self.scales32 = frozen(scales.float())
         self.bias = _optional(bias)
         self.act_dtype = act_dtype
         self.packed = qweight.shape[1] % 16 == 0 and _int8pack_works(qweight.device, act_dtype)
         cpu = qweight.device.type == "cpu"
-        self.onednn = cpu and _mkldnn_packing_works(torch.float32)  # see PackedLinear
+        fast_bf16 = act_dtype == torch.bfloat16 and cpu_has_fast_bf16()
+        #: The many-rows product's dtype (class docstring).
+        self.gemm_dtype = act_dtype if not cpu or fast_bf16 else torch.float32
+        self.onednn = (
+            self.gemm_dtype == torch.float32 and cpu and _mkldnn_packing_works(torch.float32)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         flat = x.reshape(-1, x.shape[-1])
         params = self._parameters
         qweight, scales, bias = params["qweight"], params["scales"], params.get("bias")
-        if self.packed and flat.shape[0] < self.DEQUANT_ROWS:
+        if self.native and flat.shape[0] == 1:
+            out = native.gemv_i8(flat.float(), qweight, params["scales32"], None)
+        elif self.packed and flat.shape[0] < self.DEQUANT_ROWS:
             out = torch._weight_int8pack_mm(flat.to(self.act_dtype), qweight, scales)
         else:
-            gemm = torch.float32 if flat.device.type == "cpu" else self.act_dtype
-            weight = qweight.to(gemm) * scales.to(gemm)[:, None]
+            gemm = self.gemm_dtype
             product = onednn_linear if self.onednn else F.linear
-            out = product(flat.to(gemm), weight)
+            out = product(flat.to(gemm), qweight.to(gemm)) * scales.to(gemm)
         out = out.to(dtype)
         if bias is not None:
             out = out + bias
         return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class Int8Head(Int8Linear):
+    """The weight-only int8 lm_head (over the int8 embedding rows), whose largest logits are
+    recomputed in float32.
+
+    Its product runs with bf16 activations and output on CPU, which rounds a logit of 16 to
+    steps of 0.125: enough to swap near-tied tokens. So the `REFINE` largest logits of each
+    row are computed again from the same int8 rows in the model's float dtype: the choice of
+    greedy decoding, and the top of a sampled distribution, are what a float output gives.
+    Measured on the demo model (teacher-forced Python source), top-1 agreement with float32
+    went from 97.8 % to 98.7 % on the decode path (tests/test_fast_paths.py).
+    """
+
+    REFINE = 8
+
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        act_dtype: torch.dtype,
+        native: bool = False,
+    ) -> None:
+        super().__init__(qweight, scales, None, act_dtype, native)
+        self.exact_scales = frozen(scales.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if self.act_dtype == x.dtype and self.gemm_dtype == x.dtype:
+            return out  # nothing was rounded
+        if self.native and x.numel() == x.shape[-1] and x.dtype == torch.float32:
+            return out  # one float32 row went through the native kernel: float32 output
+        flat = out.reshape(-1, out.shape[-1])
+        top = flat.topk(min(self.REFINE, flat.shape[-1]), dim=-1).indices  # [rows, R]
+        params = self._parameters
+        rows = params["qweight"][top].to(x.dtype)  # [rows, R, in]
+        exact = torch.bmm(rows, x.reshape(-1, x.shape[-1], 1)).squeeze(-1)
+        exact = exact * params["exact_scales"][top].to(x.dtype)
+        return flat.scatter(-1, top, exact).view(out.shape)
 
 
 class DynamicInt8Linear(FastLinear):
@@ -616,6 +729,9 @@ class _Packer:
         self.columns = quantize is None and cpu and dtype == torch.float32 and not self.packed
         #: Where packing works, the layout of each shape is measured (or cached, or forced).
         self.kernels = KernelChooser(dtype) if self.packed else None
+        #: int8 on CPU: whether one-row products run the native kernel, measured the same way.
+        int8_native = quantize == "int8" and cpu and native.available()
+        self.int8_kernels = KernelChooser(torch.float32) if int8_native else None
         #: Linear layers waiting for their other pieces: module name -> {"weight"/"bias": tensor}
         self.pending: dict[str, dict[str, Any]] = {}
         self.swaps = 0
@@ -642,7 +758,8 @@ class _Packer:
         """The fast module for one matrix, in the layout chosen for this device and dtype."""
         if self.quantize == "int8":
             q, scales = quantize_rows(weight)
-            return Int8Linear(q.to(self.device), scales.to(self.device), bias, self._int8_act())
+            on = self._int8_native("int8 linear", q.shape)
+            return Int8Linear(q.to(self.device), scales.to(self.device), bias, self._int8_act(), on)
         if self.quantize == "int8-dynamic":
             q, scales = quantize_rows(weight)
             return DynamicInt8Linear(q, scales, bias, reduce_range=not self.vnni)
@@ -675,11 +792,7 @@ class _Packer:
             assert isinstance(tensor, torch.Tensor)
             weight = frozen(self._put(tensor))
             model.transformer.wte.weight = weight
-            onednn = False
-            if self.kernels is not None and self.dtype == torch.float32:
-                shape = (weight.shape[0], weight.shape[1])
-                onednn = self.kernels.layout("head", shape, _HEAD_BUILDERS) == "onednn"
-            model.lm_head = TiedHead(weight, onednn=onednn)
+            model.lm_head = self._head(weight)
             return
         q, scales = quantize_rows(tensor)
         model.transformer.wte = Int8Embedding(frozen(q.to(self.device)), scales, self.dtype)
@@ -687,7 +800,29 @@ class _Packer:
             model.lm_head = DynamicInt8Linear(q, scales, None, not self.vnni)
         else:
             shared = model.transformer.wte.qweight  # one int8 matrix for both
-            model.lm_head = Int8Linear(shared, scales.to(self.device), None, self._int8_act())
+            on = self._int8_native("int8 head", q.shape)
+            model.lm_head = Int8Head(shared, scales.to(self.device), self._int8_act(), on)
+
+    def _int8_native(self, kind: str, shape: torch.Size) -> bool:
+        """Whether an int8 matrix's one-row product runs the native kernel (measured)."""
+        if self.int8_kernels is None:
+            return False
+        builders = _INT8_BUILDERS[kind]
+        return self.int8_kernels.layout(kind, (shape[0], shape[1]), builders) == "native"
+
+    def _head(self, weight: nn.Parameter) -> nn.Module:
+        """The lm_head over the embedding matrix, in the layout measured fastest: float32
+        reads the embedding in place (oneDNN, TiedHead's own products or, for one row, the
+        native kernel); bf16/fp16 either reads it in place (TiedHead, native) or keeps a
+        packed copy of it (`PackedHead`)."""
+        if self.kernels is None:
+            return TiedHead(weight)
+        shape = (weight.shape[0], weight.shape[1])
+        fp32 = self.dtype == torch.float32
+        layout = self.kernels.layout("head", shape, _head_builders(self.dtype))
+        if layout == "onednn" and not fp32:
+            return PackedHead(weight)
+        return TiedHead(weight, onednn=fp32 and layout != "linear", native=layout == "native")
 
     def _try_swap(self, name: str, linear: nn.Linear) -> None:
         """Swap a linear layer once its weight (and bias) are in; q, k and v once all three
@@ -720,6 +855,8 @@ class _Packer:
         for module in model.modules():
             if type(module) is nn.LayerNorm:
                 module.__class__ = FastLayerNorm  # same parameters, a cheaper call
+            elif type(module) in _DIRECT_CALL:
+                module.__class__ = _DIRECT_CALL[type(module)]
         _trim_heap()
 
 
@@ -728,6 +865,7 @@ _LAYER_LAYOUTS: dict[str, Any] = {
     "onednn": PackedLinear,
     "linear": plain_linear,
     "columns": ColumnLinear,
+    "native": NativeLinear,
 }
 #: The tied head: oneDNN reading the plain embedding in place, or TiedHead's own products
 #: (bf16 heads are never oneDNN: it would reorder the matrix on every call).
@@ -737,14 +875,55 @@ _HEAD_BUILDERS = {
 }
 
 
+#: bf16/fp16 heads: a packed copy of the embedding (oneDNN reorders a plain bf16 matrix on
+#: every call), or the plain matrix read in place.
+_PACKED_HEAD_BUILDERS = {
+    "onednn": lambda w: PackedLinear(w, None),
+    "linear": _HEAD_BUILDERS["linear"],
+}
+
+
+def _head_builders(dtype: torch.dtype) -> dict[str, Any]:
+    """float32 heads: oneDNN in place or TiedHead's products; bf16/fp16: a packed copy or
+    TiedHead's products; both: the native kernel for one row (reading the embedding in
+    place) where it could be built and takes the dtype."""
+    fp32 = dtype == torch.float32
+    builders = _HEAD_BUILDERS if fp32 else _PACKED_HEAD_BUILDERS
+    if not native.available() or dtype not in native.DTYPES:
+        return builders
+    native_head = lambda w: TiedHead(nn.Parameter(w, requires_grad=False), fp32, True)  # noqa: E731
+    return {**builders, "native": native_head}
+
+
 def _layer_builders(dtype: torch.dtype) -> dict[str, Any]:
-    """The layouts measured for a layer matrix: all three for float32, where MKL and oneDNN
-    compete; packed or plain for bf16/fp16 (both oneDNN underneath)."""
+    """The layouts measured for a layer matrix: float32 has MKL, oneDNN and (where it could be
+    built) the native kernel competing; bf16/fp16 packed or plain (both oneDNN underneath)."""
     names = LAYER_CHOICES if dtype == torch.float32 else ("onednn", "linear")
+    if dtype in native.DTYPES and native.available():
+        names = (*names, "native")
     return {name: (lambda w, cls=_LAYER_LAYOUTS[name]: cls(w, None)) for name in names}
 
 
 LAYER_CHOICES = ("onednn", "linear", "columns")
+
+
+def _int8_builder(cls: type[Int8Linear], use_native: bool) -> Any:
+    """An int8 module of a float matrix (the kernel measurement hands float matrices)."""
+
+    def build(weight: torch.Tensor) -> Int8Linear:
+        q, scales = quantize_rows(weight)
+        if cls is Int8Head:
+            return Int8Head(q, scales, torch.bfloat16, use_native)
+        return Int8Linear(q, scales, None, torch.bfloat16, use_native)
+
+    return build
+
+
+#: int8 matrices: the one-row product through the native kernel or torch's int8 kernel.
+_INT8_BUILDERS = {
+    kind: {"native": _int8_builder(cls, True), "linear": _int8_builder(cls, False)}
+    for kind, cls in (("int8 linear", Int8Linear), ("int8 head", Int8Head))
+}
 
 
 def optimize_for_inference(

@@ -5,7 +5,10 @@ The fast path (gptneo_cli/fast.py) can hold a linear layer's matrix three ways o
 - `onednn`: prepacked into oneDNN's blocked layout (`PackedLinear`); for the tied lm_head,
   the plain embedding matrix read in place by oneDNN;
 - `linear`: the checkpoint's [out, in] rows through F.linear (MKL for float32);
-- `columns`: transposed, [in, out], through torch.mm (`ColumnLinear`; not for the head).
+- `columns`: transposed, [in, out], through torch.mm (`ColumnLinear`; not for the head);
+- `native`: the plain rows through our own one-row kernel (gptneo_cli/native.py) for a
+  decode step, oneDNN reading the same rows in place for more rows (float32 and int8, where
+  the kernel could be built).
 
 Which is fastest depends on the CPU, not the vendor's name: float32 oneDNN ran 2.2x MKL's
 F.linear on an AMD EPYC, while MKL is fast on Intel. So the first load of a model on a
@@ -21,7 +24,7 @@ Results are cached in `kernels.json` in the user cache dir ($XDG_CACHE_HOME/gptn
 ~/.cache/gptneo), keyed by CPU model, torch version, thread count, dtype and shape: later
 loads read the file and measure nothing. A file that cannot be read or parsed is ignored
 (measured again and rewritten); one that cannot be written is not kept.
-`GPTNEO_KERNEL=onednn|linear|columns` skips the measurement and forces a layout; `auto` (or
+`GPTNEO_KERNEL=onednn|linear|columns|native` skips the measurement and forces a layout; `auto` (or
 unset) measures. Delete the file to measure again.
 """
 
@@ -43,7 +46,7 @@ import torch
 
 from .settings import user_cache_dir
 
-LAYOUTS = ("onednn", "linear", "columns")
+LAYOUTS = ("onednn", "linear", "columns", "native")
 CHOICES = ("auto", *LAYOUTS)
 ENV = "GPTNEO_KERNEL"
 #: The layout kept unless another one is this much better (a share of its score).
@@ -70,7 +73,7 @@ def forced(environ: Mapping[str, str] = os.environ) -> str | None:
     if raw in ("", "auto"):
         return None
     if raw not in LAYOUTS:
-        raise ValueError(f"{ENV} must be auto, onednn, linear or columns, got {raw!r}")
+        raise ValueError(f"{ENV} must be auto, onednn, linear, columns or native, got {raw!r}")
     return raw
 
 
@@ -198,11 +201,18 @@ class KernelChooser:
         self.cache = KernelCache(cache_path(environ)) if self.forced is None else None
         self.chosen: dict[str, str] = {}
 
+    def _forced(self, builders: Builders) -> str:
+        """The forced layout, or the nearest one this matrix has: the head has no `columns`
+        (its own products then); without a built native kernel, `native` means the
+        default."""
+        if self.forced in builders:
+            return str(self.forced)
+        order = (DEFAULT, "linear") if self.forced == "native" else ("linear", DEFAULT)
+        return next((name for name in order if name in builders), next(iter(builders)))
+
     def layout(self, kind: str, shape: tuple[int, int], builders: Builders) -> str:
-        if self.forced is not None:  # the head has no `columns`: its own products then
-            if self.forced in builders:
-                return self.forced
-            return "linear" if "linear" in builders else DEFAULT
+        if self.forced is not None:
+            return self._forced(builders)
         key = cache_key(kind, shape, self.dtype)
         if key not in self.chosen:
             assert self.cache is not None

@@ -65,7 +65,7 @@ def keys() -> dict[str, tuple[type, Any]]:
 
 
 # Environment variables that are not settings keys but still shape behaviour.
-EXTRA_ENV = ("GPTNEO_CONFIG", "GPTNEO_DEBUG", "GPTNEO_KERNEL")
+EXTRA_ENV = ("GPTNEO_CONFIG", "GPTNEO_DEBUG", "GPTNEO_KERNEL", "GPTNEO_NATIVE")
 
 
 def user_config_dir(environ: Mapping[str, str] = os.environ) -> Path:

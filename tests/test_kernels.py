@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from gptneo_cli import fast, kernels
+from gptneo_cli import fast, kernels, native
 from gptneo_cli.fast import FastCausalLM
 
 pytestmark = pytest.mark.skipif(
@@ -120,7 +120,7 @@ def test_a_bad_entry_or_an_unwritable_cache_is_no_crash(tiny_checkpoint, tmp_pat
 
 
 def test_bad_gptneo_kernel_is_a_clear_error():
-    with pytest.raises(ValueError, match="GPTNEO_KERNEL must be auto, onednn, linear or columns"):
+    with pytest.raises(ValueError, match="must be auto, onednn, linear, columns or native"):
         kernels.forced({"GPTNEO_KERNEL": "mkl"})
     assert kernels.forced({"GPTNEO_KERNEL": "auto"}) is None
     assert kernels.forced({}) is None
@@ -145,5 +145,28 @@ def test_the_choice_rule():
 def test_the_real_measurement_times_every_layout():
     builders = fast._layer_builders(torch.float32)
     seconds = kernels.measure(builders, (24, 16), torch.float32, (1, 4))
-    assert set(seconds) == {"onednn", "linear", "columns"}
+    expected = {"onednn", "linear", "columns"} | ({"native"} if native.available() else set())
+    assert set(seconds) == expected
     assert all(set(t) == {"1", "4"} and min(t.values()) > 0 for t in seconds.values())
+
+
+@pytest.mark.skipif(not fast._mkldnn_packing_works(torch.bfloat16), reason="no bf16 packing")
+@pytest.mark.parametrize("winner", ["onednn", "linear"])
+def test_a_bf16_head_is_a_packed_copy_only_where_it_measured_faster(
+    tiny_checkpoint, cache_home, monkeypatch, winner
+):
+    """bf16 heads choose between reading the embedding in place (TiedHead) and a packed copy
+    of it (PackedHead); both give the reference's logits, and the embedding keeps its rows."""
+    folder, ref = tiny_checkpoint("causal_lm", "alternating")
+    monkeypatch.setattr(kernels, "measure", FakeMeasure(winner))
+    model = FastCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    head = model.lm_head
+    assert type(head) is (fast.PackedHead if winner == "onednn" else fast.TiedHead)
+    if winner == "onednn":  # a copy: the embedding's own matrix is untouched, still plain
+        wte = model.transformer.wte.weight
+        assert wte.dtype == torch.bfloat16 and wte.shape == ref.transformer.wte.weight.shape
+    ids = torch.randint(1, 131, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = ref.to(torch.bfloat16)(ids).logits.float()
+        got = model(ids).logits.float()
+    assert (got - want).abs().max().item() < 0.05 * (want.max() - want.min()).item()

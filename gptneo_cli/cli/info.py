@@ -147,13 +147,15 @@ def _devices(dtype_name: str) -> list[dict[str, Any]]:
     dtype the settings ask for."""
     import torch
 
+    from .. import native
     from ..attention import choose_backend, flash_unavailable_reason
     from ..device import cpu_has_fast_bf16, resolve_dtype
 
     devices = [
         (
             torch.device("cpu"),
-            f"native bf16: {'yes' if cpu_has_fast_bf16() else 'no'}",
+            f"native bf16: {'yes' if cpu_has_fast_bf16() else 'no'}, "
+            f"one-row kernels: {native.status()}",
         )
     ]
     if torch.cuda.is_available():

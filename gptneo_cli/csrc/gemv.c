@@ -1,0 +1,188 @@
+/* One-row matrix-vector products that stream the weights at memory speed (gptneo_cli/native.py).
+ *
+ * Batch-1 decoding multiplies one activation row by every weight matrix: the time is the time
+ * to read the weights. torch's CPU kernels for that shape (oneDNN, MKL, the int8 kernel)
+ * reached 30-48 GB/s on an AMD EPYC whose memory streams 77 GB/s; these loops read 8 weight
+ * rows at once with software prefetch, split the rows between OpenMP threads (the same OpenMP
+ * runtime torch uses, which is loaded first) and reach 58-72 GB/s there. Built by
+ * gptneo_cli/native.py with the system C compiler on first use, AVX-512 only.
+ *
+ *   y[o] = sum_i W[o, i] * x[i] (+ bias[o])              gemv_f32: W float32 [m, n]
+ *   y[o] = scale[o] * sum_i Q[o, i] * x[i] (+ bias[o])   gemv_i8:  Q int8 [m, n]
+ *   y[o] = sum_i B[o, i] * x[i] (+ bias[o])              gemv_bf16: B bfloat16 [m, n]
+ *
+ * x, scale, bias and y are float32; products and sums are float32 in every case.
+ */
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+
+#define ROWS 8          /* weight rows read together: 8 prefetch streams per thread */
+#define AHEAD 1024      /* bytes prefetched ahead of each row's reads */
+
+static inline __mmask16 tail_mask(int64_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+}
+
+static inline float finish(__m512 acc, const float *scale, const float *bias, int64_t o) {
+    float v = _mm512_reduce_add_ps(acc);
+    if (scale) v *= scale[o];
+    return bias ? v + bias[o] : v;
+}
+
+/* `rows` weight rows from r (a compile-time constant after inlining: the accumulators stay
+ * in registers). */
+static inline __attribute__((always_inline)) void f32_block(
+    const float *r, const float *x, const float *bias, float *y, int64_t n, int rows) {
+    __m512 acc[ROWS];
+    for (int k = 0; k < ROWS; k++) acc[k] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = tail_mask(n - i);
+        __m512 xv = _mm512_maskz_loadu_ps(m, x + i);
+        for (int k = 0; k < rows; k++) {
+            _mm_prefetch((const char *)(r + k * n + i) + AHEAD, _MM_HINT_T0);
+            acc[k] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, r + k * n + i), xv, acc[k]);
+        }
+    }
+    for (int k = 0; k < rows; k++) y[k] = finish(acc[k], 0, bias ? bias + k : 0, 0);
+}
+
+static void f32_rows(const float *w, const float *x, const float *bias, float *y,
+                     int64_t start, int64_t end, int64_t n) {
+    int64_t o = start;
+    for (; o + ROWS <= end; o += ROWS)
+        f32_block(w + o * n, x, bias ? bias + o : 0, y + o, n, ROWS);
+    for (; o < end; o++) f32_block(w + o * n, x, bias ? bias + o : 0, y + o, n, 1);
+}
+
+/* 16 int8 weights as float32. */
+static inline __m512 i8_to_f32(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+
+/* int8 rows: 64 weights per row per pass (4 loads, no masks), a masked tail. */
+static inline __attribute__((always_inline)) void i8_block(
+    const int8_t *r, const float *scale, const float *x, const float *bias, float *y, int64_t n,
+    int rows) {
+    __m512 acc[ROWS];
+    for (int k = 0; k < ROWS; k++) acc[k] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);
+        __m512 x2 = _mm512_loadu_ps(x + i + 32), x3 = _mm512_loadu_ps(x + i + 48);
+        for (int k = 0; k < rows; k++) {
+            const int8_t *p = r + k * n + i;
+            _mm_prefetch((const char *)p + AHEAD, _MM_HINT_T0);
+            __m512 a = acc[k];
+            a = _mm512_fmadd_ps(i8_to_f32(p), x0, a);
+            a = _mm512_fmadd_ps(i8_to_f32(p + 16), x1, a);
+            a = _mm512_fmadd_ps(i8_to_f32(p + 32), x2, a);
+            a = _mm512_fmadd_ps(i8_to_f32(p + 48), x3, a);
+            acc[k] = a;
+        }
+    }
+    for (; i < n; i += 16) {
+        __mmask16 m = tail_mask(n - i);
+        __m512 xv = _mm512_maskz_loadu_ps(m, x + i);
+        for (int k = 0; k < rows; k++) {
+            __m128i b = _mm_maskz_loadu_epi8(m, r + k * n + i);
+            acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), xv, acc[k]);
+        }
+    }
+    for (int k = 0; k < rows; k++) y[k] = finish(acc[k], scale + k, bias ? bias + k : 0, 0);
+}
+
+static void i8_rows(const int8_t *q, const float *scale, const float *x, const float *bias,
+                    float *y, int64_t start, int64_t end, int64_t n) {
+    int64_t o = start;
+    for (; o + ROWS <= end; o += ROWS)
+        i8_block(q + o * n, scale + o, x, bias ? bias + o : 0, y + o, n, ROWS);
+    for (; o < end; o++) i8_block(q + o * n, scale + o, x, bias ? bias + o : 0, y + o, n, 1);
+}
+
+/* 16 bf16 weights as float32: bf16 is the top half of a float32, so a shift is exact. */
+static inline __m512 bf16_to_f32(const uint16_t *p) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+static inline __m512 bf16_to_f32_masked(const uint16_t *p, __mmask16 m) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+/* bf16 rows: 64 weights per row per pass, float32 products and sums, a masked tail. */
+static inline __attribute__((always_inline)) void bf16_block(
+    const uint16_t *r, const float *x, const float *bias, float *y, int64_t n, int rows) {
+    __m512 acc[ROWS];
+    for (int k = 0; k < ROWS; k++) acc[k] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);
+        __m512 x2 = _mm512_loadu_ps(x + i + 32), x3 = _mm512_loadu_ps(x + i + 48);
+        for (int k = 0; k < rows; k++) {
+            const uint16_t *p = r + k * n + i;
+            _mm_prefetch((const char *)p + AHEAD, _MM_HINT_T0);
+            _mm_prefetch((const char *)p + AHEAD + 64, _MM_HINT_T0);
+            __m512 a = acc[k];
+            a = _mm512_fmadd_ps(bf16_to_f32(p), x0, a);
+            a = _mm512_fmadd_ps(bf16_to_f32(p + 16), x1, a);
+            a = _mm512_fmadd_ps(bf16_to_f32(p + 32), x2, a);
+            a = _mm512_fmadd_ps(bf16_to_f32(p + 48), x3, a);
+            acc[k] = a;
+        }
+    }
+    for (; i < n; i += 16) {
+        __mmask16 m = tail_mask(n - i);
+        __m512 xv = _mm512_maskz_loadu_ps(m, x + i);
+        for (int k = 0; k < rows; k++)
+            acc[k] = _mm512_fmadd_ps(bf16_to_f32_masked(r + k * n + i, m), xv, acc[k]);
+    }
+    for (int k = 0; k < rows; k++) y[k] = finish(acc[k], 0, bias ? bias + k : 0, 0);
+}
+
+static void bf16_rows(const uint16_t *w, const float *x, const float *bias, float *y,
+                      int64_t start, int64_t end, int64_t n) {
+    int64_t o = start;
+    for (; o + ROWS <= end; o += ROWS)
+        bf16_block(w + o * n, x, bias ? bias + o : 0, y + o, n, ROWS);
+    for (; o < end; o++) bf16_block(w + o * n, x, bias ? bias + o : 0, y + o, n, 1);
+}
+
+/* Rows [start, end) of thread t of T: whole blocks of ROWS, the last thread takes the rest. */
+static void share(int64_t m, int t, int T, int64_t *start, int64_t *end) {
+    int64_t per = (m + T - 1) / T;
+    per = (per + ROWS - 1) / ROWS * ROWS;
+    *start = t * per < m ? t * per : m;
+    *end = *start + per < m ? *start + per : m;
+}
+
+void gemv_f32(const float *w, const float *x, const float *bias, float *y, int64_t m, int64_t n,
+              int threads) {
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int64_t start, end;
+        share(m, omp_get_thread_num(), omp_get_num_threads(), &start, &end);
+        f32_rows(w, x, bias, y, start, end, n);
+    }
+}
+
+void gemv_i8(const int8_t *q, const float *scale, const float *x, const float *bias, float *y,
+             int64_t m, int64_t n, int threads) {
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int64_t start, end;
+        share(m, omp_get_thread_num(), omp_get_num_threads(), &start, &end);
+        i8_rows(q, scale, x, bias, y, start, end, n);
+    }
+}
+
+void gemv_bf16(const uint16_t *w, const float *x, const float *bias, float *y, int64_t m,
+               int64_t n, int threads) {
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int64_t start, end;
+        share(m, omp_get_thread_num(), omp_get_num_threads(), &start, &end);
+        bf16_rows(w, x, bias, y, start, end, n);
+    }
+}

@@ -1,0 +1,241 @@
+"""Our one C file (csrc/gemv.c): one-row products at memory speed, built on first use.
+
+Why we wrote a kernel: batch-1 decoding is one activation row times every weight matrix, so
+its speed is the speed of reading the weights. None of torch's CPU kernels reaches memory
+speed for that shape (measured per matrix in docs/PERFORMANCE.md: oneDNN's float32 product
+30-48 GB/s, MKL's 17-25, the weight-only int8 kernel ~30, on a machine whose memory streams
+77 GB/s); these loops reach 58-72 GB/s there.
+
+How it ships: the C source is package data. The first load on a machine compiles it with the
+system C compiler (`$CC`, else `cc`/`gcc`; about 0.3 s) into the user cache dir
+(`$XDG_CACHE_HOME/gptneo/native/`, keyed by a hash of the source, the flags and the
+compiler), and later loads only open that file. It needs an x86-64 CPU with AVX-512 and a
+compiler; without either, or with `GPTNEO_NATIVE=0`, nothing is built and the fast path
+uses torch's kernels as before. A build that fails, or a library whose products disagree
+with torch's on a check matrix, is not used either (a one-line warning on the log).
+
+The loops run on OpenMP threads: the library links the same OpenMP runtime torch loaded (it
+is already in the process, so its thread pool is shared), with torch's thread count.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .settings import user_cache_dir
+
+log = logging.getLogger("gptneo")
+
+ENV = "GPTNEO_NATIVE"
+SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp", "-shared", "-fPIC")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "fma")
+
+_F32 = ctypes.c_void_p
+_ARGS_F32 = [_F32, _F32, _F32, _F32, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+_ARGS_I8 = [_F32, _F32, _F32, _F32, _F32, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+
+
+def disabled(environ: Mapping[str, str] = os.environ) -> bool:
+    return environ.get(ENV, "").strip().lower() in ("0", "off", "no", "false")
+
+
+def cpu_supported() -> bool:
+    """x86-64 with the AVX-512 subsets the loops use (from /proc/cpuinfo's flags)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return all(flag in flags for flag in CPU_FLAGS)
+    return False
+
+
+def compiler(environ: Mapping[str, str] = os.environ) -> str | None:
+    name = environ.get("CC", "").strip()
+    if name:
+        return shutil.which(name)
+    return shutil.which("cc") or shutil.which("gcc")
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The built library, or None where it cannot be used (module docstring). Cached for
+    the process: one build or load, one check."""
+    if disabled() or not cpu_supported():
+        return None
+    cc = compiler()
+    if cc is None:
+        return None
+    try:
+        path = _build(cc)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("native kernels unavailable (%s); using torch's", str(exc).splitlines()[0])
+        return None
+    lib.gemv_f32.argtypes, lib.gemv_f32.restype = _ARGS_F32, None
+    lib.gemv_i8.argtypes, lib.gemv_i8.restype = _ARGS_I8, None
+    lib.gemv_bf16.argtypes, lib.gemv_bf16.restype = _ARGS_F32, None
+    if not _agrees(lib):
+        log.warning("native kernels disagree with torch's on a check matrix; using torch's")
+        return None
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def status() -> str:
+    """One line for `gptneo info`, without building anything."""
+    if disabled():
+        return f"off ({ENV}=0)"
+    if not cpu_supported():
+        return "unavailable (needs an x86-64 CPU with AVX-512)"
+    cc = compiler()
+    if cc is None:
+        return "unavailable (no C compiler: set CC or install gcc)"
+    if _library_path(cc).is_file():
+        return "built"
+    return f"not built yet (built with {Path(cc).name} at the first model load)"
+
+
+def _library_path(cc: str) -> Path:
+    """Where the library built from SOURCE with `cc` and FLAGS lives (the key is a hash)."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((cc, *FLAGS)).encode()).hexdigest()
+    return user_cache_dir() / "native" / f"gemv-{digest[:16]}.so"
+
+
+def _build(cc: str) -> Path:
+    """Compile SOURCE once per (source, flags, compiler) into the user cache dir."""
+    path = _library_path(cc)
+    if path.is_file():
+        return path
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".gemv-", suffix=".so")
+    os.close(fd)
+    try:
+        subprocess.run(
+            [cc, *FLAGS, str(SOURCE), "-o", tmp],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        os.replace(tmp, path)  # whole or not at all, also with concurrent first loads
+    except subprocess.CalledProcessError as exc:
+        detail = exc.stderr.decode(errors="replace").strip() or f"exit {exc.returncode}"
+        raise OSError(f"{Path(cc).name} failed: {detail}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _agrees(lib: ctypes.CDLL) -> bool:
+    """The library's products match torch's on a small matrix with a ragged width."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(21, 37, generator=gen)
+    x = torch.randn(1, 37, generator=gen)
+    b = torch.randn(21, generator=gen)
+    q = torch.randint(-127, 128, (21, 37), generator=gen, dtype=torch.int8)
+    s = torch.rand(21, generator=gen)
+    wb = w.bfloat16()
+    got_f32 = _call_f32(lib, x, w, b)
+    got_i8 = _call_i8(lib, x, q, s, b)
+    got_bf16 = _call_f32(lib, x, wb, b, lib.gemv_bf16)
+    want_i8 = (x @ q.float().t()) * s + b
+    return (
+        torch.allclose(got_f32, torch.addmm(b, x, w.t()), atol=1e-4)
+        and torch.allclose(got_i8, want_i8, atol=1e-3)
+        and torch.allclose(got_bf16, torch.addmm(b, x, wb.float().t()), atol=1e-4)
+    )
+
+
+def _ptr(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def _call_f32(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    function: Any = None,
+) -> torch.Tensor:
+    """gemv_f32, or `function` (gemv_bf16) with the same arguments."""
+    y = torch.empty(1, w.shape[0], dtype=torch.float32)
+    threads = torch.get_num_threads()
+    call = function or lib.gemv_f32
+    call(w.data_ptr(), x.data_ptr(), _ptr(bias), y.data_ptr(), *w.shape, threads)
+    return y
+
+
+def _call_i8(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    y = torch.empty(1, q.shape[0], dtype=torch.float32)
+    threads = torch.get_num_threads()
+    lib.gemv_i8(
+        q.data_ptr(), scales.data_ptr(), x.data_ptr(), _ptr(bias), y.data_ptr(), *q.shape, threads
+    )
+    return y
+
+
+def gemv_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """[1, n] float32 x times a contiguous float32 [m, n] weight (+ bias [m]) -> [1, m].
+    The caller checks `available()` and the dtypes; x is made contiguous here."""
+    lib = library()
+    assert lib is not None
+    return _call_f32(lib, x.contiguous(), weight, bias)
+
+
+#: The weight dtypes `gemv` takes (int8 has its own `gemv_i8`).
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """One row times a float32 or bf16 weight (+ bias): float32 [1, m]."""
+    if weight.dtype == torch.bfloat16:
+        return gemv_bf16(x, weight, bias)
+    return gemv_f32(x, weight, bias)
+
+
+def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """[1, n] x times a contiguous bf16 [m, n] weight (+ bias [m]), in float32 -> [1, m]
+    float32; x and bias are converted to float32 here."""
+    lib = library()
+    assert lib is not None
+    x32 = x.float().contiguous()
+    bias32 = None if bias is None else bias.float()
+    return _call_f32(lib, x32, weight, bias32, lib.gemv_bf16)
+
+
+def gemv_i8(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """[1, n] float32 x times int8 [m, n] rows scaled by float32 `scales` [m] (+ bias)."""
+    lib = library()
+    assert lib is not None
+    return _call_i8(lib, x.contiguous(), qweight, scales, bias)

@@ -1,0 +1,213 @@
+"""Our one-row kernels (gptneo_cli/native.py, csrc/gemv.c): built on first use, exact to
+float32 rounding on ragged shapes and thread counts, chosen through GPTNEO_KERNEL like the
+other layouts, and never in the way: disabled, without a compiler or with a failing one,
+the fast path loads with torch's kernels."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from oracle import TINY_CONFIGS
+
+from gptneo_cli import fast, native
+from gptneo_cli.fast import FastCausalLM
+
+TINY_DEMO = Path(fast.__file__).parent / "data" / "tiny"
+needs_native = pytest.mark.skipif(
+    not native.available(), reason="no AVX-512 CPU or no C compiler: the native kernels are off"
+)
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """A process-wide library() answer recomputed under the test's environment and cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    native.library.cache_clear()
+    yield
+    native.library.cache_clear()
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 7, 8, 9, 17, 50])
+@pytest.mark.parametrize("width", [1, 15, 16, 17, 63, 64, 65, 200])
+def test_products_match_torch_on_ragged_shapes(rows, width, threads):
+    gen = torch.Generator().manual_seed(rows * 1000 + width)
+    w = torch.randn(rows, width, generator=gen)
+    x = torch.randn(1, width, generator=gen)
+    bias = torch.randn(rows, generator=gen)
+    q = torch.randint(-127, 128, (rows, width), generator=gen, dtype=torch.int8)
+    scales = torch.rand(rows, generator=gen) + 0.01
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = native.gemv_f32(x, w, bias)
+        got_nobias = native.gemv_f32(x, w, None)
+        got_i8 = native.gemv_i8(x, q, scales, None)
+        got_i8_bias = native.gemv_i8(x, q, scales, bias)
+        got_bf16 = native.gemv(x.bfloat16(), w.bfloat16(), bias)
+    finally:
+        torch.set_num_threads(before)
+    exact = x.double() @ w.double().t()
+    exact_i8 = (x.double() @ q.double().t()) * scales.double()
+    tol = 1e-5 * (1 + width)
+    assert got.shape == (1, rows) and got.dtype == torch.float32
+    assert (got.double() - (exact + bias.double())).abs().max().item() < tol
+    assert (got_nobias.double() - exact).abs().max().item() < tol
+    assert (got_i8.double() - exact_i8).abs().max().item() < tol * 128
+    assert (got_i8_bias.double() - (exact_i8 + bias.double())).abs().max().item() < tol * 128
+    exact_bf16 = x.bfloat16().double() @ w.bfloat16().double().t() + bias.double()
+    assert got_bf16.dtype == torch.float32  # float32 sums of the exact bf16 products
+    assert (got_bf16.double() - exact_bf16).abs().max().item() < tol
+
+
+@needs_native
+def test_a_non_contiguous_row_is_read_correctly():
+    w = torch.randn(9, 40)
+    x = torch.randn(40, 3)[:, 1].unsqueeze(0)  # a strided view
+    assert not x.is_contiguous()
+    assert torch.allclose(native.gemv_f32(x, w, None), x @ w.t(), atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("config", sorted(TINY_CONFIGS))
+def test_forced_native_decodes_like_the_reference(tiny_checkpoint, config, monkeypatch):
+    """Prefill (more rows: oneDNN in place) and one-row decode steps (the native kernel)
+    give the reference's logits at every step."""
+    monkeypatch.setenv("GPTNEO_KERNEL", "native")
+    folder, ref = tiny_checkpoint("causal_lm", config)
+    model = FastCausalLM.from_pretrained(folder)
+    block = model.transformer.h[0]
+    assert isinstance(block.attn.attention.qkv_proj, fast.NativeLinear)
+    assert isinstance(block.mlp.c_proj, fast.NativeLinear)
+    assert model.lm_head.native
+    vocab = TINY_CONFIGS[config]["vocab_size"]
+    ids = torch.randint(1, vocab, (1, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = ref(ids).logits
+        cache = model.new_cache(1, 30)
+        got = [model(ids[:, :6], cache=cache).logits]
+        for t in range(6, 30):  # past the local window: the ring wraps
+            got.append(model(ids[:, t : t + 1], cache=cache).logits)
+    assert (torch.cat(got, dim=1) - want).abs().max().item() < 1e-4
+
+
+@needs_native
+def test_forced_native_bf16_decodes_like_the_bf16_reference(tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("GPTNEO_KERNEL", "native")
+    folder, ref = tiny_checkpoint("causal_lm", "alternating")
+    model = FastCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    assert isinstance(model.transformer.h[0].mlp.c_fc, fast.NativeLinear)
+    assert isinstance(model.lm_head, fast.TiedHead) and model.lm_head.native  # no copy
+    ids = torch.randint(1, 131, (1, 20), generator=torch.Generator().manual_seed(5))
+    reference = ref.to(torch.bfloat16)
+    with torch.no_grad():
+        want = reference(ids).logits.float()
+        cache = model.new_cache(1, 20)
+        got = [model(ids[:, :4], cache=cache).logits]
+        got += [model(ids[:, t : t + 1], cache=cache).logits for t in range(4, 20)]
+    got_all = torch.cat(got, dim=1).float()
+    assert got_all.dtype == torch.float32 and got[-1].dtype == torch.bfloat16
+    assert (got_all - want).abs().max().item() < 0.03 * (want.max() - want.min()).item()
+
+
+@needs_native
+def test_int8_one_row_products_are_float32_exact(tiny_checkpoint, monkeypatch):
+    """With the native kernel an int8 layer's decode product is the float32 product of the
+    int8 values and scales (no bf16 activations), and the head needs no refinement."""
+    monkeypatch.setenv("GPTNEO_KERNEL", "native")
+    folder, _ = tiny_checkpoint("causal_lm", "alternating")
+    model = FastCausalLM.from_pretrained(folder, quantize="int8")
+    layer = model.transformer.h[1].mlp.c_fc
+    assert isinstance(layer, fast.Int8Linear) and layer.native and model.lm_head.native
+    x = torch.randn(1, 1, layer.qweight.shape[1])
+    exact = x[0] @ (layer.qweight.float() * layer.scales32[:, None]).t() + layer.bias
+    assert (layer(x)[0] - exact).abs().max().item() < 1e-5
+    head = model.lm_head
+    h = torch.randn(1, 1, head.qweight.shape[1])
+    exact_head = h[0] @ (head.qweight.float() * head.exact_scales[:, None]).t()
+    assert (head(h)[0] - exact_head).abs().max().item() < 1e-5
+
+
+@needs_native
+@pytest.mark.skipif(not (TINY_DEMO / "model.safetensors").is_file(), reason="no demo model")
+def test_int8_decode_steps_agree_with_float32_on_the_demo_model(monkeypatch):
+    """Issue 14's floor on what decoding really runs: one token at a time with the cache
+    (teacher-forced on this package's source), int8 native vs the float32 reference."""
+    from gptneo_cli.modeling import GPTNeoForCausalLM
+    from gptneo_cli.tokenizer import load_tokenizer
+
+    monkeypatch.setenv("GPTNEO_KERNEL", "native")
+    text = (Path(fast.__file__).parent / "scheduler.py").read_text(encoding="utf-8")
+    ids = load_tokenizer(TINY_DEMO).encode(text)[:1024]
+    reference = GPTNeoForCausalLM.from_pretrained(TINY_DEMO)
+    model = FastCausalLM.from_pretrained(TINY_DEMO, quantize="int8")
+    assert model.lm_head.native
+    window = reference.config.max_position_embeddings
+    same = 0
+    with torch.no_grad():
+        for start in range(0, len(ids), window):
+            x = torch.tensor([ids[start : start + window]])
+            want = reference(x).logits.argmax(-1)[0].tolist()
+            cache = model.new_cache(1, x.shape[1])
+            for t, token in enumerate(want):
+                same += int(int(model(x[:, t : t + 1], cache=cache).logits.argmax()) == token)
+    assert same / len(ids) >= 0.98
+
+
+def test_disabled_by_the_environment(fresh_native, monkeypatch, tiny_checkpoint):
+    monkeypatch.setenv("GPTNEO_NATIVE", "0")
+    monkeypatch.setenv("GPTNEO_KERNEL", "native")  # forced, but there is none: the default
+    assert not native.available()
+    folder, ref = tiny_checkpoint("causal_lm", "alternating")
+    model = FastCausalLM.from_pretrained(folder)
+    assert not any(isinstance(m, fast.NativeLinear) for m in model.modules())
+    ids = torch.randint(1, 131, (1, 9))
+    with torch.no_grad():
+        assert (model(ids).logits - ref(ids).logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.skipif(not native.cpu_supported(), reason="the build is only tried on AVX-512 CPUs")
+def test_a_failing_compiler_is_one_warning_and_torch_kernels(fresh_native, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "false")  # exits 1 without output
+    with caplog.at_level(logging.WARNING, logger="gptneo"):
+        assert native.library() is None
+    assert "native kernels unavailable (false failed: exit 1); using torch's" in caplog.text
+
+
+def test_no_compiler_means_no_native_kernels(fresh_native, monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert native.library() is None
+
+
+@needs_native
+def test_built_once_then_loaded_from_the_cache(fresh_native, tmp_path):
+    assert native.library() is not None
+    built = list((tmp_path / "cache" / "gptneo" / "native").glob("gemv-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    native.library.cache_clear()
+    assert native.library() is not None
+    assert built[0].stat().st_mtime_ns == stamp  # opened, not rebuilt
+    assert not list(built[0].parent.glob(".gemv-*"))  # no temporary left behind
+
+
+def test_status_says_why_without_building(fresh_native, monkeypatch, tmp_path):
+    monkeypatch.setenv("GPTNEO_NATIVE", "0")
+    assert native.status() == "off (GPTNEO_NATIVE=0)"
+    monkeypatch.delenv("GPTNEO_NATIVE")
+    if not native.cpu_supported():
+        assert native.status().startswith("unavailable (needs an x86-64 CPU with AVX-512")
+        return
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert native.status() == "unavailable (no C compiler: set CC or install gcc)"
+    monkeypatch.delenv("CC")
+    if native.compiler() is None:
+        return
+    assert native.status().startswith("not built yet")
+    assert not (tmp_path / "cache" / "gptneo" / "native").exists()  # status built nothing
+    if native.available():
+        assert native.status() == "built"
