@@ -102,10 +102,14 @@ def markdown_lines(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str
     bandwidth = meta.get("read_bandwidth_gbs")
     if not bandwidth:
         return []
+    samples = meta.get("read_bandwidth_samples") or [bandwidth]
+    spread = ", ".join(f"{b:.1f}" for b in samples)
     lines = [
         "",
-        f"Memory read bandwidth, measured in this run: {bandwidth:.1f} GB/s (sum of a 1 GiB "
-        f"float32 tensor, best of 5, {meta['args']['threads']} threads). Bytes per decode "
+        f"Memory read bandwidth, measured in this run: {bandwidth:.1f} GB/s, the highest of "
+        f"{len(samples)} measurements before, between shapes and after ({spread}; each the "
+        f"sum of a 1 GiB float32 tensor, best of 5, {meta['args']['threads']} threads). "
+        "Shares of the ceiling are against the highest. Bytes per decode "
         "step: every weight matrix once in the row's dtype (int8: 1 byte + a scale per "
         "row), the tied head in full, plus the KV cache of the mean context (global layers "
         "all positions, local layers at most the window); see benchmarks/ceiling.py.",

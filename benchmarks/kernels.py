@@ -7,7 +7,11 @@ times each candidate on the shapes of gpt-neo-125M and prints a markdown table:
 - layer matrices (768 x 3072) streamed from memory: 52 different matrices per pass, about the
   bytes of the whole model, so every read comes from RAM as in decoding;
 - the tied lm_head (50257 x 768), the largest single matrix;
-- 1, 8 and 512 rows (decode, batch-8 decode, a prefill).
+- 1, 8 and 512 rows (decode, batch-8 decode, a prefill), and for one row the weight bytes
+  read per second (a decode step's speed limit);
+- our own kernels (gptneo_cli/native.py) where they are built: one row (float32, bf16,
+  int8) and up to 8 rows (float32); the int8 rows compare them with torch's weight-only
+  int8 kernel.
 
     python benchmarks/kernels.py [--threads 2] [--repeats 5]
 """
@@ -21,6 +25,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from bench import machine
+
+from gptneo_cli import native
+from gptneo_cli.fast import quantize_rows
 
 HIDDEN, INNER, VOCAB, MATRICES = 768, 3072, 50257, 52
 
@@ -53,32 +60,72 @@ def candidates(dtype: torch.dtype, weights: list[torch.Tensor]) -> dict[str, tup
     }
     if dtype == torch.float32:
         out["x @ W, columns [in, out]"] = (torch.mm, [w.t().contiguous() for w in weights])
+    if native.available() and dtype in native.DTYPES:
+        out["native (ours), plain rows"] = (_native, weights)
     return out
 
 
-def table(dtype: torch.dtype, repeats: int) -> list[str]:
+def _native(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """Our kernel where it takes the shape (1 row; 2-8 float32 rows), else None (skipped)."""
+    if x.shape[0] == 1:
+        return native.gemv(x, w, None)
+    if x.shape[0] <= 8 and w.dtype == torch.float32:
+        return native.gemm_f32(x, w, None)
+    return None
+
+
+def int8_candidates(weights: list[torch.Tensor]) -> dict[str, tuple]:
+    """Weight-only int8 products: torch's kernel (bf16 activations) and ours (float32)."""
+    quantized = [quantize_rows(w) for w in weights]
+    stored = [(q, s.bfloat16(), s) for q, s in quantized]
+
+    def torch_int8(x: torch.Tensor, w: tuple) -> torch.Tensor | None:
+        if x.shape[0] > 64:
+            return None
+        return torch._weight_int8pack_mm(x.bfloat16(), w[0], w[1])
+
+    out = {"torch._weight_int8pack_mm": (torch_int8, stored)}
+    if native.available():
+        out["native (ours)"] = (
+            lambda x, w: native.gemv_i8(x, w[0], w[2], None) if x.shape[0] == 1 else None,
+            stored,
+        )
+    return out
+
+
+def table(dtype: torch.dtype | str, repeats: int) -> list[str]:
+    """Rows of the markdown table for one dtype ("int8": weight-only int8 products)."""
     gen = torch.Generator().manual_seed(0)
-    layers = [torch.randn(INNER, HIDDEN, generator=gen).to(dtype) for _ in range(MATRICES)]
-    head = [torch.randn(VOCAB, HIDDEN, generator=gen).to(dtype)]
+    base = torch.float32 if dtype == "int8" else dtype
+    layers = [torch.randn(INNER, HIDDEN, generator=gen).to(base) for _ in range(MATRICES)]
+    head = [torch.randn(VOCAB, HIDDEN, generator=gen).to(base)]
+    bytes_per = 1 if dtype == "int8" else torch.finfo(base).bits // 8
     lines = []
     for label, weights in (("layer matrices, streamed", layers), ("lm_head", head)):
         params = sum(w.numel() for w in weights)
-        for name, (product, stored) in candidates(dtype, weights).items():
+        found = int8_candidates(weights) if dtype == "int8" else candidates(base, weights)
+        for name, (product, stored) in found.items():
             cells = []
             for rows in (1, 8, 512):
-                x = torch.randn(rows, HIDDEN, generator=gen).to(dtype)
+                x = torch.randn(rows, HIDDEN, generator=gen).to(
+                    torch.float32 if dtype == "int8" else base
+                )
+                if product(x, stored[0]) is None:
+                    cells.append("-")
+                    continue
 
                 def run(product=product, stored=stored, x=x) -> None:
                     for w in stored:
                         product(x, w)
 
                 s = seconds(run, repeats if rows < 512 else max(1, repeats // 2))
+                if rows == 1:
+                    cells.append(f"{params * bytes_per / s / 1e9:.1f}")
                 cells.append(f"{2 * params * rows / s / 1e9:.1f}")
-            lines.append(
-                f"| {str(dtype).removeprefix('torch.')} | {label} | {name} | "
-                + " | ".join(cells)
-                + " |"
-            )
+            if cells[0] == "-":
+                cells.insert(0, "-")
+            name_dtype = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+            lines.append(f"| {name_dtype} | {label} | {name} | " + " | ".join(cells) + " |")
             del stored
     return lines
 
@@ -92,10 +139,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     info = machine()
     print(f"{info.get('cpu', info['platform'])}, torch {info['torch']}, {info['threads']} threads")
-    print("\nGFLOP/s (higher is better)\n")
-    print("| dtype | matrices | product | 1 row | 8 rows | 512 rows |")
-    print("|---|---|---|---|---|---|")
-    for dtype in (torch.float32, torch.bfloat16):
+    print(f"native kernels: {native.status()}")
+    print("\nGB/s of weights read at 1 row, GFLOP/s at 1, 8, 512 rows (higher is better)\n")
+    print("| dtype | matrices | product | 1 row GB/s | 1 row | 8 rows | 512 rows |")
+    print("|---|---|---|---|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16, "int8"):
         for line in table(dtype, args.repeats):
             print(line, flush=True)
 

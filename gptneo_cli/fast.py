@@ -183,19 +183,28 @@ class NativeLinear(FastLinear):
     """W (float32 or bf16) as the checkpoint's plain [out, in] rows: one row (a decode step)
     runs our own kernel (gptneo_cli/native.py; float32 1.1-1.7x oneDNN's one-row product,
     measured per shape), more rows run oneDNN reading the same matrix in place (no second
-    copy; for bf16 oneDNN reorders it per call, which the measurement weighs)."""
+    copy; for bf16 oneDNN reorders it per call, which the measurement weighs).
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    `few`: float32 batches of 2 to FEW_ROWS rows (a speculative verify, a small batch) run
+    our kernel too, where it measured faster for this shape (small matrices)."""
+
+    FEW_ROWS = 8
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, few: bool = False) -> None:
         super().__init__()
         self.weight = frozen(weight.contiguous())
         self.bias = _optional(bias)
+        self.few = few and weight.dtype == torch.float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         params = self._parameters
         weight, bias = params["weight"], params.get("bias")
-        if flat.shape[0] == 1:
+        rows = flat.shape[0]
+        if rows == 1:
             out = native.gemv(flat, weight, bias).to(flat.dtype)
+        elif self.few and rows <= self.FEW_ROWS:
+            out = native.gemm_f32(flat, weight, bias)
         else:
             out = onednn_linear(flat, weight, bias)
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -770,6 +779,9 @@ class _Packer:
             builders = _layer_builders(self.dtype)
             shape = (weight.shape[0], weight.shape[1])
             layout = self.kernels.layout("linear", shape, builders)
+            if layout == "native" and self.dtype == torch.float32:
+                few = self.kernels.layout("few rows", shape, _FEW_ROWS_BUILDERS) == "native"
+                return NativeLinear(self._put(weight), bias, few)
             return _LAYER_LAYOUTS[layout](self._put(weight), bias)
         return plain_linear(self._put(weight), bias)
 
@@ -905,6 +917,12 @@ def _layer_builders(dtype: torch.dtype) -> dict[str, Any]:
 
 
 LAYER_CHOICES = ("onednn", "linear", "columns")
+
+#: A float32 native layer's few-rows product: our kernel or oneDNN (kernels.FEW_ROWS rows).
+_FEW_ROWS_BUILDERS = {
+    "onednn": lambda w: NativeLinear(w, None, few=False),
+    "native": lambda w: NativeLinear(w, None, few=True),
+}
 
 
 def _int8_builder(cls: type[Int8Linear], use_native: bool) -> Any:

@@ -56,6 +56,9 @@ MARGIN = 0.10
 #: which a prompt runs for its last token only).
 PREFILL_ROWS = 64
 HEAD_ROWS = 8
+#: Rows of a speculative verify (5 drafts + 1) or a small batch: the "few rows" measurement
+#: of a native layer, which only decides how 2-8 rows run.
+FEW_ROWS = 6
 #: Each timing repeats for about this long (at least MIN_ROUNDS passes).
 BUDGET_S = 0.02
 MIN_ROUNDS = 2
@@ -65,6 +68,10 @@ MAX_ROUNDS = 10
 STREAM_BYTES = 64 * 2**20
 MAX_COPIES = 32
 FILE_VERSION = 1
+
+
+#: The row counts each kind of measurement times (default: 1 and PREFILL_ROWS).
+_ROWS = {"head": (1, HEAD_ROWS), "few rows": (FEW_ROWS,)}
 
 
 def forced(environ: Mapping[str, str] = os.environ) -> str | None:
@@ -218,7 +225,7 @@ class KernelChooser:
             assert self.cache is not None
             cached = self.cache.get(key)
             if cached is None or cached not in builders:
-                rows = (1, HEAD_ROWS if kind == "head" else PREFILL_ROWS)
+                rows = _ROWS.get(kind, (1, PREFILL_ROWS))
                 seconds = measure(builders, shape, self.dtype, rows)
                 cached = pick(seconds)
                 self.cache.put(key, cached, seconds)

@@ -47,6 +47,7 @@ CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "fma")
 _F32 = ctypes.c_void_p
 _ARGS_F32 = [_F32, _F32, _F32, _F32, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
 _ARGS_I8 = [_F32, _F32, _F32, _F32, _F32, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+_ARGS_GEMM = [_F32] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
 
 
 def disabled(environ: Mapping[str, str] = os.environ) -> bool:
@@ -93,6 +94,7 @@ def library() -> ctypes.CDLL | None:
     lib.gemv_f32.argtypes, lib.gemv_f32.restype = _ARGS_F32, None
     lib.gemv_i8.argtypes, lib.gemv_i8.restype = _ARGS_I8, None
     lib.gemv_bf16.argtypes, lib.gemv_bf16.restype = _ARGS_F32, None
+    lib.gemm_f32.argtypes, lib.gemm_f32.restype = _ARGS_GEMM, None
     if not _agrees(lib):
         log.warning("native kernels disagree with torch's on a check matrix; using torch's")
         return None
@@ -162,8 +164,11 @@ def _agrees(lib: ctypes.CDLL) -> bool:
     got_i8 = _call_i8(lib, x, q, s, b)
     got_bf16 = _call_f32(lib, x, wb, b, lib.gemv_bf16)
     want_i8 = (x @ q.float().t()) * s + b
+    xs = torch.randn(5, 37, generator=gen)
+    got_many = _call_gemm(lib, xs, w, b)
     return (
-        torch.allclose(got_f32, torch.addmm(b, x, w.t()), atol=1e-4)
+        torch.allclose(got_many, torch.addmm(b, xs, w.t()), atol=1e-4)
+        and torch.allclose(got_f32, torch.addmm(b, x, w.t()), atol=1e-4)
         and torch.allclose(got_i8, want_i8, atol=1e-3)
         and torch.allclose(got_bf16, torch.addmm(b, x, wb.float().t()), atol=1e-4)
     )
@@ -230,6 +235,24 @@ def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     x32 = x.float().contiguous()
     bias32 = None if bias is None else bias.float()
     return _call_f32(lib, x32, weight, bias32, lib.gemv_bf16)
+
+
+def _call_gemm(
+    lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+    threads = torch.get_num_threads()
+    args = (w.data_ptr(), x.data_ptr(), None, _ptr(bias), y.data_ptr(), *w.shape, x.shape[0])
+    lib.gemm_f32(*args, threads)
+    return y
+
+
+def gemm_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A few float32 rows [R, n] times a contiguous float32 [m, n] weight (+ bias) -> [R, m]:
+    each weight block is read once for all rows (csrc/gemv.c)."""
+    lib = library()
+    assert lib is not None
+    return _call_gemm(lib, x.contiguous(), weight, bias)
 
 
 def gemv_i8(

@@ -62,6 +62,9 @@ def test_annotate_gives_the_ceiling_and_the_share():
     meta = {"read_bandwidth_gbs": 10.0, "args": {"threads": 2}}
     table = "\n".join(ceiling.markdown_lines(rows, meta))
     assert "10.0 GB/s" in table
+    meta["read_bandwidth_samples"] = [7.5, 10.0, 9.25]  # the spread is shown, the max used
+    table = "\n".join(ceiling.markdown_lines(rows, meta))
+    assert "10.0 GB/s, the highest of 3 measurements" in table and "(7.5, 10.0, 9.2" in table
     assert f"| {100 * fp32['ceiling_share']:.0f} % |" in table
 
 

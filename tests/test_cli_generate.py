@@ -256,6 +256,10 @@ def test_show_config_alone_exits_0_without_reading_a_prompt(gen):
     err = done.stderr.decode()
     assert "Effective settings" in err and "Error" not in err
     assert "max_new_tokens: 100 (default)" in err  # the value in force, not a blank
+    assert "quantize: - (default)" in err and "compile: False (default)" in err
+    flagged = gen("--show-config", "--quantize", "int8", "--threads", "1").stderr.decode()
+    assert 'quantize: "int8" (flag)' in flagged and "threads: 1 (flag)" in flagged
+    assert "compile: False (default)" in flagged
     piped = gen("--show-config", "-n", "2", "--format", "json", input="Piped prompt")
     assert json.loads(piped.stdout)["prompt"] == "Piped prompt"
 

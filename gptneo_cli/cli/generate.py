@@ -153,9 +153,9 @@ def generate(
     _check_flags(diag, fmt, batch_size, config)
     stdin: IO[str] | None = sys.stdin
     if show_config:
-        flags = {k for k, v in {**given, **model_flags}.items() if v is not None}
-        # (--quantize and --compile rows have always said "default", flag or not)
-        _show_config(diag, settings, options, config, flags - {"quantize", "compile"})
+        # Given on the command line: a value, or an on/off flag that is on (--compile).
+        flags = {k for k, v in {**given, **model_flags}.items() if v is not None and v is not False}
+        _show_config(diag, settings, options, config, flags)
         if input_file is None and file is None and prompt is None:
             stdin = _piped_after_show_config()
     if stdin is None:  # --show-config alone: the table was the whole job
