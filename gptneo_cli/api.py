@@ -167,8 +167,11 @@ class Endpoints:
         model_name: str,
         aliases: Sequence[str] = (),
         chat_template: ChatTemplate | None = None,
+        drafting: dict[str, Any] | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
+        #: The server's prompt_lookup / draft_tokens, for the fields a request leaves out.
+        self.drafting = dict(drafting or {})
         self.model_name, self.aliases = model_name, list(aliases)
         #: How /v1/chat/completions lays out messages: the `gptneo chat` turn template.
         self.template = chat_template or ChatTemplate()
@@ -248,7 +251,7 @@ class Endpoints:
 
     def config(self, body: Any, logprobs: int | None) -> Any:
         try:
-            return to_config(body, logprobs=logprobs)
+            return to_config(body, logprobs=logprobs, drafting=self.drafting)
         except FieldError as exc:
             raise APIError(400, str(exc), param=exc.param) from None
 

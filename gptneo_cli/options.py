@@ -384,7 +384,6 @@ GENERATION: list[Option] = [
         "(or fewer) occurred before; 0 disables.",
         low=0,
         high=MAX_LOOKUP_NGRAM,
-        batch=False,
     ),
     Option(
         "draft_model",
@@ -403,11 +402,11 @@ GENERATION: list[Option] = [
         "Speculative decoding: tokens drafted per step.",
         low=1,
         high=MAX_DRAFT_TOKENS,
-        batch=False,
     ),
 ]
 
-#: The options a server request or a batch line cannot set (the scheduler lacks them).
+#: Speculative decoding's options. The scheduler (server, batch) takes prompt_lookup and
+#: draft_tokens, not draft_model.
 SPECULATIVE = ("prompt_lookup", "draft_model", "draft_tokens")
 
 

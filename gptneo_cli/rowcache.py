@@ -9,9 +9,17 @@ reads views, never copies of the whole cache: a leaving row is replaced by the l
 
 One forward call either decodes one token for each of the first n rows (`begin_decode`),
 or prefills a chunk of tokens for one row, or the first chunk of several new rows together
-(`begin_chunk`); then `plans()` gives the masks for the model's attention and `update()`
+(`begin_chunk`), or verifies speculative drafts (`begin_verify`: each row's fed token and
+its drafts); then `plans()` gives the masks for the model's attention and `update()`
 stores and returns keys as the model asks. Masks are built only where rows differ: a
 batch whose rows sit at one position decodes without any.
+
+Drafts that verification rejects must not cost a local layer's ring a key it still needs
+(a draft at position p would overwrite p - window). `KVCache` gives its ring spare slots
+for that; here the ring stays the window (so plain decoding is unchanged) and a verify
+call stores its local keys only at `commit`, for the positions that were kept. Global
+layers store every draft at once: a key past a row's length is never read (masks stop at
+the row's position) and the next real token at that position overwrites it.
 """
 
 from __future__ import annotations
@@ -69,6 +77,12 @@ class RowCache:
         self._span = 1
         self._uniform = True
         self._pos = torch.zeros(0, dtype=torch.long, device=self.device)
+        # A verify call: positions [n, T], each row's first position and real tokens, and
+        # the local layers' keys and values that wait for `commit`.
+        self._vpos = self._pos
+        self._firsts: list[int] = []
+        self._counts: list[int] = []
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _size(self, kind: str, capacity: int) -> int:
         return min(self.window, capacity) if kind == "local" else capacity
@@ -140,6 +154,42 @@ class RowCache:
         self.ensure(self._span, self._n)
         return self._pos
 
+    def begin_verify(self, positions: Sequence[int], counts: Sequence[int]) -> torch.Tensor:
+        """Next call: `counts[b]` tokens for each of rows 0..n-1 (the token to feed and its
+        drafts), the first at `positions[b]`, right-padded to the most. Returns the position
+        ids [n, T] (padding's clamped to the model's last position: its outputs are never
+        read). Local layers keep nothing until `commit` says how many tokens each row kept."""
+        self._mode = "verify"
+        self._n = len(positions)
+        self._firsts, self._counts = list(positions), list(counts)
+        width = max(counts)
+        first = torch.tensor(self._firsts, device=self.device)
+        self._vpos = first[:, None] + torch.arange(width, device=self.device)[None]
+        self._span = max(p + c for p, c in zip(positions, counts, strict=True))
+        self._pending = {}
+        self.ensure(self._span, self._n)
+        return self._vpos.clamp(max=self.limit - 1)
+
+    def commit(self, kept: Sequence[int]) -> None:
+        """After a verify call: row b keeps its first `kept[b]` tokens; store their keys in
+        the local layers' rings (the last `window` of them), never the rejected drafts'."""
+        rows: list[int] = []
+        steps: list[int] = []
+        slots: list[int] = []
+        for b, (first, count) in enumerate(zip(self._firsts, kept, strict=True)):
+            for t in range(max(0, count - self.window), count):
+                rows.append(b)
+                steps.append(t)
+                slots.append((first + t) % self.window)
+        if rows:
+            r = torch.tensor(rows, device=self.device)
+            t = torch.tensor(steps, device=self.device)
+            at = torch.tensor(slots, device=self.device)
+            for layer, (k, v) in self._pending.items():
+                self.keys[layer][r, :, at] = k[r, :, t]
+                self.values[layer][r, :, at] = v[r, :, t]
+        self._pending = {}
+
     def begin_chunk(
         self, rows: int | Sequence[int], start: int, lengths: Sequence[int] = ()
     ) -> None:
@@ -175,6 +225,8 @@ class RowCache:
                 if local:
                     allowed &= keys[None, :] > queries[:, None] - self.window
                 mask = allowed[None, None]  # [1, 1, T, S]
+            elif self._mode == "verify":
+                mask = self._verify_mask(new, local)
             elif self._uniform:
                 # Every cached key is in the past and (local: the ring) inside the window.
                 out[kind] = AttentionPlan(None, causal=False, window=window)
@@ -190,6 +242,23 @@ class RowCache:
                 mask = allowed[:, None, None, :]  # [B, 1, 1, S]
             out[kind] = AttentionPlan(mask, causal=False, window=window)
         return out
+
+    def _verify_mask(self, new: int, local: bool) -> torch.Tensor:
+        """[n, 1, T, S] for a verify call. Global: the keys up to each query's position.
+        Local: the ring (what each slot holds, inside the window) then the new keys."""
+        queries = self._vpos[:, :, None]  # [n, T, 1]
+        if not local:
+            keys = torch.arange(self._span, device=self.device)[None, None]
+            return (keys <= queries)[:, None]
+        filled = min(self.window, max(self._firsts))
+        last = torch.tensor(self._firsts, device=self.device)[:, None] - 1  # [n, 1]
+        slots = torch.arange(filled, device=self.device)[None]
+        held = (last - torch.remainder(last - slots, self.window))[:, None]  # [n, 1, F]
+        ring = (held >= 0) & (held > queries - self.window)
+        steps = torch.arange(new, device=self.device)
+        own = (steps[None, :] <= steps[:, None]) & (steps[None, :] > steps[:, None] - self.window)
+        own = own[None].expand(self._n, new, new)
+        return torch.cat([ring, own], dim=2)[:, None]
 
     def _chunk_key_positions(self, new: int, local: bool) -> torch.Tensor:
         start = self._start
@@ -207,6 +276,8 @@ class RowCache:
         local = self.kinds[layer] == "local"
         if self._mode == "decode":
             return self._update_decode(layer, local, k, v)
+        if self._mode == "verify":
+            return self._update_verify(layer, local, k, v)
         if len(self._rows) > 1:
             return self._update_new_rows(layer, local, k, v)
         keys, values = self.keys[layer], self.values[layer]
@@ -237,6 +308,22 @@ class RowCache:
             values[rows, :, slots] = v[:, :, 0]
         size = min(self.window, self._span) if local else self._span
         return keys[:n, :, :size], values[:n, :, :size]
+
+    def _update_verify(
+        self, layer: int, local: bool, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.keys[layer], self.values[layer]
+        n = self._n
+        if local:
+            self._pending[layer] = (k, v)  # stored by commit(), for the kept tokens only
+            filled = min(self.window, max(self._firsts))
+            attend_k = torch.cat([keys[:n, :, :filled], k], dim=2)
+            attend_v = torch.cat([values[:n, :, :filled], v], dim=2)
+            return attend_k, attend_v
+        for b, (first, count) in enumerate(zip(self._firsts, self._counts, strict=True)):
+            keys[b, :, first : first + count] = k[b, :, :count]
+            values[b, :, first : first + count] = v[b, :, :count]
+        return keys[:n, :, : self._span], values[:n, :, : self._span]
 
     def _update_new_rows(
         self, layer: int, local: bool, k: torch.Tensor, v: torch.Tensor

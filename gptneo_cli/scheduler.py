@@ -16,6 +16,14 @@ A request's result does not depend on its neighbours: every row has its own samp
 random generator (seeded per request), its own history, stop strings and budget. Finished
 rows leave after the step that finished them. Nothing here knows about HTTP: `submit`
 raises `QueueFull` when the queue is full (the server maps it to 429 with Retry-After).
+
+Speculative decoding, per row: a request whose config sets `prompt_lookup` gets up to
+`draft_tokens` drafts copied from its own context each step, and a step where any row has
+drafts verifies them all in one forward pass (each row reads its token and its drafts,
+padded to the longest; `RowCache.begin_verify`). Each row keeps what `speculative.verify`
+accepts (greedy: the longest prefix the model agrees with, then the model's token;
+sampling: the accept/reject rule, with the row's own generator) and its cache keeps just
+those positions (`RowCache.commit`). A step where no row drafted is the plain one.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ from .generation import (
 )
 from .modeling import AttentionStep
 from .rowcache import RowCache
+from .speculative import PromptLookup, TargetRule, verify
 
 #: Prompt tokens prefilled per step (across admitted requests): bounds the extra delay a
 #: long prompt adds to the running rows' next token.
@@ -172,6 +181,12 @@ class _Seq:
     prefill_s: float = 0.0
     first_token_at: float = 0.0
     finished_at: float = 0.0
+    # Speculative decoding (prompt lookup): the drafter, tokens per step, the target's rule.
+    drafter: PromptLookup | None = None
+    draft_tokens: int = 0
+    rule: TargetRule | None = None
+    drafted: int = 0
+    accepted: int = 0
 
 
 def _make_chooser(config: GenerationConfig, eos_ids: Sequence[int]) -> tuple[Any, bool]:
@@ -269,6 +284,9 @@ class Scheduler:
         #: Counters for metrics: totals since start.
         self.prompt_tokens_total = 0
         self.generated_tokens_total = 0
+        #: Speculative decoding: tokens drafted, and the drafts that were kept.
+        self.drafted_tokens_total = 0
+        self.accepted_tokens_total = 0
         self.steps = 0
 
     # ---- the caller's side --------------------------------------------------------------
@@ -282,7 +300,13 @@ class Scheduler:
         return kept, new, dropped
 
     def submit(self, request: Request) -> Request:
-        """Queue a request; raises QueueFull or SchedulerClosed instead of queueing."""
+        """Queue a request; raises QueueFull or SchedulerClosed instead of queueing, and
+        ValueError for what the scheduler cannot run (a draft model)."""
+        if request.config.draft_model is not None:
+            raise ValueError(
+                "draft_model: the continuous-batching scheduler drafts with prompt_lookup "
+                "only, not with a draft model"
+            )
         with self._lock:
             if self._closing:
                 raise SchedulerClosed("the server is shutting down")
@@ -318,6 +342,8 @@ class Scheduler:
                 "waiting": len(self._waiting),
                 "prompt_tokens_total": self.prompt_tokens_total,
                 "generated_tokens_total": self.generated_tokens_total,
+                "drafted_tokens_total": self.drafted_tokens_total,
+                "accepted_tokens_total": self.accepted_tokens_total,
             }
 
     def idle(self) -> bool:
@@ -459,7 +485,7 @@ class Scheduler:
         if not cfg.greedy:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(req.seed)
-        return _Seq(
+        seq = _Seq(
             req=req,
             decoder=self.tokenizer.stream_decoder(),
             gate=StopGate(cfg.stop) if cfg.stop else None,
@@ -470,6 +496,11 @@ class Scheduler:
             logprobs=[] if cfg.logprobs is not None else None,
             started_at=time.perf_counter(),
         )
+        if cfg.prompt_lookup:
+            seq.drafter = PromptLookup(cfg.prompt_lookup)
+            seq.draft_tokens = cfg.draft_tokens
+            seq.rule = TargetRule(cfg, self.eos_ids, len(req.prompt_ids), generator)
+        return seq
 
     def _prefill(self) -> None:
         """Up to prefill_budget prompt tokens, chunk by chunk, oldest request first. New
@@ -572,6 +603,11 @@ class Scheduler:
 
     def _decode(self) -> None:
         seqs = self._running
+        if any(s.drafter is not None for s in seqs):
+            drafts = self._drafts(seqs)
+            if drafts is not None:
+                self._verify(seqs, drafts)
+                return
         ids = torch.tensor([[s.last] for s in seqs], device=self.device)
         self._cache.live = len(seqs)
         positions = self._cache.begin_decode([s.length for s in seqs])
@@ -580,11 +616,95 @@ class Scheduler:
             s.length += 1
         self._take(list(seqs), logits)
 
+    def _drafts(self, seqs: list[_Seq]) -> list[list[int]] | None:
+        """Each row's drafts for this step (none past its token budget: the last token is
+        never a draft), or None when no row has any."""
+        out: list[list[int]] = []
+        for seq in seqs:
+            k = min(seq.draft_tokens, seq.req.max_new - len(seq.token_ids) - 1)
+            if seq.drafter is None or k <= 0:
+                out.append([])
+                continue
+            out.append(seq.drafter.propose(seq.req.prompt_ids + seq.token_ids, k)[0])
+        return out if any(out) else None
+
+    def _verify(self, seqs: list[_Seq], drafts: list[list[int]]) -> None:
+        """One forward pass over every row's last token and its drafts; each row keeps what
+        the target accepts, and its cache only those positions."""
+        counts = [1 + len(d) for d in drafts]
+        width = max(counts)
+        rows = [
+            [s.last, *d] + [0] * (width - 1 - len(d)) for s, d in zip(seqs, drafts, strict=True)
+        ]
+        ids = torch.tensor(rows, device=self.device)
+        self._cache.live = len(seqs)
+        positions = self._cache.begin_verify([s.length for s in seqs], counts)
+        logits = self._forward(ids, positions, self._cache, 0)
+        if not torch.isfinite(logits).all():
+            raise non_finite_scores()
+        plain = [b for b, d in enumerate(drafts) if not d]
+        chosen = self._choose([seqs[b] for b in plain], logits[plain, 0]) if plain else []
+        runs: list[list[int]] = []
+        for b, (seq, drafted) in enumerate(zip(seqs, drafts, strict=True)):
+            if not drafted:
+                runs.append([chosen.pop(0)])
+                continue
+            assert seq.rule is not None
+            context = seq.req.prompt_ids + seq.token_ids + drafted
+            scores = seq.rule.scores(logits[b, : len(drafted) + 1], context, len(drafted) + 1)
+            kept, after = verify(scores, drafted, None, seq.rule)
+            seq.drafted += len(drafted)
+            seq.accepted += kept
+            self.drafted_tokens_total += len(drafted)
+            self.accepted_tokens_total += kept
+            runs.append([*drafted[:kept], after])
+        self._cache.commit([len(run) for run in runs])
+        for seq, run in zip(seqs, runs, strict=True):
+            seq.length += len(run)
+        self._take_runs(list(seqs), runs, logits)
+
+    def _take_runs(self, seqs: list[_Seq], runs: list[list[int]], logits: torch.Tensor) -> None:
+        """Hand over each row's verified tokens in order (logits [n, T, V]: token i's are
+        row i); a row that finishes inside its run (eos, stop string, length) ends there."""
+        now = time.perf_counter()
+        updates: list[tuple[Request, Update]] = []
+        for b, (seq, run) in enumerate(zip(seqs, runs, strict=True)):
+            for i, token in enumerate(run):
+                logprob = (
+                    self._logprob(seq, logits[b, i], token) if seq.logprobs is not None else None
+                )
+                text = self._accept(seq, token, now)
+                seq.last = token
+                self.generated_tokens_total += 1
+                updates.append((seq.req, Update(token, text, logprob, seq.finish_reason)))
+                if seq.finish_reason is not None:
+                    break
+        for seq in [s for s in seqs if s.finish_reason is not None]:
+            self._retire(seq)
+        for req, update in updates:
+            self._emit(req, update)
+
     def _take(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         """Choose each row's next token from its logits row, hand it over, retire finished
         rows. Plain greedy rows share one argmax (and one device->host copy)."""
         if not torch.isfinite(logits).all():
             raise non_finite_scores()
+        tokens = self._choose(seqs, logits)
+        now = time.perf_counter()
+        updates: list[tuple[Request, Update]] = []
+        for j, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+            logprob = self._logprob(seq, logits[j], token) if seq.logprobs is not None else None
+            text = self._accept(seq, token, now)
+            seq.last = token
+            self.generated_tokens_total += 1
+            updates.append((seq.req, Update(token, text, logprob, seq.finish_reason)))
+        for seq in [s for s in seqs if s.finish_reason is not None]:
+            self._retire(seq)  # the result is complete before its last update is sent
+        for req, update in updates:
+            self._emit(req, update)
+
+    def _choose(self, seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
+        """Each row's next token from its logits row [n, V], as plain decoding picks it."""
         plain = logits.argmax(dim=-1).tolist()
         tokens: list[int] = []
         for j, seq in enumerate(seqs):
@@ -598,18 +718,7 @@ class Scheduler:
             )
             state = sampling.DecodeState(history, len(seq.req.prompt_ids))
             tokens.append(int(seq.choose(logits[j : j + 1], state, seq.generator)[0]))
-        now = time.perf_counter()
-        updates: list[tuple[Request, Update]] = []
-        for j, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
-            logprob = self._logprob(seq, logits[j], token) if seq.logprobs is not None else None
-            text = self._accept(seq, token, now)
-            seq.last = token
-            self.generated_tokens_total += 1
-            updates.append((seq.req, Update(token, text, logprob, seq.finish_reason)))
-        for seq in [s for s in seqs if s.finish_reason is not None]:
-            self._retire(seq)  # the result is complete before its last update is sent
-        for req, update in updates:
-            self._emit(req, update)
+        return tokens
 
     def _logprob(self, seq: _Seq, logits: torch.Tensor, token: int) -> TokenLogprob:
         logp = logits.log_softmax(dim=-1)
@@ -690,6 +799,8 @@ class Scheduler:
             seed=req.seed,
             truncated_tokens=req.truncated,
             logprobs=seq.logprobs,
+            drafted=seq.drafted,
+            accepted=seq.accepted,
         )
         req._done.set()
 

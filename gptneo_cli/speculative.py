@@ -181,10 +181,19 @@ class TargetRule:
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """[rows] one token per row of (unnormalized, non-negative) probabilities."""
     cumulative = probs.double().cumsum(dim=-1)
-    u = torch.rand((probs.shape[0], 1), generator=generator, dtype=torch.float64)
+    u = torch.rand(
+        (probs.shape[0], 1), generator=generator, dtype=torch.float64, device=_on(generator)
+    )
     u = u.to(probs.device)
     picked = torch.searchsorted(cumulative, u * cumulative[:, -1:], right=True)
     return picked.clamp_(max=probs.shape[-1] - 1).squeeze(-1)
+
+
+def _on(generator: torch.Generator | None) -> torch.device:
+    """Where random numbers are drawn: on the generator's device (a row's generator lives
+    on the model's device in the scheduler and the engine; CPU draws from a CUDA generator
+    fail)."""
+    return generator.device if generator is not None else torch.device("cpu")
 
 
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -217,7 +226,8 @@ def verify(
         index = torch.tensor(drafts, device=p.device)[:, None]
         p_draft = p[:k].gather(-1, index)[:, 0]
         q_draft = torch.ones_like(p_draft) if q is None else q.gather(-1, index)[:, 0]
-        u = torch.rand(k, generator=rule.generator, dtype=torch.float64).to(p.device)
+        u = torch.rand(k, generator=rule.generator, dtype=torch.float64, device=_on(rule.generator))
+        u = u.to(p.device)
         rejected = (u * q_draft >= p_draft).tolist()
         for i, no in enumerate(rejected):
             if no:

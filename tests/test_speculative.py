@@ -422,8 +422,22 @@ def test_chat_speculates_and_reports_drafts(tmp_path):
     assert record["speculative"]["drafted"] >= record["speculative"]["accepted"] > 0
 
 
-def test_batch_has_no_speculative_flags(tmp_path):
+def test_batch_has_prompt_lookup_flags_but_no_draft_model(tmp_path):
+    """Batch runs the scheduler, which drafts by prompt lookup only (flag values checked
+    as generate checks them); its output is the same as without drafts."""
     from helpers_cli import run_cli
 
-    done = run_cli("batch", "in.jsonl", "-o", "out.jsonl", "--prompt-lookup", "2", home=tmp_path)
-    assert done.returncode == 2 and b"--prompt-lookup" in done.stderr
+    src = tmp_path / "p.txt"
+    src.write_text("def add(a, b):\n    return a + b\n\ndef sub(a, b):\n")
+    base = ("batch", str(src), "-m", "tiny", "-n", "24", "--temperature", "0")
+    texts = []
+    for extra in ((), ("--prompt-lookup", "3", "--draft-tokens", "6")):
+        out = tmp_path / f"out{len(extra)}.jsonl"
+        assert run_cli(*base, "-o", str(out), *extra, home=tmp_path).returncode == 0
+        records = [json.loads(line) for line in out.open()]
+        texts.append({r["custom_id"]: r["response"]["body"]["choices"][0]["text"] for r in records})
+    assert len(texts[0]) == 3 and texts[0] == texts[1]  # three prompts (lines)
+    bad = run_cli(*base, "-o", str(tmp_path / "x.jsonl"), "--draft-tokens", "0", home=tmp_path)
+    assert bad.returncode == 2 and b"--draft-tokens" in bad.stderr
+    done = run_cli(*base, "-o", str(tmp_path / "y.jsonl"), "--draft-model", "x", home=tmp_path)
+    assert done.returncode == 2 and b"--draft-model" in done.stderr

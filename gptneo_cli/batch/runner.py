@@ -18,7 +18,7 @@ from typing import Any
 
 from ..api import APIError, Endpoints, Row, error_body, make_scheduler, parse_body
 from ..scheduler import QueueFull, Scheduler, Update
-from ..server.protocol import SHARED
+from ..server.protocol import DRAFTING, SHARED
 from .jobs import Item, bad_line_record, result_record
 
 Record = dict[str, Any]
@@ -58,6 +58,7 @@ def body_defaults(generation: dict[str, Any]) -> dict[str, Any]:
     """Generation flags as body fields (OpenAI names): the default of every completion and
     chat request that does not set the field itself."""
     names = {opt: api for api, opt in SHARED.items()}
+    names.update({name: name for name in DRAFTING})
     out = {names[k]: v for k, v in generation.items() if k in names and v is not None}
     if generation.get("stop"):
         out["stop"] = list(generation["stop"])

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from ..options import option
 from ..settings import Settings, load_settings
 from .help import examples
 from .loading import ModelOptions, import_torch, load_model
@@ -132,6 +133,29 @@ def serve(
             "system. (default: the chat settings user_prefix, assistant_prefix, system)",
         ),
     ] = None,
+    prompt_lookup: Annotated[
+        int | None,
+        typer.Option(
+            "--prompt-lookup",
+            metavar=option("prompt_lookup").type_label(),
+            show_default=False,
+            rich_help_panel=SERVER_PANEL,
+            help="Speculative decoding for requests that do not set prompt_lookup: each row "
+            "drafts tokens copied from where its last N tokens occurred before in its own "
+            "text, verified in the decode step. (default: 0, off)",
+        ),
+    ] = None,
+    draft_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--draft-tokens",
+            metavar=option("draft_tokens").type_label(),
+            show_default=False,
+            rich_help_panel=SERVER_PANEL,
+            help="Tokens drafted per step with --prompt-lookup, for requests that do not set "
+            "draft_tokens. (default: 5)",
+        ),
+    ] = None,
     log_prompts: Annotated[
         bool,
         typer.Option(
@@ -147,6 +171,7 @@ def serve(
     options = ModelOptions.merge(settings, **(loading or {}))
     key = settings.get("api_key", api_key) or os.environ.get("GPTNEO_API_KEY") or None
     template = chat_template_of(settings, chat_template)
+    drafting = drafting_defaults(prompt_lookup, draft_tokens)
     from ..server.run import bind, make_server, url
 
     try:
@@ -191,6 +216,7 @@ def serve(
             chat_template=template,
             log=stderr_log,
             aliases=_aliases(options.model),
+            drafting=drafting,
         ),
     )
 
@@ -208,6 +234,13 @@ def serve(
     server = make_server(app, shutdown_timeout, ready, on_exit=stop_running)
     server.run(sockets=[sock])
     scheduler.close(0)
+
+
+def drafting_defaults(prompt_lookup: int | None, draft_tokens: int | None) -> dict[str, int]:
+    """--prompt-lookup / --draft-tokens, checked as generate checks them (an OptionError
+    naming the flag)."""
+    given = {"prompt_lookup": prompt_lookup, "draft_tokens": draft_tokens}
+    return {name: option(name).check(value) for name, value in given.items() if value is not None}
 
 
 def chat_template_of(settings: Settings, flag: str | None) -> ChatTemplate:

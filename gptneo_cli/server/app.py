@@ -56,6 +56,8 @@ class ServeOptions:
     log: Callable[[str], None] | None = None
     aliases: list[str] = field(default_factory=list)
     """Other names a request's `model` may use for the served model (its repo id, alias)."""
+    drafting: dict[str, Any] = field(default_factory=dict)
+    """prompt_lookup / draft_tokens for the fields a request leaves out (`--prompt-lookup`)."""
 
 
 def create_app(model: Any, tokenizer: Any, scheduler: Scheduler, options: ServeOptions) -> FastAPI:
@@ -237,6 +239,7 @@ class _Api:
             model_name=options.model_name,
             aliases=options.aliases,
             chat_template=options.chat_template,
+            drafting=options.drafting,
         )
 
     # ---- plumbing -----------------------------------------------------------------------

@@ -34,7 +34,8 @@ _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 class _Totals(Collector):
     """The scheduler's token totals as Prometheus counters (they only grow), read when
-    scraped: gptneo_prompt_tokens_total and gptneo_generation_tokens_total."""
+    scraped: gptneo_prompt_tokens_total, gptneo_generation_tokens_total, and speculative
+    decoding's gptneo_draft_tokens_total and gptneo_draft_accepted_tokens_total."""
 
     def __init__(self, scheduler: Any) -> None:
         self.scheduler = scheduler
@@ -49,6 +50,16 @@ class _Totals(Collector):
             "gptneo_generation_tokens",
             "Tokens generated since start.",
             value=self.scheduler.generated_tokens_total,
+        )
+        yield CounterMetricFamily(
+            "gptneo_draft_tokens",
+            "Speculative decoding: tokens drafted (prompt lookup) since start.",
+            value=self.scheduler.drafted_tokens_total,
+        )
+        yield CounterMetricFamily(
+            "gptneo_draft_accepted_tokens",
+            "Speculative decoding: drafted tokens the model kept since start.",
+            value=self.scheduler.accepted_tokens_total,
         )
 
 

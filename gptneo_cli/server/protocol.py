@@ -13,7 +13,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, create_model, field_validator
 
-from ..options import MAX_LOGPROBS, SPECULATIVE, GenerationConfig, Option, OptionError, option
+from ..options import (
+    MAX_DRAFT_TOKENS,
+    MAX_LOGPROBS,
+    MAX_LOOKUP_NGRAM,
+    GenerationConfig,
+    Option,
+    OptionError,
+    option,
+)
 
 #: The most choices (`n`) one request may ask for, and prompts in one request.
 MAX_N = 16
@@ -34,6 +42,10 @@ SHARED = {
     "min_tokens": "min_new_tokens",
     "ignore_eos": "ignore_eos",
 }
+
+#: Speculative decoding's fields (same names as the options): a request's own value, else
+#: the server's default (`gptneo serve --prompt-lookup N --draft-tokens K`).
+DRAFTING = ("prompt_lookup", "draft_tokens")
 
 
 def _field(api_name: str, spec: Option) -> tuple[Any, Any]:
@@ -104,11 +116,17 @@ class _Base(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # Speculative decoding's options, declared so that asking for them is a clear 400
-    # rather than silently ignored: the server's scheduler does not draft (see to_config).
-    prompt_lookup: int | None = Field(None, description=option("prompt_lookup").help)
-    draft_model: str | None = Field(None, description=option("draft_model").help)
-    draft_tokens: int | None = Field(None, description=option("draft_tokens").help)
+    # Speculative decoding, per row of the scheduler: prompt lookup only. draft_model is
+    # declared so that asking for it is a clear 400 rather than silently ignored.
+    prompt_lookup: StrictInt | None = Field(
+        None, ge=0, le=MAX_LOOKUP_NGRAM, description=option("prompt_lookup").help
+    )
+    draft_tokens: StrictInt | None = Field(
+        None, ge=1, le=MAX_DRAFT_TOKENS, description=option("draft_tokens").help
+    )
+    draft_model: str | None = Field(
+        None, description="Not available here: the server drafts with prompt_lookup only."
+    )
 
 
 #: Token ids are strict ints: JSON true must not become token 1 (found by schemathesis).
@@ -192,17 +210,13 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-def to_config(body: BaseModel, *, logprobs: int | None) -> GenerationConfig:
-    """The request's GenerationConfig; ValueError names the API field on a bad value."""
-    for name in SPECULATIVE:
-        if getattr(body, name, None) not in (None, 0):
-            raise FieldError(
-                name,
-                f"{name}: speculative decoding is not available in the server or in batch "
-                "files (they run the continuous-batching scheduler, which does not draft); "
-                "use gptneo generate, gptneo chat or the Python API",
-            )
-    values: dict[str, Any] = {}
+def to_config(
+    body: BaseModel, *, logprobs: int | None, drafting: dict[str, Any] | None = None
+) -> GenerationConfig:
+    """The request's GenerationConfig; ValueError names the API field on a bad value.
+    `drafting`: the server's prompt_lookup / draft_tokens, for the fields a request leaves
+    out (prompt_lookup 0 in a request turns the server's lookup off for it)."""
+    values = _drafting_values(body, drafting or {})
     for api, opt in SHARED.items():
         if api in body.model_fields_set:
             value = getattr(body, api, None)
@@ -224,13 +238,31 @@ def to_config(body: BaseModel, *, logprobs: int | None) -> GenerationConfig:
     try:
         return GenerationConfig(**values)
     except OptionError as exc:
-        api = next((a for a, o in SHARED.items() if o == exc.option), None)
+        names = {**SHARED, **{name: name for name in DRAFTING}}
+        api = next((a for a, o in names.items() if o == exc.option), None)
         message = str(exc)
         if api is not None and exc.option is not None and message.startswith(exc.option):
             message = api + message[len(exc.option) :]
         raise FieldError(api, message) from None
     except ValueError as exc:
         raise FieldError(None, str(exc)) from None
+
+
+def _drafting_values(body: BaseModel, drafting: dict[str, Any]) -> dict[str, Any]:
+    """prompt_lookup / draft_tokens: the request's, else the server's; a draft model is a
+    400 (the scheduler drafts by prompt lookup only)."""
+    if getattr(body, "draft_model", None) is not None:
+        raise FieldError(
+            "draft_model",
+            "draft_model: the server and batch files draft with prompt_lookup only, not "
+            "with a draft model; use prompt_lookup, or gptneo generate, gptneo chat or the "
+            "Python API for a draft model",
+        )
+    values: dict[str, Any] = {}
+    for name in DRAFTING:
+        value = getattr(body, name, None)
+        values[name] = drafting.get(name) if value is None else value
+    return {k: v for k, v in values.items() if v is not None}
 
 
 class FieldError(ValueError):
