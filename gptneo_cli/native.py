@@ -41,7 +41,9 @@ log = logging.getLogger("gptneo")
 
 ENV = "GPTNEO_NATIVE"
 SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp", "-fPIC")
+#: Names of OpenMP runtimes torch may have loaded (GNU, LLVM, Intel).
+OPENMP_NAMES = ("libgomp", "libomp", "libiomp")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "fma")
 
 _F32 = ctypes.c_void_p
@@ -120,9 +122,28 @@ def status() -> str:
 
 
 def _library_path(cc: str) -> Path:
-    """Where the library built from SOURCE with `cc` and FLAGS lives (the key is a hash)."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((cc, *FLAGS)).encode()).hexdigest()
+    """Where the library built from SOURCE with `cc`, FLAGS and the OpenMP runtime lives
+    (the key is a hash)."""
+    key = " ".join((cc, *FLAGS, *_link_openmp()))
+    digest = hashlib.sha256(SOURCE.read_bytes() + key.encode()).hexdigest()
     return user_cache_dir() / "native" / f"gemv-{digest[:16]}.so"
+
+
+@functools.cache
+def _link_openmp() -> tuple[str, ...]:
+    """Link against the OpenMP runtime torch loaded (found in /proc/self/maps), so that the
+    kernels share its thread pool: wheels may ship it under another name than the system's
+    libgomp.so.1, and two runtimes would each keep spinning threads on the same cores.
+    The compiler's own runtime (-fopenmp) where none is found."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return ("-fopenmp",)
+    for line in maps.splitlines():
+        path = line.split()[-1] if line.split() else ""
+        if Path(path).name.startswith(OPENMP_NAMES) and Path(path).is_file():
+            return (path, f"-Wl,-rpath,{Path(path).parent}")
+    return ()
 
 
 def _build(cc: str) -> Path:
@@ -135,19 +156,20 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".gemv-", suffix=".so")
     os.close(fd)
     try:
-        subprocess.run(
-            [cc, *FLAGS, str(SOURCE), "-o", tmp],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
+        objects = f"{tmp}.o"
+        for step in (
+            [cc, *FLAGS, "-c", str(SOURCE), "-o", objects],
+            [cc, "-shared", objects, *_link_openmp(), "-o", tmp],
+        ):
+            subprocess.run(step, check=True, capture_output=True, timeout=120)
         os.replace(tmp, path)  # whole or not at all, also with concurrent first loads
     except subprocess.CalledProcessError as exc:
         detail = exc.stderr.decode(errors="replace").strip() or f"exit {exc.returncode}"
         raise OSError(f"{Path(cc).name} failed: {detail}") from None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (tmp, f"{tmp}.o"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
     return path
 
 

@@ -233,3 +233,18 @@ def test_status_says_why_without_building(fresh_native, monkeypatch, tmp_path):
     assert not (tmp_path / "cache" / "gptneo" / "native").exists()  # status built nothing
     if native.available():
         assert native.status() == "built"
+
+
+def test_links_the_openmp_runtime_torch_loaded():
+    """The kernels share torch's OpenMP thread pool: the library is linked against the
+    runtime file this process has mapped (wheels may name it differently from the system's)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        pytest.skip("no /proc/self/maps here")
+    loaded = {line.split()[-1] for line in maps.splitlines() if "omp" in line.rsplit("/", 1)[-1]}
+    link = native._link_openmp()
+    if not loaded:
+        assert link == ("-fopenmp",)
+    else:
+        assert link[0] in loaded and Path(link[0]).name.startswith(native.OPENMP_NAMES)
