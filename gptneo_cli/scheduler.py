@@ -18,12 +18,15 @@ rows leave after the step that finished them. Nothing here knows about HTTP: `su
 raises `QueueFull` when the queue is full (the server maps it to 429 with Retry-After).
 
 Speculative decoding, per row: a request whose config sets `prompt_lookup` gets up to
-`draft_tokens` drafts copied from its own context each step, and a step where any row has
-drafts verifies them all in one forward pass (each row reads its token and its drafts,
-padded to the longest; `RowCache.begin_verify`). Each row keeps what `speculative.verify`
-accepts (greedy: the longest prefix the model agrees with, then the model's token;
-sampling: the accept/reject rule, with the row's own generator) and its cache keeps just
-those positions (`RowCache.commit`). A step where no row drafted is the plain one.
+`draft_tokens` drafts copied from its own context each step, or with `draft_model` (a draft
+loaded beside the model: `speculative.load_draft`) drafts from that model, run one row at a
+time through the row's own draft cache (`speculative.ModelDrafter`, which rolls back too).
+A step where any row has drafts verifies them all in one forward pass (each row reads its
+token and its drafts, padded to the longest; `RowCache.begin_verify`). Each row keeps
+what `speculative.verify` accepts (greedy: the longest prefix the model agrees with, then
+the model's token; sampling: the accept/reject rule, with the row's own generator) and its
+cache keeps just those positions (`RowCache.commit`). A step where no row drafted is the
+plain one.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ from .generation import (
 )
 from .modeling import AttentionStep
 from .rowcache import RowCache
-from .speculative import PromptLookup, TargetRule, verify
+from .speculative import ModelDrafter, PromptLookup, TargetRule, loaded_draft, verify
 
 #: Prompt tokens prefilled per step (across admitted requests): bounds the extra delay a
 #: long prompt adds to the running rows' next token.
@@ -181,8 +184,8 @@ class _Seq:
     prefill_s: float = 0.0
     first_token_at: float = 0.0
     finished_at: float = 0.0
-    # Speculative decoding (prompt lookup): the drafter, tokens per step, the target's rule.
-    drafter: PromptLookup | None = None
+    # Speculative decoding: the drafter, tokens per step, the target's rule.
+    drafter: PromptLookup | ModelDrafter | None = None
     draft_tokens: int = 0
     rule: TargetRule | None = None
     drafted: int = 0
@@ -301,11 +304,12 @@ class Scheduler:
 
     def submit(self, request: Request) -> Request:
         """Queue a request; raises QueueFull or SchedulerClosed instead of queueing, and
-        ValueError for what the scheduler cannot run (a draft model)."""
-        if request.config.draft_model is not None:
+        ValueError for a draft model that was not loaded beside the model."""
+        name = request.config.draft_model
+        if name is not None and loaded_draft(self.model, name) is None:
             raise ValueError(
-                "draft_model: the continuous-batching scheduler drafts with prompt_lookup "
-                "only, not with a draft model"
+                f"draft_model {name} is not loaded: load it first "
+                "(gptneo_cli.speculative.load_draft or attach_draft)"
             )
         with self._lock:
             if self._closing:
@@ -496,11 +500,26 @@ class Scheduler:
             logprobs=[] if cfg.logprobs is not None else None,
             started_at=time.perf_counter(),
         )
-        if cfg.prompt_lookup:
-            seq.drafter = PromptLookup(cfg.prompt_lookup)
+        if cfg.speculative:
             seq.draft_tokens = cfg.draft_tokens
             seq.rule = TargetRule(cfg, self.eos_ids, len(req.prompt_ids), generator)
+            seq.drafter = self._drafter(req, seq.rule)
         return seq
+
+    def _drafter(self, req: Request, rule: TargetRule) -> PromptLookup | ModelDrafter | None:
+        """The row's drafter: prompt lookup, or the draft model with a cache of its own
+        (None when the draft model has fewer positions than the row needs: it decodes
+        without drafts)."""
+        cfg = req.config
+        if cfg.prompt_lookup:
+            return PromptLookup(cfg.prompt_lookup)
+        draft = loaded_draft(self.model, cfg.draft_model)
+        length = len(req.prompt_ids) + req.max_new - 1  # the last token is never fed
+        if draft is None or length > draft.config.max_position_embeddings:
+            return None
+        drafter = ModelDrafter(draft, rule, cfg.draft_tokens)
+        drafter.start(length)
+        return drafter
 
     def _prefill(self) -> None:
         """Up to prefill_budget prompt tokens, chunk by chunk, oldest request first. New
@@ -616,21 +635,25 @@ class Scheduler:
             s.length += 1
         self._take(list(seqs), logits)
 
-    def _drafts(self, seqs: list[_Seq]) -> list[list[int]] | None:
-        """Each row's drafts for this step (none past its token budget: the last token is
-        never a draft), or None when no row has any."""
-        out: list[list[int]] = []
+    def _drafts(self, seqs: list[_Seq]) -> list[tuple[list[int], torch.Tensor | None]] | None:
+        """Each row's drafts for this step and the probabilities they were drawn with (None:
+        certain), none past its token budget (the last token is never a draft); None when
+        no row has any."""
+        out: list[tuple[list[int], torch.Tensor | None]] = []
         for seq in seqs:
             k = min(seq.draft_tokens, seq.req.max_new - len(seq.token_ids) - 1)
             if seq.drafter is None or k <= 0:
-                out.append([])
+                out.append(([], None))
                 continue
-            out.append(seq.drafter.propose(seq.req.prompt_ids + seq.token_ids, k)[0])
-        return out if any(out) else None
+            out.append(seq.drafter.propose(seq.req.prompt_ids + seq.token_ids, k))
+        return out if any(d for d, _ in out) else None
 
-    def _verify(self, seqs: list[_Seq], drafts: list[list[int]]) -> None:
+    def _verify(
+        self, seqs: list[_Seq], proposed: list[tuple[list[int], torch.Tensor | None]]
+    ) -> None:
         """One forward pass over every row's last token and its drafts; each row keeps what
         the target accepts, and its cache only those positions."""
+        drafts = [d for d, _ in proposed]
         counts = [1 + len(d) for d in drafts]
         width = max(counts)
         rows = [
@@ -645,14 +668,14 @@ class Scheduler:
         plain = [b for b, d in enumerate(drafts) if not d]
         chosen = self._choose([seqs[b] for b in plain], logits[plain, 0]) if plain else []
         runs: list[list[int]] = []
-        for b, (seq, drafted) in enumerate(zip(seqs, drafts, strict=True)):
+        for b, (seq, (drafted, q)) in enumerate(zip(seqs, proposed, strict=True)):
             if not drafted:
                 runs.append([chosen.pop(0)])
                 continue
             assert seq.rule is not None
             context = seq.req.prompt_ids + seq.token_ids + drafted
             scores = seq.rule.scores(logits[b, : len(drafted) + 1], context, len(drafted) + 1)
-            kept, after = verify(scores, drafted, None, seq.rule)
+            kept, after = verify(scores, drafted, q, seq.rule)
             seq.drafted += len(drafted)
             seq.accepted += kept
             self.drafted_tokens_total += len(drafted)
@@ -661,7 +684,12 @@ class Scheduler:
         self._cache.commit([len(run) for run in runs])
         for seq, run in zip(seqs, runs, strict=True):
             seq.length += len(run)
-        self._take_runs(list(seqs), runs, logits)
+        seqs = list(seqs)
+        self._take_runs(seqs, runs, logits)
+        for seq, drafted in zip(seqs, drafts, strict=True):
+            if drafted and seq.finish_reason is None:  # a draft model forgets the rejected
+                assert seq.drafter is not None
+                seq.drafter.commit(seq.req.prompt_ids + seq.token_ids)
 
     def _take_runs(self, seqs: list[_Seq], runs: list[list[int]], logits: torch.Tensor) -> None:
         """Hand over each row's verified tokens in order (logits [n, T, V]: token i's are

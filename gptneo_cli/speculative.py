@@ -349,6 +349,13 @@ def load_draft(
     return draft
 
 
+def loaded_draft(target: Any, name: str | None) -> Any:
+    """The draft model `name` already loaded (or attached) for `target`, or None."""
+    if name is None:
+        return None
+    return getattr(target, "__dict__", {}).get("_gptneo_drafts", {}).get(name)
+
+
 def check_draft(target: Any, draft: Any, name: str) -> None:
     """Refuse a draft whose vocabulary differs from the target's."""
     mine, theirs = target.config.vocab_size, draft.config.vocab_size

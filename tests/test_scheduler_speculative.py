@@ -10,12 +10,14 @@ length limits, logprobs and streamed updates behave as without drafts.
 
 from __future__ import annotations
 
+import copy
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from gptneo_cli import speculative
 from gptneo_cli.config import GPTNeoConfig
 from gptneo_cli.generation import GenerationConfig
 from gptneo_cli.modeling import GPTNeoForCausalLM
@@ -128,8 +130,13 @@ ROWS = [
 ]
 
 
-def drive(model, rows, speculate: bool, *, small_caches: bool = True) -> list:
-    """Run `rows` by hand, joining at their steps; return the requests."""
+def lookup(i: int, k: int) -> dict:
+    return dict(prompt_lookup=2, draft_tokens=k)
+
+
+def drive(model, rows, speculate: bool, *, small_caches: bool = True, options=lookup) -> list:
+    """Run `rows` by hand, joining at their steps; return the requests. options(i, k): the
+    drafting options of row i."""
     sched = Scheduler(model, TOK, max_running=5, max_queue=16, prefill_chunk=8)
     sched._ensure_thread = lambda: None  # no thread: step() by hand
     if small_caches:  # rows and positions grow while rows run
@@ -139,10 +146,10 @@ def drive(model, rows, speculate: bool, *, small_caches: bool = True) -> list:
     step = 0
     with torch.inference_mode():
         while step < 500:
-            for ids, new, at, drafts, k in rows:
+            for i, (ids, new, at, drafts, k) in enumerate(rows):
                 if at == step:
-                    options = dict(prompt_lookup=2, draft_tokens=k) if drafts and speculate else {}
-                    reqs.append(sched.submit(Request(ids, greedy(**options), new)))
+                    extra = options(i, k) if drafts and speculate else {}
+                    reqs.append(sched.submit(Request(ids, greedy(**extra), new)))
             if len(reqs) == len(rows) and all(r.done for r in reqs):
                 break
             sched.step()
@@ -331,3 +338,81 @@ def test_a_wrong_accept_rule_fails_the_sampling_test(monkeypatch):
     monkeypatch.setattr(scheduler, "verify", lambda s, d, q, rule: (len(d), int(s[-1].argmax())))
     chi2, df, _ = _chi2(_small_model(), PROMPT, 600)
     assert chi2 > 3 * (df + 7 * math.sqrt(2 * df))
+
+
+# ---- draft models -----------------------------------------------------------------------------
+
+
+def near_copy(model, seed: int, noise: float):
+    """A draft that mostly agrees with `model`: its weights plus a little noise."""
+    draft = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in draft.parameters():
+            param.add_(torch.randn(param.shape, generator=g) * noise)
+    return draft
+
+
+@pytest.mark.parametrize("shape", ["local_first", "mixed"])
+def test_greedy_draft_models_are_token_identical_beside_lookup_and_plain_rows(shape):
+    model = random_model(shape, seed=11)
+    speculative.attach_draft(model, "near", near_copy(model, 1, 0.003))
+    speculative.attach_draft(model, "other", random_model(shape, seed=12))
+    plain, _ = drive(model, ROWS, speculate=False)
+
+    def options(i: int, k: int) -> dict:
+        if i % 3 == 0:
+            return dict(draft_model="near", draft_tokens=k)
+        if i % 3 == 1:
+            return dict(draft_model="other", draft_tokens=k)
+        return lookup(i, k)
+
+    spec, sched = drive(model, ROWS, speculate=True, options=options)
+    for i, (a, b) in enumerate(zip(plain, spec, strict=True)):
+        assert b.result.token_ids == a.result.token_ids, f"row {i}"
+    near = [r.result for i, r in enumerate(spec) if ROWS[i][3] and i % 3 == 0]
+    other = [r.result for i, r in enumerate(spec) if ROWS[i][3] and i % 3 == 1]
+    assert sum(r.accepted for r in near) > 0.5 * sum(r.drafted for r in near)
+    assert sum(r.accepted for r in other) < sum(r.drafted for r in other)
+
+
+def test_a_draft_model_that_is_not_loaded_is_refused():
+    sched = Scheduler(random_model("mixed", 1), TOK, background=False)
+    with pytest.raises(ValueError, match="draft_model missing is not loaded"):
+        sched.submit(Request([1, 2], greedy(draft_model="missing"), 4))
+
+
+def _chi2_draft(runs: int) -> tuple[float, int, int]:
+    """The same chi-square as above, with a draft model's sampled drafts (q not one-hot)."""
+    model = _small_model()
+    # a peaked draft, far from the model: many rejections, a residual far from p and q
+    speculative.attach_draft(model, "d", random_model("mixed", seed=9, vocab=SMALL, std=0.8))
+    config = GenerationConfig(temperature=1.0, top_k=0, ignore_eos=True, draft_model="d")
+    sched = Scheduler(model, TOK, max_running=16, max_queue=runs, background=False)
+    reqs = [Request(PROMPT, config.replace(seed=s, draft_tokens=1 + s % 2), 3) for s in range(runs)]
+    for r in reqs:
+        sched.submit(r)
+    sched.drive(reqs)
+    counts = torch.zeros(SMALL * SMALL, dtype=torch.float64)
+    for r in reqs:
+        counts[r.result.token_ids[1] * SMALL + r.result.token_ids[2]] += 1
+    expected = _exact_pairs(model, PROMPT) * runs
+    big = expected >= 5
+    chi2 = float(((counts[big] - expected[big]) ** 2 / expected[big]).sum())
+    rest = expected[~big].sum()
+    chi2 += float((counts[~big].sum() - rest) ** 2 / max(rest, 1))
+    return chi2, int(big.sum()), sched.accepted_tokens_total
+
+
+def test_sampling_with_a_draft_model_keeps_the_models_distribution():
+    chi2, df, accepted = _chi2_draft(600)
+    assert 50 < accepted < 900  # drafts were kept and rejected
+    assert chi2 < df + 7 * math.sqrt(2 * df)
+
+
+def test_a_wrong_residual_fails_the_draft_model_sampling_test(monkeypatch):
+    """After a rejection, drawing from q instead of max(p - q, 0) skews the output (the
+    chi-square comes out ~300)."""
+    monkeypatch.setattr(speculative, "residual", lambda p, q: q.clone())
+    chi2, df, _ = _chi2_draft(600)
+    assert chi2 > 2 * (df + 7 * math.sqrt(2 * df))

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from helpers_server import Running, error_of
 
+from gptneo_cli import speculative
 from gptneo_cli.fast import FastCausalLM
 from gptneo_cli.hub import resolve_model_dir
 
@@ -116,7 +117,7 @@ def test_bad_drafting_values_are_one_line_400s(srv, field, value) -> None:
         assert r.status_code == 400 and err["param"] == field
         assert "\n" not in err["message"] and field in err["message"]
     if field == "draft_model":
-        assert "prompt_lookup only" in err["message"]
+        assert "no draft model is loaded here" in err["message"]
 
 
 def test_prompt_lookup_zero_is_plain_decoding(srv) -> None:
@@ -139,3 +140,57 @@ def test_the_servers_default_applies_to_requests_that_leave_it_out(tiny) -> None
         assert on.text == off.text
     finally:
         running.stop()
+
+
+def test_a_served_draft_model_gives_the_same_text(tiny) -> None:
+    """gptneo serve --draft-model self-int8: requests draft with it unless they ask for
+    prompt lookup (or 0: no drafts); another draft model is a 400 naming the loaded one."""
+    model, tokenizer = tiny
+    speculative.load_draft(
+        model, "self-int8", tokenizer=tokenizer, folder=resolve_model_dir("tiny")
+    )
+    options = {"drafting": {"draft_model": "self-int8", "draft_tokens": 4}}
+    running = Running(model, tokenizer, max_running=3, options=options)
+    try:
+        plain = [_complete(running, p, prompt_lookup=0).text for p in PROMPTS]
+        assert running.metric("gptneo_draft_tokens_total") == 0
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            drafted = list(pool.map(lambda p: _complete(running, p).text, PROMPTS))
+        assert drafted == plain
+        assert running.metric("gptneo_draft_accepted_tokens_total") > 0
+        chunks = running.client.completions.create(
+            model="tiny",
+            prompt=CODE,
+            max_tokens=40,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True, "draft_model": "self-int8", "draft_tokens": 7},
+        )
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == plain[0]
+        assert _complete(running, CODE, prompt_lookup=3).text == plain[0]
+        r = running.http.post("/v1/completions", json={"prompt": "x", "draft_model": "125m"})
+        err = error_of(r)
+        assert r.status_code == 400 and err["param"] == "draft_model"
+        assert "'self-int8' only" in err["message"]
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize(
+    "args,flag",
+    [
+        (("--prompt-lookup", "-1"), "--prompt-lookup"),
+        (("--prompt-lookup", "17"), "--prompt-lookup"),
+        (("--draft-tokens", "0"), "--draft-tokens"),
+        (("--draft-tokens", "33"), "--draft-tokens"),
+        (("--prompt-lookup", "2", "--draft-model", "self-int8"), "--draft-model"),
+        (("--draft-model", " "), "--draft-model"),
+    ],
+)
+def test_bad_serve_flags_are_one_line_errors_before_loading(tmp_path, args, flag) -> None:
+    from helpers_cli import run_cli
+
+    done = run_cli("serve", "--model", "tiny", "--port", "0", *args, home=tmp_path)
+    err = done.stderr.decode().strip()
+    assert done.returncode == 2 and flag in err and "\n" not in err
+    assert "Traceback" not in err

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ..options import option
+from ..options import config_from, option
 from ..settings import Settings, load_settings
 from .help import examples
 from .loading import ModelOptions, import_torch, load_model
@@ -152,8 +152,21 @@ def serve(
             metavar=option("draft_tokens").type_label(),
             show_default=False,
             rich_help_panel=SERVER_PANEL,
-            help="Tokens drafted per step with --prompt-lookup, for requests that do not set "
-            "draft_tokens. (default: 5)",
+            help="Tokens drafted per step with --prompt-lookup or --draft-model, for "
+            "requests that do not set draft_tokens. (default: 5)",
+        ),
+    ] = None,
+    draft_model: Annotated[
+        str | None,
+        typer.Option(
+            "--draft-model",
+            metavar="NAME",
+            show_default=False,
+            rich_help_panel=SERVER_PANEL,
+            help="Speculative decoding with a draft model, loaded at start: any GPT-Neo with "
+            "the same tokenizer (name or folder), or self-int8 (this model's own int8 copy). "
+            "Requests that set neither prompt_lookup nor draft_model draft with it; each row "
+            "keeps its own draft cache.",
         ),
     ] = None,
     log_prompts: Annotated[
@@ -171,7 +184,7 @@ def serve(
     options = ModelOptions.merge(settings, **(loading or {}))
     key = settings.get("api_key", api_key) or os.environ.get("GPTNEO_API_KEY") or None
     template = chat_template_of(settings, chat_template)
-    drafting = drafting_defaults(prompt_lookup, draft_tokens)
+    drafting = drafting_defaults(prompt_lookup, draft_tokens, draft_model)
     from ..server.run import bind, make_server, url
 
     try:
@@ -191,6 +204,10 @@ def serve(
     passive_openmp_waits()  # the model runs on the scheduler's thread
     import_torch()
     loaded = load_model(options, "auto", fast=True)  # a classifier serves its head
+    if draft_model is not None:
+        from .loading import load_draft
+
+        load_draft(loaded, config_from(drafting))  # a bad draft fails before serving
     from ..api import make_scheduler
     from ..server.app import ServeOptions, create_app, stderr_log
 
@@ -236,11 +253,16 @@ def serve(
     scheduler.close(0)
 
 
-def drafting_defaults(prompt_lookup: int | None, draft_tokens: int | None) -> dict[str, int]:
-    """--prompt-lookup / --draft-tokens, checked as generate checks them (an OptionError
-    naming the flag)."""
+def drafting_defaults(
+    prompt_lookup: int | None, draft_tokens: int | None, draft_model: str | None = None
+) -> dict[str, Any]:
+    """--prompt-lookup / --draft-tokens / --draft-model, checked as generate checks them
+    (an OptionError naming the flag)."""
     given = {"prompt_lookup": prompt_lookup, "draft_tokens": draft_tokens}
-    return {name: option(name).check(value) for name, value in given.items() if value is not None}
+    given["draft_model"] = draft_model
+    out = {name: option(name).check(value) for name, value in given.items() if value is not None}
+    config_from(out)  # --prompt-lookup with --draft-model: "use one"
+    return out
 
 
 def chat_template_of(settings: Settings, flag: str | None) -> ChatTemplate:

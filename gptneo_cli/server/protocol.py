@@ -44,8 +44,11 @@ SHARED = {
 }
 
 #: Speculative decoding's fields (same names as the options): a request's own value, else
-#: the server's default (`gptneo serve --prompt-lookup N --draft-tokens K`).
-DRAFTING = ("prompt_lookup", "draft_tokens")
+#: the server's default (`gptneo serve --prompt-lookup N | --draft-model NAME`,
+#: `--draft-tokens K`). The first two are the ways to draft: a request that names either
+#: drafts its own way (prompt_lookup 0: not at all).
+DRAFTING = ("prompt_lookup", "draft_model", "draft_tokens")
+_METHODS = ("prompt_lookup", "draft_model")
 
 
 def _field(api_name: str, spec: Option) -> tuple[Any, Any]:
@@ -116,8 +119,7 @@ class _Base(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # Speculative decoding, per row of the scheduler: prompt lookup only. draft_model is
-    # declared so that asking for it is a clear 400 rather than silently ignored.
+    # Speculative decoding, per row of the scheduler (draft_model: the one the server loaded).
     prompt_lookup: StrictInt | None = Field(
         None, ge=0, le=MAX_LOOKUP_NGRAM, description=option("prompt_lookup").help
     )
@@ -125,7 +127,9 @@ class _Base(_Body):
         None, ge=1, le=MAX_DRAFT_TOKENS, description=option("draft_tokens").help
     )
     draft_model: str | None = Field(
-        None, description="Not available here: the server drafts with prompt_lookup only."
+        None,
+        description="Speculative decoding with the server's draft model (gptneo serve "
+        "--draft-model): only the name it was started with.",
     )
 
 
@@ -249,19 +253,25 @@ def to_config(
 
 
 def _drafting_values(body: BaseModel, drafting: dict[str, Any]) -> dict[str, Any]:
-    """prompt_lookup / draft_tokens: the request's, else the server's; a draft model is a
-    400 (the scheduler drafts by prompt lookup only)."""
-    if getattr(body, "draft_model", None) is not None:
+    """prompt_lookup / draft_model / draft_tokens: the request's, else the server's. A draft
+    model other than the one loaded is a 400 (models are loaded at start, not per request)."""
+    asked, served = getattr(body, "draft_model", None), drafting.get("draft_model")
+    if asked is not None and asked != served:
         raise FieldError(
             "draft_model",
-            "draft_model: the server and batch files draft with prompt_lookup only, not "
-            "with a draft model; use prompt_lookup, or gptneo generate, gptneo chat or the "
-            "Python API for a draft model",
+            f"draft_model: this server drafts with {served!r} only (gptneo serve "
+            "--draft-model); prompt_lookup drafts without a model"
+            if served
+            else "draft_model: no draft model is loaded here (gptneo serve --draft-model "
+            "NAME loads one; batch files cannot use one); prompt_lookup drafts without one",
         )
+    own = any(getattr(body, name, None) is not None for name in _METHODS)
     values: dict[str, Any] = {}
     for name in DRAFTING:
         value = getattr(body, name, None)
-        values[name] = drafting.get(name) if value is None else value
+        if value is None and not (own and name in _METHODS):
+            value = drafting.get(name)
+        values[name] = value
     return {k: v for k, v in values.items() if v is not None}
 
 
