@@ -177,7 +177,10 @@ def test_quickstart_command_offline(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr.decode()
     out = proc.stdout.decode()
-    assert len(out.strip()) > 20 and "\n" in out.strip()
+    # Sampled (no seed, as the README runs it): its text varies, so only its size is checked
+    # here (a multi-line continuation can be a single long line); test_generates_code checks
+    # the demo model writes code.
+    assert len(out.strip()) > 20
     assert b"\x1b" not in proc.stdout
 
 
