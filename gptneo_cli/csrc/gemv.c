@@ -191,15 +191,17 @@ void gemv_bf16(const uint16_t *w, const float *x, const float *bias, float *y, i
  * The same blocks of 8 weight rows as one row, each read from memory once (prefetched on the
  * first pass) and again from cache for every further pair of activation rows. `wr` and `xr`
  * are literal constants at every call, so the 8 x 2 accumulators stay in registers. y is
- * [rows, m]. On small matrices (cache-resident: the demo model) this beat oneDNN 1.2-3x at
- * 2-8 rows; on gpt-neo-125M's it lost from 4 rows on, so gptneo_cli measures per shape. */
+ * [rows, m]. Passes after the first prefetch the next block, so memory stays busy while
+ * they compute from cache. gptneo_cli measures it against oneDNN per shape (6 rows): it
+ * beat oneDNN at 2-8 rows on the demo model's matrices (1.2-3x) and on most of
+ * gpt-neo-125M's (0.97-1.7x). */
 static inline __m512 f32_load(const float *p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 
 
 #define PAIRS(NAME, T)                                                                        \
     static inline __attribute__((always_inline)) void NAME##_tile(                           \
         const T *w, const float *x, const float *scale, const float *bias, float *y,         \
-        int64_t m, int64_t n, int wr, int xr, int first) {                                    \
+        int64_t m, int64_t n, int wr, int xr, const char *pf) {                               \
         __m512 acc[ROWS][2];                                                                  \
         for (int a = 0; a < ROWS; a++) acc[a][0] = acc[a][1] = _mm512_setzero_ps();          \
         for (int64_t i = 0; i < n; i += 16) {                                                 \
@@ -207,7 +209,7 @@ static inline __m512 f32_load(const float *p, __mmask16 m) { return _mm512_maskz
             __m512 x0 = _mm512_maskz_loadu_ps(msk, x + i);                                    \
             __m512 x1 = xr > 1 ? _mm512_maskz_loadu_ps(msk, x + n + i) : x0;                  \
             for (int a = 0; a < wr; a++) {                                                    \
-                if (first) _mm_prefetch((const char *)(w + a * n + i) + AHEAD, _MM_HINT_T0);  \
+                if (pf) _mm_prefetch(pf + (a * n + i) * (int64_t)sizeof(T), _MM_HINT_T0);     \
                 __m512 wv = NAME##_load(w + a * n + i, msk);                                  \
                 acc[a][0] = _mm512_fmadd_ps(wv, x0, acc[a][0]);                               \
                 if (xr > 1) acc[a][1] = _mm512_fmadd_ps(wv, x1, acc[a][1]);                   \
@@ -226,17 +228,21 @@ static inline __m512 f32_load(const float *p, __mmask16 m) { return _mm512_maskz
             for (int64_t r = 0; r < rows; r += 2) {                                           \
                 const float *xs = x + r * n;                                                  \
                 float *ys = y + r * m;                                                        \
-                int two = rows - r > 1, first = r == 0;                                       \
+                int two = rows - r > 1;                                                       \
+                const char *first = r == 0 ? (const char *)(w + o * n) + AHEAD : 0;           \
+                const char *next = o + 2 * ROWS <= end ? (const char *)(w + (o + ROWS) * n) : 0; \
+                const char *pf = r == 0 ? first : next;                                       \
                 for (int a = 0; wr < ROWS && a < wr; a++) {                                   \
                     const T *wa = w + (o + a) * n;                                            \
+                    const char *pa = first ? (const char *)wa + AHEAD : 0;                    \
                     const float *s = scale ? scale + o + a : 0, *b = bias ? bias + o + a : 0; \
-                    if (two) NAME##_tile(wa, xs, s, b, ys + o + a, m, n, 1, 2, first);        \
-                    else NAME##_tile(wa, xs, s, b, ys + o + a, m, n, 1, 1, first);            \
+                    if (two) NAME##_tile(wa, xs, s, b, ys + o + a, m, n, 1, 2, pa);        \
+                    else NAME##_tile(wa, xs, s, b, ys + o + a, m, n, 1, 1, pa);            \
                 }                                                                             \
                 if (wr < ROWS) continue;                                                      \
                 const float *s = scale ? scale + o : 0, *b = bias ? bias + o : 0;             \
-                if (two) NAME##_tile(w + o * n, xs, s, b, ys + o, m, n, ROWS, 2, first);      \
-                else NAME##_tile(w + o * n, xs, s, b, ys + o, m, n, ROWS, 1, first);          \
+                if (two) NAME##_tile(w + o * n, xs, s, b, ys + o, m, n, ROWS, 2, pf);      \
+                else NAME##_tile(w + o * n, xs, s, b, ys + o, m, n, ROWS, 1, pf);          \
             }                                                                                 \
         }                                                                                     \
     }                                                                                         \
