@@ -17,8 +17,12 @@ machine times each candidate for each matrix shape, at 1 row (a decode step) and
 memory as in decoding, a few ms each (the head at 1 and `HEAD_ROWS` rows: a prompt runs
 it for its last token only). Each layout's score is the sum of its two times
 relative to the fastest at that row count; the lowest score wins, but another layout than
-`onednn` (the layout chosen before measurements existed) must beat it by `MARGIN` to be
-chosen, so that noise on a busy machine does not flip the choice.
+the incumbent must beat it by `MARGIN` to be chosen, so that noise on a busy machine does
+not flip the choice. The incumbent is `onednn` (the layout chosen before measurements
+existed), except for float32 layers where our native kernel is built: it never measured
+slower at one row (equal where memory is the limit) and runs prompts through oneDNN too.
+A native layer's 2-8-row product ("few rows", timed at `FEW_ROWS` rows, streamed) is
+chosen the same way, against oneDNN.
 
 Results are cached in `kernels.json` in the user cache dir ($XDG_CACHE_HOME/gptneo,
 ~/.cache/gptneo), keyed by CPU model, torch version, thread count, dtype and shape: later
@@ -67,7 +71,10 @@ MAX_ROUNDS = 10
 #: cache, so one-row products stream their weights from memory as decoding does.
 STREAM_BYTES = 64 * 2**20
 MAX_COPIES = 32
-FILE_VERSION = 1
+#: Up to this many rows a product is timed on streamed copies (a decode step's regime).
+STREAM_ROWS = 8
+#: 2: few-rows products are timed streamed (version 1 timed them on one cached copy).
+FILE_VERSION = 2
 
 
 #: The row counts each kind of measurement times (default: 1 and PREFILL_ROWS).
@@ -153,9 +160,10 @@ Builders = Mapping[str, Callable[[torch.Tensor], Callable[[torch.Tensor], torch.
 def measure(
     builders: Builders, shape: tuple[int, int], dtype: torch.dtype, rows: tuple[int, ...]
 ) -> dict[str, dict[str, float]]:
-    """Seconds per product of each layout at each row count: the best of a few passes. One
-    row cycles through enough copies of the [out, in] matrix to stream it from memory (as a
-    decode step does); more rows are compute-bound and use one copy."""
+    """Seconds per product of each layout at each row count: the best of a few passes. Up to
+    STREAM_ROWS rows cycle through enough copies of the [out, in] matrix to stream it from
+    memory (as a decode step, batched or verifying drafts, does); more rows are
+    compute-bound and use one copy."""
     out_features, in_features = shape
     size = out_features * in_features * torch.finfo(dtype).bits // 8
     copies = max(1, min(MAX_COPIES, math.ceil(STREAM_BYTES / max(size, 1))))
@@ -167,7 +175,8 @@ def measure(
             seconds[layout] = {}
             for count in rows:
                 x = torch.full((count, in_features), 0.5, dtype=dtype)
-                seconds[layout][str(count)] = _best_time(modules if count == 1 else modules[:1], x)
+                streamed = modules if count <= STREAM_ROWS else modules[:1]
+                seconds[layout][str(count)] = _best_time(streamed, x)
             del modules
     return seconds
 
@@ -185,8 +194,9 @@ def _best_time(modules: list[Callable[[torch.Tensor], torch.Tensor]], x: torch.T
     return best
 
 
-def pick(seconds: Mapping[str, Mapping[str, float]]) -> str:
-    """The layout with the lowest score (module docstring); DEFAULT unless beaten by MARGIN."""
+def pick(seconds: Mapping[str, Mapping[str, float]], incumbent: str = DEFAULT) -> str:
+    """The layout with the lowest score (module docstring); `incumbent` unless beaten by
+    MARGIN."""
     rows = {r for times in seconds.values() for r in times}
     fastest = {r: min(t[r] for t in seconds.values()) for r in rows}
     scores = {
@@ -194,8 +204,8 @@ def pick(seconds: Mapping[str, Mapping[str, float]]) -> str:
         for layout, times in seconds.items()
     }
     best = min(scores, key=lambda layout: scores[layout])
-    if DEFAULT in scores and scores[best] > (1 - MARGIN) * scores[DEFAULT]:
-        return DEFAULT
+    if incumbent in scores and scores[best] > (1 - MARGIN) * scores[incumbent]:
+        return incumbent
     return best
 
 
@@ -217,7 +227,11 @@ class KernelChooser:
         order = (DEFAULT, "linear") if self.forced == "native" else ("linear", DEFAULT)
         return next((name for name in order if name in builders), next(iter(builders)))
 
-    def layout(self, kind: str, shape: tuple[int, int], builders: Builders) -> str:
+    def layout(
+        self, kind: str, shape: tuple[int, int], builders: Builders, incumbent: str = DEFAULT
+    ) -> str:
+        """The layout of one matrix; `incumbent` is kept unless another measures MARGIN
+        better."""
         if self.forced is not None:
             return self._forced(builders)
         key = cache_key(kind, shape, self.dtype)
@@ -227,7 +241,7 @@ class KernelChooser:
             if cached is None or cached not in builders:
                 rows = _ROWS.get(kind, (1, PREFILL_ROWS))
                 seconds = measure(builders, shape, self.dtype, rows)
-                cached = pick(seconds)
+                cached = pick(seconds, incumbent)
                 self.cache.put(key, cached, seconds)
             self.chosen[key] = cached
         return self.chosen[key]

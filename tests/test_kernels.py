@@ -140,6 +140,10 @@ def test_the_choice_rule():
     mixed = {"onednn": {"1": 1.0, "64": 1.0}, "linear": {"1": 0.5, "64": 3.0}}
     assert kernels.pick(mixed) == "onednn"  # faster decode does not pay for 3x slower prefill
     assert kernels.pick({"linear": {"1": 1.0}, "columns": {"1": 0.7}}) == "columns"
+    near = {"onednn": {"1": 1.0, "64": 1.0}, "native": {"1": 0.95, "64": 1.0}}
+    assert kernels.pick(near) == "onednn"  # 2.5 % better: the incumbent stays
+    assert kernels.pick(near, incumbent="native") == "native"
+    assert kernels.pick({**near, "linear": {"1": 0.5, "64": 0.5}}, incumbent="native") == "linear"
 
 
 def test_the_real_measurement_times_every_layout():
