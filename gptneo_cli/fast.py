@@ -132,11 +132,15 @@ class TiedHead(FastLinear):
     copy (+32 % of a bf16 125M model), so the head stays unpacked.
     """
 
-    def __init__(self, weight: nn.Parameter, onednn: bool = False, native: bool = False) -> None:
+    def __init__(
+        self, weight: nn.Parameter, onednn: bool = False, native: bool = False, few: bool = False
+    ) -> None:
         super().__init__()
         self.weight = weight  # the embedding's own parameter
         #: One row (a decode step) through our own kernel (gptneo_cli/native.py).
         self.native = native
+        #: float32: 2-8 rows (a batched step, a verify) through our kernel (measured).
+        self.few = few and weight.dtype == torch.float32
         #: fp32 on CPU: oneDNN reads the plain [vocab, hidden] matrix in place, 2.6x faster
         #: than MKL's product on an AMD EPYC (3.4 vs 9.0 ms per token for gpt-neo-125M).
         self.onednn = onednn
@@ -148,8 +152,11 @@ class TiedHead(FastLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         weight = self._parameters["weight"]
-        if self.native and flat.shape[0] == 1:
+        rows = flat.shape[0]
+        if self.native and rows == 1:
             out = native.gemv(flat, weight, None).to(flat.dtype)
+        elif self.few and 1 < rows <= NativeLinear.FEW_ROWS:
+            out = native.gemm_f32(flat, weight, None)
         elif self.onednn:
             out = onednn_linear(flat, weight)
         elif self.column_rows(flat.shape[0]):
@@ -837,7 +844,11 @@ class _Packer:
         layout = self.kernels.layout("head", shape, _head_builders(self.dtype))
         if layout == "onednn" and not fp32:
             return PackedHead(weight)
-        return TiedHead(weight, onednn=fp32 and layout != "linear", native=layout == "native")
+        few = False
+        if fp32 and layout != "linear" and native.available():
+            few = self.kernels.layout("few rows", shape, _FEW_ROWS_HEAD) == "native"
+        onednn = fp32 and layout != "linear"
+        return TiedHead(weight, onednn=onednn, native=layout == "native", few=few)
 
     def _try_swap(self, name: str, linear: nn.Linear) -> None:
         """Swap a linear layer once its weight (and bias) are in; q, k and v once all three
@@ -921,6 +932,11 @@ def _layer_builders(dtype: torch.dtype) -> dict[str, Any]:
 
 LAYER_CHOICES = ("onednn", "linear", "columns")
 
+#: A float32 head's few-rows product: our kernel or oneDNN reading the embedding in place.
+_FEW_ROWS_HEAD = {
+    "onednn": lambda w: TiedHead(nn.Parameter(w, requires_grad=False), onednn=True),
+    "native": lambda w: TiedHead(nn.Parameter(w, requires_grad=False), onednn=True, few=True),
+}
 #: A float32 native layer's few-rows product: our kernel or oneDNN (kernels.FEW_ROWS rows).
 _FEW_ROWS_BUILDERS = {
     "onednn": lambda w: NativeLinear(w, None, few=False),

@@ -104,7 +104,7 @@ def test_forced_native_decodes_like_the_reference(tiny_checkpoint, config, monke
     block = model.transformer.h[0]
     assert isinstance(block.attn.attention.qkv_proj, fast.NativeLinear)
     assert isinstance(block.mlp.c_proj, fast.NativeLinear) and block.mlp.c_proj.few
-    assert model.lm_head.native
+    assert model.lm_head.native and model.lm_head.few
     vocab = TINY_CONFIGS[config]["vocab_size"]
     ids = torch.randint(1, vocab, (1, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
