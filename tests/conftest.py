@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 
 import pytest
 
@@ -30,6 +31,16 @@ def tiny_checkpoint(tmp_path):
         return folder, ref
 
     return make
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ctrl_c_deliverable():
+    """Tests that press Ctrl-C need SIGINT to reach the CLI. A test run started in the
+    background of a non-interactive shell (`nohup pytest &`) ignores SIGINT, and every
+    subprocess would inherit that; the run restores the default for itself and them."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
 
 
 @pytest.fixture(autouse=True, scope="session")
