@@ -54,6 +54,7 @@ from .generation import (
     TokenizerLike,
     TokenLogprob,
     _budget,
+    all_finite,
     finish_text,
     non_finite_scores,
     prompt_ids,
@@ -663,7 +664,7 @@ class Scheduler:
         self._cache.live = len(seqs)
         positions = self._cache.begin_verify([s.length for s in seqs], counts)
         logits = self._forward(ids, positions, self._cache, 0)
-        if not torch.isfinite(logits).all():
+        if not all_finite(logits):
             raise non_finite_scores()
         plain = [b for b, d in enumerate(drafts) if not d]
         chosen = self._choose([seqs[b] for b in plain], logits[plain, 0]) if plain else []
@@ -715,7 +716,7 @@ class Scheduler:
     def _take(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         """Choose each row's next token from its logits row, hand it over, retire finished
         rows. Plain greedy rows share one argmax (and one device->host copy)."""
-        if not torch.isfinite(logits).all():
+        if not all_finite(logits):
             raise non_finite_scores()
         tokens = self._choose(seqs, logits)
         now = time.perf_counter()

@@ -270,9 +270,9 @@ class SpeculativeLoop:
         ids = torch.tensor([tokens[-1:] + drafts], dtype=torch.long, device=engine.device)
         past = engine.cache.length
         logits = engine.model(ids, cache=engine.cache).logits[0].float()
-        if not bool(torch.isfinite(logits).all()):
-            from .generation import non_finite_scores
+        from .generation import all_finite, non_finite_scores
 
+        if not bool(all_finite(logits)):
             raise non_finite_scores()
         rule = engine.spec_rule
         kept, after = verify(rule.scores(logits, tokens + drafts, len(drafts) + 1), drafts, q, rule)

@@ -115,3 +115,19 @@ def test_more_sequences_than_memory_can_hold_are_refused_before_any_row_is_built
     ):
         generate(model, tokenizer, "x", config)
     assert built == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_finite_check_finds_any_bad_score_and_never_a_good_one(dtype):
+    """all_finite sums the scores instead of checking each: one NaN, +inf or -inf anywhere
+    (and +inf next to -inf) must still be found, and large finite scores in a half type,
+    whose own sum would overflow, must not be taken for bad ones."""
+    from gptneo_cli.generation import all_finite
+
+    big = torch.full((8, 50257), 6.0e4 if dtype == torch.float16 else 1.0e4, dtype=dtype)
+    assert bool(all_finite(big)) and bool(all_finite(-big))
+    for bad in ([float("nan")], [float("inf")], [float("-inf")], [float("inf"), float("-inf")]):
+        scores = torch.randn(3, 101).to(dtype)
+        for i, value in enumerate(bad):
+            scores[i, 7 * i + 5] = value
+        assert not bool(all_finite(scores))
