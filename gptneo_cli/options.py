@@ -405,10 +405,6 @@ GENERATION: list[Option] = [
     ),
 ]
 
-#: Speculative decoding's options. The scheduler (server, batch) takes prompt_lookup and
-#: draft_tokens, not draft_model.
-SPECULATIVE = ("prompt_lookup", "draft_model", "draft_tokens")
-
 
 def option(name: str) -> Option:
     """The option called `name` (KeyError if there is none)."""
