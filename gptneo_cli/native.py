@@ -116,7 +116,11 @@ def status() -> str:
     cc = compiler()
     if cc is None:
         return "unavailable (no C compiler: set CC or install gcc)"
-    if _library_path(cc).is_file():
+    try:
+        built = _library_path(cc).is_file()
+    except OSError as exc:  # the C source is missing from this installation
+        return f"unavailable ({exc.strerror or exc})"
+    if built:
         return "built"
     return f"not built yet (built with {Path(cc).name} at the first model load)"
 

@@ -248,3 +248,11 @@ def test_links_the_openmp_runtime_torch_loaded():
         assert link == ("-fopenmp",)
     else:
         assert link[0] in loaded and Path(link[0]).name.startswith(native.OPENMP_NAMES)
+
+
+def test_a_missing_source_is_unavailable_not_a_crash(fresh_native, monkeypatch, tmp_path):
+    """An installation without csrc/gemv.c: info says so, loading uses torch's kernels."""
+    monkeypatch.setattr(native, "SOURCE", tmp_path / "nowhere" / "gemv.c")
+    if native.cpu_supported() and native.compiler() is not None:
+        assert native.status().startswith("unavailable (")
+    assert native.library() is None
