@@ -55,52 +55,16 @@ static void f32_rows(const float *w, const float *x, const float *bias, float *y
     for (; o < end; o++) f32_block(w + o * n, x, bias ? bias + o : 0, y + o, n, 1);
 }
 
-/* 16 int8 weights as float32. */
+/* 16 int8 or bf16 weights as float32, and the same for the masked tail. bf16 is the top
+ * half of a float32, so a shift is exact. */
 static inline __m512 i8_to_f32(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
 
-/* int8 rows: 64 weights per row per pass (4 loads, no masks), a masked tail. */
-static inline __attribute__((always_inline)) void i8_block(
-    const int8_t *r, const float *scale, const float *x, const float *bias, float *y, int64_t n,
-    int rows) {
-    __m512 acc[ROWS];
-    for (int k = 0; k < ROWS; k++) acc[k] = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 64 <= n; i += 64) {
-        __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);
-        __m512 x2 = _mm512_loadu_ps(x + i + 32), x3 = _mm512_loadu_ps(x + i + 48);
-        for (int k = 0; k < rows; k++) {
-            const int8_t *p = r + k * n + i;
-            _mm_prefetch((const char *)p + AHEAD, _MM_HINT_T0);
-            __m512 a = acc[k];
-            a = _mm512_fmadd_ps(i8_to_f32(p), x0, a);
-            a = _mm512_fmadd_ps(i8_to_f32(p + 16), x1, a);
-            a = _mm512_fmadd_ps(i8_to_f32(p + 32), x2, a);
-            a = _mm512_fmadd_ps(i8_to_f32(p + 48), x3, a);
-            acc[k] = a;
-        }
-    }
-    for (; i < n; i += 16) {
-        __mmask16 m = tail_mask(n - i);
-        __m512 xv = _mm512_maskz_loadu_ps(m, x + i);
-        for (int k = 0; k < rows; k++) {
-            __m128i b = _mm_maskz_loadu_epi8(m, r + k * n + i);
-            acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), xv, acc[k]);
-        }
-    }
-    for (int k = 0; k < rows; k++) y[k] = finish(acc[k], scale + k, bias ? bias + k : 0, 0);
+static inline __m512 i8_to_f32_masked(const int8_t *p, __mmask16 m) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
 }
 
-static void i8_rows(const int8_t *q, const float *scale, const float *x, const float *bias,
-                    float *y, int64_t start, int64_t end, int64_t n) {
-    int64_t o = start;
-    for (; o + ROWS <= end; o += ROWS)
-        i8_block(q + o * n, scale + o, x, bias ? bias + o : 0, y + o, n, ROWS);
-    for (; o < end; o++) i8_block(q + o * n, scale + o, x, bias ? bias + o : 0, y + o, n, 1);
-}
-
-/* 16 bf16 weights as float32: bf16 is the top half of a float32, so a shift is exact. */
 static inline __m512 bf16_to_f32(const uint16_t *p) {
     __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
@@ -111,43 +75,54 @@ static inline __m512 bf16_to_f32_masked(const uint16_t *p, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
-/* bf16 rows: 64 weights per row per pass, float32 products and sums, a masked tail. */
-static inline __attribute__((always_inline)) void bf16_block(
-    const uint16_t *r, const float *x, const float *bias, float *y, int64_t n, int rows) {
-    __m512 acc[ROWS];
-    for (int k = 0; k < ROWS; k++) acc[k] = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 64 <= n; i += 64) {
-        __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);
-        __m512 x2 = _mm512_loadu_ps(x + i + 32), x3 = _mm512_loadu_ps(x + i + 48);
-        for (int k = 0; k < rows; k++) {
-            const uint16_t *p = r + k * n + i;
-            _mm_prefetch((const char *)p + AHEAD, _MM_HINT_T0);
-            _mm_prefetch((const char *)p + AHEAD + 64, _MM_HINT_T0);
-            __m512 a = acc[k];
-            a = _mm512_fmadd_ps(bf16_to_f32(p), x0, a);
-            a = _mm512_fmadd_ps(bf16_to_f32(p + 16), x1, a);
-            a = _mm512_fmadd_ps(bf16_to_f32(p + 32), x2, a);
-            a = _mm512_fmadd_ps(bf16_to_f32(p + 48), x3, a);
-            acc[k] = a;
-        }
+/* int8 and bf16 rows: 64 weights per row per pass (4 unmasked loads, each 64-byte line of
+ * the row prefetched AHEAD), float32 products and sums, a masked tail; `scale` (int8) or
+ * NULL (bf16). NAME_rows runs whole blocks of ROWS rows, then single rows. */
+#define NARROW(NAME, T)                                                                        \
+    static inline __attribute__((always_inline)) void NAME##_block(                           \
+        const T *r, const float *scale, const float *x, const float *bias, float *y,          \
+        int64_t n, int rows) {                                                                 \
+        __m512 acc[ROWS];                                                                      \
+        for (int k = 0; k < ROWS; k++) acc[k] = _mm512_setzero_ps();                           \
+        int64_t i = 0;                                                                         \
+        for (; i + 64 <= n; i += 64) {                                                         \
+            __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);              \
+            __m512 x2 = _mm512_loadu_ps(x + i + 32), x3 = _mm512_loadu_ps(x + i + 48);         \
+            for (int k = 0; k < rows; k++) {                                                   \
+                const T *p = r + k * n + i;                                                    \
+                for (int line = 0; line < (int)sizeof(T); line++)                              \
+                    _mm_prefetch((const char *)p + AHEAD + 64 * line, _MM_HINT_T0);            \
+                __m512 a = acc[k];                                                             \
+                a = _mm512_fmadd_ps(NAME##_to_f32(p), x0, a);                                  \
+                a = _mm512_fmadd_ps(NAME##_to_f32(p + 16), x1, a);                             \
+                a = _mm512_fmadd_ps(NAME##_to_f32(p + 32), x2, a);                             \
+                a = _mm512_fmadd_ps(NAME##_to_f32(p + 48), x3, a);                             \
+                acc[k] = a;                                                                    \
+            }                                                                                  \
+        }                                                                                      \
+        for (; i < n; i += 16) {                                                               \
+            __mmask16 m = tail_mask(n - i);                                                    \
+            __m512 xv = _mm512_maskz_loadu_ps(m, x + i);                                       \
+            for (int k = 0; k < rows; k++)                                                     \
+                acc[k] = _mm512_fmadd_ps(NAME##_to_f32_masked(r + k * n + i, m), xv, acc[k]);  \
+        }                                                                                      \
+        for (int k = 0; k < rows; k++)                                                         \
+            y[k] = finish(acc[k], scale ? scale + k : 0, bias ? bias + k : 0, 0);              \
+    }                                                                                          \
+                                                                                               \
+    static void NAME##_rows(const T *w, const float *scale, const float *x, const float *bias, \
+                            float *y, int64_t start, int64_t end, int64_t n) {                 \
+        int64_t o = start;                                                                     \
+        for (; o + ROWS <= end; o += ROWS)                                                     \
+            NAME##_block(w + o * n, scale ? scale + o : 0, x, bias ? bias + o : 0, y + o, n,   \
+                         ROWS);                                                                \
+        for (; o < end; o++)                                                                   \
+            NAME##_block(w + o * n, scale ? scale + o : 0, x, bias ? bias + o : 0, y + o, n,   \
+                         1);                                                                   \
     }
-    for (; i < n; i += 16) {
-        __mmask16 m = tail_mask(n - i);
-        __m512 xv = _mm512_maskz_loadu_ps(m, x + i);
-        for (int k = 0; k < rows; k++)
-            acc[k] = _mm512_fmadd_ps(bf16_to_f32_masked(r + k * n + i, m), xv, acc[k]);
-    }
-    for (int k = 0; k < rows; k++) y[k] = finish(acc[k], 0, bias ? bias + k : 0, 0);
-}
 
-static void bf16_rows(const uint16_t *w, const float *x, const float *bias, float *y,
-                      int64_t start, int64_t end, int64_t n) {
-    int64_t o = start;
-    for (; o + ROWS <= end; o += ROWS)
-        bf16_block(w + o * n, x, bias ? bias + o : 0, y + o, n, ROWS);
-    for (; o < end; o++) bf16_block(w + o * n, x, bias ? bias + o : 0, y + o, n, 1);
-}
+NARROW(i8, int8_t)
+NARROW(bf16, uint16_t)
 
 /* Rows [start, end) of thread t of T: whole blocks of ROWS, the last thread takes the rest. */
 static void share(int64_t m, int t, int T, int64_t *start, int64_t *end) {
@@ -183,7 +158,7 @@ void gemv_bf16(const uint16_t *w, const float *x, const float *bias, float *y, i
     {
         int64_t start, end;
         share(m, omp_get_thread_num(), omp_get_num_threads(), &start, &end);
-        bf16_rows(w, x, bias, y, start, end, n);
+        bf16_rows(w, 0, x, bias, y, start, end, n);
     }
 }
 
