@@ -709,7 +709,7 @@ class Scheduler:
                 if seq.finish_reason is not None:
                     break
         for seq in [s for s in seqs if s.finish_reason is not None]:
-            self._retire(seq)
+            self._retire(seq)  # the result is complete before its last update is sent
         for req, update in updates:
             self._emit(req, update)
 
@@ -719,18 +719,7 @@ class Scheduler:
         if not all_finite(logits):
             raise non_finite_scores()
         tokens = self._choose(seqs, logits)
-        now = time.perf_counter()
-        updates: list[tuple[Request, Update]] = []
-        for j, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
-            logprob = self._logprob(seq, logits[j], token) if seq.logprobs is not None else None
-            text = self._accept(seq, token, now)
-            seq.last = token
-            self.generated_tokens_total += 1
-            updates.append((seq.req, Update(token, text, logprob, seq.finish_reason)))
-        for seq in [s for s in seqs if s.finish_reason is not None]:
-            self._retire(seq)  # the result is complete before its last update is sent
-        for req, update in updates:
-            self._emit(req, update)
+        self._take_runs(seqs, [[token] for token in tokens], logits[:, None])
 
     def _choose(self, seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
         """Each row's next token from its logits row [n, V], as plain decoding picks it."""
