@@ -272,11 +272,11 @@ class Int8Linear(FastLinear):
         super().__init__()
         self.qweight = frozen(qweight)
         self.scales = frozen(scales.to(act_dtype))
+        #: The scales in float32, for exact products (the native kernel, Int8Head's refine).
+        self.scales32 = frozen(scales.float())
         #: One row through our own kernel (gptneo_cli/native.py), in float32: faster than
         #: the int8 kernel and exact to float32 rounding (no bf16 activations or output).
         self.native = native and qweight.device.type == "cpu"
-        if self.native:
-            self.scales32 = frozen(scales.float())
         self.bias = _optional(bias)
         self.act_dtype = act_dtype
         self.packed = qweight.shape[1] % 16 == 0 and _int8pack_works(qweight.device, act_dtype)
@@ -329,7 +329,6 @@ class Int8Head(Int8Linear):
         native: bool = False,
     ) -> None:
         super().__init__(qweight, scales, None, act_dtype, native)
-        self.exact_scales = frozen(scales.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
@@ -342,7 +341,7 @@ class Int8Head(Int8Linear):
         params = self._parameters
         rows = params["qweight"][top].to(x.dtype)  # [rows, R, in]
         exact = torch.bmm(rows, x.reshape(-1, x.shape[-1], 1)).squeeze(-1)
-        exact = exact * params["exact_scales"][top].to(x.dtype)
+        exact = exact * params["scales32"][top].to(x.dtype)
         return flat.scatter(-1, top, exact).view(out.shape)
 
 
@@ -787,8 +786,9 @@ class _Packer:
             shape = (weight.shape[0], weight.shape[1])
             # float32: our one-row kernel never measured slower than oneDNN's (equal when
             # memory is the limit, up to 1.7x faster otherwise); it is kept unless beaten.
-            incumbent = "native" if "native" in builders and self.dtype == torch.float32 else None
-            layout = self.kernels.layout("linear", shape, builders, incumbent or "onednn")
+            fp32_native = "native" in builders and self.dtype == torch.float32
+            incumbent = "native" if fp32_native else "onednn"
+            layout = self.kernels.layout("linear", shape, builders, incumbent)
             if layout == "native" and self.dtype == torch.float32:
                 few = self.kernels.layout("few rows", shape, _FEW_ROWS_BUILDERS) == "native"
                 return NativeLinear(self._put(weight), bias, few)
@@ -844,10 +844,10 @@ class _Packer:
         layout = self.kernels.layout("head", shape, _head_builders(self.dtype))
         if layout == "onednn" and not fp32:
             return PackedHead(weight)
+        onednn = fp32 and layout != "linear"  # oneDNN in place for more rows
         few = False
-        if fp32 and layout != "linear" and native.available():
+        if onednn and native.available():
             few = self.kernels.layout("few rows", shape, _FEW_ROWS_HEAD) == "native"
-        onednn = fp32 and layout != "linear"
         return TiedHead(weight, onednn=onednn, native=layout == "native", few=few)
 
     def _try_swap(self, name: str, linear: nn.Linear) -> None:
@@ -904,7 +904,7 @@ _HEAD_BUILDERS = {
 #: bf16/fp16 heads: a packed copy of the embedding (oneDNN reorders a plain bf16 matrix on
 #: every call), or the plain matrix read in place.
 _PACKED_HEAD_BUILDERS = {
-    "onednn": lambda w: PackedLinear(w, None),
+    "onednn": lambda w: PackedHead(w),
     "linear": _HEAD_BUILDERS["linear"],
 }
 

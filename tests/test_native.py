@@ -150,7 +150,7 @@ def test_int8_one_row_products_are_float32_exact(tiny_checkpoint, monkeypatch):
     assert (layer(x)[0] - exact).abs().max().item() < 1e-5
     head = model.lm_head
     h = torch.randn(1, 1, head.qweight.shape[1])
-    exact_head = h[0] @ (head.qweight.float() * head.exact_scales[:, None]).t()
+    exact_head = h[0] @ (head.qweight.float() * head.scales32[:, None]).t()
     assert (head(h)[0] - exact_head).abs().max().item() < 1e-5
 
 
