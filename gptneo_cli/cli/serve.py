@@ -258,8 +258,11 @@ def drafting_defaults(
 ) -> dict[str, Any]:
     """--prompt-lookup / --draft-tokens / --draft-model, checked as generate checks them
     (an OptionError naming the flag)."""
-    given = {"prompt_lookup": prompt_lookup, "draft_tokens": draft_tokens}
-    given["draft_model"] = draft_model
+    given = {
+        "prompt_lookup": prompt_lookup,
+        "draft_tokens": draft_tokens,
+        "draft_model": draft_model,
+    }
     out = {name: option(name).check(value) for name, value in given.items() if value is not None}
     config_from(out)  # --prompt-lookup with --draft-model: "use one"
     return out

@@ -40,27 +40,25 @@ class _Totals(Collector):
     def __init__(self, scheduler: Any) -> None:
         self.scheduler = scheduler
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        yield CounterMetricFamily(
-            "gptneo_prompt_tokens",
-            "Prompt tokens prefilled since start.",
-            value=self.scheduler.prompt_tokens_total,
-        )
-        yield CounterMetricFamily(
-            "gptneo_generation_tokens",
-            "Tokens generated since start.",
-            value=self.scheduler.generated_tokens_total,
-        )
-        yield CounterMetricFamily(
+    #: (metric name, help, the scheduler's total it reads)
+    COUNTERS = (
+        ("gptneo_prompt_tokens", "Prompt tokens prefilled since start.", "prompt_tokens_total"),
+        ("gptneo_generation_tokens", "Tokens generated since start.", "generated_tokens_total"),
+        (
             "gptneo_draft_tokens",
             "Speculative decoding: tokens drafted (prompt lookup) since start.",
-            value=self.scheduler.drafted_tokens_total,
-        )
-        yield CounterMetricFamily(
+            "drafted_tokens_total",
+        ),
+        (
             "gptneo_draft_accepted_tokens",
             "Speculative decoding: drafted tokens the model kept since start.",
-            value=self.scheduler.accepted_tokens_total,
-        )
+            "accepted_tokens_total",
+        ),
+    )
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for name, text, total in self.COUNTERS:
+            yield CounterMetricFamily(name, text, value=getattr(self.scheduler, total))
 
 
 class Metrics:
