@@ -46,7 +46,7 @@ from .cache import KVCache
 from .checkpoint import frozen
 from .device import cpu_has_fast_bf16
 from .errors import BackendError, GPTNeoError
-from .kernels import KernelChooser
+from .kernels import KernelChooser, cpu_flags
 from .modeling import (
     AttentionStep,
     GPTNeoAttention,
@@ -416,11 +416,7 @@ def _mkldnn_packing_works(dtype: torch.dtype) -> bool:
 def _cpu_has_vnni() -> bool:
     """Integer dot-product instructions: without them fbgemm's uint8 x int8 sums can
     saturate, so activations must use 7 bits (reduce_range)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
+    return not cpu_flags().isdisjoint(("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def dynamic_int8_available() -> bool:

@@ -106,6 +106,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo's `flags`, read once); empty where unknown."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
 def cache_key(kind: str, shape: tuple[int, int], dtype: torch.dtype) -> str:
     """Machine (CPU model, torch version, threads) + dtype + which matrix and its shape."""
     name = str(dtype).removeprefix("torch.")

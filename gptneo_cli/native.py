@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from .kernels import cpu_flags
 from .settings import user_cache_dir
 
 log = logging.getLogger("gptneo")
@@ -60,15 +61,7 @@ def cpu_supported() -> bool:
     """x86-64 with the AVX-512 subsets the loops use (from /proc/cpuinfo's flags)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return all(flag in flags for flag in CPU_FLAGS)
-    return False
+    return cpu_flags().issuperset(CPU_FLAGS)
 
 
 def compiler(environ: Mapping[str, str] = os.environ) -> str | None:
