@@ -9,9 +9,10 @@ times each candidate on the shapes of gpt-neo-125M and prints a markdown table:
 - the tied lm_head (50257 x 768), the largest single matrix;
 - 1, 8 and 512 rows (decode, batch-8 decode, a prefill), and for one row the weight bytes
   read per second (a decode step's speed limit);
-- our own kernels (gptneo_cli/native.py) where they are built: one row (float32, bf16,
-  int8) and up to 8 rows (float32); the int8 rows compare them with torch's weight-only
-  int8 kernel.
+- our own kernels (gptneo_cli/native.py) where they are built: the row kernels (one row,
+  float32 and bf16, plain rows read in place) and the panel kernels (any rows, a repacked
+  copy; float32, bf16, int8); the int8 rows compare them with torch's weight-only int8
+  kernel.
 
     python benchmarks/kernels.py [--threads 2] [--repeats 5]
 """
@@ -61,17 +62,22 @@ def candidates(dtype: torch.dtype, weights: list[torch.Tensor]) -> dict[str, tup
     if dtype == torch.float32:
         out["x @ W, columns [in, out]"] = (torch.mm, [w.t().contiguous() for w in weights])
     if native.available() and dtype in native.DTYPES:
-        out["native (ours), plain rows"] = (_native, weights)
+        out["row kernel (ours), plain rows"] = (_rows, weights)
+        out["panel kernel (ours), panels"] = (_panels, [_packed(w) for w in weights])
     return out
 
 
-def _native(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
-    """Our kernel where it takes the shape (1 row; 2-8 float32 rows), else None (skipped)."""
-    if x.shape[0] == 1:
-        return native.gemv(x, w, None)
-    if x.shape[0] <= 8 and w.dtype == torch.float32:
-        return native.gemm_f32(x, w, None)
-    return None
+def _rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """Our row kernel where it takes the shape (1 row), else None (skipped)."""
+    return native.gemv(x, w, None) if x.shape[0] == 1 else None
+
+
+def _packed(w: torch.Tensor, scales: torch.Tensor | None = None) -> tuple:
+    return native.pack_panels(w), w.shape[0], scales
+
+
+def _panels(x: torch.Tensor, packed: tuple) -> torch.Tensor:
+    return native.panels(x, *packed)
 
 
 def int8_candidates(weights: list[torch.Tensor]) -> dict[str, tuple]:
@@ -86,10 +92,7 @@ def int8_candidates(weights: list[torch.Tensor]) -> dict[str, tuple]:
 
     out = {"torch._weight_int8pack_mm": (torch_int8, stored)}
     if native.available():
-        out["native (ours)"] = (
-            lambda x, w: native.gemv_i8(x, w[0], w[2], None) if x.shape[0] == 1 else None,
-            stored,
-        )
+        out["panel kernel (ours)"] = (_panels, [_packed(q, s) for q, _, s in stored])
     return out
 
 

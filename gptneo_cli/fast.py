@@ -132,15 +132,11 @@ class TiedHead(FastLinear):
     copy (+32 % of a bf16 125M model), so the head stays unpacked.
     """
 
-    def __init__(
-        self, weight: nn.Parameter, onednn: bool = False, native: bool = False, few: bool = False
-    ) -> None:
+    def __init__(self, weight: nn.Parameter, onednn: bool = False, native: bool = False) -> None:
         super().__init__()
         self.weight = weight  # the embedding's own parameter
         #: One row (a decode step) through our own kernel (gptneo_cli/native.py).
         self.native = native
-        #: float32: 2-8 rows (a batched step, a verify) through our kernel (measured).
-        self.few = few and weight.dtype == torch.float32
         #: fp32 on CPU: oneDNN reads the plain [vocab, hidden] matrix in place, 2.6x faster
         #: than MKL's product on an AMD EPYC (3.4 vs 9.0 ms per token for gpt-neo-125M).
         self.onednn = onednn
@@ -155,8 +151,6 @@ class TiedHead(FastLinear):
         rows = flat.shape[0]
         if self.native and rows == 1:
             out = native.gemv(flat, weight, None).to(flat.dtype)
-        elif self.few and 1 < rows <= NativeLinear.FEW_ROWS:
-            out = native.gemm_f32(flat, weight, None)
         elif self.onednn:
             out = onednn_linear(flat, weight)
         elif self.column_rows(flat.shape[0]):
@@ -188,20 +182,14 @@ class ColumnLinear(FastLinear):
 
 class NativeLinear(FastLinear):
     """W (float32 or bf16) as the checkpoint's plain [out, in] rows: one row (a decode step)
-    runs our own kernel (gptneo_cli/native.py; float32 1.1-1.7x oneDNN's one-row product,
-    measured per shape), more rows run oneDNN reading the same matrix in place (no second
-    copy; for bf16 oneDNN reorders it per call, which the measurement weighs).
+    runs our own row kernel (gptneo_cli/native.py; float32 1.1-1.7x oneDNN's one-row
+    product, measured per shape), more rows run oneDNN reading the same matrix in place (no
+    second copy; for bf16 oneDNN reorders it per call, which the measurement weighs)."""
 
-    `few`: float32 batches of 2 to FEW_ROWS rows (a speculative verify, a small batch) run
-    our kernel too, where it measured faster for this shape (small matrices)."""
-
-    FEW_ROWS = 8
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, few: bool = False) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.weight = frozen(weight.contiguous())
         self.bias = _optional(bias)
-        self.few = few and weight.dtype == torch.float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -210,11 +198,32 @@ class NativeLinear(FastLinear):
         rows = flat.shape[0]
         if rows == 1:
             out = native.gemv(flat, weight, bias).to(flat.dtype)
-        elif self.few and rows <= self.FEW_ROWS:
-            out = native.gemm_f32(flat, weight, bias)
         else:
             out = onednn_linear(flat, weight, bias)
         return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class PanelLinear(FastLinear):
+    """W repacked into column panels (`native.pack_panels`, a copy) and multiplied by our
+    panel kernel at every row count, float32 products and sums (csrc/gemv.c).
+
+    For float32 it beat both our row kernel and oneDNN on every gpt-neo-125M matrix
+    measured: one row 1.2-1.3x the row kernel, 8 rows (a batched step, a verify) about the
+    cost of one, 32-512 rows (prompts) 1.1-1.4x oneDNN (docs/PERFORMANCE.md). For a bf16
+    head, its rows are bf16 and only the sums are float32. As a head it holds its own copy
+    of the embedding matrix (the embedding keeps its rows for lookups)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.panels = frozen(native.pack_panels(weight.detach()))
+        self.bias = _optional(None if bias is None else bias.float())
+        self.out_features = weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        params = self._parameters
+        out = native.panels(flat, params["panels"], self.out_features, None, params.get("bias"))
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
 
 class PackedLinear(FastLinear):
@@ -267,16 +276,23 @@ class Int8Linear(FastLinear):
         scales: torch.Tensor,
         bias: torch.Tensor | None,
         act_dtype: torch.dtype,
-        native: bool = False,
+        panels: bool = False,
+        keep_rows: bool = False,
     ) -> None:
         super().__init__()
-        self.qweight = frozen(qweight)
+        #: Up to DEQUANT_ROWS rows through our panel kernel (gptneo_cli/native.py) in
+        #: float32: faster than the int8 kernel (1.3-1.6x at 1-8 rows) and exact to float32
+        #: rounding (no bf16 activations or output). The int8 rows are then kept only as
+        #: panels (unpacked for a prompt's float GEMM) unless `keep_rows` (a shared matrix).
+        self.panels = panels and qweight.device.type == "cpu"
+        if self.panels:
+            self.qpanels = frozen(native.pack_panels(qweight))
+        if keep_rows or not self.panels:
+            self.qweight = frozen(qweight)
+        self.out_features = qweight.shape[0]
         self.scales = frozen(scales.to(act_dtype))
-        #: The scales in float32, for exact products (the native kernel, Int8Head's refine).
+        #: The scales in float32, for exact products (the panel kernel, Int8Head's refine).
         self.scales32 = frozen(scales.float())
-        #: One row through our own kernel (gptneo_cli/native.py), in float32: faster than
-        #: the int8 kernel and exact to float32 rounding (no bf16 activations or output).
-        self.native = native and qweight.device.type == "cpu"
         self.bias = _optional(bias)
         self.act_dtype = act_dtype
         self.packed = qweight.shape[1] % 16 == 0 and _int8pack_works(qweight.device, act_dtype)
@@ -292,12 +308,16 @@ class Int8Linear(FastLinear):
         dtype = x.dtype
         flat = x.reshape(-1, x.shape[-1])
         params = self._parameters
-        qweight, scales, bias = params["qweight"], params["scales"], params.get("bias")
-        if self.native and flat.shape[0] == 1:
-            out = native.gemv_i8(flat.float(), qweight, params["scales32"], None)
-        elif self.packed and flat.shape[0] < self.DEQUANT_ROWS:
-            out = torch._weight_int8pack_mm(flat.to(self.act_dtype), qweight, scales)
+        scales, bias = params["scales"], params.get("bias")
+        few = flat.shape[0] < self.DEQUANT_ROWS
+        if self.panels and few:
+            out = native.panels(flat, params["qpanels"], self.out_features, params["scales32"])
+        elif self.packed and few:
+            out = torch._weight_int8pack_mm(flat.to(self.act_dtype), params["qweight"], scales)
         else:
+            qweight = params.get("qweight")
+            if qweight is None:
+                qweight = native.unpack_panels(params["qpanels"], self.out_features)
             gemm = self.gemm_dtype
             product = onednn_linear if self.onednn else F.linear
             out = product(flat.to(gemm), qweight.to(gemm)) * scales.to(gemm)
@@ -326,16 +346,18 @@ class Int8Head(Int8Linear):
         qweight: torch.Tensor,
         scales: torch.Tensor,
         act_dtype: torch.dtype,
-        native: bool = False,
+        panels: bool = False,
     ) -> None:
-        super().__init__(qweight, scales, None, act_dtype, native)
+        # The int8 rows are the embedding's too (shared), so they stay besides the panels.
+        super().__init__(qweight, scales, None, act_dtype, panels, keep_rows=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
         if self.act_dtype == x.dtype and self.gemm_dtype == x.dtype:
             return out  # nothing was rounded
-        if self.native and x.numel() == x.shape[-1] and x.dtype == torch.float32:
-            return out  # one float32 row went through the native kernel: float32 output
+        rows = x.numel() // x.shape[-1]
+        if self.panels and rows < self.DEQUANT_ROWS and x.dtype == torch.float32:
+            return out  # float32 rows through the panel kernel: float32 products and output
         flat = out.reshape(-1, out.shape[-1])
         top = flat.topk(min(self.REFINE, flat.shape[-1]), dim=-1).indices  # [rows, R]
         params = self._parameters
@@ -740,9 +762,9 @@ class _Packer:
         self.columns = quantize is None and cpu and dtype == torch.float32 and not self.packed
         #: Where packing works, the layout of each shape is measured (or cached, or forced).
         self.kernels = KernelChooser(dtype) if self.packed else None
-        #: int8 on CPU: whether one-row products run the native kernel, measured the same way.
-        int8_native = quantize == "int8" and cpu and native.available()
-        self.int8_kernels = KernelChooser(torch.float32) if int8_native else None
+        #: int8 on CPU: whether products run the panel kernel, measured the same way.
+        int8_panels = quantize == "int8" and cpu and native.available()
+        self.int8_kernels = KernelChooser(torch.float32) if int8_panels else None
         #: Linear layers waiting for their other pieces: module name -> {"weight"/"bias": tensor}
         self.pending: dict[str, dict[str, Any]] = {}
         self.swaps = 0
@@ -769,7 +791,7 @@ class _Packer:
         """The fast module for one matrix, in the layout chosen for this device and dtype."""
         if self.quantize == "int8":
             q, scales = quantize_rows(weight)
-            on = self._int8_native("int8 linear", q.shape)
+            on = self._int8_panels("int8 linear", q.shape)
             return Int8Linear(q.to(self.device), scales.to(self.device), bias, self._int8_act(), on)
         if self.quantize == "int8-dynamic":
             q, scales = quantize_rows(weight)
@@ -780,14 +802,10 @@ class _Packer:
         if self.kernels is not None:
             builders = _layer_builders(self.dtype)
             shape = (weight.shape[0], weight.shape[1])
-            # float32: our one-row kernel never measured slower than oneDNN's (equal when
-            # memory is the limit, up to 1.7x faster otherwise); it is kept unless beaten.
-            fp32_native = "native" in builders and self.dtype == torch.float32
-            incumbent = "native" if fp32_native else "onednn"
+            # float32: our panel kernel never measured slower than oneDNN's or our row
+            # kernel's, at any row count (PanelLinear); it is kept unless beaten.
+            incumbent = "panels" if "panels" in builders else "onednn"
             layout = self.kernels.layout("linear", shape, builders, incumbent)
-            if layout == "native" and self.dtype == torch.float32:
-                few = self.kernels.layout("few rows", shape, _FEW_ROWS_BUILDERS) == "native"
-                return NativeLinear(self._put(weight), bias, few)
             return _LAYER_LAYOUTS[layout](self._put(weight), bias)
         return plain_linear(self._put(weight), bias)
 
@@ -818,33 +836,31 @@ class _Packer:
             model.lm_head = DynamicInt8Linear(q, scales, None, not self.vnni)
         else:
             shared = model.transformer.wte.qweight  # one int8 matrix for both
-            on = self._int8_native("int8 head", q.shape)
+            on = self._int8_panels("int8 head", q.shape)
             model.lm_head = Int8Head(shared, scales.to(self.device), self._int8_act(), on)
 
-    def _int8_native(self, kind: str, shape: torch.Size) -> bool:
-        """Whether an int8 matrix's one-row product runs the native kernel (measured)."""
+    def _int8_panels(self, kind: str, shape: torch.Size) -> bool:
+        """Whether an int8 matrix runs the panel kernel (measured against torch's)."""
         if self.int8_kernels is None:
             return False
         builders = _INT8_BUILDERS[kind]
-        return self.int8_kernels.layout(kind, (shape[0], shape[1]), builders) == "native"
+        return self.int8_kernels.layout(kind, (shape[0], shape[1]), builders) == "panels"
 
     def _head(self, weight: nn.Parameter) -> nn.Module:
-        """The lm_head over the embedding matrix, in the layout measured fastest: float32
-        reads the embedding in place (oneDNN, TiedHead's own products or, for one row, the
-        native kernel); bf16/fp16 either reads it in place (TiedHead, native) or keeps a
-        packed copy of it (`PackedHead`)."""
+        """The lm_head over the embedding matrix, in the layout measured fastest: read in
+        place (oneDNN for float32, TiedHead's own products or, for one row, the row kernel),
+        or a copy of it (`PanelLinear` panels; bf16/fp16: `PackedHead`, oneDNN's layout)."""
         if self.kernels is None:
             return TiedHead(weight)
         shape = (weight.shape[0], weight.shape[1])
         fp32 = self.dtype == torch.float32
         layout = self.kernels.layout("head", shape, _head_builders(self.dtype))
+        if layout == "panels":
+            return PanelLinear(weight, None)
         if layout == "onednn" and not fp32:
             return PackedHead(weight)
         onednn = fp32 and layout != "linear"  # oneDNN in place for more rows
-        few = False
-        if onednn and native.available():
-            few = self.kernels.layout("few rows", shape, _FEW_ROWS_HEAD) == "native"
-        return TiedHead(weight, onednn=onednn, native=layout == "native", few=few)
+        return TiedHead(weight, onednn=onednn, native=layout == "native")
 
     def _try_swap(self, name: str, linear: nn.Linear) -> None:
         """Swap a linear layer once its weight (and bias) are in; q, k and v once all three
@@ -888,6 +904,7 @@ _LAYER_LAYOUTS: dict[str, Any] = {
     "linear": plain_linear,
     "columns": ColumnLinear,
     "native": NativeLinear,
+    "panels": PanelLinear,
 }
 #: The tied head: oneDNN reading the plain embedding in place, or TiedHead's own products
 #: (bf16 heads are never oneDNN: it would reorder the matrix on every call).
@@ -914,47 +931,40 @@ def _head_builders(dtype: torch.dtype) -> dict[str, Any]:
     if not native.available() or dtype not in native.DTYPES:
         return builders
     native_head = lambda w: TiedHead(nn.Parameter(w, requires_grad=False), fp32, True)  # noqa: E731
-    return {**builders, "native": native_head}
+    return {**builders, "native": native_head, "panels": lambda w: PanelLinear(w, None)}
 
 
 def _layer_builders(dtype: torch.dtype) -> dict[str, Any]:
-    """The layouts measured for a layer matrix: float32 has MKL, oneDNN and (where it could be
-    built) the native kernel competing; bf16/fp16 packed or plain (both oneDNN underneath)."""
+    """The layouts measured for a layer matrix: float32 has MKL, oneDNN and (where they could
+    be built) our row and panel kernels competing; bf16/fp16 oneDNN packed or plain, or our
+    row kernel (bf16 panels would run prompts in float32 FMAs, 2x slower than oneDNN's bf16
+    dot products, so they are offered for the head only)."""
     names = LAYER_CHOICES if dtype == torch.float32 else ("onednn", "linear")
     if dtype in native.DTYPES and native.available():
         names = (*names, "native")
+        if dtype == torch.float32:
+            names = (*names, "panels")
     return {name: (lambda w, cls=_LAYER_LAYOUTS[name]: cls(w, None)) for name in names}
 
 
 LAYER_CHOICES = ("onednn", "linear", "columns")
 
-#: A float32 head's few-rows product: our kernel or oneDNN reading the embedding in place.
-_FEW_ROWS_HEAD = {
-    "onednn": lambda w: TiedHead(nn.Parameter(w, requires_grad=False), onednn=True),
-    "native": lambda w: TiedHead(nn.Parameter(w, requires_grad=False), onednn=True, few=True),
-}
-#: A float32 native layer's few-rows product: our kernel or oneDNN (kernels.FEW_ROWS rows).
-_FEW_ROWS_BUILDERS = {
-    "onednn": lambda w: NativeLinear(w, None, few=False),
-    "native": lambda w: NativeLinear(w, None, few=True),
-}
 
-
-def _int8_builder(cls: type[Int8Linear], use_native: bool) -> Any:
+def _int8_builder(cls: type[Int8Linear], panels: bool) -> Any:
     """An int8 module of a float matrix (the kernel measurement hands float matrices)."""
 
     def build(weight: torch.Tensor) -> Int8Linear:
         q, scales = quantize_rows(weight)
         if cls is Int8Head:
-            return Int8Head(q, scales, torch.bfloat16, use_native)
-        return Int8Linear(q, scales, None, torch.bfloat16, use_native)
+            return Int8Head(q, scales, torch.bfloat16, panels)
+        return Int8Linear(q, scales, None, torch.bfloat16, panels)
 
     return build
 
 
-#: int8 matrices: the one-row product through the native kernel or torch's int8 kernel.
+#: int8 matrices: our panel kernel or torch's int8 kernel (prompts: a float GEMM in both).
 _INT8_BUILDERS = {
-    kind: {"native": _int8_builder(cls, True), "linear": _int8_builder(cls, False)}
+    kind: {"panels": _int8_builder(cls, True), "linear": _int8_builder(cls, False)}
     for kind, cls in (("int8 linear", Int8Linear), ("int8 head", Int8Head))
 }
 

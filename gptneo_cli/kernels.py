@@ -1,14 +1,16 @@
 """Which layout a CPU matrix product runs in, chosen by measuring it on this machine.
 
-The fast path (gptneo_cli/fast.py) can hold a linear layer's matrix three ways on CPU:
+The fast path (gptneo_cli/fast.py) can hold a linear layer's matrix these ways on CPU:
 
 - `onednn`: prepacked into oneDNN's blocked layout (`PackedLinear`); for the tied lm_head,
   the plain embedding matrix read in place by oneDNN;
 - `linear`: the checkpoint's [out, in] rows through F.linear (MKL for float32);
 - `columns`: transposed, [in, out], through torch.mm (`ColumnLinear`; not for the head);
 - `native`: the plain rows through our own one-row kernel (gptneo_cli/native.py) for a
-  decode step, oneDNN reading the same rows in place for more rows (float32 and int8, where
-  the kernel could be built).
+  decode step, oneDNN reading the same rows in place for more rows (float32 and bf16, where
+  the kernel could be built);
+- `panels`: a copy repacked into column panels, every row count through our panel kernel
+  (float32 layers, heads of any float dtype, int8; where the kernel could be built).
 
 Which is fastest depends on the CPU, not the vendor's name: float32 oneDNN ran 2.2x MKL's
 F.linear on an AMD EPYC, while MKL is fast on Intel. So the first load of a model on a
@@ -19,17 +21,15 @@ it for its last token only). Each layout's score is the sum of its two times
 relative to the fastest at that row count; the lowest score wins, but another layout than
 the incumbent must beat it by `MARGIN` to be chosen, so that noise on a busy machine does
 not flip the choice. The incumbent is `onednn` (the layout chosen before measurements
-existed), except for float32 layers where our native kernel is built: it never measured
-slower at one row (equal where memory is the limit) and runs prompts through oneDNN too.
-A native layer's 2-8-row product ("few rows", timed at `FEW_ROWS` rows, streamed) is
-chosen the same way, against oneDNN.
+existed), except for float32 layers where our panel kernel is built: it never measured
+slower than the others, at any row count.
 
 Results are cached in `kernels.json` in the user cache dir ($XDG_CACHE_HOME/gptneo,
 ~/.cache/gptneo), keyed by CPU model, torch version, thread count, dtype and shape: later
 loads read the file and measure nothing. A file that cannot be read or parsed is ignored
 (measured again and rewritten); one that cannot be written is not kept.
-`GPTNEO_KERNEL=onednn|linear|columns|native` skips the measurement and forces a layout; `auto` (or
-unset) measures. Delete the file to measure again.
+`GPTNEO_KERNEL=onednn|linear|columns|native|panels` skips the measurement and forces a
+layout; `auto` (or unset) measures. Delete the file to measure again.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import torch
 
 from .settings import user_cache_dir
 
-LAYOUTS = ("onednn", "linear", "columns", "native")
+LAYOUTS = ("onednn", "linear", "columns", "native", "panels")
 CHOICES = ("auto", *LAYOUTS)
 ENV = "GPTNEO_KERNEL"
 #: The layout kept unless another one is this much better (a share of its score).
@@ -60,9 +60,6 @@ MARGIN = 0.10
 #: which a prompt runs for its last token only).
 PREFILL_ROWS = 64
 HEAD_ROWS = 8
-#: Rows of a speculative verify (5 drafts + 1) or a small batch: the "few rows" measurement
-#: of a native layer, which only decides how 2-8 rows run.
-FEW_ROWS = 6
 #: Each timing repeats for about this long (at least MIN_ROUNDS passes).
 BUDGET_S = 0.02
 MIN_ROUNDS = 2
@@ -73,12 +70,12 @@ STREAM_BYTES = 64 * 2**20
 MAX_COPIES = 32
 #: Up to this many rows a product is timed on streamed copies (a decode step's regime).
 STREAM_ROWS = 8
-#: 2: few-rows products are timed streamed (version 1 timed them on one cached copy).
-FILE_VERSION = 2
+#: 3: the panel layout is measured too (version 2 files never timed it).
+FILE_VERSION = 3
 
 
 #: The row counts each kind of measurement times (default: 1 and PREFILL_ROWS).
-_ROWS = {"head": (1, HEAD_ROWS), "few rows": (FEW_ROWS,)}
+_ROWS = {"head": (1, HEAD_ROWS)}
 
 
 def forced(environ: Mapping[str, str] = os.environ) -> str | None:
@@ -87,7 +84,8 @@ def forced(environ: Mapping[str, str] = os.environ) -> str | None:
     if raw in ("", "auto"):
         return None
     if raw not in LAYOUTS:
-        raise ValueError(f"{ENV} must be auto, onednn, linear, columns or native, got {raw!r}")
+        choices = ", ".join(LAYOUTS)
+        raise ValueError(f"{ENV} must be auto or one of {choices}, got {raw!r}")
     return raw
 
 
@@ -230,11 +228,12 @@ class KernelChooser:
 
     def _forced(self, builders: Builders) -> str:
         """The forced layout, or the nearest one this matrix has: the head has no `columns`
-        (its own products then); without a built native kernel, `native` means the
-        default."""
+        (its own products then); without a built native kernel, `native` and `panels` mean
+        the default (bf16 layers have no panels: our row kernel then)."""
         if self.forced in builders:
             return str(self.forced)
-        order = (DEFAULT, "linear") if self.forced == "native" else ("linear", DEFAULT)
+        ours = ("native", "panels")
+        order = ("native", DEFAULT, "linear") if self.forced in ours else ("linear", DEFAULT)
         return next((name for name in order if name in builders), next(iter(builders)))
 
     def layout(

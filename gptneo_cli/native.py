@@ -1,10 +1,12 @@
-"""Our one C file (csrc/gemv.c): one-row products at memory speed, built on first use.
+"""Our one C file (csrc/gemv.c): matrix products at memory speed, built on first use.
 
-Why we wrote a kernel: batch-1 decoding is one activation row times every weight matrix, so
+Why we wrote kernels: batch-1 decoding is one activation row times every weight matrix, so
 its speed is the speed of reading the weights. None of torch's CPU kernels reaches memory
 speed for that shape (measured per matrix in docs/PERFORMANCE.md: oneDNN's float32 product
 30-48 GB/s, MKL's 17-25, the weight-only int8 kernel ~30, on a machine whose memory streams
-77 GB/s); these loops reach 58-72 GB/s there.
+77 GB/s); our row kernels reach 58-72 GB/s there. The panel kernels (a repacked copy) read
+faster still and serve any number of rows: a batched step or a verify costs about what
+one row costs, and prompts ran 1.1-1.4x oneDNN's float32 GEMM.
 
 How it ships: the C source is package data. The first load on a machine compiles it with the
 system C compiler (`$CC`, else `cc`/`gcc`; about 0.3 s) into the user cache dir
@@ -49,7 +51,6 @@ CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "fma")
 
 _F32 = ctypes.c_void_p
 _ARGS_F32 = [_F32, _F32, _F32, _F32, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-_ARGS_I8 = [_F32, _F32, _F32, _F32, _F32, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
 _ARGS_GEMM = [_F32] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
 
 
@@ -87,10 +88,10 @@ def library() -> ctypes.CDLL | None:
         log.warning("native kernels unavailable (%s); using torch's", str(exc).splitlines()[0])
         return None
     lib.gemv_f32.argtypes, lib.gemv_f32.restype = _ARGS_F32, None
-    lib.gemv_i8.argtypes, lib.gemv_i8.restype = _ARGS_I8, None
     lib.gemv_bf16.argtypes, lib.gemv_bf16.restype = _ARGS_F32, None
-    lib.gemm_f32.argtypes, lib.gemm_f32.restype = _ARGS_GEMM, None
-    if not _agrees(lib):
+    for function in (lib.panels_f32, lib.panels_bf16, lib.panels_i8):
+        function.argtypes, function.restype = _ARGS_GEMM, None
+    if lib.panel_width() != PANEL or not _agrees(lib):
         log.warning("native kernels disagree with torch's on a check matrix; using torch's")
         return None
     return lib
@@ -180,15 +181,20 @@ def _agrees(lib: ctypes.CDLL) -> bool:
     s = torch.rand(21, generator=gen)
     wb = w.bfloat16()
     got_f32 = _call_f32(lib, x, w, b)
-    got_i8 = _call_i8(lib, x, q, s, b)
     got_bf16 = _call_f32(lib, x, wb, b, lib.gemv_bf16)
-    want_i8 = (x @ q.float().t()) * s + b
-    xs = torch.randn(5, 37, generator=gen)
-    got_many = _call_gemm(lib, xs, w, b)
+    xs = torch.randn(11, 37, generator=gen)  # a whole block of 8 rows and 3 more
+    exact = torch.addmm(b, xs, w.t())
+    panels_agree = all(
+        torch.allclose(_call_panels(lib, xs, pack_panels(m), 21, s, b), want, atol=1e-3)
+        for m, s, want in (
+            (w, None, exact),
+            (wb, None, torch.addmm(b, xs, wb.float().t())),
+            (q, s, (xs @ q.float().t()) * s + b),
+        )
+    )
     return (
-        torch.allclose(got_many, torch.addmm(b, xs, w.t()), atol=1e-4)
+        panels_agree
         and torch.allclose(got_f32, torch.addmm(b, x, w.t()), atol=1e-4)
-        and torch.allclose(got_i8, want_i8, atol=1e-3)
         and torch.allclose(got_bf16, torch.addmm(b, x, wb.float().t()), atol=1e-4)
     )
 
@@ -212,21 +218,6 @@ def _call_f32(
     return y
 
 
-def _call_i8(
-    lib: ctypes.CDLL,
-    x: torch.Tensor,
-    q: torch.Tensor,
-    scales: torch.Tensor,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    y = torch.empty(1, q.shape[0], dtype=torch.float32)
-    threads = torch.get_num_threads()
-    lib.gemv_i8(
-        q.data_ptr(), scales.data_ptr(), x.data_ptr(), _ptr(bias), y.data_ptr(), *q.shape, threads
-    )
-    return y
-
-
 def gemv_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """[1, n] float32 x times a contiguous float32 [m, n] weight (+ bias [m]) -> [1, m].
     The caller checks `available()` and the dtypes; x is made contiguous here."""
@@ -235,7 +226,7 @@ def gemv_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     return _call_f32(lib, x.contiguous(), weight, bias)
 
 
-#: The weight dtypes `gemv` takes (int8 has its own `gemv_i8`).
+#: The weight dtypes `gemv` (the row kernels) takes.
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -256,28 +247,62 @@ def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     return _call_f32(lib, x32, weight, bias32, lib.gemv_bf16)
 
 
-def _call_gemm(
-    lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
+#: Outputs per panel in the panel layout (csrc/gemv.c's PANEL; the library is checked).
+PANEL = 48
+
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """A [m, n] matrix (float32, bf16 or int8) as csrc/gemv.c's column panels:
+    [ceil(m / PANEL), n, PANEL] with panel[b, i, j] = weight[b * PANEL + j, i], zeros past m.
+    One copy of the matrix, written panel by panel (no padded temporary)."""
+    m, n = weight.shape
+    whole, tail = divmod(m, PANEL)
+    out = torch.empty(whole + (tail > 0), n, PANEL, dtype=weight.dtype, device=weight.device)
+    out[:whole].copy_(weight[: whole * PANEL].view(whole, PANEL, n).transpose(1, 2))
+    if tail:
+        out[whole].zero_()
+        out[whole, :, :tail].copy_(weight[whole * PANEL :].t())
+    return out
+
+
+def unpack_panels(panels: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The [out_features, n] matrix `pack_panels` packed (a new copy)."""
+    count, n, width = panels.shape
+    return panels.transpose(1, 2).reshape(count * width, n)[:out_features]
+
+
+def _call_panels(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,
+    panels: torch.Tensor,
+    out_features: int,
+    scales: torch.Tensor | None,
+    bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
-    threads = torch.get_num_threads()
-    args = (w.data_ptr(), x.data_ptr(), None, _ptr(bias), y.data_ptr(), *w.shape, x.shape[0])
-    lib.gemm_f32(*args, threads)
+    rows, n = x.shape
+    y = torch.empty(rows, out_features, dtype=torch.float32)
+    function = {
+        torch.float32: lib.panels_f32,
+        torch.bfloat16: lib.panels_bf16,
+        torch.int8: lib.panels_i8,
+    }[panels.dtype]
+    args = (panels.data_ptr(), x.data_ptr(), _ptr(scales), _ptr(bias), y.data_ptr())
+    function(*args, out_features, n, rows, torch.get_num_threads())
     return y
 
 
-def gemm_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A few float32 rows [R, n] times a contiguous float32 [m, n] weight (+ bias) -> [R, m]:
-    each weight block is read once for all rows (csrc/gemv.c)."""
-    lib = library()
-    assert lib is not None
-    return _call_gemm(lib, x.contiguous(), weight, bias)
-
-
-def gemv_i8(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+def panels(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    out_features: int,
+    scales: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[1, n] float32 x times int8 [m, n] rows scaled by float32 `scales` [m] (+ bias)."""
+    """x [rows, n] times the matrix held as `packed` panels (float32, bf16, or int8 with
+    float32 `scales` per output), + float32 `bias` -> float32 [rows, out_features]. Products
+    and sums are float32; x is converted to contiguous float32 here."""
     lib = library()
     assert lib is not None
-    return _call_i8(lib, x.contiguous(), qweight, scales, bias)
+    if x.shape[0] == 0:
+        return x.new_empty(0, out_features, dtype=torch.float32)
+    return _call_panels(lib, x.float().contiguous(), packed, out_features, scales, bias)

@@ -1,5 +1,5 @@
-"""Our one-row kernels (gptneo_cli/native.py, csrc/gemv.c): built on first use, exact to
-float32 rounding on ragged shapes and thread counts, chosen through GPTNEO_KERNEL like the
+"""Our kernels (gptneo_cli/native.py, csrc/gemv.c): built on first use, exact to float32
+rounding on ragged shapes, row counts and thread counts, chosen through GPTNEO_KERNEL like the
 other layouts, and never in the way: disabled, without a compiler or with a failing one,
 the fast path loads with torch's kernels."""
 
@@ -39,50 +39,80 @@ def test_products_match_torch_on_ragged_shapes(rows, width, threads):
     w = torch.randn(rows, width, generator=gen)
     x = torch.randn(1, width, generator=gen)
     bias = torch.randn(rows, generator=gen)
-    q = torch.randint(-127, 128, (rows, width), generator=gen, dtype=torch.int8)
-    scales = torch.rand(rows, generator=gen) + 0.01
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         got = native.gemv_f32(x, w, bias)
         got_nobias = native.gemv_f32(x, w, None)
-        got_i8 = native.gemv_i8(x, q, scales, None)
-        got_i8_bias = native.gemv_i8(x, q, scales, bias)
         got_bf16 = native.gemv(x.bfloat16(), w.bfloat16(), bias)
     finally:
         torch.set_num_threads(before)
     exact = x.double() @ w.double().t()
-    exact_i8 = (x.double() @ q.double().t()) * scales.double()
     tol = 1e-5 * (1 + width)
     assert got.shape == (1, rows) and got.dtype == torch.float32
     assert (got.double() - (exact + bias.double())).abs().max().item() < tol
     assert (got_nobias.double() - exact).abs().max().item() < tol
-    assert (got_i8.double() - exact_i8).abs().max().item() < tol * 128
-    assert (got_i8_bias.double() - (exact_i8 + bias.double())).abs().max().item() < tol * 128
     exact_bf16 = x.bfloat16().double() @ w.bfloat16().double().t() + bias.double()
     assert got_bf16.dtype == torch.float32  # float32 sums of the exact bf16 products
     assert (got_bf16.double() - exact_bf16).abs().max().item() < tol
 
 
 @needs_native
-@pytest.mark.parametrize("batch", [2, 3, 5, 6, 8])
-@pytest.mark.parametrize(("rows", "width"), [(1, 16), (7, 15), (8, 64), (9, 17), (50, 200)])
-def test_few_rows_products_match_torch(rows, width, batch):
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("batch", [1, 2, 5, 8, 9, 17, 70])
+@pytest.mark.parametrize(
+    ("rows", "width"), [(1, 16), (7, 15), (47, 64), (48, 1), (49, 17), (150, 200)]
+)
+def test_panel_products_match_torch(rows, width, batch, threads):
+    """Every weight dtype, ragged panels (outputs not a multiple of PANEL), row counts below,
+    at and past a block of 8, thread counts that do not divide the panels."""
     gen = torch.Generator().manual_seed(rows * 100 + width + batch)
     w = torch.randn(rows, width, generator=gen)
     x = torch.randn(batch, width, generator=gen)
     bias = torch.randn(rows, generator=gen)
-    exact = x.double() @ w.double().t()
+    q = torch.randint(-127, 128, (rows, width), generator=gen, dtype=torch.int8)
+    scales = torch.rand(rows, generator=gen) + 0.01
+    cases = [
+        (w, None, x.double() @ w.double().t()),
+        (w.bfloat16(), None, x.double() @ w.bfloat16().double().t()),
+        (q, scales, (x.double() @ q.double().t()) * scales.double()),
+    ]
     tol = 1e-5 * (1 + width)
-    got = native.gemm_f32(x, w, bias)
-    assert got.shape == (batch, rows)
-    assert (got.double() - exact - bias.double()).abs().max().item() < tol
-    assert (native.gemm_f32(x, w, None).double() - exact).abs().max().item() < tol
-    layer = fast.NativeLinear(w, bias, few=True)  # 2-8 rows through gemm_f32, more: oneDNN
-    for count in (batch, fast.NativeLinear.FEW_ROWS + 1):
-        xs = torch.randn(1, count, width, generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for matrix, scale, exact in cases:
+            packed = native.pack_panels(matrix)
+            assert packed.shape == (-(-rows // native.PANEL), width, native.PANEL)
+            assert torch.equal(native.unpack_panels(packed, rows), matrix)
+            got = native.panels(x, packed, rows, scale, bias)
+            assert got.shape == (batch, rows) and got.dtype == torch.float32
+            limit = tol * (128 if scale is not None else 1)
+            assert (got.double() - exact - bias.double()).abs().max().item() < limit
+            no_bias = native.panels(x, packed, rows, scale)
+            assert (no_bias.double() - exact).abs().max().item() < limit
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_native
+def test_panel_layer_runs_every_row_count_and_dtype():
+    gen = torch.Generator().manual_seed(7)
+    w, bias = torch.randn(50, 40, generator=gen), torch.randn(50, generator=gen)
+    layer = fast.PanelLinear(w, bias)
+    assert not hasattr(layer, "weight")  # the panels are the only copy
+    for shape in ((1, 1, 40), (2, 3, 40), (1, 64, 40), (0, 40)):
+        xs = torch.randn(*shape, generator=gen)
         want = xs.double() @ w.double().t() + bias.double()
-        assert (layer(xs).double() - want).abs().max().item() < tol
+        got = layer(xs)
+        assert got.shape == (*shape[:-1], 50) and got.dtype == torch.float32
+        assert torch.allclose(got.double(), want, atol=1e-4)
+    head = fast.PanelLinear(w.bfloat16(), None)  # a bf16 head: bf16 in, bf16 out
+    xb = torch.randn(3, 40, generator=gen).bfloat16()
+    got = head(xb)
+    assert got.dtype == torch.bfloat16
+    want = xb.double() @ w.bfloat16().double().t()
+    assert (got.double() - want).abs().max().item() < 0.02 * want.abs().max().item()
 
 
 @needs_native
@@ -94,17 +124,22 @@ def test_a_non_contiguous_row_is_read_correctly():
 
 
 @needs_native
+@pytest.mark.parametrize("layout", ["native", "panels"])
 @pytest.mark.parametrize("config", sorted(TINY_CONFIGS))
-def test_forced_native_decodes_like_the_reference(tiny_checkpoint, config, monkeypatch):
-    """Prefill (more rows: oneDNN in place) and one-row decode steps (the native kernel)
-    give the reference's logits at every step."""
-    monkeypatch.setenv("GPTNEO_KERNEL", "native")
+def test_forced_kernels_decode_like_the_reference(tiny_checkpoint, config, layout, monkeypatch):
+    """Prefill, one-row decode steps and a 6-row step (a verify) give the reference's logits
+    at every step: the row kernel (more rows: oneDNN in place) or the panel kernel (all)."""
+    monkeypatch.setenv("GPTNEO_KERNEL", layout)
     folder, ref = tiny_checkpoint("causal_lm", config)
     model = FastCausalLM.from_pretrained(folder)
     block = model.transformer.h[0]
-    assert isinstance(block.attn.attention.qkv_proj, fast.NativeLinear)
-    assert isinstance(block.mlp.c_proj, fast.NativeLinear) and block.mlp.c_proj.few
-    assert model.lm_head.native and model.lm_head.few
+    kind = fast.NativeLinear if layout == "native" else fast.PanelLinear
+    assert isinstance(block.attn.attention.qkv_proj, kind)
+    assert isinstance(block.mlp.c_proj, kind)
+    if layout == "native":
+        assert model.lm_head.native
+    else:
+        assert isinstance(model.lm_head, fast.PanelLinear)
     vocab = TINY_CONFIGS[config]["vocab_size"]
     ids = torch.randint(1, vocab, (1, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -113,17 +148,22 @@ def test_forced_native_decodes_like_the_reference(tiny_checkpoint, config, monke
         got = [model(ids[:, :6], cache=cache).logits]
         for t in range(6, 24):  # past the local window: the ring wraps
             got.append(model(ids[:, t : t + 1], cache=cache).logits)
-        got.append(model(ids[:, 24:30], cache=cache).logits)  # 6 rows: the few-rows kernel
+        got.append(model(ids[:, 24:30], cache=cache).logits)  # 6 rows
     assert (torch.cat(got, dim=1) - want).abs().max().item() < 1e-4
 
 
 @needs_native
-def test_forced_native_bf16_decodes_like_the_bf16_reference(tiny_checkpoint, monkeypatch):
-    monkeypatch.setenv("GPTNEO_KERNEL", "native")
+@pytest.mark.parametrize("layout", ["native", "panels"])
+def test_forced_kernels_bf16_decode_like_the_bf16_reference(tiny_checkpoint, layout, monkeypatch):
+    """bf16 layers have no panels (the row kernel then); the head has either."""
+    monkeypatch.setenv("GPTNEO_KERNEL", layout)
     folder, ref = tiny_checkpoint("causal_lm", "alternating")
     model = FastCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     assert isinstance(model.transformer.h[0].mlp.c_fc, fast.NativeLinear)
-    assert isinstance(model.lm_head, fast.TiedHead) and model.lm_head.native  # no copy
+    if layout == "native":
+        assert isinstance(model.lm_head, fast.TiedHead) and model.lm_head.native  # no copy
+    else:
+        assert isinstance(model.lm_head, fast.PanelLinear)
     ids = torch.randint(1, 131, (1, 20), generator=torch.Generator().manual_seed(5))
     reference = ref.to(torch.bfloat16)
     with torch.no_grad():
@@ -137,37 +177,46 @@ def test_forced_native_bf16_decodes_like_the_bf16_reference(tiny_checkpoint, mon
 
 
 @needs_native
-def test_int8_one_row_products_are_float32_exact(tiny_checkpoint, monkeypatch):
-    """With the native kernel an int8 layer's decode product is the float32 product of the
-    int8 values and scales (no bf16 activations), and the head needs no refinement."""
-    monkeypatch.setenv("GPTNEO_KERNEL", "native")
+@pytest.mark.parametrize("rows", [1, 6, 63, 64])
+def test_int8_panel_products_are_float32_exact(tiny_checkpoint, monkeypatch, rows):
+    """With the panel kernel an int8 layer's product (up to DEQUANT_ROWS rows) is the
+    float32 product of the int8 values and scales (no bf16 activations), and the head needs
+    no refinement; from DEQUANT_ROWS rows on, the float GEMM runs on the unpacked rows."""
+    monkeypatch.setenv("GPTNEO_KERNEL", "panels")
     folder, _ = tiny_checkpoint("causal_lm", "alternating")
     model = FastCausalLM.from_pretrained(folder, quantize="int8")
-    layer = model.transformer.h[1].mlp.c_fc
-    assert isinstance(layer, fast.Int8Linear) and layer.native and model.lm_head.native
-    x = torch.randn(1, 1, layer.qweight.shape[1])
-    exact = x[0] @ (layer.qweight.float() * layer.scales32[:, None]).t() + layer.bias
-    assert (layer(x)[0] - exact).abs().max().item() < 1e-5
-    head = model.lm_head
-    h = torch.randn(1, 1, head.qweight.shape[1])
+    layer, head = model.transformer.h[1].mlp.c_fc, model.lm_head
+    assert isinstance(layer, fast.Int8Linear) and layer.panels and head.panels
+    assert not hasattr(layer, "qweight")  # only the panels are kept
+    assert head.qweight is model.transformer.wte.qweight  # shared with the embedding
+    rows_of = native.unpack_panels(layer.qpanels, layer.out_features)
+    tol = 1e-5 if rows < fast.Int8Linear.DEQUANT_ROWS else 0.05  # bf16 GEMM from 64 rows
+    x = torch.randn(1, rows, rows_of.shape[1])
+    exact = x[0] @ (rows_of.float() * layer.scales32[:, None]).t() + layer.bias
+    assert (layer(x)[0] - exact).abs().max().item() < tol * max(1.0, exact.abs().max().item())
+    h = torch.randn(1, rows, head.qweight.shape[1])
     exact_head = h[0] @ (head.qweight.float() * head.scales32[:, None]).t()
-    assert (head(h)[0] - exact_head).abs().max().item() < 1e-5
+    got_head = head(h)[0]
+    assert (got_head - exact_head).abs().max().item() < tol * max(1.0, exact_head.abs().max())
+    if rows >= fast.Int8Linear.DEQUANT_ROWS:  # refined: each row's top logit is exact
+        top = got_head.argmax(-1, keepdim=True)
+        assert torch.allclose(got_head.gather(-1, top), exact_head.gather(-1, top), atol=1e-4)
 
 
 @needs_native
 @pytest.mark.skipif(not (TINY_DEMO / "model.safetensors").is_file(), reason="no demo model")
 def test_int8_decode_steps_agree_with_float32_on_the_demo_model(monkeypatch):
     """Issue 14's floor on what decoding really runs: one token at a time with the cache
-    (teacher-forced on this package's source), int8 native vs the float32 reference."""
+    (teacher-forced on this package's source), int8 panels vs the float32 reference."""
     from gptneo_cli.modeling import GPTNeoForCausalLM
     from gptneo_cli.tokenizer import load_tokenizer
 
-    monkeypatch.setenv("GPTNEO_KERNEL", "native")
+    monkeypatch.setenv("GPTNEO_KERNEL", "panels")
     text = (Path(fast.__file__).parent / "scheduler.py").read_text(encoding="utf-8")
     ids = load_tokenizer(TINY_DEMO).encode(text)[:1024]
     reference = GPTNeoForCausalLM.from_pretrained(TINY_DEMO)
     model = FastCausalLM.from_pretrained(TINY_DEMO, quantize="int8")
-    assert model.lm_head.native
+    assert model.lm_head.panels
     window = reference.config.max_position_embeddings
     same = 0
     with torch.no_grad():
@@ -186,7 +235,7 @@ def test_disabled_by_the_environment(fresh_native, monkeypatch, tiny_checkpoint)
     assert not native.available()
     folder, ref = tiny_checkpoint("causal_lm", "alternating")
     model = FastCausalLM.from_pretrained(folder)
-    assert not any(isinstance(m, fast.NativeLinear) for m in model.modules())
+    assert not any(isinstance(m, fast.NativeLinear | fast.PanelLinear) for m in model.modules())
     ids = torch.randint(1, 131, (1, 9))
     with torch.no_grad():
         assert (model(ids).logits - ref(ids).logits).abs().max().item() < 1e-4
