@@ -265,6 +265,14 @@ class Int8Linear(FastLinear):
     exact in bf16, so only the output is rounded, as the int8 kernel's is). The same happens
     where the kernel is missing (older torch, some devices) or cannot take the shape (its
     CPU kernel reads garbage unless the input width is a multiple of 16).
+
+    `panels` (CPU, where our kernels are built and measured faster): the matrix is held as
+    panels only and every row count runs our panel kernel in float32, exact to float32
+    rounding (no bf16 activations or output). At 1-8 rows it ran 1.1-1.6x the int8 kernel;
+    prompts run near the FMA units' peak, about 1.2x slower than the bf16 GEMM would from 512
+    rows, which would need the int8 rows kept too (+70 % memory) or unpacked per call
+    (slower than the difference). `keep_rows` keeps them where they are shared anyway (the
+    head's are the embedding's): there, DEQUANT_ROWS or more rows run the bf16 GEMM.
     """
 
     #: From this many rows on, dequantize + float GEMM beats the int8 kernel (measured).
@@ -280,10 +288,7 @@ class Int8Linear(FastLinear):
         keep_rows: bool = False,
     ) -> None:
         super().__init__()
-        #: Up to DEQUANT_ROWS rows through our panel kernel (gptneo_cli/native.py) in
-        #: float32: faster than the int8 kernel (1.3-1.6x at 1-8 rows) and exact to float32
-        #: rounding (no bf16 activations or output). The int8 rows are then kept only as
-        #: panels (unpacked for a prompt's float GEMM) unless `keep_rows` (a shared matrix).
+        #: Products through our panel kernel (class docstring).
         self.panels = panels and qweight.device.type == "cpu"
         if self.panels:
             self.qpanels = frozen(native.pack_panels(qweight))
@@ -310,14 +315,12 @@ class Int8Linear(FastLinear):
         params = self._parameters
         scales, bias = params["scales"], params.get("bias")
         few = flat.shape[0] < self.DEQUANT_ROWS
-        if self.panels and few:
+        if self.panels and (few or "qweight" not in params):
             out = native.panels(flat, params["qpanels"], self.out_features, params["scales32"])
         elif self.packed and few:
             out = torch._weight_int8pack_mm(flat.to(self.act_dtype), params["qweight"], scales)
         else:
-            qweight = params.get("qweight")
-            if qweight is None:
-                qweight = native.unpack_panels(params["qpanels"], self.out_features)
+            qweight = params["qweight"]
             gemm = self.gemm_dtype
             product = onednn_linear if self.onednn else F.linear
             out = product(flat.to(gemm), qweight.to(gemm)) * scales.to(gemm)

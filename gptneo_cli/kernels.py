@@ -70,12 +70,14 @@ STREAM_BYTES = 64 * 2**20
 MAX_COPIES = 32
 #: Up to this many rows a product is timed on streamed copies (a decode step's regime).
 STREAM_ROWS = 8
-#: 3: the panel layout is measured too (version 2 files never timed it).
+#: 3: the panel layout is measured too, int8 matrices at 1 and 8 rows (version 2: at 1 and
+#: 64 rows, without panels).
 FILE_VERSION = 3
 
 
-#: The row counts each kind of measurement times (default: 1 and PREFILL_ROWS).
-_ROWS = {"head": (1, HEAD_ROWS)}
+#: The row counts each kind of measurement times (default: 1 and PREFILL_ROWS). int8
+#: matrices: decode steps, batched or not (their prompts run other products: fast.Int8Linear).
+_ROWS = {"head": (1, HEAD_ROWS), "int8 linear": (1, HEAD_ROWS), "int8 head": (1, HEAD_ROWS)}
 
 
 def forced(environ: Mapping[str, str] = os.environ) -> str | None:
