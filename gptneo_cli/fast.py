@@ -204,18 +204,19 @@ class NativeLinear(FastLinear):
 
 
 class PanelLinear(FastLinear):
-    """W repacked into column panels (`native.pack_panels`, a copy) and multiplied by our
-    panel kernel at every row count, float32 products and sums (csrc/gemv.c).
+    """W repacked into column panels (`native.panel_weights`, a copy) and multiplied by our
+    panel kernels at every row count, float32 sums (csrc/gemv.c).
 
     For float32 it beat both our row kernel and oneDNN on every gpt-neo-125M matrix
     measured: one row 1.2-1.3x the row kernel, 8 rows (a batched step, a verify) about the
-    cost of one, 32-512 rows (prompts) 1.1-1.4x oneDNN (docs/PERFORMANCE.md). For a bf16
-    head, its rows are bf16 and only the sums are float32. As a head it holds its own copy
-    of the embedding matrix (the embedding keeps its rows for lookups)."""
+    cost of one, 32-512 rows (prompts) 1.1-1.4x oneDNN (docs/PERFORMANCE.md). bf16 runs as
+    pairs through AVX512-BF16 dot products where the CPU has them (prompts 1.1-1.4x
+    oneDNN's bf16 GEMM), else float32 FMAs. As a head it holds its own copy of the
+    embedding matrix (the embedding keeps its rows for lookups)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        self.panels = frozen(native.pack_panels(weight.detach()))
+        self.panels = frozen(native.panel_weights(weight.detach()))
         self.bias = _optional(None if bias is None else bias.float())
         self.out_features = weight.shape[0]
 
@@ -291,7 +292,7 @@ class Int8Linear(FastLinear):
         #: Products through our panel kernel (class docstring).
         self.panels = panels and qweight.device.type == "cpu"
         if self.panels:
-            self.qpanels = frozen(native.pack_panels(qweight))
+            self.qpanels = frozen(native.panel_weights(qweight))
         if keep_rows or not self.panels:
             self.qweight = frozen(qweight)
         self.out_features = qweight.shape[0]
@@ -807,7 +808,8 @@ class _Packer:
             shape = (weight.shape[0], weight.shape[1])
             # float32: our panel kernel never measured slower than oneDNN's or our row
             # kernel's, at any row count (PanelLinear); it is kept unless beaten.
-            incumbent = "panels" if "panels" in builders else "onednn"
+            fp32_panels = "panels" in builders and self.dtype == torch.float32
+            incumbent = "panels" if fp32_panels else "onednn"
             layout = self.kernels.layout("linear", shape, builders, incumbent)
             return _LAYER_LAYOUTS[layout](self._put(weight), bias)
         return plain_linear(self._put(weight), bias)
@@ -939,14 +941,11 @@ def _head_builders(dtype: torch.dtype) -> dict[str, Any]:
 
 def _layer_builders(dtype: torch.dtype) -> dict[str, Any]:
     """The layouts measured for a layer matrix: float32 has MKL, oneDNN and (where they could
-    be built) our row and panel kernels competing; bf16/fp16 oneDNN packed or plain, or our
-    row kernel (bf16 panels would run prompts in float32 FMAs, 2x slower than oneDNN's bf16
-    dot products, so they are offered for the head only)."""
+    be built) our row and panel kernels competing; bf16 oneDNN packed or plain, or our row
+    and panel kernels; fp16 oneDNN packed or plain."""
     names = LAYER_CHOICES if dtype == torch.float32 else ("onednn", "linear")
     if dtype in native.DTYPES and native.available():
-        names = (*names, "native")
-        if dtype == torch.float32:
-            names = (*names, "panels")
+        names = (*names, "native", "panels")
     return {name: (lambda w, cls=_LAYER_LAYOUTS[name]: cls(w, None)) for name in names}
 
 

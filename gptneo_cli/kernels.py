@@ -9,8 +9,8 @@ The fast path (gptneo_cli/fast.py) can hold a linear layer's matrix these ways o
 - `native`: the plain rows through our own one-row kernel (gptneo_cli/native.py) for a
   decode step, oneDNN reading the same rows in place for more rows (float32 and bf16, where
   the kernel could be built);
-- `panels`: a copy repacked into column panels, every row count through our panel kernel
-  (float32 layers, heads of any float dtype, int8; where the kernel could be built).
+- `panels`: a copy repacked into column panels, every row count through our panel kernels
+  (float32, bf16 and int8; where the kernels could be built).
 
 Which is fastest depends on the CPU, not the vendor's name: float32 oneDNN ran 2.2x MKL's
 F.linear on an AMD EPYC, while MKL is fast on Intel. So the first load of a model on a
@@ -231,7 +231,7 @@ class KernelChooser:
     def _forced(self, builders: Builders) -> str:
         """The forced layout, or the nearest one this matrix has: the head has no `columns`
         (its own products then); without a built native kernel, `native` and `panels` mean
-        the default (bf16 layers have no panels: our row kernel then)."""
+        the default (fp16 has neither)."""
         if self.forced in builders:
             return str(self.forced)
         ours = ("native", "panels")

@@ -89,7 +89,7 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.gemv_f32.argtypes, lib.gemv_f32.restype = _ARGS_F32, None
     lib.gemv_bf16.argtypes, lib.gemv_bf16.restype = _ARGS_F32, None
-    for function in (lib.panels_f32, lib.panels_bf16, lib.panels_i8):
+    for function in (lib.panels_f32, lib.panels_bf16, lib.panels_i8, lib.panels_pairs):
         function.argtypes, function.restype = _ARGS_GEMM, None
     if lib.panel_width() != PANEL or not _agrees(lib):
         log.warning("native kernels disagree with torch's on a check matrix; using torch's")
@@ -184,13 +184,17 @@ def _agrees(lib: ctypes.CDLL) -> bool:
     got_bf16 = _call_f32(lib, x, wb, b, lib.gemv_bf16)
     xs = torch.randn(11, 37, generator=gen)  # a whole block of 8 rows and 3 more
     exact = torch.addmm(b, xs, w.t())
+    cases = [
+        (pack_panels(w), xs, None, exact),
+        (pack_panels(wb), xs, None, torch.addmm(b, xs, wb.float().t())),
+        (pack_panels(q), xs, s, (xs @ q.float().t()) * s + b),
+    ]
+    if pairs_supported():
+        xb = xs.bfloat16()
+        cases.append((_pack_pairs(wb), xb, None, torch.addmm(b, xb.float(), wb.float().t())))
     panels_agree = all(
-        torch.allclose(_call_panels(lib, xs, pack_panels(m), 21, s, b), want, atol=1e-3)
-        for m, s, want in (
-            (w, None, exact),
-            (wb, None, torch.addmm(b, xs, wb.float().t())),
-            (q, s, (xs @ q.float().t()) * s + b),
-        )
+        torch.allclose(_call_panels(lib, x, packed, 21, s, b), want, atol=1e-3)
+        for packed, x, s, want in cases
     )
     return (
         panels_agree
@@ -279,16 +283,46 @@ def _call_panels(
     scales: torch.Tensor | None,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    rows, n = x.shape
+    rows = x.shape[0]
+    if panels.dtype == torch.int32:  # bf16 pairs: x as bf16 pairs too (zero-padded to even)
+        x = _even(x.to(torch.bfloat16)).view(torch.int32)
+    else:
+        x = x.float().contiguous()
     y = torch.empty(rows, out_features, dtype=torch.float32)
     function = {
         torch.float32: lib.panels_f32,
         torch.bfloat16: lib.panels_bf16,
         torch.int8: lib.panels_i8,
+        torch.int32: lib.panels_pairs,
     }[panels.dtype]
     args = (panels.data_ptr(), x.data_ptr(), _ptr(scales), _ptr(bias), y.data_ptr())
-    function(*args, out_features, n, rows, torch.get_num_threads())
+    function(*args, out_features, x.shape[1], rows, torch.get_num_threads())
     return y
+
+
+def pairs_supported() -> bool:
+    """bf16 panels as pairs for the AVX512-BF16 dot-product kernel (csrc/gemv.c)."""
+    return "avx512_bf16" in cpu_flags()
+
+
+def _even(matrix: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy or view of `matrix` with a zero column appended if its width is odd."""
+    if matrix.shape[-1] % 2:
+        matrix = torch.nn.functional.pad(matrix, (0, 1))
+    return matrix.contiguous()
+
+
+def _pack_pairs(weight: torch.Tensor) -> torch.Tensor:
+    """A bf16 [m, n] matrix as panels of adjacent input pairs (int32 words of two bf16)."""
+    return pack_panels(_even(weight).view(torch.int32))
+
+
+def panel_weights(weight: torch.Tensor) -> torch.Tensor:
+    """The panels our kernels read for a float32, bf16 or int8 matrix: bf16 as pairs for the
+    dot-product kernel where the CPU has it (twice the FMA kernel's rate on prompts)."""
+    if weight.dtype == torch.bfloat16 and pairs_supported():
+        return _pack_pairs(weight)
+    return pack_panels(weight)
 
 
 def panels(
@@ -298,11 +332,12 @@ def panels(
     scales: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [rows, n] times the matrix held as `packed` panels (float32, bf16, or int8 with
-    float32 `scales` per output), + float32 `bias` -> float32 [rows, out_features]. Products
-    and sums are float32; x is converted to contiguous float32 here."""
+    """x [rows, n] times the matrix held as `packed` panels (`panel_weights`: float32, bf16,
+    bf16 pairs, or int8 with float32 `scales` per output), + float32 `bias` -> float32
+    [rows, out_features]. Sums are float32; x is converted here (to float32, or for bf16
+    pairs to bf16: the dot-product kernel multiplies bf16 pairs)."""
     lib = library()
     assert lib is not None
     if x.shape[0] == 0:
         return x.new_empty(0, out_features, dtype=torch.float32)
-    return _call_panels(lib, x.float().contiguous(), packed, out_features, scales, bias)
+    return _call_panels(lib, x, packed, out_features, scales, bias)

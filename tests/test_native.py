@@ -72,19 +72,24 @@ def test_panel_products_match_torch(rows, width, batch, threads):
     bias = torch.randn(rows, generator=gen)
     q = torch.randint(-127, 128, (rows, width), generator=gen, dtype=torch.int8)
     scales = torch.rand(rows, generator=gen) + 0.01
+    wb, xb = w.bfloat16(), x.bfloat16()
     cases = [
-        (w, None, x.double() @ w.double().t()),
-        (w.bfloat16(), None, x.double() @ w.bfloat16().double().t()),
-        (q, scales, (x.double() @ q.double().t()) * scales.double()),
+        (native.pack_panels(w), None, x.double() @ w.double().t()),
+        (native.pack_panels(wb), None, x.double() @ wb.double().t()),
+        (native.pack_panels(q), scales, (x.double() @ q.double().t()) * scales.double()),
     ]
+    for matrix, (packed, _, _) in zip((w, wb, q), cases, strict=True):
+        assert packed.shape == (-(-rows // native.PANEL), width, native.PANEL)
+        assert torch.equal(native.unpack_panels(packed, rows), matrix)
+    if native.pairs_supported():  # bf16 pairs, odd widths padded: x rounded to bf16 too
+        pairs = native.panel_weights(wb)
+        assert pairs.dtype == torch.int32 and pairs.shape[1] == -(-width // 2)
+        cases.append((pairs, None, xb.double() @ wb.double().t()))
     tol = 1e-5 * (1 + width)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for matrix, scale, exact in cases:
-            packed = native.pack_panels(matrix)
-            assert packed.shape == (-(-rows // native.PANEL), width, native.PANEL)
-            assert torch.equal(native.unpack_panels(packed, rows), matrix)
+        for packed, scale, exact in cases:
             got = native.panels(x, packed, rows, scale, bias)
             assert got.shape == (batch, rows) and got.dtype == torch.float32
             limit = tol * (128 if scale is not None else 1)
@@ -155,22 +160,27 @@ def test_forced_kernels_decode_like_the_reference(tiny_checkpoint, config, layou
 @needs_native
 @pytest.mark.parametrize("layout", ["native", "panels"])
 def test_forced_kernels_bf16_decode_like_the_bf16_reference(tiny_checkpoint, layout, monkeypatch):
-    """bf16 layers have no panels (the row kernel then); the head has either."""
+    """The row kernel (bf16 rows in place) or the panels (bf16 pairs through AVX512-BF16 dot
+    products where the CPU has them), prompt, decode steps and a 5-row step."""
     monkeypatch.setenv("GPTNEO_KERNEL", layout)
     folder, ref = tiny_checkpoint("causal_lm", "alternating")
     model = FastCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
-    assert isinstance(model.transformer.h[0].mlp.c_fc, fast.NativeLinear)
     if layout == "native":
+        assert isinstance(model.transformer.h[0].mlp.c_fc, fast.NativeLinear)
         assert isinstance(model.lm_head, fast.TiedHead) and model.lm_head.native  # no copy
     else:
+        assert isinstance(model.transformer.h[0].mlp.c_fc, fast.PanelLinear)
         assert isinstance(model.lm_head, fast.PanelLinear)
+        pairs = torch.int32 if native.pairs_supported() else torch.bfloat16
+        assert model.lm_head.panels.dtype == pairs
     ids = torch.randint(1, 131, (1, 20), generator=torch.Generator().manual_seed(5))
     reference = ref.to(torch.bfloat16)
     with torch.no_grad():
         want = reference(ids).logits.float()
         cache = model.new_cache(1, 20)
         got = [model(ids[:, :4], cache=cache).logits]
-        got += [model(ids[:, t : t + 1], cache=cache).logits for t in range(4, 20)]
+        got += [model(ids[:, t : t + 1], cache=cache).logits for t in range(4, 15)]
+        got.append(model(ids[:, 15:20], cache=cache).logits)
     got_all = torch.cat(got, dim=1).float()
     assert got_all.dtype == torch.float32 and got[-1].dtype == torch.bfloat16
     assert (got_all - want).abs().max().item() < 0.03 * (want.max() - want.min()).item()

@@ -216,3 +216,62 @@ static inline __m512 f32_to_f32(const float *p) { return _mm512_loadu_ps(p); }
 PANELS(f32, float)
 PANELS(i8, int8_t)
 PANELS(bf16, uint16_t)
+
+/* ---- bf16 pairs: panels of bf16 weight pairs, AVX512-BF16 dot products --------------------
+ * The same panels over a bf16 matrix viewed as pairs of adjacent inputs (one 32-bit word per
+ * weight pair, the width padded to even): vdpbf16ps multiplies 16 pairs by a broadcast pair
+ * of activations (rounded to bf16, as a bf16 model's are) and adds both products to float32
+ * sums, twice the float32 FMA rate, so prompts keep up with oneDNN's bf16 GEMM. Only called
+ * where the CPU has avx512_bf16 (gptneo_cli/native.py); n is the number of pairs. */
+#define DOT __attribute__((target("avx512bf16")))
+
+static inline __attribute__((always_inline)) DOT void dot_panel(
+    const uint32_t *p, const uint32_t *x, int64_t n, int rows, const float *bias, float *y,
+    int64_t m, int cols) {
+    __m512 acc[8][VECS];
+    for (int r = 0; r < 8; r++)
+        for (int v = 0; v < VECS; v++) acc[r][v] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i++) {
+        const uint32_t *w = p + i * PANEL;
+        for (int line = 0; line < PANEL * 4; line += 64)
+            _mm_prefetch((const char *)w + PANEL_AHEAD + line, _MM_HINT_T0);
+        __m512bh wv[VECS];
+        for (int v = 0; v < VECS; v++) wv[v] = (__m512bh)_mm512_loadu_si512(w + 16 * v);
+        for (int r = 0; r < rows; r++) {
+            __m512bh xr = (__m512bh)_mm512_set1_epi32((int)x[r * n + i]);
+            for (int v = 0; v < VECS; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], wv[v], xr);
+        }
+    }
+    for (int v = 0; v < VECS && 16 * v < cols; v++) {
+        __mmask16 msk = tail_mask(cols - 16 * v);
+        __m512 b = bias ? _mm512_maskz_loadu_ps(msk, bias + 16 * v) : _mm512_setzero_ps();
+        for (int r = 0; r < rows; r++)
+            _mm512_mask_storeu_ps(y + r * m + 16 * v, msk, _mm512_add_ps(acc[r][v], b));
+    }
+}
+
+DOT void panels_pairs(const uint32_t *p, const uint32_t *x, const float *scale, const float *bias,
+                      float *y, int64_t m, int64_t n, int64_t rows, int threads) {
+    (void)scale; /* the panels signature; bf16 weights have no scales */
+    int64_t count = (m + PANEL - 1) / PANEL;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t b = 0; b < count; b++) {
+        int64_t o = b * PANEL;
+        int cols = m - o < PANEL ? (int)(m - o) : PANEL;
+        const float *bb = bias ? bias + o : 0;
+        for (int64_t r = 0; r < rows; r += 8) {
+            const uint32_t *pb = p + b * n * PANEL, *xs = x + r * n;
+            float *ys = y + r * m + o;
+            switch (rows - r < 8 ? rows - r : 8) { /* literal row counts: registers */
+            case 1: dot_panel(pb, xs, n, 1, bb, ys, m, cols); break;
+            case 2: dot_panel(pb, xs, n, 2, bb, ys, m, cols); break;
+            case 3: dot_panel(pb, xs, n, 3, bb, ys, m, cols); break;
+            case 4: dot_panel(pb, xs, n, 4, bb, ys, m, cols); break;
+            case 5: dot_panel(pb, xs, n, 5, bb, ys, m, cols); break;
+            case 6: dot_panel(pb, xs, n, 6, bb, ys, m, cols); break;
+            case 7: dot_panel(pb, xs, n, 7, bb, ys, m, cols); break;
+            default: dot_panel(pb, xs, n, 8, bb, ys, m, cols);
+            }
+        }
+    }
+}
