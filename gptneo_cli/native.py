@@ -269,12 +269,6 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def unpack_panels(panels: torch.Tensor, out_features: int) -> torch.Tensor:
-    """The [out_features, n] matrix `pack_panels` packed (a new copy)."""
-    count, n, width = panels.shape
-    return panels.transpose(1, 2).reshape(count * width, n)[:out_features]
-
-
 def _call_panels(
     lib: ctypes.CDLL,
     x: torch.Tensor,

@@ -21,6 +21,12 @@ needs_native = pytest.mark.skipif(
 )
 
 
+def unpack_panels(panels: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The [out_features, n] matrix `native.pack_panels` packed (the tests' inverse)."""
+    count, n, width = panels.shape
+    return panels.transpose(1, 2).reshape(count * width, n)[:out_features]
+
+
 @pytest.fixture
 def fresh_native(monkeypatch, tmp_path):
     """A process-wide library() answer recomputed under the test's environment and cache."""
@@ -80,7 +86,7 @@ def test_panel_products_match_torch(rows, width, batch, threads):
     ]
     for matrix, (packed, _, _) in zip((w, wb, q), cases, strict=True):
         assert packed.shape == (-(-rows // native.PANEL), width, native.PANEL)
-        assert torch.equal(native.unpack_panels(packed, rows), matrix)
+        assert torch.equal(unpack_panels(packed, rows), matrix)
     if native.pairs_supported():  # bf16 pairs, odd widths padded: x rounded to bf16 too
         pairs = native.panel_weights(wb)
         assert pairs.dtype == torch.int32 and pairs.shape[1] == -(-width // 2)
@@ -200,7 +206,7 @@ def test_int8_panel_products_are_float32_exact(tiny_checkpoint, monkeypatch, row
     assert isinstance(layer, fast.Int8Linear) and layer.panels and head.panels
     assert not hasattr(layer, "qweight")  # only the panels are kept
     assert head.qweight is model.transformer.wte.qweight  # shared with the embedding
-    rows_of = native.unpack_panels(layer.qpanels, layer.out_features)
+    rows_of = unpack_panels(layer.qpanels, layer.out_features)
     x = torch.randn(1, rows, rows_of.shape[1])
     exact = x[0] @ (rows_of.float() * layer.scales32[:, None]).t() + layer.bias
     assert (layer(x)[0] - exact).abs().max().item() < 1e-5 * max(1.0, exact.abs().max())
