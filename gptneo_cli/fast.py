@@ -268,12 +268,13 @@ class Int8Linear(FastLinear):
     CPU kernel reads garbage unless the input width is a multiple of 16).
 
     `panels` (CPU, where our kernels are built and measured faster): the matrix is held as
-    panels only and every row count runs our panel kernel in float32, exact to float32
-    rounding (no bf16 activations or output). At 1-8 rows it ran 1.1-1.6x the int8 kernel;
-    prompts run near the FMA units' peak, about 1.2x slower than the bf16 GEMM would from 512
-    rows, which would need the int8 rows kept too (+70 % memory) or unpacked per call
-    (slower than the difference). `keep_rows` keeps them where they are shared anyway (the
-    head's are the embedding's): there, DEQUANT_ROWS or more rows run the bf16 GEMM.
+    panels only and runs our panel kernels at every row count: below DEQUANT_ROWS (decode
+    steps, batched steps, verifies) in float32, exact to float32 rounding (no bf16
+    activations or output), 1.1-1.6x the int8 kernel at 1-8 rows; from DEQUANT_ROWS rows (a
+    prompt) with bf16 activations through AVX512-BF16 dot products where the CPU has them,
+    as fast as the bf16 GEMM on converted rows, with no rows kept. `keep_rows` keeps the
+    rows where they are shared anyway (the head's are the embedding's): there, DEQUANT_ROWS
+    or more rows run the bf16 GEMM (and Int8Head's refine).
     """
 
     #: From this many rows on, dequantize + float GEMM beats the int8 kernel (measured).
@@ -317,7 +318,9 @@ class Int8Linear(FastLinear):
         scales, bias = params["scales"], params.get("bias")
         few = flat.shape[0] < self.DEQUANT_ROWS
         if self.panels and (few or "qweight" not in params):
-            out = native.panels(flat, params["qpanels"], self.out_features, params["scales32"])
+            qpanels, scales32 = params["qpanels"], params["scales32"]
+            # a prompt's rows: bf16 activations, as the float GEMM below would round them
+            out = native.panels(flat, qpanels, self.out_features, scales32, None, not few)
         elif self.packed and few:
             out = torch._weight_int8pack_mm(flat.to(self.act_dtype), params["qweight"], scales)
         else:

@@ -91,6 +91,7 @@ def library() -> ctypes.CDLL | None:
     lib.gemv_bf16.argtypes, lib.gemv_bf16.restype = _ARGS_F32, None
     for function in (lib.panels_f32, lib.panels_bf16, lib.panels_i8, lib.panels_pairs):
         function.argtypes, function.restype = _ARGS_GEMM, None
+    lib.panels_i8_pairs.argtypes, lib.panels_i8_pairs.restype = _ARGS_GEMM, ctypes.c_int
     if lib.panel_width() != PANEL or not _agrees(lib):
         log.warning("native kernels disagree with torch's on a check matrix; using torch's")
         return None
@@ -196,6 +197,10 @@ def _agrees(lib: ctypes.CDLL) -> bool:
         torch.allclose(_call_panels(lib, x, packed, 21, s, b), want, atol=1e-3)
         for packed, x, s, want in cases
     )
+    if pairs_supported():
+        want = (xs.bfloat16().float() @ q.float().t()) * s + b
+        got = _call_panels(lib, xs, pack_panels(q), 21, s, b, bf16_activations=True)
+        panels_agree = panels_agree and torch.allclose(got, want, atol=1e-3)
     return (
         panels_agree
         and torch.allclose(got_f32, torch.addmm(b, x, w.t()), atol=1e-4)
@@ -276,21 +281,27 @@ def _call_panels(
     out_features: int,
     scales: torch.Tensor | None,
     bias: torch.Tensor | None,
+    bf16_activations: bool = False,
 ) -> torch.Tensor:
-    rows = x.shape[0]
-    if panels.dtype == torch.int32:  # bf16 pairs: x as bf16 pairs too (zero-padded to even)
+    rows, n = x.shape[0], panels.shape[1]
+    int8_pairs = bf16_activations and panels.dtype == torch.int8 and pairs_supported()
+    if panels.dtype == torch.int32 or int8_pairs:  # x as bf16 pairs (zero-padded to even)
         x = _even(x.to(torch.bfloat16)).view(torch.int32)
     else:
         x = x.float().contiguous()
     y = torch.empty(rows, out_features, dtype=torch.float32)
+    args = (panels.data_ptr(), x.data_ptr(), _ptr(scales), _ptr(bias), y.data_ptr())
+    if int8_pairs:
+        if lib.panels_i8_pairs(*args, out_features, n, rows, torch.get_num_threads()):
+            raise MemoryError("panels_i8_pairs: no memory for a panel's buffer")
+        return y
     function = {
         torch.float32: lib.panels_f32,
         torch.bfloat16: lib.panels_bf16,
         torch.int8: lib.panels_i8,
         torch.int32: lib.panels_pairs,
     }[panels.dtype]
-    args = (panels.data_ptr(), x.data_ptr(), _ptr(scales), _ptr(bias), y.data_ptr())
-    function(*args, out_features, x.shape[1], rows, torch.get_num_threads())
+    function(*args, out_features, n, rows, torch.get_num_threads())
     return y
 
 
@@ -325,13 +336,16 @@ def panels(
     out_features: int,
     scales: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    bf16_activations: bool = False,
 ) -> torch.Tensor:
     """x [rows, n] times the matrix held as `packed` panels (`panel_weights`: float32, bf16,
     bf16 pairs, or int8 with float32 `scales` per output), + float32 `bias` -> float32
     [rows, out_features]. Sums are float32; x is converted here (to float32, or for bf16
-    pairs to bf16: the dot-product kernel multiplies bf16 pairs)."""
+    pairs to bf16: the dot-product kernel multiplies bf16 pairs). `bf16_activations`: int8
+    panels may run the dot-product kernel too (x rounded to bf16; where the CPU has it),
+    twice as fast for a prompt's rows."""
     lib = library()
     assert lib is not None
     if x.shape[0] == 0:
         return x.new_empty(0, out_features, dtype=torch.float32)
-    return _call_panels(lib, x, packed, out_features, scales, bias)
+    return _call_panels(lib, x, packed, out_features, scales, bias, bf16_activations)

@@ -91,16 +91,18 @@ def test_panel_products_match_torch(rows, width, batch, threads):
         pairs = native.panel_weights(wb)
         assert pairs.dtype == torch.int32 and pairs.shape[1] == -(-width // 2)
         cases.append((pairs, None, xb.double() @ wb.double().t()))
+        exact_i8 = (xb.double() @ q.double().t()) * scales.double()
+        cases.append((native.pack_panels(q), scales, exact_i8, True))
     tol = 1e-5 * (1 + width)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for packed, scale, exact in cases:
-            got = native.panels(x, packed, rows, scale, bias)
+        for packed, scale, exact, *bf16_x in cases:
+            got = native.panels(x, packed, rows, scale, bias, bool(bf16_x))
             assert got.shape == (batch, rows) and got.dtype == torch.float32
             limit = tol * (128 if scale is not None else 1)
             assert (got.double() - exact - bias.double()).abs().max().item() < limit
-            no_bias = native.panels(x, packed, rows, scale)
+            no_bias = native.panels(x, packed, rows, scale, None, bool(bf16_x))
             assert (no_bias.double() - exact).abs().max().item() < limit
     finally:
         torch.set_num_threads(before)
@@ -195,10 +197,11 @@ def test_forced_kernels_bf16_decode_like_the_bf16_reference(tiny_checkpoint, lay
 @needs_native
 @pytest.mark.parametrize("rows", [1, 6, 63, 64, 200])
 def test_int8_panel_products_are_float32_exact(tiny_checkpoint, monkeypatch, rows):
-    """With the panel kernel an int8 layer's product, at every row count, is the float32
+    """With the panel kernel an int8 layer's product below DEQUANT_ROWS rows is the float32
     product of the int8 values and scales (no bf16 activations), and the head needs no
-    refinement; the head keeps its shared rows, so from DEQUANT_ROWS rows on it runs the
-    bf16 GEMM and refines its top logits."""
+    refinement; from DEQUANT_ROWS rows on (a prompt) the activations are rounded to bf16
+    where the CPU has the dot-product kernel, and the head (which keeps its shared rows)
+    runs the bf16 GEMM and refines its top logits."""
     monkeypatch.setenv("GPTNEO_KERNEL", "panels")
     folder, _ = tiny_checkpoint("causal_lm", "alternating")
     model = FastCausalLM.from_pretrained(folder, quantize="int8")
@@ -208,6 +211,8 @@ def test_int8_panel_products_are_float32_exact(tiny_checkpoint, monkeypatch, row
     assert head.qweight is model.transformer.wte.qweight  # shared with the embedding
     rows_of = unpack_panels(layer.qpanels, layer.out_features)
     x = torch.randn(1, rows, rows_of.shape[1])
+    if rows >= fast.Int8Linear.DEQUANT_ROWS and native.pairs_supported():
+        x = x.bfloat16().float()  # what the kernel multiplies: exact on these
     exact = x[0] @ (rows_of.float() * layer.scales32[:, None]).t() + layer.bias
     assert (layer(x)[0] - exact).abs().max().item() < 1e-5 * max(1.0, exact.abs().max())
     h = torch.randn(1, rows, head.qweight.shape[1])

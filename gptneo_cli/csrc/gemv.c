@@ -17,6 +17,7 @@
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define ROWS 8          /* weight rows read together: 8 prefetch streams per thread */
 #define AHEAD 1024      /* bytes prefetched ahead of each row's reads */
@@ -226,8 +227,8 @@ PANELS(bf16, uint16_t)
 #define DOT __attribute__((target("avx512bf16")))
 
 static inline __attribute__((always_inline)) DOT void dot_panel(
-    const uint32_t *p, const uint32_t *x, int64_t n, int rows, const float *bias, float *y,
-    int64_t m, int cols) {
+    const uint32_t *p, const uint32_t *x, int64_t n, int rows, const float *scale,
+    const float *bias, float *y, int64_t m, int cols) {
     __m512 acc[8][VECS];
     for (int r = 0; r < 8; r++)
         for (int v = 0; v < VECS; v++) acc[r][v] = _mm512_setzero_ps();
@@ -244,9 +245,29 @@ static inline __attribute__((always_inline)) DOT void dot_panel(
     }
     for (int v = 0; v < VECS && 16 * v < cols; v++) {
         __mmask16 msk = tail_mask(cols - 16 * v);
+        __m512 s = scale ? _mm512_maskz_loadu_ps(msk, scale + 16 * v) : _mm512_set1_ps(1);
         __m512 b = bias ? _mm512_maskz_loadu_ps(msk, bias + 16 * v) : _mm512_setzero_ps();
         for (int r = 0; r < rows; r++)
-            _mm512_mask_storeu_ps(y + r * m + 16 * v, msk, _mm512_add_ps(acc[r][v], b));
+            _mm512_mask_storeu_ps(y + r * m + 16 * v, msk, _mm512_fmadd_ps(acc[r][v], s, b));
+    }
+}
+
+/* Every row of x (8 at a time) times one panel `p` of pairs: outputs [o, o + cols). */
+static DOT void dot_rows(const uint32_t *p, const uint32_t *x, int64_t n, int64_t rows,
+                         const float *scale, const float *bias, float *y, int64_t m, int cols) {
+    for (int64_t r = 0; r < rows; r += 8) {
+        const uint32_t *xs = x + r * n;
+        float *ys = y + r * m;
+        switch (rows - r < 8 ? rows - r : 8) { /* literal row counts: registers */
+        case 1: dot_panel(p, xs, n, 1, scale, bias, ys, m, cols); break;
+        case 2: dot_panel(p, xs, n, 2, scale, bias, ys, m, cols); break;
+        case 3: dot_panel(p, xs, n, 3, scale, bias, ys, m, cols); break;
+        case 4: dot_panel(p, xs, n, 4, scale, bias, ys, m, cols); break;
+        case 5: dot_panel(p, xs, n, 5, scale, bias, ys, m, cols); break;
+        case 6: dot_panel(p, xs, n, 6, scale, bias, ys, m, cols); break;
+        case 7: dot_panel(p, xs, n, 7, scale, bias, ys, m, cols); break;
+        default: dot_panel(p, xs, n, 8, scale, bias, ys, m, cols);
+        }
     }
 }
 
@@ -258,20 +279,46 @@ DOT void panels_pairs(const uint32_t *p, const uint32_t *x, const float *scale, 
     for (int64_t b = 0; b < count; b++) {
         int64_t o = b * PANEL;
         int cols = m - o < PANEL ? (int)(m - o) : PANEL;
-        const float *bb = bias ? bias + o : 0;
-        for (int64_t r = 0; r < rows; r += 8) {
-            const uint32_t *pb = p + b * n * PANEL, *xs = x + r * n;
-            float *ys = y + r * m + o;
-            switch (rows - r < 8 ? rows - r : 8) { /* literal row counts: registers */
-            case 1: dot_panel(pb, xs, n, 1, bb, ys, m, cols); break;
-            case 2: dot_panel(pb, xs, n, 2, bb, ys, m, cols); break;
-            case 3: dot_panel(pb, xs, n, 3, bb, ys, m, cols); break;
-            case 4: dot_panel(pb, xs, n, 4, bb, ys, m, cols); break;
-            case 5: dot_panel(pb, xs, n, 5, bb, ys, m, cols); break;
-            case 6: dot_panel(pb, xs, n, 6, bb, ys, m, cols); break;
-            case 7: dot_panel(pb, xs, n, 7, bb, ys, m, cols); break;
-            default: dot_panel(pb, xs, n, 8, bb, ys, m, cols);
-            }
+        dot_rows(p + b * n * PANEL, x, n, rows, 0, bias ? bias + o : 0, y + o, m, cols);
+    }
+}
+
+/* int8 panels for a prompt: each panel is converted once into bf16 pairs (exact: |q| <= 127)
+ * in a buffer of the thread's, then every row runs the dot-product loop on it, at twice the
+ * rate of the float32 FMAs of panels_i8 (the activations are bf16 pairs: rounded, as the
+ * bf16 GEMM that int8 prompts ran before rounded them). n counts inputs (the pairs of x:
+ * (n + 1) / 2 per row). Returns 0, or -1 where a buffer could not be allocated. */
+static DOT void i8_pairs(const int8_t *p, int64_t n, uint32_t *out) {
+    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
+    for (int64_t i = 0; 2 * i < n; i++) {
+        const int8_t *lo = p + 2 * i * PANEL;
+        for (int v = 0; v < VECS; v++) {
+            __m512i a = _mm512_castps_si512(i8_to_f32(lo + 16 * v));
+            __m512i b = 2 * i + 1 < n ? _mm512_castps_si512(i8_to_f32(lo + PANEL + 16 * v))
+                                      : _mm512_setzero_si512();
+            __m512i pair = _mm512_or_si512(_mm512_srli_epi32(a, 16), _mm512_and_si512(b, high));
+            _mm512_storeu_si512(out + i * PANEL + 16 * v, pair);
         }
     }
+}
+
+DOT int panels_i8_pairs(const int8_t *p, const uint32_t *x, const float *scale, const float *bias,
+                        float *y, int64_t m, int64_t n, int64_t rows, int threads) {
+    int64_t count = (m + PANEL - 1) / PANEL, pairs = (n + 1) / 2;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1) reduction(| : failed)
+    {
+        uint32_t *buffer = malloc((size_t)pairs * PANEL * sizeof(uint32_t));
+        failed = buffer == 0;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < count; b++) {
+            if (!buffer) continue;
+            int64_t o = b * PANEL;
+            int cols = m - o < PANEL ? (int)(m - o) : PANEL;
+            i8_pairs(p + b * n * PANEL, n, buffer);
+            dot_rows(buffer, x, pairs, rows, scale + o, bias ? bias + o : 0, y + o, m, cols);
+        }
+        free(buffer);
+    }
+    return failed ? -1 : 0;
 }
