@@ -56,7 +56,7 @@ from .modeling import (
     GPTNeoOutput,
     GPTNeoSelfAttention,
 )
-from .weights import StoredTensor, iter_tensors
+from .weights import StoredTensor, iter_tensors, release_pages
 
 QUANTIZE_CHOICES = ("none", "int8", "int8-dynamic")
 
@@ -577,7 +577,7 @@ class FastCausalLM(GPTNeoForCausalLM):
     ) -> None:
         """Read the checkpoint straight into the fast layout, one tensor at a time."""
         quantize = check_quantize(quantize)
-        packer = _Packer(self, device, dtype, quantize, compile)
+        packer = _Packer(self, device, dtype, quantize, compile, from_file=True)
         # int8 quantizes from the file's precision; the embedding is read row block by row
         # block, so loading never holds it whole in float32.
         read_dtype = None if quantize else dtype
@@ -759,7 +759,11 @@ class _Packer:
         dtype: torch.dtype,
         quantize: str | None,
         compile: bool = False,
+        from_file: bool = False,
     ) -> None:
+        #: Tensors come straight from the checkpoint file, never written to (not a reference
+        #: model's parameters, which fine-tuning may have changed in their mapped pages).
+        self.from_file = from_file
         self.model = model
         self.modules = dict(model.named_modules())
         self.device, self.dtype, self.quantize = device, dtype, quantize
@@ -809,10 +813,11 @@ class _Packer:
         if self.kernels is not None:
             builders = _layer_builders(self.dtype)
             shape = (weight.shape[0], weight.shape[1])
-            # float32: our panel kernel never measured slower than oneDNN's or our row
-            # kernel's, at any row count (PanelLinear); it is kept unless beaten.
-            fp32_panels = "panels" in builders and self.dtype == torch.float32
-            incumbent = "panels" if fp32_panels else "onednn"
+            # float32, and bf16 with its dot-product kernel: our panel kernels never measured
+            # slower than oneDNN's or our row kernel's, at any row count (PanelLinear); they
+            # are kept unless beaten.
+            ours = self.dtype == torch.float32 or native.pairs_supported()
+            incumbent = "panels" if "panels" in builders and ours else "onednn"
             layout = self.kernels.layout("linear", shape, builders, incumbent)
             return _LAYER_LAYOUTS[layout](self._put(weight), bias)
         return plain_linear(self._put(weight), bias)
@@ -864,7 +869,10 @@ class _Packer:
         fp32 = self.dtype == torch.float32
         layout = self.kernels.layout("head", shape, _head_builders(self.dtype))
         if layout == "panels":
-            return PanelLinear(weight, None)
+            head = PanelLinear(weight, None)
+            if self.from_file:  # the embedding's pages, all read for the copy, may go:
+                release_pages(weight)  # lookups read a few rows back from the file
+            return head
         if layout == "onednn" and not fp32:
             return PackedHead(weight)
         onednn = fp32 and layout != "linear"  # oneDNN in place for more rows

@@ -21,8 +21,9 @@ it for its last token only). Each layout's score is the sum of its two times
 relative to the fastest at that row count; the lowest score wins, but another layout than
 the incumbent must beat it by `MARGIN` to be chosen, so that noise on a busy machine does
 not flip the choice. The incumbent is `onednn` (the layout chosen before measurements
-existed), except for float32 layers where our panel kernel is built: it never measured
-slower than the others, at any row count.
+existed), except for float32 layers where our panel kernels are built, and bf16 layers
+where the CPU also has their bf16 dot product: they never measured slower than the others,
+at any row count.
 
 Results are cached in `kernels.json` in the user cache dir ($XDG_CACHE_HOME/gptneo,
 ~/.cache/gptneo), keyed by CPU model, torch version, thread count, dtype and shape: later

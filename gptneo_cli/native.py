@@ -9,7 +9,7 @@ faster still and serve any number of rows: a batched step or a verify costs abou
 one row costs, and prompts ran 1.1-1.4x oneDNN's float32 GEMM.
 
 How it ships: the C source is package data. The first load on a machine compiles it with the
-system C compiler (`$CC`, else `cc`/`gcc`; about 0.3 s) into the user cache dir
+system C compiler (`$CC`, else `cc`/`gcc`; under a second) into the user cache dir
 (`$XDG_CACHE_HOME/gptneo/native/`, keyed by a hash of the source, the flags and the
 compiler), and later loads only open that file. It needs an x86-64 CPU with AVX-512 and a
 compiler; without either, or with `GPTNEO_NATIVE=0`, nothing is built and the fast path

@@ -286,6 +286,24 @@ def _unmapped() -> None:
     _LIVE_MAPS[0] -= 1
 
 
+#: Live mappings by the address of the tensor that views them (`release_pages`).
+_MAPPINGS: weakref.WeakValueDictionary[int, mmap.mmap] = weakref.WeakValueDictionary()
+
+
+def release_pages(tensor: torch.Tensor) -> bool:
+    """Drop the resident pages of a tensor mapped from a checkpoint file (as `_map_tensor`
+    made it), so that it stops counting in the process's memory; what is read again comes
+    back from the file. For a matrix that a copy in another layout now serves (the
+    embedding under the fast path's panel head: lookups touch a few rows per token). Never
+    written to, so nothing is lost. False where the tensor is no such mapping."""
+    mapped = _MAPPINGS.get(tensor.data_ptr())
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if mapped is None or advice is None:
+        return False
+    mapped.madvise(advice)
+    return True
+
+
 def _map_tensor(
     handle: BinaryIO, begin: int, dtype: torch.dtype, shape: list[int]
 ) -> torch.Tensor | None:
@@ -310,6 +328,7 @@ def _map_tensor(
     flat = torch.frombuffer(
         mapped, dtype=dtype, count=nbytes // dtype.itemsize, offset=begin - start
     )
+    _MAPPINGS[flat.data_ptr()] = mapped
     return flat.view(shape)
 
 

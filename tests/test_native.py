@@ -327,3 +327,55 @@ def test_a_missing_source_is_unavailable_not_a_crash(fresh_native, monkeypatch, 
     if native.cpu_supported() and native.compiler() is not None:
         assert native.status().startswith("unavailable (")
     assert native.library() is None
+
+
+def _mapped_checkpoint(folder: Path) -> Path:
+    """A checkpoint whose embedding (500 x 64 float32, 125 KiB) is big enough to be mapped."""
+    from gptneo_cli.modeling import GPTNeoConfig, GPTNeoForCausalLM
+
+    config = {"vocab_size": 500, "hidden_size": 64, "num_layers": 2, "num_heads": 4}
+    config["attention_types"] = [[["global", "local"], 1]]
+    GPTNeoForCausalLM(GPTNeoConfig.from_dict({"model_type": "gpt_neo", **config})).save_pretrained(
+        folder
+    )
+    return folder
+
+
+def test_released_pages_read_back_from_the_file(tmp_path):
+    from gptneo_cli import weights
+    from gptneo_cli.modeling import GPTNeoForCausalLM
+
+    model = GPTNeoForCausalLM.from_pretrained(_mapped_checkpoint(tmp_path))
+    wte = model.transformer.wte.weight
+    before = wte.detach().clone()
+    assert weights.release_pages(wte)  # a mapping of the file: its pages may go
+    assert torch.equal(wte, before)  # and come back from the file
+    assert not weights.release_pages(before)  # an ordinary tensor: left alone
+
+
+@needs_native
+def test_a_panel_head_releases_the_embedding_pages_only_when_loaded_from_the_file(
+    tmp_path, monkeypatch
+):
+    """FastCausalLM.from_pretrained drops the embedding's pages after copying it into the
+    head's panels (lookups read rows back from the file) and still matches the reference;
+    optimize_for_inference never does, since a reference model's mapped pages may hold
+    changes made in memory (fine-tuning), which dropping them would undo."""
+    from gptneo_cli.modeling import GPTNeoForCausalLM
+
+    folder = _mapped_checkpoint(tmp_path)
+    released = []
+    real = fast.release_pages
+    monkeypatch.setattr(fast, "release_pages", lambda t: released.append(real(t)) or True)
+    monkeypatch.setenv("GPTNEO_KERNEL", "panels")
+    model = FastCausalLM.from_pretrained(folder)
+    assert isinstance(model.lm_head, fast.PanelLinear) and released == [True]
+    reference = GPTNeoForCausalLM.from_pretrained(folder)
+    ids = torch.randint(1, 500, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, reference(ids).logits, atol=1e-4)
+        reference.transformer.wte.weight.add_(1.0)  # changed in memory, not in the file
+        changed = reference.transformer.wte.weight.clone()
+        optimized = fast.optimize_for_inference(reference)
+    assert released == [True]  # not called again
+    assert torch.equal(optimized.transformer.wte.weight, changed)
