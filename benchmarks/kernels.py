@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from bench import machine
 
 from gptneo_cli import native
-from gptneo_cli.fast import quantize_rows
+from gptneo_cli.fast import Int8Linear, quantize_rows
 
 HIDDEN, INNER, VOCAB, MATRICES = 768, 3072, 50257, 52
 
@@ -73,11 +73,14 @@ def _rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
 
 
 def _packed(w: torch.Tensor, scales: torch.Tensor | None = None) -> tuple:
-    return native.pack_panels(w), w.shape[0], scales
+    """The panels fast.py holds (bf16 as pairs where the CPU has the bf16 dot product)."""
+    return native.panel_weights(w), w.shape[0], scales
 
 
 def _panels(x: torch.Tensor, packed: tuple) -> torch.Tensor:
-    return native.panels(x, *packed)
+    """As fast.py runs them: int8 prompts (64+ rows) with bf16 activations."""
+    prompt = x.shape[0] >= Int8Linear.DEQUANT_ROWS
+    return native.panels(x, *packed, None, prompt)
 
 
 def int8_candidates(weights: list[torch.Tensor]) -> dict[str, tuple]:

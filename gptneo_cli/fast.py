@@ -210,7 +210,7 @@ class PanelLinear(FastLinear):
     For float32 it beat both our row kernel and oneDNN on every gpt-neo-125M matrix
     measured: one row 1.2-1.3x the row kernel, 8 rows (a batched step, a verify) about the
     cost of one, 32-512 rows (prompts) 1.1-1.4x oneDNN (docs/PERFORMANCE.md). bf16 runs as
-    pairs through AVX512-BF16 dot products where the CPU has them (prompts 1.1-1.4x
+    pairs through AVX512-BF16 dot products where the CPU has them (prompts 0.96-1.4x
     oneDNN's bf16 GEMM), else float32 FMAs. As a head it holds its own copy of the
     embedding matrix (the embedding keeps its rows for lookups)."""
 
@@ -270,7 +270,7 @@ class Int8Linear(FastLinear):
     `panels` (CPU, where our kernels are built and measured faster): the matrix is held as
     panels only and runs our panel kernels at every row count: below DEQUANT_ROWS (decode
     steps, batched steps, verifies) in float32, exact to float32 rounding (no bf16
-    activations or output), 1.1-1.6x the int8 kernel at 1-8 rows; from DEQUANT_ROWS rows (a
+    activations or output), 1.4-1.8x the int8 kernel at 1-8 rows; from DEQUANT_ROWS rows (a
     prompt) with bf16 activations through AVX512-BF16 dot products where the CPU has them,
     as fast as the bf16 GEMM on converted rows, with no rows kept. `keep_rows` keeps the
     rows where they are shared anyway (the head's are the embedding's): there, DEQUANT_ROWS
