@@ -773,8 +773,9 @@ class _Packer:
         self.columns = quantize is None and cpu and dtype == torch.float32 and not self.packed
         #: Where packing works, the layout of each shape is measured (or cached, or forced).
         self.kernels = KernelChooser(dtype) if self.packed else None
-        #: int8 on CPU: whether products run the panel kernel, measured the same way.
-        int8_panels = quantize == "int8" and cpu and native.available()
+        #: int8 on CPU: whether products run the panel kernel, measured the same way (not
+        #: under torch.compile, which cannot trace a call into our library).
+        int8_panels = quantize == "int8" and cpu and not compile and native.available()
         self.int8_kernels = KernelChooser(torch.float32) if int8_panels else None
         #: Linear layers waiting for their other pieces: module name -> {"weight"/"bias": tensor}
         self.pending: dict[str, dict[str, Any]] = {}

@@ -318,8 +318,10 @@ def test_int8_top1_agreement_on_the_demo_model(quantize, path, floor):
 # ---- compiled decode step -------------------------------------------------------------------
 
 
-def test_compiled_decode_step_equals_eager(tmp_path):
-    """Tiny on purpose: compiling takes ~20 s on two cores."""
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_compiled_decode_step_equals_eager(tmp_path, quantize):
+    """Tiny on purpose: compiling takes ~20 s on two cores. int8 too: its layers must stay
+    traceable (our native kernels are not used under compile)."""
     ref = build_reference(
         "causal_lm",
         vocab_size=64,
@@ -331,8 +333,8 @@ def test_compiled_decode_step_equals_eager(tmp_path):
         max_position_embeddings=300,
     )
     folder = save_reference(ref, tmp_path / "m")
-    eager = FastCausalLM.from_pretrained(folder)
-    compiled = FastCausalLM.from_pretrained(folder, compile=True)
+    eager = FastCausalLM.from_pretrained(folder, quantize=quantize)
+    compiled = FastCausalLM.from_pretrained(folder, quantize=quantize, compile=True)
     ids = torch.randint(0, 64, (1, 14), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         full = ref(ids).logits
@@ -343,8 +345,12 @@ def test_compiled_decode_step_equals_eager(tmp_path):
             steps += [model(ids[:, t : t + 1], cache=cache).logits for t in range(3, 14)]
             outs.append(torch.cat(steps, dim=1))
     assert compiled.compiled and compiled.new_cache(1, 14).max_length == fast.COMPILE_BUCKET
-    assert max_diff(outs[1], outs[0]) < TOL
-    assert max_diff(outs[1], full) < TOL
+    if quantize is None:
+        assert max_diff(outs[1], outs[0]) < TOL
+        assert max_diff(outs[1], full) < TOL
+    else:  # eager int8 runs float32 products, compiled int8 torch's kernel on bf16 rows
+        spread = (full.max() - full.min()).item()
+        assert max_diff(outs[1], outs[0]) < 0.02 * spread
 
 
 # ---- the reader ------------------------------------------------------------------------------
