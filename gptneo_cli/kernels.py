@@ -6,7 +6,7 @@ The fast path (gptneo_cli/fast.py) can hold a linear layer's matrix these ways o
   the plain embedding matrix read in place by oneDNN;
 - `linear`: the checkpoint's [out, in] rows through F.linear (MKL for float32);
 - `columns`: transposed, [in, out], through torch.mm (`ColumnLinear`; not for the head);
-- `native`: the plain rows through our own one-row kernel (gptneo_cli/native.py) for a
+- `native`: the plain rows through our own row kernel (gptneo_cli/native.py) for a
   decode step, oneDNN reading the same rows in place for more rows (float32 and bf16, where
   the kernel could be built);
 - `panels`: a copy repacked into column panels, every row count through our panel kernels

@@ -155,7 +155,7 @@ def _devices(dtype_name: str) -> list[dict[str, Any]]:
         (
             torch.device("cpu"),
             f"native bf16: {'yes' if cpu_has_fast_bf16() else 'no'}, "
-            f"one-row kernels: {native.status()}",
+            f"our kernels: {native.status()}",
         )
     ]
     if torch.cuda.is_available():
