@@ -48,14 +48,6 @@ static inline __attribute__((always_inline)) void f32_block(
     for (int k = 0; k < rows; k++) y[k] = finish(acc[k], bias ? bias + k : 0);
 }
 
-static void f32_rows(const float *w, const float *x, const float *bias, float *y,
-                     int64_t start, int64_t end, int64_t n) {
-    int64_t o = start;
-    for (; o + ROWS <= end; o += ROWS)
-        f32_block(w + o * n, x, bias ? bias + o : 0, y + o, n, ROWS);
-    for (; o < end; o++) f32_block(w + o * n, x, bias ? bias + o : 0, y + o, n, 1);
-}
-
 /* 16 int8 or bf16 weights as float32 (bf16 also masked, for a row's tail). bf16 is the top
  * half of a float32, so a shift is exact. */
 static inline __m512 i8_to_f32(const int8_t *p) {
@@ -105,13 +97,19 @@ static inline __attribute__((always_inline)) void bf16_block(
         y[k] = finish(acc[k], bias ? bias + k : 0);
 }
 
-static void bf16_rows(const uint16_t *w, const float *x, const float *bias, float *y,
-                      int64_t start, int64_t end, int64_t n) {
-    int64_t o = start;
-    for (; o + ROWS <= end; o += ROWS)
-        bf16_block(w + o * n, x, bias ? bias + o : 0, y + o, n, ROWS);
-    for (; o < end; o++) bf16_block(w + o * n, x, bias ? bias + o : 0, y + o, n, 1);
-}
+/* Weight rows [start, end) of a float32 or bf16 matrix: whole blocks of ROWS, then single
+ * rows. */
+#define ROWS_OF(NAME, T)                                                                     \
+    static void NAME##_rows(const T *w, const float *x, const float *bias, float *y,        \
+                            int64_t start, int64_t end, int64_t n) {                         \
+        int64_t o = start;                                                                   \
+        for (; o + ROWS <= end; o += ROWS)                                                   \
+            NAME##_block(w + o * n, x, bias ? bias + o : 0, y + o, n, ROWS);                 \
+        for (; o < end; o++) NAME##_block(w + o * n, x, bias ? bias + o : 0, y + o, n, 1);   \
+    }
+
+ROWS_OF(f32, float)
+ROWS_OF(bf16, uint16_t)
 
 /* Rows [start, end) of thread t of T: whole blocks of ROWS, the last thread takes the rest. */
 static void share(int64_t m, int t, int T, int64_t *start, int64_t *end) {
