@@ -166,11 +166,14 @@ def test_forced_kernels_decode_like_the_reference(tiny_checkpoint, config, layou
 
 
 @needs_native
-@pytest.mark.parametrize("layout", ["native", "panels"])
+@pytest.mark.parametrize("layout", ["native", "panels", "panels without bf16 dot products"])
 def test_forced_kernels_bf16_decode_like_the_bf16_reference(tiny_checkpoint, layout, monkeypatch):
     """The row kernel (bf16 rows in place) or the panels (bf16 pairs through AVX512-BF16 dot
-    products where the CPU has them), prompt, decode steps and a 5-row step."""
-    monkeypatch.setenv("GPTNEO_KERNEL", layout)
+    products where the CPU has them, else float32 FMAs on bf16 panels), prompt, decode
+    steps and a 5-row step."""
+    if layout.startswith("panels "):
+        monkeypatch.setattr(native, "pairs_supported", lambda: False)  # an older AVX-512 CPU
+    monkeypatch.setenv("GPTNEO_KERNEL", layout.split()[0])
     folder, ref = tiny_checkpoint("causal_lm", "alternating")
     model = FastCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     if layout == "native":
@@ -195,13 +198,16 @@ def test_forced_kernels_bf16_decode_like_the_bf16_reference(tiny_checkpoint, lay
 
 
 @needs_native
+@pytest.mark.parametrize("dot", [True, False])
 @pytest.mark.parametrize("rows", [1, 6, 63, 64, 200])
-def test_int8_panel_products_are_float32_exact(tiny_checkpoint, monkeypatch, rows):
+def test_int8_panel_products_are_float32_exact(tiny_checkpoint, monkeypatch, rows, dot):
     """With the panel kernel an int8 layer's product below DEQUANT_ROWS rows is the float32
     product of the int8 values and scales (no bf16 activations), and the head needs no
     refinement; from DEQUANT_ROWS rows on (a prompt) the activations are rounded to bf16
     where the CPU has the dot-product kernel, and the head (which keeps its shared rows)
     runs the bf16 GEMM and refines its top logits."""
+    if not dot:  # a CPU without AVX512-BF16: prompts stay float32 too
+        monkeypatch.setattr(native, "pairs_supported", lambda: False)
     monkeypatch.setenv("GPTNEO_KERNEL", "panels")
     folder, _ = tiny_checkpoint("causal_lm", "alternating")
     model = FastCausalLM.from_pretrained(folder, quantize="int8")
