@@ -89,6 +89,8 @@ class KVCache:
                 f"the KV cache holds {self.max_length} positions; {past} used, {new} more asked"
             )
         keys, values = self.keys[layer], self.values[layer]
+        # the cache may hold another dtype than the activations (a model's `cache_dtype`)
+        k, v = k.to(keys.dtype), v.to(values.dtype)
         if self.kinds[layer] == "global":
             keys[:, :, past : past + new] = k
             values[:, :, past : past + new] = v

@@ -130,6 +130,11 @@ class GPTNeoPreTrainedModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The KV cache's dtype: the model's (the fast path may keep another, fast.py)."""
+        return self.dtype
+
     def base(self) -> GPTNeoModel:
         raise NotImplementedError
 
@@ -150,7 +155,7 @@ class GPTNeoPreTrainedModel(nn.Module):
             self.config,
             batch_size,
             max_length,
-            dtype=self.dtype,
+            dtype=self.cache_dtype,
             device=self.device,
             spare=spare,
         )
@@ -315,7 +320,9 @@ class GPTNeoSelfAttention(nn.Module):
             )
         if step.cache is not None:
             k, v = step.cache.update(self.layer, k, v)
-        out = attend(q, k, v, step.plans[self.kind], step.backend, step.key_valid)
+        # a cache held in another dtype than the activations (`cache_dtype`) sets the math's
+        q, dtype = q.to(k.dtype), q.dtype
+        out = attend(q, k, v, step.plans[self.kind], step.backend, step.key_valid).to(dtype)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, c))
 
 

@@ -273,6 +273,8 @@ class RowCache:
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store a layer's new keys/values; return what to attend over (matches plans())."""
+        # the cache may hold another dtype than the activations (a model's `cache_dtype`)
+        k, v = k.to(self.dtype), v.to(self.dtype)
         local = self.kinds[layer] == "local"
         if self._mode == "decode":
             return self._update_decode(layer, local, k, v)

@@ -269,12 +269,9 @@ class Scheduler:
         self._prefill_rows = max(1, min(prefill_rows or max_running, max_running))
         # Known needs (generate: every row and its length) size the caches once.
         size = {"capacity": positions, "initial_rows": max_running} if positions else {}
-        self._cache = RowCache(
-            self.config, max_running, dtype=self.dtype, device=self.device, **size
-        )
-        self._pcache = RowCache(
-            self.config, self._prefill_rows, dtype=self.dtype, device=self.device, **size
-        )
+        cached = {"dtype": getattr(model, "cache_dtype", self.dtype), "device": self.device}
+        self._cache = RowCache(self.config, max_running, **cached, **size)
+        self._pcache = RowCache(self.config, self._prefill_rows, **cached, **size)
         self._lock = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._prefilling: list[_Seq] = []

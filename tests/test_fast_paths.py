@@ -169,6 +169,31 @@ def test_generate_gives_the_reference_tokens(tiny_checkpoint, dtype):
     assert got == want
 
 
+def test_bf16_on_cpu_keeps_its_cache_in_float32(tiny_checkpoint):
+    """A bf16 model's KV cache is float32 on CPU (torch's attention kernel is much faster
+    there for a decode step), in KVCache and in the scheduler's RowCache; the decode still
+    gives the bf16 reference's logits, and the reference keeps its own dtype."""
+    from gptneo_cli.scheduler import Scheduler
+
+    folder, _ = tiny_checkpoint("causal_lm", "alternating")
+    reference = GPTNeoForCausalLM.from_pretrained(folder, dtype="bfloat16")
+    model = FastCausalLM.from_pretrained(folder, dtype="bfloat16")
+    assert reference.cache_dtype == torch.bfloat16
+    assert model.dtype == torch.bfloat16 and model.cache_dtype == torch.float32
+    cache = model.new_cache(1, 20)
+    assert {t.dtype for t in (*cache.keys, *cache.values)} == {torch.float32}
+    tokenizer = type("Ids", (), {"eos_id": 0})()
+    assert Scheduler(model, tokenizer, max_running=2)._cache.keys[0].dtype == torch.float32
+    ids = torch.randint(1, 131, (1, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = reference(ids).logits.float()
+        got = [model(ids[:, :5], cache=cache).logits]
+        got += [model(ids[:, t : t + 1], cache=cache).logits for t in range(5, 20)]
+    got_all = torch.cat(got, dim=1)
+    assert got_all.dtype == torch.bfloat16  # activations and logits stay bf16
+    assert (got_all.float() - want).abs().max().item() < 0.03 * (want.max() - want.min()).item()
+
+
 @pytest.mark.parametrize("layout", ["onednn", "linear"])
 def test_bf16_layouts_match_the_reference_bf16(tiny_checkpoint, layout, monkeypatch):
     """Both bf16 layouts gptneo_cli.kernels may choose: prepacked and plain rows."""
