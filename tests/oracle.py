@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 #: The real GPT-2 vocabulary (never copied into the repo): ../shared/assets/gpt2-tokenizer,
@@ -92,3 +93,20 @@ def save_reference(model, folder: Path, fmt: str = "safetensors") -> Path:
         torch.save(state, folder / "pytorch_model.bin")
     assert (folder / ("pytorch_model.bin" if fmt == "bin" else "model.safetensors")).is_file()
     return folder
+
+
+class IdTokenizer:
+    """Token ids as text (" 12"): enough for the engine without a real vocabulary; id 0 is
+    eos (ignored with ignore_eos)."""
+
+    eos_id = bos_id = 0
+    vocab_size = 61
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids) -> str:
+        return "".join(f" {i}" for i in ids)
+
+    def stream_decoder(self) -> SimpleNamespace:
+        return SimpleNamespace(push=lambda token: f" {token}", finish=lambda: "")

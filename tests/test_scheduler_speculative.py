@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import copy
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
+from oracle import IdTokenizer
 
 from gptneo_cli import speculative
 from gptneo_cli.config import GPTNeoConfig
@@ -50,21 +50,6 @@ SHAPES = {
         window_size=4,
     ),
 }
-
-
-class IdTokenizer:
-    """Token ids as text (" 12"); id 0 is eos."""
-
-    eos_id = bos_id = 0
-
-    def encode(self, text: str) -> list[int]:
-        return [int(t) for t in text.split()]
-
-    def decode(self, ids) -> str:
-        return "".join(f" {i}" for i in ids)
-
-    def stream_decoder(self) -> SimpleNamespace:
-        return SimpleNamespace(push=lambda token: f" {token}", finish=lambda: "")
 
 
 TOK = IdTokenizer()

@@ -9,10 +9,10 @@ import json
 import math
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
+from oracle import IdTokenizer
 
 from gptneo_cli import speculative
 from gptneo_cli.config import GPTNeoConfig
@@ -49,23 +49,6 @@ SHAPES = {
         window_size=4,
     ),
 }
-
-
-class IdTokenizer:
-    """Token ids as text: enough for the engine (eos 0 is ignored with ignore_eos)."""
-
-    eos_id = 0
-    bos_id = 0
-    vocab_size = 61
-
-    def encode(self, text: str) -> list[int]:
-        return [int(t) for t in text.split()]
-
-    def decode(self, ids) -> str:
-        return "".join(f" {i}" for i in ids)
-
-    def stream_decoder(self) -> SimpleNamespace:
-        return SimpleNamespace(push=lambda token: f" {token}", finish=lambda: "")
 
 
 TOK = IdTokenizer()
