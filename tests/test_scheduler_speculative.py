@@ -283,9 +283,15 @@ def _exact_pairs(model, prompt: list[int]) -> torch.Tensor:
     return joint.view(SMALL, SMALL, SMALL).sum(0).flatten()
 
 
-def _chi2(model, prompt: list[int], runs: int) -> tuple[float, int, int]:
-    """(chi-square, degrees of freedom, drafts kept) of the scheduler's sampled (t2, t3)."""
-    config = GenerationConfig(temperature=1.0, top_k=0, ignore_eos=True, prompt_lookup=2)
+#: Sampling from the model's distribution, drafting by prompt lookup.
+LOOKUP = GenerationConfig(temperature=1.0, top_k=0, ignore_eos=True, prompt_lookup=2)
+
+
+def _chi2(
+    model, prompt: list[int], runs: int, config: GenerationConfig = LOOKUP
+) -> tuple[float, int, int]:
+    """(chi-square, degrees of freedom, drafts kept) of the scheduler's sampled (t2, t3),
+    drafting as `config` says, 1 or 2 tokens per step."""
     configs = [config.replace(seed=seed, draft_tokens=1 + seed % 2) for seed in range(runs)]
     sched = Scheduler(model, TOK, max_running=16, max_queue=runs, background=False)
     reqs = [Request(prompt, c, 3) for c in configs]
@@ -372,21 +378,7 @@ def _chi2_draft(runs: int) -> tuple[float, int, int]:
     model = _small_model()
     # a peaked draft, far from the model: many rejections, a residual far from p and q
     speculative.attach_draft(model, "d", random_model("mixed", seed=9, vocab=SMALL, std=0.8))
-    config = GenerationConfig(temperature=1.0, top_k=0, ignore_eos=True, draft_model="d")
-    sched = Scheduler(model, TOK, max_running=16, max_queue=runs, background=False)
-    reqs = [Request(PROMPT, config.replace(seed=s, draft_tokens=1 + s % 2), 3) for s in range(runs)]
-    for r in reqs:
-        sched.submit(r)
-    sched.drive(reqs)
-    counts = torch.zeros(SMALL * SMALL, dtype=torch.float64)
-    for r in reqs:
-        counts[r.result.token_ids[1] * SMALL + r.result.token_ids[2]] += 1
-    expected = _exact_pairs(model, PROMPT) * runs
-    big = expected >= 5
-    chi2 = float(((counts[big] - expected[big]) ** 2 / expected[big]).sum())
-    rest = expected[~big].sum()
-    chi2 += float((counts[~big].sum() - rest) ** 2 / max(rest, 1))
-    return chi2, int(big.sum()), sched.accepted_tokens_total
+    return _chi2(model, PROMPT, runs, LOOKUP.replace(prompt_lookup=0, draft_model="d"))
 
 
 def test_sampling_with_a_draft_model_keeps_the_models_distribution():
