@@ -90,6 +90,17 @@ class Running:
         return float(match.group(1))
 
 
+def served_tiny() -> tuple[Any, Any]:
+    """The bundled demo model as `gptneo serve` loads it (the fast layout), and its
+    tokenizer: what the server tests serve (each file in a module-scoped fixture)."""
+    from gptneo_cli.fast import FastCausalLM
+    from gptneo_cli.hub import resolve_model_dir
+    from gptneo_cli.tokenizer import load_tokenizer
+
+    path = resolve_model_dir("tiny")
+    return FastCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
+
+
 def greedy_ids(model: Any, ids: list[int], steps: int) -> list[int]:
     """The reference: greedy tokens from full forward passes, no cache, no batching."""
     seq, out = list(ids), []

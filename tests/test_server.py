@@ -22,21 +22,16 @@ import openai
 import pytest
 import torch
 from helpers_cli import cli_env, gptneo_command
-from helpers_server import Running, error_of, greedy_ids
+from helpers_server import Running, error_of, greedy_ids, served_tiny
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gptneo_cli.fast import FastCausalLM
-from gptneo_cli.hub import resolve_model_dir
 from gptneo_cli.server.run import bind
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from gptneo_cli.tokenizer import load_tokenizer
-
-    path = resolve_model_dir("tiny")  # served as `gptneo serve` loads it: the fast layout
-    return FastCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
+    return served_tiny()
 
 
 @pytest.fixture(scope="module")

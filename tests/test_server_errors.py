@@ -14,18 +14,12 @@ import time
 import httpx
 import pytest
 from helpers_cli import cli_env, gptneo_command
-from helpers_server import Running, error_of
-
-from gptneo_cli.fast import FastCausalLM
-from gptneo_cli.hub import resolve_model_dir
+from helpers_server import Running, error_of, served_tiny
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from gptneo_cli.tokenizer import load_tokenizer
-
-    path = resolve_model_dir("tiny")
-    return FastCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
+    return served_tiny()
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,9 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from helpers_server import Running, error_of
+from helpers_server import Running, error_of, served_tiny
 
 from gptneo_cli import speculative
-from gptneo_cli.fast import FastCausalLM
 from gptneo_cli.hub import resolve_model_dir
 
 #: Text that repeats, so drafts copied from it are often right.
@@ -21,10 +20,7 @@ PROMPTS = [CODE, "Once upon a time", CODE[:30], "import os\nimport sys\nimport "
 
 @pytest.fixture(scope="module")
 def tiny():
-    from gptneo_cli.tokenizer import load_tokenizer
-
-    path = resolve_model_dir("tiny")
-    return FastCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
+    return served_tiny()
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +41,19 @@ def _complete(srv, prompt: str, **extra):
     return out.choices[0]
 
 
+def _stream(srv, prompt: str, **extra) -> list:
+    """The streamed choices of a greedy 40-token completion (chunks without one dropped)."""
+    chunks = srv.client.completions.create(
+        model="tiny",
+        prompt=prompt,
+        max_tokens=40,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True, **extra},
+    )
+    return [c.choices[0] for c in chunks if c.choices]
+
+
 def test_greedy_text_is_the_same_with_prompt_lookup(srv) -> None:
     drafted = srv.metric("gptneo_draft_tokens_total")
     accepted = srv.metric("gptneo_draft_accepted_tokens_total")
@@ -61,15 +70,7 @@ def test_greedy_text_is_the_same_with_prompt_lookup(srv) -> None:
 
 def test_streaming_with_prompt_lookup_gives_the_same_text(srv) -> None:
     want = _complete(srv, CODE).text
-    chunks = srv.client.completions.create(
-        model="tiny",
-        prompt=CODE,
-        max_tokens=40,
-        temperature=0,
-        stream=True,
-        extra_body={"ignore_eos": True, "prompt_lookup": 2, "draft_tokens": 8},
-    )
-    pieces = [c.choices[0] for c in chunks if c.choices]
+    pieces = _stream(srv, CODE, prompt_lookup=2, draft_tokens=8)
     assert "".join(p.text for p in pieces) == want
     assert [p.finish_reason for p in pieces if p.finish_reason] == ["length"]
     chat = dict(model="tiny", messages=[{"role": "user", "content": CODE}], max_tokens=30)
@@ -158,15 +159,8 @@ def test_a_served_draft_model_gives_the_same_text(tiny) -> None:
             drafted = list(pool.map(lambda p: _complete(running, p).text, PROMPTS))
         assert drafted == plain
         assert running.metric("gptneo_draft_accepted_tokens_total") > 0
-        chunks = running.client.completions.create(
-            model="tiny",
-            prompt=CODE,
-            max_tokens=40,
-            temperature=0,
-            stream=True,
-            extra_body={"ignore_eos": True, "draft_model": "self-int8", "draft_tokens": 7},
-        )
-        assert "".join(c.choices[0].text for c in chunks if c.choices) == plain[0]
+        pieces = _stream(running, CODE, draft_model="self-int8", draft_tokens=7)
+        assert "".join(p.text for p in pieces) == plain[0]
         assert _complete(running, CODE, prompt_lookup=3).text == plain[0]
         r = running.http.post("/v1/completions", json={"prompt": "x", "draft_model": "125m"})
         err = error_of(r)

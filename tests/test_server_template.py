@@ -11,7 +11,7 @@ import subprocess
 import httpx
 import pytest
 from helpers_cli import cli_env, gptneo_command, run_cli
-from helpers_server import Running, greedy_ids
+from helpers_server import Running, greedy_ids, served_tiny
 
 from gptneo_cli.conversation import (
     BUILTIN_TEMPLATES,
@@ -20,8 +20,6 @@ from gptneo_cli.conversation import (
     Turn,
     load_chat_template,
 )
-from gptneo_cli.fast import FastCausalLM
-from gptneo_cli.hub import resolve_model_dir
 
 MESSAGES = [
     {"role": "user", "content": "Hi"},
@@ -32,10 +30,7 @@ MESSAGES = [
 
 @pytest.fixture(scope="module")
 def tiny():
-    from gptneo_cli.tokenizer import load_tokenizer
-
-    path = resolve_model_dir("tiny")
-    return FastCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
+    return served_tiny()
 
 
 def test_named_and_file_templates(tmp_path) -> None:
