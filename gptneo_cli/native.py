@@ -89,7 +89,8 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.gemv_f32.argtypes, lib.gemv_f32.restype = _ARGS_F32, None
     lib.gemv_bf16.argtypes, lib.gemv_bf16.restype = _ARGS_F32, None
-    for function in (lib.panels_f32, lib.panels_bf16, lib.panels_i8, lib.panels_pairs):
+    for name in _PANEL_KERNELS.values():
+        function = getattr(lib, name)
         function.argtypes, function.restype = _ARGS_GEMM, None
     lib.panels_i8_pairs.argtypes, lib.panels_i8_pairs.restype = _ARGS_GEMM, ctypes.c_int
     if lib.panel_width() != PANEL or not _agrees(lib):
@@ -274,6 +275,15 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
+#: The panel kernel for each panel dtype (int32: bf16 pairs).
+_PANEL_KERNELS = {
+    torch.float32: "panels_f32",
+    torch.bfloat16: "panels_bf16",
+    torch.int8: "panels_i8",
+    torch.int32: "panels_pairs",
+}
+
+
 def _call_panels(
     lib: ctypes.CDLL,
     x: torch.Tensor,
@@ -295,12 +305,7 @@ def _call_panels(
         if lib.panels_i8_pairs(*args, out_features, n, rows, torch.get_num_threads()):
             raise MemoryError("panels_i8_pairs: no memory for a panel's buffer")
         return y
-    function = {
-        torch.float32: lib.panels_f32,
-        torch.bfloat16: lib.panels_bf16,
-        torch.int8: lib.panels_i8,
-        torch.int32: lib.panels_pairs,
-    }[panels.dtype]
+    function = getattr(lib, _PANEL_KERNELS[panels.dtype])
     function(*args, out_features, n, rows, torch.get_num_threads())
     return y
 
