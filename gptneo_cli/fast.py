@@ -520,6 +520,9 @@ class FastCausalLM(GPTNeoForCausalLM):
         self.compiled = False
         self._dtype, self._device = torch.float32, torch.device("cpu")
         self._step: Any = None
+        #: The native decode step (gptneo_cli/step.py): None until the first decode step
+        #: builds it, False where the model cannot run it.
+        self._native: Any = None
 
     # ---- what callers look at -----------------------------------------------------------
     @property
@@ -607,7 +610,13 @@ class FastCausalLM(GPTNeoForCausalLM):
         output_hidden_states: bool = False,
     ) -> GPTNeoOutput:
         """GPTNeoForCausalLM.forward; once compiled, one unpadded token after a prefill
-        (batch 1) goes through the compiled step instead."""
+        (batch 1) goes through the compiled step instead; otherwise one unpadded token per
+        row goes through the native decode step where the model has one (step.py)."""
+        if self._step is None and cache is not None and not output_hidden_states:
+            native_step = self._native_step()
+            if native_step and native_step.ready(input_ids, attention_mask, position_ids, cache):
+                logits = self.lm_head(native_step(input_ids, cache).to(self._dtype))
+                return GPTNeoOutput(logits=logits, cache=cache)
         if (
             self._step is not None
             and cache is not None
@@ -634,6 +643,14 @@ class FastCausalLM(GPTNeoForCausalLM):
         return super().forward(
             input_ids, attention_mask, position_ids, cache, logits_to_keep, output_hidden_states
         )
+
+    def _native_step(self) -> Any:
+        if self._native is None:
+            from . import step
+
+            built = not step.disabled() and step.NativeStep.build(self)
+            self.__dict__["_native"] = built or False
+        return self._native
 
     # ---- compile --------------------------------------------------------------------------
     def compile_decode(self) -> None:

@@ -6,7 +6,8 @@ speed for that shape (measured per matrix in docs/PERFORMANCE.md: oneDNN's float
 30-48 GB/s, MKL's 17-25, the weight-only int8 kernel ~30, on a machine whose memory streams
 77 GB/s); our row kernels reach 58-72 GB/s there. The panel kernels (a repacked copy) read
 faster still and serve any number of rows: a batched step or a verify costs about what
-one row costs, and prompts ran 1.1-1.4x oneDNN's float32 GEMM.
+one row costs, and prompts ran 1.1-1.4x oneDNN's float32 GEMM. `decode_step` runs a whole
+decoded token of a panel-held model in one call (gptneo_cli/step.py says why).
 
 How it ships: the C source is package data. The first load on a machine compiles it with the
 system C compiler (`$CC`, else `cc`/`gcc`; under a second) into the user cache dir
@@ -54,6 +55,47 @@ _ARGS_F32 = [_F32, _F32, _F32, _F32, ctypes.c_int64, ctypes.c_int64, ctypes.c_in
 _ARGS_GEMM = [_F32] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
 
 
+_I64 = ctypes.c_int64
+#: decode_step(layers, count, keys, values, capacity, x, rows, pos, heads, dim, inner, eps,
+#: lnf_w, lnf_b, scratch, threads): pointers are passed as integers.
+_ARGS_STEP = [_F32, _I64, _F32, _F32, _F32, _F32, _I64, _I64, _I64, _I64, _I64, ctypes.c_float]
+_ARGS_STEP += [_F32, _F32, _F32, ctypes.c_int]
+
+
+class Mat(ctypes.Structure):
+    """csrc/gemv.c's Mat: one matrix of the decode step, as panels."""
+
+    _fields_ = [
+        ("panels", _F32),
+        ("scale", _F32),
+        ("bias", _F32),
+        ("m", _I64),
+        ("n", _I64),
+        ("inputs", _I64),
+        ("kind", _I64),
+    ]
+
+
+class Layer(ctypes.Structure):
+    """csrc/gemv.c's Layer: one block of the decode step."""
+
+    _fields_ = [
+        ("ln1_w", _F32),
+        ("ln1_b", _F32),
+        ("ln2_w", _F32),
+        ("ln2_b", _F32),
+        ("qkv", Mat),
+        ("out", Mat),
+        ("fc", Mat),
+        ("proj", Mat),
+        ("window", _I64),
+    ]
+
+
+#: Mat.kind of each panel dtype (int32: bf16 pairs).
+STEP_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int32: 2, torch.int8: 3}
+
+
 def disabled(environ: Mapping[str, str] = os.environ) -> bool:
     return environ.get(ENV, "").strip().lower() in ("0", "off", "no", "false")
 
@@ -93,6 +135,9 @@ def library() -> ctypes.CDLL | None:
         function = getattr(lib, name)
         function.argtypes, function.restype = _ARGS_GEMM, None
     lib.panels_i8_pairs.argtypes, lib.panels_i8_pairs.restype = _ARGS_GEMM, ctypes.c_int
+    lib.step_scratch.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_int]
+    lib.step_scratch.restype = ctypes.c_int64
+    lib.decode_step.argtypes, lib.decode_step.restype = _ARGS_STEP, None
     if lib.panel_width() != PANEL or not _agrees(lib):
         log.warning("native kernels disagree with torch's on a check matrix; using torch's")
         return None

@@ -8,7 +8,9 @@
  *   prefetch (58-72 GB/s there), one activation row:
  *     y[o] = sum_i W[o, i] * x[i] (+ bias[o])      gemv_f32: W float32, gemv_bf16: W bf16
  * - panel kernels read a copy repacked into column panels, any number of activation rows,
- *   float32, bf16 or int8 weights (below, "panels").
+ *   float32, bf16 or int8 weights (below, "panels");
+ * - the decode step runs every block of a panel-held model for one new token per row
+ *   (gptneo_cli/step.py): products, layer norms, attention and GELU in one OpenMP region.
  *
  * Both split the outputs between OpenMP threads (the same OpenMP runtime torch uses, which is
  * loaded first). x, scale, bias and y are float32; products and sums are float32 in every
@@ -17,6 +19,7 @@
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
+#include <math.h>
 #include <stdlib.h>
 
 #define ROWS 8          /* weight rows read together: 8 prefetch streams per thread */
@@ -159,10 +162,47 @@ int panel_width(void) { return PANEL; }
 
 static inline __m512 f32_to_f32(const float *p) { return _mm512_loadu_ps(p); }
 
+/* What a panel kernel does with y[r, o] = scale * sum + bias: store it, add it to y (a
+ * residual), or store its GELU (tanh form, the decode step's MLP). */
+enum { STORE = 0, ADD = 1, GELU = 2 };
+
+static inline __m512 exp512(__m512 x);
+
+/* gelu_new: 0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)), u = sqrt(2 / pi) (x + 0.044715 x^3). */
+static inline __m512 gelu512(__m512 x) {
+    __m512 u = _mm512_mul_ps(x, _mm512_mul_ps(x, x));
+    u = _mm512_mul_ps(_mm512_fmadd_ps(u, _mm512_set1_ps(0.044715f), x),
+                      _mm512_set1_ps(-1.5957691216057308f));
+    return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(u)));
+}
+
+static inline void finish_panel(__m512 acc, __m512 s, __m512 b, float *y, __mmask16 msk, int mode) {
+    __m512 out = _mm512_fmadd_ps(acc, s, b);
+    if (mode == ADD) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(msk, y));
+    else if (mode == GELU) out = gelu512(out);
+    _mm512_mask_storeu_ps(y, msk, out);
+}
+
+/* The literal row counts 1..8 (so the sums stay in registers) for rows [0, rows) in blocks
+ * of 8: CALL(count) runs one block at row r. */
+#define EIGHT_AT_A_TIME(rows, CALL)                                                           \
+    for (int64_t r = 0; r < (rows); r += 8) {                                                 \
+        switch ((rows) - r < 8 ? (rows) - r : 8) {                                            \
+        case 1: CALL(1); break;                                                               \
+        case 2: CALL(2); break;                                                               \
+        case 3: CALL(3); break;                                                               \
+        case 4: CALL(4); break;                                                               \
+        case 5: CALL(5); break;                                                               \
+        case 6: CALL(6); break;                                                               \
+        case 7: CALL(7); break;                                                               \
+        default: CALL(8);                                                                     \
+        }                                                                                     \
+    }
+
 #define PANELS(NAME, T)                                                                       \
     static inline __attribute__((always_inline)) void NAME##_panel(                          \
         const T *p, const float *x, int64_t n, int rows, const float *scale,                  \
-        const float *bias, float *y, int64_t m, int cols) {                                   \
+        const float *bias, float *y, int64_t m, int cols, int mode) {                         \
         __m512 acc[8][VECS];                                                                  \
         for (int r = 0; r < 8; r++)                                                           \
             for (int v = 0; v < VECS; v++) acc[r][v] = _mm512_setzero_ps();                   \
@@ -182,35 +222,32 @@ static inline __m512 f32_to_f32(const float *p) { return _mm512_loadu_ps(p); }
             __m512 s = scale ? _mm512_maskz_loadu_ps(msk, scale + 16 * v) : _mm512_set1_ps(1); \
             __m512 b = bias ? _mm512_maskz_loadu_ps(msk, bias + 16 * v) : _mm512_setzero_ps(); \
             for (int r = 0; r < rows; r++)                                                    \
-                _mm512_mask_storeu_ps(y + r * m + 16 * v, msk, _mm512_fmadd_ps(acc[r][v], s, b)); \
+                finish_panel(acc[r][v], s, b, y + r * m + 16 * v, msk, mode);                 \
         }                                                                                     \
+    }                                                                                         \
+                                                                                              \
+    /* Panel b (outputs [b * PANEL, ...)) for every row of x. */                              \
+    static void NAME##_panel_b(const T *p, const float *x, const float *scale,                \
+                               const float *bias, float *y, int64_t m, int64_t n, int64_t rows, \
+                             int64_t b, int mode) {                                           \
+        int64_t o = b * PANEL;                                                                \
+        int cols = m - o < PANEL ? (int)(m - o) : PANEL;                                      \
+        const float *s = scale ? scale + o : 0, *bb = bias ? bias + o : 0;                    \
+        const T *pb = p + b * n * PANEL;                                                      \
+        EIGHT_AT_A_TIME(rows, NAME##_CALL)                                                    \
     }                                                                                         \
                                                                                               \
     void panels_##NAME(const T *p, const float *x, const float *scale, const float *bias,    \
                        float *y, int64_t m, int64_t n, int64_t rows, int threads) {           \
         int64_t count = (m + PANEL - 1) / PANEL;                                              \
         _Pragma("omp parallel for num_threads(threads) schedule(static) if (threads > 1)")    \
-        for (int64_t b = 0; b < count; b++) {                                                 \
-            int64_t o = b * PANEL;                                                            \
-            int cols = m - o < PANEL ? (int)(m - o) : PANEL;                                  \
-            const float *s = scale ? scale + o : 0, *bb = bias ? bias + o : 0;                \
-            for (int64_t r = 0; r < rows; r += 8) {                                           \
-                const T *pb = p + b * n * PANEL;                                              \
-                const float *xs = x + r * n;                                                  \
-                float *ys = y + r * m + o;                                                    \
-                switch (rows - r < 8 ? rows - r : 8) { /* literal row counts: registers */    \
-                case 1: NAME##_panel(pb, xs, n, 1, s, bb, ys, m, cols); break;                \
-                case 2: NAME##_panel(pb, xs, n, 2, s, bb, ys, m, cols); break;                \
-                case 3: NAME##_panel(pb, xs, n, 3, s, bb, ys, m, cols); break;                \
-                case 4: NAME##_panel(pb, xs, n, 4, s, bb, ys, m, cols); break;                \
-                case 5: NAME##_panel(pb, xs, n, 5, s, bb, ys, m, cols); break;                \
-                case 6: NAME##_panel(pb, xs, n, 6, s, bb, ys, m, cols); break;                \
-                case 7: NAME##_panel(pb, xs, n, 7, s, bb, ys, m, cols); break;                \
-                default: NAME##_panel(pb, xs, n, 8, s, bb, ys, m, cols);                      \
-                }                                                                             \
-            }                                                                                 \
-        }                                                                                     \
+        for (int64_t b = 0; b < count; b++)                                                   \
+            NAME##_panel_b(p, x, scale, bias, y, m, n, rows, b, STORE);                       \
     }
+
+#define f32_CALL(k) f32_panel(pb, x + r * n, n, k, s, bb, y + r * m + o, m, cols, mode)
+#define i8_CALL(k) i8_panel(pb, x + r * n, n, k, s, bb, y + r * m + o, m, cols, mode)
+#define bf16_CALL(k) bf16_panel(pb, x + r * n, n, k, s, bb, y + r * m + o, m, cols, mode)
 
 PANELS(f32, float)
 PANELS(i8, int8_t)
@@ -226,7 +263,7 @@ PANELS(bf16, uint16_t)
 
 static inline __attribute__((always_inline)) DOT void dot_panel(
     const uint32_t *p, const uint32_t *x, int64_t n, int rows, const float *scale,
-    const float *bias, float *y, int64_t m, int cols) {
+    const float *bias, float *y, int64_t m, int cols, int mode) {
     __m512 acc[8][VECS];
     for (int r = 0; r < 8; r++)
         for (int v = 0; v < VECS; v++) acc[r][v] = _mm512_setzero_ps();
@@ -246,27 +283,16 @@ static inline __attribute__((always_inline)) DOT void dot_panel(
         __m512 s = scale ? _mm512_maskz_loadu_ps(msk, scale + 16 * v) : _mm512_set1_ps(1);
         __m512 b = bias ? _mm512_maskz_loadu_ps(msk, bias + 16 * v) : _mm512_setzero_ps();
         for (int r = 0; r < rows; r++)
-            _mm512_mask_storeu_ps(y + r * m + 16 * v, msk, _mm512_fmadd_ps(acc[r][v], s, b));
+            finish_panel(acc[r][v], s, b, y + r * m + 16 * v, msk, mode);
     }
 }
 
 /* Every row of x (8 at a time) times one panel `p` of pairs: outputs [o, o + cols). */
 static DOT void dot_rows(const uint32_t *p, const uint32_t *x, int64_t n, int64_t rows,
-                         const float *scale, const float *bias, float *y, int64_t m, int cols) {
-    for (int64_t r = 0; r < rows; r += 8) {
-        const uint32_t *xs = x + r * n;
-        float *ys = y + r * m;
-        switch (rows - r < 8 ? rows - r : 8) { /* literal row counts: registers */
-        case 1: dot_panel(p, xs, n, 1, scale, bias, ys, m, cols); break;
-        case 2: dot_panel(p, xs, n, 2, scale, bias, ys, m, cols); break;
-        case 3: dot_panel(p, xs, n, 3, scale, bias, ys, m, cols); break;
-        case 4: dot_panel(p, xs, n, 4, scale, bias, ys, m, cols); break;
-        case 5: dot_panel(p, xs, n, 5, scale, bias, ys, m, cols); break;
-        case 6: dot_panel(p, xs, n, 6, scale, bias, ys, m, cols); break;
-        case 7: dot_panel(p, xs, n, 7, scale, bias, ys, m, cols); break;
-        default: dot_panel(p, xs, n, 8, scale, bias, ys, m, cols);
-        }
-    }
+                         const float *scale, const float *bias, float *y, int64_t m, int cols,
+                         int mode) {
+#define DOT_CALL(k) dot_panel(p, x + r * n, n, k, scale, bias, y + r * m, m, cols, mode)
+    EIGHT_AT_A_TIME(rows, DOT_CALL)
 }
 
 DOT void panels_pairs(const uint32_t *p, const uint32_t *x, const float *scale, const float *bias,
@@ -277,7 +303,7 @@ DOT void panels_pairs(const uint32_t *p, const uint32_t *x, const float *scale, 
     for (int64_t b = 0; b < count; b++) {
         int64_t o = b * PANEL;
         int cols = m - o < PANEL ? (int)(m - o) : PANEL;
-        dot_rows(p + b * n * PANEL, x, n, rows, 0, bias ? bias + o : 0, y + o, m, cols);
+        dot_rows(p + b * n * PANEL, x, n, rows, 0, bias ? bias + o : 0, y + o, m, cols, STORE);
     }
 }
 
@@ -314,9 +340,211 @@ DOT int panels_i8_pairs(const int8_t *p, const uint32_t *x, const float *scale, 
             int64_t o = b * PANEL;
             int cols = m - o < PANEL ? (int)(m - o) : PANEL;
             i8_pairs(p + b * n * PANEL, n, buffer);
-            dot_rows(buffer, x, pairs, rows, scale + o, bias ? bias + o : 0, y + o, m, cols);
+            dot_rows(buffer, x, pairs, rows, scale + o, bias ? bias + o : 0, y + o, m, cols, STORE);
         }
         free(buffer);
     }
     return failed ? -1 : 0;
+}
+
+/* ---- the decode step: every block of the model for one new token per row ------------------
+ * Each decoded token runs ~50 products and ~150 small ops (layer norms, attention, GELU,
+ * adds); through torch those cost ~1.3 ms of a 4-7 ms token (125M shape, 2 threads), which
+ * kept bf16 and int8 decoding far from memory speed. Here they run in one OpenMP region:
+ * the products are the panel kernels above (bias, residual add and GELU in their
+ * epilogues), the rest is a few microseconds of vector code between barriers.
+ *
+ * Activations and the KV cache are float32 (a bf16 matrix as pairs gets its input rounded
+ * to bf16, as a bf16 model's is); every row of the batch is at step `pos`, with no padding.
+ * Attention is GPT-Neo's: unscaled scores, causal; a local layer sees the last `window`
+ * steps, held in a ring of `capacity` slots (step t in slot t % capacity).
+ */
+enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_PAIRS = 2, KIND_I8 = 3 };
+
+typedef struct {
+    const void *panels;
+    const float *scale, *bias; /* scale: int8 only; either may be NULL */
+    int64_t m, n, inputs;      /* outputs, panel rows (pairs: words), input width */
+    int64_t kind;
+} Mat;
+
+typedef struct {
+    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+    Mat qkv, out, fc, proj;
+    int64_t window; /* 0: global */
+} Layer;
+
+/* exp for float32 lanes: 2^k * p(r), r = x - k ln 2 (Cephes' expf polynomial, ~1 ulp). */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, k);
+}
+
+static float sum512(const float *x, int64_t n, float shift, int squares) {
+    __m512 acc = _mm512_setzero_ps(), c = _mm512_set1_ps(shift);
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = tail_mask(n - i);
+        __m512 v = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, x + i), c);
+        acc = squares ? _mm512_fmadd_ps(v, v, acc) : _mm512_add_ps(acc, v);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* y = LayerNorm(x) for `rows` rows of width n (two passes: mean, then variance). */
+static void layer_norm(const float *x, const float *w, const float *b, float *y, int64_t rows,
+                       int64_t n, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        float mean = sum512(xr, n, 0.0f, 0) / (float)n;
+        float var = sum512(xr, n, mean, 1) / (float)n + eps;
+        float rstd = 1.0f / _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(var)));
+        __m512 mv = _mm512_set1_ps(mean), sv = _mm512_set1_ps(rstd);
+        for (int64_t i = 0; i < n; i += 16) {
+            __mmask16 m = tail_mask(n - i);
+            __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, xr + i), mv), sv);
+            v = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m, w + i), _mm512_maskz_loadu_ps(m, b + i));
+            _mm512_mask_storeu_ps(y + r * n + i, m, v);
+        }
+    }
+}
+
+/* Rows of n float32 as bf16 pairs (round to nearest even; a zero pads an odd width). */
+static DOT void to_pairs(const float *x, uint32_t *out, int64_t rows, int64_t n) {
+    int64_t words = (n + 1) / 2;
+    for (int64_t r = 0; r < rows; r++) {
+        uint16_t *o = (uint16_t *)(out + r * words);
+        for (int64_t i = 0; i < n; i += 16) {
+            __mmask16 m = tail_mask(n - i);
+            __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x + r * n + i));
+            _mm256_mask_storeu_epi16(o + i, m, (__m256i)h);
+        }
+        if (n % 2) o[n] = 0;
+    }
+}
+
+/* y (mode: STORE, ADD, GELU) = x times w, the panels shared between the team's threads. */
+static void product(const Mat *w, const float *x, int64_t rows, float *y, int mode,
+                    uint32_t *pairs) {
+    int64_t count = (w->m + PANEL - 1) / PANEL;
+    if (w->kind == KIND_PAIRS) {
+#pragma omp single
+        to_pairs(x, pairs, rows, w->inputs);
+    }
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < count; b++) {
+        switch (w->kind) {
+        case KIND_F32: f32_panel_b(w->panels, x, w->scale, w->bias, y, w->m, w->n, rows, b, mode); break;
+        case KIND_BF16: bf16_panel_b(w->panels, x, w->scale, w->bias, y, w->m, w->n, rows, b, mode); break;
+        case KIND_I8: i8_panel_b(w->panels, x, w->scale, w->bias, y, w->m, w->n, rows, b, mode); break;
+        default: {
+            int64_t o = b * PANEL;
+            int cols = w->m - o < PANEL ? (int)(w->m - o) : PANEL;
+            dot_rows((const uint32_t *)w->panels + b * w->n * PANEL, pairs, w->n, rows, 0,
+                     w->bias ? w->bias + o : 0, y + o, w->m, cols, mode);
+        }
+        }
+    }
+}
+
+static inline float dot64(const float *a, const float *b, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = tail_mask(n - i);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* One (row, head): store this step's key and value, attend over the visible steps.
+ * qkv: the row's [q | k | v], each `width` wide; keys/values: this (row, head)'s slots. */
+static void attend_one(const float *q, const float *k, const float *v, float *keys, float *values,
+                       int64_t capacity, int64_t window, int64_t pos, int64_t dim,
+                       float *scores, float *out) {
+    int64_t slot = pos % capacity;
+    for (int64_t d = 0; d < dim; d++) {
+        keys[slot * dim + d] = k[d];
+        values[slot * dim + d] = v[d];
+    }
+    int64_t first = window && pos - window + 1 > 0 ? pos - window + 1 : 0;
+    int64_t count = pos - first + 1;
+    float best = -INFINITY;
+    for (int64_t t = 0; t < count; t++) {
+        scores[t] = dot64(q, keys + ((first + t) % capacity) * dim, dim);
+        best = scores[t] > best ? scores[t] : best;
+    }
+    __m512 total = _mm512_setzero_ps(), top = _mm512_set1_ps(best);
+    for (int64_t t = 0; t < count; t += 16) {
+        __mmask16 m = tail_mask(count - t);
+        __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + t), top)));
+        _mm512_mask_storeu_ps(scores + t, m, e);
+        total = _mm512_add_ps(total, e);
+    }
+    float norm = 1.0f / _mm512_reduce_add_ps(total);
+    for (int64_t d = 0; d < dim; d += 16) {
+        __mmask16 m = tail_mask(dim - d);
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t t = 0; t < count; t++) {
+            const float *row = values + ((first + t) % capacity) * dim + d;
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[t]), _mm512_maskz_loadu_ps(m, row), acc);
+        }
+        _mm512_mask_storeu_ps(out + d, m, _mm512_mul_ps(acc, _mm512_set1_ps(norm)));
+    }
+}
+
+/* Every layer for `rows` rows at step `pos`: x [rows, width] (the embeddings) becomes the
+ * final LayerNorm of the last block's output. keys[l]/values[l]: layer l's cache,
+ * [rows, heads, capacity[l], dim] float32. scratch: floats for the intermediates,
+ * rows * (5 * width + inner + (max(width, inner) + 1) / 2) + threads * the largest capacity
+ * (`step_scratch`). */
+int64_t step_scratch(int64_t rows, int64_t width, int64_t inner, int64_t capacity, int threads) {
+    int64_t widest = width > inner ? width : inner;
+    return rows * (5 * width + inner + (widest + 1) / 2) + threads * capacity;
+}
+
+void decode_step(const Layer *layers, int64_t count, float *const *keys, float *const *values,
+                 const int64_t *capacity, float *x, int64_t rows, int64_t pos, int64_t heads,
+                 int64_t dim, int64_t inner, float eps, const float *lnf_w, const float *lnf_b,
+                 float *scratch, int threads) {
+    int64_t width = heads * dim, widest = width > inner ? width : inner, most = 0;
+    for (int64_t l = 0; l < count; l++) most = capacity[l] > most ? capacity[l] : most;
+    float *h = scratch, *qkv = h + rows * width, *att = qkv + 3 * rows * width;
+    float *f = att + rows * width;
+    uint32_t *pairs = (uint32_t *)(f + rows * inner);
+    float *scores = (float *)(pairs + rows * ((widest + 1) / 2));
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        float *mine = scores + omp_get_thread_num() * most;
+        for (int64_t l = 0; l < count; l++) {
+            const Layer *L = layers + l;
+#pragma omp single
+            layer_norm(x, L->ln1_w, L->ln1_b, h, rows, width, eps);
+            product(&L->qkv, h, rows, qkv, STORE, pairs);
+#pragma omp for schedule(static)
+            for (int64_t rh = 0; rh < rows * heads; rh++) {
+                int64_t r = rh / heads, head = rh % heads;
+                const float *q = qkv + r * 3 * width + head * dim;
+                int64_t at = rh * capacity[l] * dim;
+                attend_one(q, q + width, q + 2 * width, keys[l] + at, values[l] + at,
+                           capacity[l], L->window, pos, dim, mine, att + r * width + head * dim);
+            }
+            product(&L->out, att, rows, x, ADD, pairs);
+#pragma omp single
+            layer_norm(x, L->ln2_w, L->ln2_b, h, rows, width, eps);
+            product(&L->fc, h, rows, f, GELU, pairs);
+            product(&L->proj, f, rows, x, ADD, pairs);
+        }
+#pragma omp single
+        layer_norm(x, lnf_w, lnf_b, x, rows, width, eps);
+    }
 }

@@ -1,0 +1,186 @@
+"""The native decode step: every block of a fast model, for one new token per row, in one
+call into our C library (csrc/gemv.c, `decode_step`).
+
+Why: through torch, the ~150 small ops of a decoded token (layer norms, attention, GELU,
+adds, the Python around ~50 products) cost ~1.3 ms on gpt-neo-125M with 2 threads: a
+fifth of a bf16 token and a third of an int8 one, time in which no weight is read. The C
+step runs them between the panel products in one OpenMP region (bias, residual and GELU
+fused into the products' epilogues), so decoding runs closer to memory speed
+(docs/PERFORMANCE.md).
+
+When it runs: a FastCausalLM on CPU whose four matrices per block are all panels (the
+float32/bf16 `PanelLinear`, int8 `Int8Linear(panels=True)`), with a tanh-GELU activation,
+decoding one token per row with a `KVCache` held in float32, no padding anywhere and
+positions following the cache. Anything else (prompts, verifies, padded batches, the
+scheduler's rows, a compiled step) runs the torch path, as does every model where the
+library is missing. Activations are float32 (a bf16 model's are rounded to bf16 where they
+enter a bf16 product, as they are on the torch path); tests/test_step.py compares it with
+the torch path and with transformers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from . import native
+from .cache import KVCache
+
+#: GPTNEO_NATIVE_STEP=0 keeps decoding on the torch path (A/B measurements, a suspected bug).
+ENV = "GPTNEO_NATIVE_STEP"
+
+#: The activations the C step computes (GELU's tanh form); others run the torch path.
+TANH_GELU = {"gelu_new", "gelu_fast", "gelu_accurate", "gelu_pytorch_tanh", "gelu_python_tanh"}
+
+
+def disabled(environ: Mapping[str, str] = os.environ) -> bool:
+    return environ.get(ENV, "").strip().lower() in ("0", "off", "no", "false")
+
+
+class NativeStep:
+    """A model's blocks as csrc/gemv.c `Layer`s, built once; `ready` says whether a call
+    can run here, `__call__` runs it. `NativeStep.build(model)` is None where the model's
+    layers are not all panels (module docstring)."""
+
+    def __init__(
+        self, model: Any, lib: ctypes.CDLL, layers: list[native.Layer], keep: list[torch.Tensor]
+    ) -> None:
+        config = model.config
+        self.model, self.lib = model, lib
+        self.layers = (native.Layer * len(layers))(*layers)
+        self.count = len(layers)
+        self.heads, self.dim, self.inner = config.num_heads, config.head_dim, config.inner_size
+        self.width = config.hidden_size
+        self.eps = config.layer_norm_epsilon
+        ln_f = model.transformer.ln_f
+        keep += [ln_f.weight.detach().float(), ln_f.bias.detach().float()]
+        self.lnf = keep[-2].data_ptr(), keep[-1].data_ptr()
+        self._keep = keep  # the float32 copies the structures point into
+        self._scratch: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    @classmethod
+    def build(cls, model: Any) -> NativeStep | None:
+        config = model.config
+        lib = native.library()
+        if lib is None or model.device.type != "cpu" or config.activation_function not in TANH_GELU:
+            return None
+        keep: list[torch.Tensor] = []
+        layers = []
+        for block in model.transformer.h:
+            attention = block.attn.attention
+            mats = [
+                _mat(module, inputs, keep)
+                for module, inputs in (
+                    (attention.qkv_proj, config.hidden_size),
+                    (attention.out_proj, config.hidden_size),
+                    (block.mlp.c_fc, config.hidden_size),
+                    (block.mlp.c_proj, config.inner_size),
+                )
+            ]
+            if any(mat is None for mat in mats):
+                return None
+            norms = []
+            for norm in (block.ln_1, block.ln_2):
+                keep += [norm.weight.detach().float(), norm.bias.detach().float()]
+                norms += [keep[-2].data_ptr(), keep[-1].data_ptr()]
+            window = config.window_size if attention.kind == "local" else 0
+            layers.append(native.Layer(*norms, *mats, window))
+        return cls(model, lib, layers, keep)
+
+    def ready(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache: Any,
+    ) -> bool:
+        """One new token per row, no padding, positions from the cache, a float32 KVCache
+        with room for it; anything else is the torch path's (which also raises the errors)."""
+        if type(cache) is not KVCache or cache.key_valid is not None or position_ids is not None:
+            return False
+        if input_ids.dim() != 2 or tuple(input_ids.shape) != (cache.batch_size, 1):
+            return False
+        if cache.length + 1 > cache.max_length or cache.keys[0].dtype != torch.float32:
+            return False
+        if attention_mask is not None:
+            rows, past = input_ids.shape[0], cache.length
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != rows:
+                return False
+            if attention_mask.shape[1] not in (1, past + 1):
+                return False
+            if not bool(attention_mask[:, -1].all()):
+                return False
+        return _cache_pointers(cache, self.heads, self.dim) is not None
+
+    def __call__(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The final hidden states [rows, 1, width] (float32) of one step; the cache holds
+        its keys and values and has advanced."""
+        rows, pos = input_ids.shape[0], cache.length
+        base = self.model.transformer
+        x = base.wte(input_ids[:, 0]).float() + base.wpe.weight[pos].float()
+        keys, values, capacity = _cache_pointers(cache, self.heads, self.dim)  # type: ignore[misc]
+        threads = torch.get_num_threads()
+        scratch = self._scratch_for(rows, threads, cache)
+        self.lib.decode_step(
+            ctypes.addressof(self.layers), self.count, keys, values, capacity,
+            x.data_ptr(), rows, pos, self.heads, self.dim, self.inner, self.eps,
+            *self.lnf, scratch.data_ptr(), threads,
+        )  # fmt: skip
+        cache.advance(1)
+        return x.view(rows, 1, self.width)
+
+    def _scratch_for(self, rows: int, threads: int, cache: KVCache) -> torch.Tensor:
+        most = max(keys.shape[2] for keys in cache.keys)
+        key = (rows, threads, most)
+        scratch = self._scratch.get(key)
+        if scratch is None:
+            size = self.lib.step_scratch(rows, self.width, self.inner, most, threads)
+            self._scratch = {key: torch.empty(size, dtype=torch.float32)}  # one at a time
+            scratch = self._scratch[key]
+        return scratch
+
+
+def _mat(module: Any, inputs: int, keep: list[torch.Tensor]) -> native.Mat | None:
+    """A csrc/gemv.c Mat for a panel-held linear layer, or None for any other layout."""
+    from .fast import Int8Linear, PanelLinear
+
+    if type(module) is PanelLinear:
+        panels, scale = module.panels, None
+        bias = module._parameters.get("bias")
+    elif isinstance(module, Int8Linear) and module.panels:
+        panels, scale = module.qpanels, module.scales32
+        bias = module._parameters.get("bias")
+    else:
+        return None
+    width = (inputs + 1) // 2 if panels.dtype == torch.int32 else inputs
+    if panels.dim() != 3 or panels.shape[1] != width or panels.shape[2] != native.PANEL:
+        return None
+    if bias is not None:
+        keep.append(bias.detach().float().contiguous())
+        bias = keep[-1]
+    pointers = [native._ptr(t) for t in (panels, scale, bias)]
+    kind = native.STEP_KINDS[panels.dtype]
+    return native.Mat(*pointers, module.out_features, width, inputs, kind)
+
+
+def _cache_pointers(cache: KVCache, heads: int, dim: int) -> tuple[int, int, int] | None:
+    """Addresses of arrays of the cache's key/value buffers and capacities, built once per
+    set of buffers (`keep_rows` replaces them); None where a buffer is not a contiguous
+    float32 [rows, heads, capacity, dim]."""
+    held = getattr(cache, "_native_pointers", None)
+    if held is None or held[0] is not cache.keys or held[1] is not cache.values:
+        rows, count = cache.batch_size, len(cache.keys)
+        for t in (*cache.keys, *cache.values):
+            shape_ok = t.dim() == 4 and (t.shape[0], t.shape[1], t.shape[3]) == (rows, heads, dim)
+            if not (shape_ok and t.is_contiguous() and t.dtype == torch.float32):
+                return None
+        keys = (ctypes.c_void_p * count)(*[t.data_ptr() for t in cache.keys])
+        values = (ctypes.c_void_p * count)(*[t.data_ptr() for t in cache.values])
+        capacity = (ctypes.c_int64 * count)(*[t.shape[2] for t in cache.keys])
+        held = (cache.keys, cache.values, keys, values, capacity)
+        cache._native_pointers = held
+    return tuple(ctypes.addressof(array) for array in held[2:])  # type: ignore[return-value]

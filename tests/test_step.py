@@ -1,0 +1,218 @@
+"""The native decode step (gptneo_cli/step.py, csrc/gemv.c decode_step) against the torch
+path and transformers: float32, bf16 and int8 panels, ragged widths (head sizes and inner
+widths that are not multiples of 16, odd widths for bf16 pairs), local rings wrapped many
+times, batches losing rows, rings with spare slots after rejected drafts; and every case it
+must leave to the torch path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracle import build_reference, save_reference
+
+from gptneo_cli import native, step
+from gptneo_cli.fast import FastCausalLM
+
+pytestmark = pytest.mark.skipif(
+    not native.available(), reason="no AVX-512 CPU or no C compiler: the native kernels are off"
+)
+
+#: Widths chosen to hit every tail: head_dim 8 and 9, inner 70 and 33 (odd: a padded pair),
+#: hidden 45 (odd), windows far shorter than the decoded length.
+SHAPES = {
+    "ragged": dict(
+        vocab_size=103,
+        hidden_size=40,
+        num_heads=5,
+        num_layers=3,
+        attention_types=[[["local", "global"], 1], [["local"], 1]],
+        window_size=5,
+        intermediate_size=70,
+    ),
+    "odd": dict(
+        vocab_size=89,
+        hidden_size=45,
+        num_heads=5,
+        num_layers=2,
+        attention_types=[[["global", "local"], 1]],
+        window_size=7,
+        intermediate_size=33,
+    ),
+    "wide": dict(
+        vocab_size=211,
+        hidden_size=96,
+        num_heads=3,
+        num_layers=2,
+        attention_types=[[["local", "global"], 1]],
+        window_size=9,
+    ),
+}
+STEPS = 40
+
+
+@pytest.fixture
+def panels(monkeypatch):
+    monkeypatch.setenv("GPTNEO_KERNEL", "panels")
+
+
+def checkpoint(tmp_path, shape: str, **overrides):
+    config = {**SHAPES[shape], "max_position_embeddings": 96, **overrides}
+    ref = build_reference("causal_lm", **config)
+    return save_reference(ref, tmp_path / shape), ref
+
+
+def load(folder, **kwargs) -> FastCausalLM:
+    model = FastCausalLM.from_pretrained(folder, **kwargs)
+    assert isinstance(model._native_step(), step.NativeStep)
+    return model
+
+
+def decode(model: FastCausalLM, ids: torch.Tensor, native_step: bool, spare: int = 0):
+    """Logits of a 3-token prefill, then of every later token fed one at a time."""
+    model.__dict__["_native"] = None if native_step else False
+    with torch.no_grad():
+        cache = model.new_cache(ids.shape[0], ids.shape[1], spare=spare)
+        out = [model(ids[:, :3], cache=cache).logits.float()]
+        out += [
+            model(ids[:, t : t + 1], cache=cache).logits.float() for t in range(3, ids.shape[1])
+        ]
+    return torch.cat(out, dim=1)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """How many native steps ran: a test that expects the native path proves it did."""
+    calls = []
+    run = step.NativeStep.__call__
+
+    def counting(self, input_ids, cache):
+        calls.append(input_ids.shape[0])
+        return run(self, input_ids, cache)
+
+    monkeypatch.setattr(step.NativeStep, "__call__", counting)
+    return calls
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_float32_steps_equal_transformers_and_the_torch_path(tmp_path, panels, counted, shape):
+    folder, ref = checkpoint(tmp_path, shape)
+    model = load(folder)
+    ids = torch.randint(
+        0, SHAPES[shape]["vocab_size"], (2, STEPS), generator=torch.Generator().manual_seed(1)
+    )
+    got = decode(model, ids, True)
+    assert len(counted) == STEPS - 3
+    with torch.no_grad():
+        want = ref(ids).logits
+    assert (got - want).abs().max().item() < 1e-4
+    assert (got - decode(model, ids, False)).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("dot", [True, False])
+@pytest.mark.parametrize("shape", ["ragged", "odd"])
+def test_bf16_steps_stay_within_bf16_of_float32(tmp_path, panels, counted, monkeypatch, shape, dot):
+    """bf16 panels (as pairs for the dot-product kernel, or float32 FMAs on a CPU without
+    it): the native step is at least as close to float32 as the torch path's bf16."""
+    if not dot:
+        monkeypatch.setattr(native, "pairs_supported", lambda: False)
+    elif not native.pairs_supported():
+        pytest.skip("the CPU has no AVX512-BF16")
+    folder, ref = checkpoint(tmp_path, shape)
+    model = load(folder, dtype=torch.bfloat16)
+    kind = model.transformer.h[0].mlp.c_proj.panels.dtype
+    assert kind == (torch.int32 if dot else torch.bfloat16)
+    ids = torch.randint(
+        0, SHAPES[shape]["vocab_size"], (1, STEPS), generator=torch.Generator().manual_seed(2)
+    )
+    with torch.no_grad():
+        want = ref(ids).logits
+    got = decode(model, ids, True)
+    assert counted
+    torch_error = (decode(model, ids, False) - want).abs().max().item()
+    native_error = (got - want).abs().max().item()
+    assert native_error < 0.03 * (want.max() - want.min()).item()
+    assert native_error <= 1.5 * torch_error + 1e-3
+
+
+@pytest.mark.parametrize("shape", ["ragged", "wide"])
+def test_int8_steps_equal_the_torch_path(tmp_path, panels, counted, shape):
+    """int8 panels below 64 rows are float32-exact on both paths."""
+    folder, _ = checkpoint(tmp_path, shape)
+    model = load(folder, quantize="int8")
+    ids = torch.randint(
+        0, SHAPES[shape]["vocab_size"], (3, STEPS), generator=torch.Generator().manual_seed(3)
+    )
+    got = decode(model, ids, True)
+    assert len(counted) == STEPS - 3
+    assert (got - decode(model, ids, False)).abs().max().item() < 1e-4
+
+
+def test_rows_leaving_the_batch_and_rejected_drafts(tmp_path, panels, counted):
+    """keep_rows replaces the cache's buffers (the step must follow them), and a ring with
+    spare slots truncated after rejected drafts keeps giving the torch path's logits."""
+    folder, _ = checkpoint(tmp_path, "ragged")
+    model = load(folder)
+    ids = torch.randint(0, 103, (3, STEPS), generator=torch.Generator().manual_seed(4))
+
+    def run(native_step: bool) -> list[torch.Tensor]:
+        model.__dict__["_native"] = None if native_step else False
+        out = []
+        with torch.no_grad():
+            cache = model.new_cache(3, STEPS, spare=4)
+            model(ids[:, :3], cache=cache)
+            for t in range(3, 20):
+                out.append(model(ids[:, t : t + 1], cache=cache).logits)
+            cache.keep_rows(torch.tensor([0, 2]))
+            for t in range(20, 30):
+                out.append(model(ids[[0, 2], t : t + 1], cache=cache).logits)
+            cache.truncate(cache.length - 3)  # three drafts rejected
+            for t in range(27, STEPS):
+                out.append(model(ids[[0, 2], t : t + 1], cache=cache).logits)
+        return out
+
+    got = run(True)
+    assert len(counted) == 17 + 10 + 13
+    for a, b in zip(got, run(False), strict=True):
+        assert (a - b).abs().max().item() < 1e-4
+
+
+def test_what_the_step_leaves_to_the_torch_path(tmp_path, panels, counted):
+    folder, _ = checkpoint(tmp_path, "ragged")
+    model = load(folder)
+    native_step = model._native_step()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        cache = model.new_cache(1, 6)
+        model(ids[:, :3], cache=cache)
+        one = ids[:, 3:4]
+        assert native_step.ready(one, None, None, cache)
+        assert native_step.ready(one, torch.ones(1, 4), None, cache)
+        assert not native_step.ready(one, torch.tensor([[1, 1, 1, 0]]), None, cache)  # padding
+        assert not native_step.ready(one, torch.ones(1, 2), None, cache)  # a wrong mask
+        assert not native_step.ready(one, None, torch.tensor([[3]]), cache)  # own positions
+        assert not native_step.ready(ids[:, 2:4], None, None, cache)  # two new tokens
+        assert not native_step.ready(torch.tensor([[1], [2]]), None, None, cache)  # rows
+        bf16 = model.new_cache(1, 6)
+        bf16.keys = [k.bfloat16() for k in bf16.keys]
+        assert not native_step.ready(one, None, None, bf16)
+        full = model.new_cache(1, 3)
+        model(ids[:, :3], cache=full)
+        assert not native_step.ready(one, None, None, full)
+        with pytest.raises(ValueError, match="KV cache holds 3 positions"):
+            model(one, cache=full)  # the torch path raises the error
+        padded = model.new_cache(1, 6)
+        model(ids[:, :3], attention_mask=torch.tensor([[0, 1, 1]]), cache=padded)
+        assert not native_step.ready(one, None, None, padded)
+    assert not counted
+
+
+def test_models_without_a_native_step(tmp_path, monkeypatch):
+    folder, _ = checkpoint(tmp_path, "ragged")
+    monkeypatch.setenv("GPTNEO_KERNEL", "onednn")  # not panels
+    assert FastCausalLM.from_pretrained(folder)._native_step() is False
+    monkeypatch.setenv("GPTNEO_KERNEL", "panels")
+    monkeypatch.setenv("GPTNEO_NATIVE_STEP", "0")
+    assert FastCausalLM.from_pretrained(folder)._native_step() is False
+    monkeypatch.delenv("GPTNEO_NATIVE_STEP")
+    erf, _ = checkpoint(tmp_path / "erf", "ragged", activation_function="gelu")
+    assert FastCausalLM.from_pretrained(erf)._native_step() is False  # GELU's erf form
