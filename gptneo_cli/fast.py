@@ -610,12 +610,16 @@ class FastCausalLM(GPTNeoForCausalLM):
         output_hidden_states: bool = False,
     ) -> GPTNeoOutput:
         """GPTNeoForCausalLM.forward; once compiled, one unpadded token after a prefill
-        (batch 1) goes through the compiled step instead; otherwise one unpadded token per
-        row goes through the native decode step where the model has one (step.py)."""
+        (batch 1) goes through the compiled step instead; otherwise a few unpadded tokens
+        per row (decode steps, verifies) go through the native step where the model has one
+        (step.py)."""
         if self._step is None and cache is not None and not output_hidden_states:
             native_step = self._native_step()
             if native_step and native_step.ready(input_ids, attention_mask, position_ids, cache):
-                logits = self.lm_head(native_step(input_ids, cache).to(self._dtype))
+                hidden = native_step(input_ids, cache)
+                if logits_to_keep:
+                    hidden = hidden[:, -logits_to_keep:]
+                logits = self.lm_head(hidden.to(self._dtype))
                 return GPTNeoOutput(logits=logits, cache=cache)
         if (
             self._step is not None

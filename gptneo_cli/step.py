@@ -1,5 +1,6 @@
-"""The native decode step: every block of a fast model, for one new token per row, in one
-call into our C library (csrc/gemv.c, `decode_step`).
+"""The native decode step: every block of a fast model, for a few new tokens per row (one
+when decoding, the drafts and one more in a speculative verify), in one call into our C
+library (csrc/gemv.c, `decode_step`).
 
 Why: through torch, the ~150 small ops of a decoded token (layer norms, attention, GELU,
 adds, the Python around ~50 products) cost ~1.3 ms on gpt-neo-125M with 2 threads: a
@@ -10,8 +11,8 @@ fused into the products' epilogues), so decoding runs closer to memory speed
 
 When it runs: a FastCausalLM on CPU whose four matrices per block are all panels (the
 float32/bf16 `PanelLinear`, int8 `Int8Linear(panels=True)`), with a tanh-GELU activation,
-decoding one token per row with a `KVCache` held in float32, no padding anywhere and
-positions following the cache. Anything else (prompts, verifies, padded batches, the
+up to MAX_NEW tokens per row with a `KVCache` held in float32, no padding anywhere and
+positions following the cache. Anything else (longer prompts, padded batches, the
 scheduler's rows, a compiled step) runs the torch path, as does every model where the
 library is missing. Activations are float32 (a bf16 model's are rounded to bf16 where they
 enter a bf16 product, as they are on the torch path); tests/test_step.py compares it with
@@ -32,6 +33,10 @@ from .cache import KVCache
 
 #: GPTNEO_NATIVE_STEP=0 keeps decoding on the torch path (A/B measurements, a suspected bug).
 ENV = "GPTNEO_NATIVE_STEP"
+
+#: The most new tokens per row the step takes: decode steps and verifies (drafts of up to
+#: 15); prompts are for the torch path's GEMMs.
+MAX_NEW = 16
 
 #: The activations the C step computes (GELU's tanh form); others run the torch path.
 TANH_GELU = {"gelu_new", "gelu_fast", "gelu_accurate", "gelu_pytorch_tanh", "gelu_python_tanh"}
@@ -98,47 +103,50 @@ class NativeStep:
         position_ids: torch.Tensor | None,
         cache: Any,
     ) -> bool:
-        """One new token per row, no padding, positions from the cache, a float32 KVCache
-        with room for it; anything else is the torch path's (which also raises the errors)."""
+        """Up to MAX_NEW new tokens per row, no padding, positions from the cache, a float32
+        KVCache with room for them (a local ring: the window and the new steps); anything
+        else is the torch path's (which also raises the errors)."""
         if type(cache) is not KVCache or cache.key_valid is not None or position_ids is not None:
             return False
-        if input_ids.dim() != 2 or tuple(input_ids.shape) != (cache.batch_size, 1):
+        if input_ids.dim() != 2 or input_ids.shape[0] != cache.batch_size:
             return False
-        if cache.length + 1 > cache.max_length or cache.keys[0].dtype != torch.float32:
+        new, past = input_ids.shape[1], cache.length
+        if not 1 <= new <= MAX_NEW or past + new > cache.max_length:
             return False
+        if new > 1 and cache.ring < min(cache.window + new - 1, cache.max_length):
+            return False  # the new steps would overwrite keys that some of them still see
         if attention_mask is not None:
-            rows, past = input_ids.shape[0], cache.length
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != rows:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != input_ids.shape[0]:
                 return False
-            if attention_mask.shape[1] not in (1, past + 1):
+            if attention_mask.shape[1] not in (new, past + new):
                 return False
-            if not bool(attention_mask[:, -1].all()):
+            if not bool(attention_mask[:, -new:].all()):
                 return False
         return _cache_pointers(cache, self.heads, self.dim) is not None
 
     def __call__(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """The final hidden states [rows, 1, width] (float32) of one step; the cache holds
-        its keys and values and has advanced."""
-        rows, pos = input_ids.shape[0], cache.length
+        """The final hidden states [rows, new, width] (float32) of the new tokens; the cache
+        holds their keys and values and has advanced."""
+        (rows, new), pos = input_ids.shape, cache.length
         base = self.model.transformer
-        x = base.wte(input_ids[:, 0]).float() + base.wpe.weight[pos].float()
+        x = base.wte(input_ids).float() + base.wpe.weight[pos : pos + new].float()
         keys, values, capacity = _cache_pointers(cache, self.heads, self.dim)  # type: ignore[misc]
         threads = torch.get_num_threads()
-        scratch = self._scratch_for(rows, threads, cache)
+        scratch = self._scratch_for(rows * new, threads, cache)
         self.lib.decode_step(
             ctypes.addressof(self.layers), self.count, keys, values, capacity,
-            x.data_ptr(), rows, pos, self.heads, self.dim, self.inner, self.eps,
+            x.data_ptr(), rows, new, pos, self.heads, self.dim, self.inner, self.eps,
             *self.lnf, scratch.data_ptr(), threads,
         )  # fmt: skip
-        cache.advance(1)
-        return x.view(rows, 1, self.width)
+        cache.advance(new)
+        return x
 
-    def _scratch_for(self, rows: int, threads: int, cache: KVCache) -> torch.Tensor:
+    def _scratch_for(self, tokens: int, threads: int, cache: KVCache) -> torch.Tensor:
         most = max(keys.shape[2] for keys in cache.keys)
-        key = (rows, threads, most)
+        key = (tokens, threads, most)
         scratch = self._scratch.get(key)
         if scratch is None:
-            size = self.lib.step_scratch(rows, self.width, self.inner, most, threads)
+            size = self.lib.step_scratch(tokens, self.width, self.inner, most, threads)
             self._scratch = {key: torch.empty(size, dtype=torch.float32)}  # one at a time
             scratch = self._scratch[key]
         return scratch

@@ -1,8 +1,8 @@
 """The native decode step (gptneo_cli/step.py, csrc/gemv.c decode_step) against the torch
 path and transformers: float32, bf16 and int8 panels, ragged widths (head sizes and inner
 widths that are not multiples of 16, odd widths for bf16 pairs), local rings wrapped many
-times, batches losing rows, rings with spare slots after rejected drafts; and every case it
-must leave to the torch path."""
+times, batches losing rows, several new tokens per row (verifies, short prompts) and rings
+with spare slots after rejected drafts; and every case it must leave to the torch path."""
 
 from __future__ import annotations
 
@@ -171,12 +171,43 @@ def test_rows_leaving_the_batch_and_rejected_drafts(tmp_path, panels, counted):
         return out
 
     got = run(True)
-    assert len(counted) == 17 + 10 + 13
+    assert len(counted) == 1 + 17 + 10 + 13  # the prompt too: 3 tokens, room in the ring
     for a, b in zip(got, run(False), strict=True):
         assert (a - b).abs().max().item() < 1e-4
 
 
-def test_what_the_step_leaves_to_the_torch_path(tmp_path, panels, counted):
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_verifies_of_several_tokens_equal_the_torch_path(tmp_path, panels, counted, quantize):
+    """A speculative loop's shape: a short prompt (from an empty cache), then verifies of
+    1-6 tokens with some rejected (truncate), in a ring with 5 spare slots, window 5."""
+    folder, ref = checkpoint(tmp_path, "ragged")
+    model = load(folder, quantize=quantize)
+    ids = torch.randint(0, 103, (2, 60), generator=torch.Generator().manual_seed(5))
+    plan = [(4, 0), (6, 2), (1, 0), (5, 4), (6, 0), (3, 1), (6, 5), (2, 0), (6, 3)]
+
+    def run(native_step: bool) -> list[torch.Tensor]:
+        model.__dict__["_native"] = None if native_step else False
+        out = []
+        with torch.no_grad():
+            cache = model.new_cache(2, 60, spare=5)
+            at = 0
+            for new, rejected in plan:
+                out.append(model(ids[:, at : at + new], cache=cache).logits)
+                cache.truncate(cache.length - rejected)
+                at = cache.length
+        return out
+
+    got = run(True)
+    assert len(counted) == len(plan)
+    for a, b in zip(got, run(False), strict=True):
+        assert (a - b).abs().max().item() < 1e-4
+    if quantize is None:  # and the last verify against transformers' full forward
+        with torch.no_grad():
+            want = ref(ids[:, : sum(n - r for n, r in plan[:-1]) + plan[-1][0]]).logits
+        assert (got[-1] - want[:, -plan[-1][0] :]).abs().max().item() < 1e-4
+
+
+def test_what_the_step_leaves_to_the_torch_path(tmp_path, panels):
     folder, _ = checkpoint(tmp_path, "ragged")
     model = load(folder)
     native_step = model._native_step()
@@ -190,7 +221,8 @@ def test_what_the_step_leaves_to_the_torch_path(tmp_path, panels, counted):
         assert not native_step.ready(one, torch.tensor([[1, 1, 1, 0]]), None, cache)  # padding
         assert not native_step.ready(one, torch.ones(1, 2), None, cache)  # a wrong mask
         assert not native_step.ready(one, None, torch.tensor([[3]]), cache)  # own positions
-        assert not native_step.ready(ids[:, 2:4], None, None, cache)  # two new tokens
+        assert not native_step.ready(ids[:, 2:4], None, None, cache)  # a ring without spare
+        assert not native_step.ready(torch.ones(1, 17, dtype=torch.long), None, None, cache)
         assert not native_step.ready(torch.tensor([[1], [2]]), None, None, cache)  # rows
         bf16 = model.new_cache(1, 6)
         bf16.keys = [k.bfloat16() for k in bf16.keys]
@@ -203,7 +235,6 @@ def test_what_the_step_leaves_to_the_torch_path(tmp_path, panels, counted):
         padded = model.new_cache(1, 6)
         model(ids[:, :3], attention_mask=torch.tensor([[0, 1, 1]]), cache=padded)
         assert not native_step.ready(one, None, None, padded)
-    assert not counted
 
 
 def test_models_without_a_native_step(tmp_path, monkeypatch):

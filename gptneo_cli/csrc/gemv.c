@@ -433,16 +433,40 @@ static DOT void to_pairs(const float *x, uint32_t *out, int64_t rows, int64_t n)
     }
 }
 
-/* y (mode: STORE, ADD, GELU) = x times w, the panels shared between the team's threads. */
+/* The panels [start, end) of `count` that thread t of T takes: contiguous runs, so that
+ * each thread streams one stretch of the matrix. */
+static void my_panels(int64_t count, int64_t *start, int64_t *end) {
+    int t = omp_get_thread_num(), T = omp_get_num_threads();
+    *start = count * t / T;
+    *end = count * (t + 1) / T;
+}
+
+#define NEXT_AHEAD 16384 /* bytes of the next matrix prefetched before a barrier */
+
+/* Into L2, the first NEXT_AHEAD bytes of this thread's stretch of `w`: a matrix's stream
+ * starts with DRAM latency and a cold hardware prefetcher, which the barriers between
+ * products would otherwise expose 48 times a token (125M shape). */
+static void prefetch_next(const Mat *w) {
+    if (!w) return;
+    int64_t count = (w->m + PANEL - 1) / PANEL, start, end;
+    my_panels(count, &start, &end);
+    if (start >= end) return;
+    int64_t size = w->kind == KIND_F32 || w->kind == KIND_PAIRS ? 4 : w->kind == KIND_BF16 ? 2 : 1;
+    const char *p = (const char *)w->panels + start * w->n * PANEL * size;
+    for (int64_t b = 0; b < NEXT_AHEAD; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
+}
+
+/* y (mode: STORE, ADD, GELU) = x times w, the panels shared between the team's threads;
+ * then the start of `next` (the matrix after it, or NULL) is prefetched. */
 static void product(const Mat *w, const float *x, int64_t rows, float *y, int mode,
-                    uint32_t *pairs) {
-    int64_t count = (w->m + PANEL - 1) / PANEL;
+                    uint32_t *pairs, const Mat *next) {
+    int64_t count = (w->m + PANEL - 1) / PANEL, start, end;
     if (w->kind == KIND_PAIRS) {
 #pragma omp single
         to_pairs(x, pairs, rows, w->inputs);
     }
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < count; b++) {
+    my_panels(count, &start, &end);
+    for (int64_t b = start; b < end; b++) {
         switch (w->kind) {
         case KIND_F32: f32_panel_b(w->panels, x, w->scale, w->bias, y, w->m, w->n, rows, b, mode); break;
         case KIND_BF16: bf16_panel_b(w->panels, x, w->scale, w->bias, y, w->m, w->n, rows, b, mode); break;
@@ -455,6 +479,8 @@ static void product(const Mat *w, const float *x, int64_t rows, float *y, int mo
         }
         }
     }
+    prefetch_next(next);
+#pragma omp barrier
 }
 
 static inline float dot64(const float *a, const float *b, int64_t n) {
@@ -466,18 +492,41 @@ static inline float dot64(const float *a, const float *b, int64_t n) {
     return _mm512_reduce_add_ps(acc);
 }
 
-/* One (row, head): store this step's key and value, attend over the visible steps.
- * qkv: the row's [q | k | v], each `width` wide; keys/values: this (row, head)'s slots. */
-static void attend_one(const float *q, const float *k, const float *v, float *keys, float *values,
-                       int64_t capacity, int64_t window, int64_t pos, int64_t dim,
-                       float *scores, float *out) {
+/* Into L2, every line of `count` ring slots of `dim` floats from slot `first` on (the slots
+ * of the visible steps: at most two runs, split where the ring wraps). The cache is read
+ * once per token and long evicted by the weights; prefetched at the start of the attention
+ * phase, its lines arrive in parallel instead of one dependent miss after another. */
+static void prefetch_slots(const float *base, int64_t first, int64_t count, int64_t capacity,
+                           int64_t dim) {
+    while (count > 0) {
+        int64_t run = capacity - first < count ? capacity - first : count;
+        const char *p = (const char *)(base + first * dim), *end = p + run * dim * 4;
+        for (; p < end; p += 64) _mm_prefetch(p, _MM_HINT_T1);
+        _mm_prefetch(end - 1, _MM_HINT_T1);
+        count -= run;
+        first = 0;
+    }
+}
+
+/* The visible steps of a query at `pos`: [first, pos]. */
+static inline int64_t first_visible(int64_t pos, int64_t window) {
+    return window && pos - window + 1 > 0 ? pos - window + 1 : 0;
+}
+
+/* Store one step's key and value (this head's slices) in its slot of the ring. */
+static void store_step(const float *k, const float *v, float *keys, float *values,
+                       int64_t capacity, int64_t pos, int64_t dim) {
     int64_t slot = pos % capacity;
     for (int64_t d = 0; d < dim; d++) {
         keys[slot * dim + d] = k[d];
         values[slot * dim + d] = v[d];
     }
-    int64_t first = window && pos - window + 1 > 0 ? pos - window + 1 : 0;
-    int64_t count = pos - first + 1;
+}
+
+/* One query of one head at step `pos` over the visible steps of its ring (stored). */
+static void attend_one(const float *q, const float *keys, const float *values, int64_t capacity,
+                       int64_t window, int64_t pos, int64_t dim, float *scores, float *out) {
+    int64_t first = first_visible(pos, window), count = pos - first + 1;
     float best = -INFINITY;
     for (int64_t t = 0; t < count; t++) {
         scores[t] = dot64(q, keys + ((first + t) % capacity) * dim, dim);
@@ -486,65 +535,111 @@ static void attend_one(const float *q, const float *k, const float *v, float *ke
     __m512 total = _mm512_setzero_ps(), top = _mm512_set1_ps(best);
     for (int64_t t = 0; t < count; t += 16) {
         __mmask16 m = tail_mask(count - t);
-        __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + t), top)));
+        __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + t), top));
+        e = _mm512_maskz_mov_ps(m, e);
         _mm512_mask_storeu_ps(scores + t, m, e);
         total = _mm512_add_ps(total, e);
     }
-    float norm = 1.0f / _mm512_reduce_add_ps(total);
+    __m512 norm = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+    /* The values, read once in slot order: the sums in registers for heads of up to 64. */
+    if (dim <= 64) {
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                         _mm512_setzero_ps()};
+        for (int64_t t = 0; t < count; t++) {
+            const float *row = values + ((first + t) % capacity) * dim;
+            __m512 p = _mm512_set1_ps(scores[t]);
+            for (int c = 0; 16 * c < dim; c++)
+                acc[c] = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(tail_mask(dim - 16 * c), row + 16 * c), acc[c]);
+        }
+        for (int c = 0; 16 * c < dim; c++)
+            _mm512_mask_storeu_ps(out + 16 * c, tail_mask(dim - 16 * c), _mm512_mul_ps(acc[c], norm));
+        return;
+    }
+    for (int64_t d = 0; d < dim; d++) out[d] = 0.0f;
+    for (int64_t t = 0; t < count; t++) {
+        const float *row = values + ((first + t) % capacity) * dim;
+        __m512 p = _mm512_set1_ps(scores[t]);
+        for (int64_t d = 0; d < dim; d += 16) {
+            __mmask16 m = tail_mask(dim - d);
+            __m512 o = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(m, row + d), _mm512_maskz_loadu_ps(m, out + d));
+            _mm512_mask_storeu_ps(out + d, m, o);
+        }
+    }
     for (int64_t d = 0; d < dim; d += 16) {
         __mmask16 m = tail_mask(dim - d);
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t t = 0; t < count; t++) {
-            const float *row = values + ((first + t) % capacity) * dim + d;
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[t]), _mm512_maskz_loadu_ps(m, row), acc);
-        }
-        _mm512_mask_storeu_ps(out + d, m, _mm512_mul_ps(acc, _mm512_set1_ps(norm)));
+        _mm512_mask_storeu_ps(out + d, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, out + d), norm));
     }
 }
 
-/* Every layer for `rows` rows at step `pos`: x [rows, width] (the embeddings) becomes the
- * final LayerNorm of the last block's output. keys[l]/values[l]: layer l's cache,
+/* The attention phase of layer l: (row, head) pairs split between the team's threads in
+ * contiguous runs; each thread first prefetches the slots its pairs will read. */
+static void attention(const float *qkv, float *keys, float *values, int64_t capacity,
+                      int64_t window, int64_t pos, int64_t rows, int64_t new, int64_t heads,
+                      int64_t dim, float *scores, float *att) {
+    int64_t width = heads * dim, pairs = rows * heads;
+    int t = omp_get_thread_num(), T = omp_get_num_threads();
+    int64_t start = pairs * t / T, end = pairs * (t + 1) / T;
+    int64_t first = first_visible(pos, window), count = pos - first; /* stored before */
+    for (int64_t rh = start; rh < end; rh++) {
+        prefetch_slots(keys + rh * capacity * dim, first, count, capacity, dim);
+        prefetch_slots(values + rh * capacity * dim, first, count, capacity, dim);
+    }
+    for (int64_t rh = start; rh < end; rh++) {
+        int64_t r = rh / heads, head = rh % heads, at = rh * capacity * dim;
+        for (int64_t j = 0; j < new; j++) {
+            const float *q = qkv + (r * new + j) * 3 * width + head * dim;
+            store_step(q + width, q + 2 * width, keys + at, values + at, capacity, pos + j, dim);
+        }
+        for (int64_t j = 0; j < new; j++) {
+            int64_t token = r * new + j;
+            attend_one(qkv + token * 3 * width + head * dim, keys + at, values + at, capacity,
+                       window, pos + j, dim, scores, att + token * width + head * dim);
+        }
+    }
+#pragma omp barrier
+}
+
+/* Every layer for `new` tokens of each of `rows` rows at steps pos .. pos + new - 1 (a
+ * decode step: one; a speculative verify: the drafts and one more): x [rows * new, width]
+ * (the embeddings) becomes the final LayerNorm of the last block's output. A local ring
+ * must have room for the window and the new steps (capacity >= window + new - 1), or hold
+ * every position. keys[l]/values[l]: layer l's cache,
  * [rows, heads, capacity[l], dim] float32. scratch: floats for the intermediates,
- * rows * (5 * width + inner + (max(width, inner) + 1) / 2) + threads * the largest capacity
- * (`step_scratch`). */
-int64_t step_scratch(int64_t rows, int64_t width, int64_t inner, int64_t capacity, int threads) {
+ * tokens * (5 * width + inner + (max(width, inner) + 1) / 2) + threads * the largest
+ * capacity (`step_scratch`, tokens = rows * new). */
+int64_t step_scratch(int64_t tokens, int64_t width, int64_t inner, int64_t capacity, int threads) {
     int64_t widest = width > inner ? width : inner;
-    return rows * (5 * width + inner + (widest + 1) / 2) + threads * capacity;
+    return tokens * (5 * width + inner + (widest + 1) / 2) + threads * capacity;
 }
 
 void decode_step(const Layer *layers, int64_t count, float *const *keys, float *const *values,
-                 const int64_t *capacity, float *x, int64_t rows, int64_t pos, int64_t heads,
-                 int64_t dim, int64_t inner, float eps, const float *lnf_w, const float *lnf_b,
-                 float *scratch, int threads) {
-    int64_t width = heads * dim, widest = width > inner ? width : inner, most = 0;
+                 const int64_t *capacity, float *x, int64_t rows, int64_t new, int64_t pos,
+                 int64_t heads, int64_t dim, int64_t inner, float eps, const float *lnf_w,
+                 const float *lnf_b, float *scratch, int threads) {
+    int64_t tokens = rows * new, width = heads * dim, most = 0;
+    int64_t widest = width > inner ? width : inner;
     for (int64_t l = 0; l < count; l++) most = capacity[l] > most ? capacity[l] : most;
-    float *h = scratch, *qkv = h + rows * width, *att = qkv + 3 * rows * width;
-    float *f = att + rows * width;
-    uint32_t *pairs = (uint32_t *)(f + rows * inner);
-    float *scores = (float *)(pairs + rows * ((widest + 1) / 2));
+    float *h = scratch, *qkv = h + tokens * width, *att = qkv + 3 * tokens * width;
+    float *f = att + tokens * width;
+    uint32_t *pairs = (uint32_t *)(f + tokens * inner);
+    float *scores = (float *)(pairs + tokens * ((widest + 1) / 2));
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         float *mine = scores + omp_get_thread_num() * most;
         for (int64_t l = 0; l < count; l++) {
             const Layer *L = layers + l;
 #pragma omp single
-            layer_norm(x, L->ln1_w, L->ln1_b, h, rows, width, eps);
-            product(&L->qkv, h, rows, qkv, STORE, pairs);
-#pragma omp for schedule(static)
-            for (int64_t rh = 0; rh < rows * heads; rh++) {
-                int64_t r = rh / heads, head = rh % heads;
-                const float *q = qkv + r * 3 * width + head * dim;
-                int64_t at = rh * capacity[l] * dim;
-                attend_one(q, q + width, q + 2 * width, keys[l] + at, values[l] + at,
-                           capacity[l], L->window, pos, dim, mine, att + r * width + head * dim);
-            }
-            product(&L->out, att, rows, x, ADD, pairs);
+            layer_norm(x, L->ln1_w, L->ln1_b, h, tokens, width, eps);
+            product(&L->qkv, h, tokens, qkv, STORE, pairs, &L->out);
+            attention(qkv, keys[l], values[l], capacity[l], L->window, pos, rows, new, heads,
+                      dim, mine, att);
+            product(&L->out, att, tokens, x, ADD, pairs, &L->fc);
 #pragma omp single
-            layer_norm(x, L->ln2_w, L->ln2_b, h, rows, width, eps);
-            product(&L->fc, h, rows, f, GELU, pairs);
-            product(&L->proj, f, rows, x, ADD, pairs);
+            layer_norm(x, L->ln2_w, L->ln2_b, h, tokens, width, eps);
+            product(&L->fc, h, tokens, f, GELU, pairs, &L->proj);
+            product(&L->proj, f, tokens, x, ADD, pairs, l + 1 < count ? &L[1].qkv : 0);
         }
 #pragma omp single
-        layer_norm(x, lnf_w, lnf_b, x, rows, width, eps);
+        layer_norm(x, lnf_w, lnf_b, x, tokens, width, eps);
     }
 }
