@@ -291,9 +291,10 @@ class Int8Linear(FastLinear):
     ) -> None:
         super().__init__()
         #: Products through our panel kernel (class docstring).
-        self.panels = panels and qweight.device.type == "cpu"
+        self.panels = panels and qweight.device.type == "cpu" and native.quads_supported()
         if self.panels:
-            self.qpanels = frozen(native.panel_weights(qweight))
+            self.qpanels = frozen(native.pack_quads(qweight))
+            self.colsum = frozen(native.quad_sums(qweight))
         if keep_rows or not self.panels:
             self.qweight = frozen(qweight)
         self.out_features = qweight.shape[0]
@@ -320,7 +321,9 @@ class Int8Linear(FastLinear):
         if self.panels and (few or "qweight" not in params):
             qpanels, scales32 = params["qpanels"], params["scales32"]
             # a prompt's rows: bf16 activations, as the float GEMM below would round them
-            out = native.panels(flat, qpanels, self.out_features, scales32, None, not few)
+            out = native.panels(
+                flat, qpanels, self.out_features, scales32, None, not few, params["colsum"]
+            )
         elif self.packed and few:
             out = torch._weight_int8pack_mm(flat.to(self.act_dtype), params["qweight"], scales)
         else:
@@ -806,6 +809,7 @@ class _Packer:
         #: int8 on CPU: whether products run the panel kernel, measured the same way (not
         #: under torch.compile, which cannot trace a call into our library).
         int8_panels = quantize == "int8" and cpu and not compile and native.available()
+        int8_panels = int8_panels and native.quads_supported()
         self.int8_kernels = KernelChooser(torch.float32) if int8_panels else None
         #: Linear layers waiting for their other pieces: module name -> {"weight"/"bias": tensor}
         self.pending: dict[str, dict[str, Any]] = {}

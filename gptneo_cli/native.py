@@ -70,6 +70,7 @@ class Mat(ctypes.Structure):
         ("panels", _F32),
         ("scale", _F32),
         ("bias", _F32),
+        ("colsum", _F32),
         ("m", _I64),
         ("n", _I64),
         ("inputs", _I64),
@@ -135,7 +136,8 @@ def library() -> ctypes.CDLL | None:
     for name in _PANEL_KERNELS.values():
         function = getattr(lib, name)
         function.argtypes, function.restype = _ARGS_GEMM, None
-    lib.panels_i8_pairs.argtypes, lib.panels_i8_pairs.restype = _ARGS_GEMM, ctypes.c_int
+    lib.panels_quads.argtypes = [_F32] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
+    lib.panels_quads.restype = ctypes.c_int
     lib.step_scratch.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_int]
     lib.step_scratch.restype = ctypes.c_int64
     lib.decode_step.argtypes, lib.decode_step.restype = _ARGS_STEP, None
@@ -235,7 +237,6 @@ def _agrees(lib: ctypes.CDLL) -> bool:
     cases = [
         (pack_panels(w), xs, None, exact),
         (pack_panels(wb), xs, None, torch.addmm(b, xs, wb.float().t())),
-        (pack_panels(q), xs, s, (xs @ q.float().t()) * s + b),
     ]
     if pairs_supported():
         xb = xs.bfloat16()
@@ -244,10 +245,16 @@ def _agrees(lib: ctypes.CDLL) -> bool:
         torch.allclose(_call_panels(lib, x, packed, 21, s, b), want, atol=1e-3)
         for packed, x, s, want in cases
     )
-    if pairs_supported():
-        want = (xs.bfloat16().float() @ q.float().t()) * s + b
-        got = _call_panels(lib, xs, pack_panels(q), 21, s, b, bf16_activations=True)
-        panels_agree = panels_agree and torch.allclose(got, want, atol=1e-3)
+    if quads_supported():
+        quads, sums = pack_quads(q), quad_sums(q)
+        for rows in (xs, xs[:1]):  # float32 FMAs, the digits
+            want = (rows @ q.float().t()) * s + b
+            got = _call_panels(lib, rows, quads, 21, s, b, colsum=sums)
+            panels_agree = panels_agree and torch.allclose(got, want, atol=1e-3)
+        if pairs_supported():
+            want = (xs.bfloat16().float() @ q.float().t()) * s + b
+            got = _call_panels(lib, xs, quads, 21, s, b, True, sums)
+            panels_agree = panels_agree and torch.allclose(got, want, atol=1e-3)
     return (
         panels_agree
         and torch.allclose(got_f32, torch.addmm(b, x, w.t()), atol=1e-4)
@@ -321,13 +328,36 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
-#: The panel kernel for each panel dtype (int32: bf16 pairs).
+#: The panel kernel for each panel dtype (int32: bf16 pairs; int8 quads: panels_quads).
 _PANEL_KERNELS = {
     torch.float32: "panels_f32",
     torch.bfloat16: "panels_bf16",
-    torch.int8: "panels_i8",
     torch.int32: "panels_pairs",
 }
+
+
+def quads_supported() -> bool:
+    """int8 matrices as quads (csrc/gemv.c): the one-row loop needs AVX512-VNNI."""
+    return {"avx512_vnni", "avx512dq"} <= cpu_flags()
+
+
+def pack_quads(weight: torch.Tensor) -> torch.Tensor:
+    """An int8 [m, n] matrix as csrc/gemv.c's quads: [ceil(m / PANEL), ceil(n / 4), PANEL, 4]
+    with quads[b, q, j, t] = weight[b * PANEL + j, 4q + t], zeros past m and n."""
+    m, n = weight.shape
+    count, n4 = -(-m // PANEL), -(-n // 4)
+    out = torch.zeros(count, n4, PANEL, 4, dtype=torch.int8, device=weight.device)
+    for b in range(count):  # panel by panel: no padded copy of the whole matrix
+        block = weight[b * PANEL : (b + 1) * PANEL]
+        padded = torch.zeros(PANEL, n4 * 4, dtype=torch.int8, device=weight.device)
+        padded[: block.shape[0], :n] = block
+        out[b].copy_(padded.view(PANEL, n4, 4).transpose(0, 1))
+    return out
+
+
+def quad_sums(weight: torch.Tensor) -> torch.Tensor:
+    """int32 [m]: each output's sum of its int8 weights (the digits' offset correction)."""
+    return weight.sum(dim=1, dtype=torch.int32)
 
 
 def _call_panels(
@@ -338,21 +368,27 @@ def _call_panels(
     scales: torch.Tensor | None,
     bias: torch.Tensor | None,
     bf16_activations: bool = False,
+    colsum: torch.Tensor | None = None,
 ) -> torch.Tensor:
     rows, n = x.shape[0], panels.shape[1]
-    int8_pairs = bf16_activations and panels.dtype == torch.int8 and pairs_supported()
-    if panels.dtype == torch.int32 or int8_pairs:  # x as bf16 pairs (zero-padded to even)
+    threads = torch.get_num_threads()
+    if panels.dtype == torch.int8:  # quads: the width is x's
+        assert scales is not None and colsum is not None
+        x = x.float().contiguous()
+        y = torch.empty(rows, out_features, dtype=torch.float32)
+        pairs = bf16_activations and pairs_supported()
+        args = (panels.data_ptr(), x.data_ptr(), scales.data_ptr(), _ptr(bias), colsum.data_ptr())
+        if lib.panels_quads(*args, y.data_ptr(), out_features, x.shape[1], rows, pairs, threads):
+            raise MemoryError("panels_quads: no memory for a panel's buffer")
+        return y
+    if panels.dtype == torch.int32:  # x as bf16 pairs (zero-padded to even)
         x = _even(x.to(torch.bfloat16)).view(torch.int32)
     else:
         x = x.float().contiguous()
     y = torch.empty(rows, out_features, dtype=torch.float32)
     args = (panels.data_ptr(), x.data_ptr(), _ptr(scales), _ptr(bias), y.data_ptr())
-    if int8_pairs:
-        if lib.panels_i8_pairs(*args, out_features, n, rows, torch.get_num_threads()):
-            raise MemoryError("panels_i8_pairs: no memory for a panel's buffer")
-        return y
     function = getattr(lib, _PANEL_KERNELS[panels.dtype])
-    function(*args, out_features, n, rows, torch.get_num_threads())
+    function(*args, out_features, n, rows, threads)
     return y
 
 
@@ -375,7 +411,10 @@ def _pack_pairs(weight: torch.Tensor) -> torch.Tensor:
 
 def panel_weights(weight: torch.Tensor) -> torch.Tensor:
     """The panels our kernels read for a float32, bf16 or int8 matrix: bf16 as pairs for the
-    dot-product kernel where the CPU has it (twice the FMA kernel's rate on prompts)."""
+    dot-product kernel where the CPU has it (twice the FMA kernel's rate on prompts), int8
+    as quads (`pack_quads`; the caller checks `quads_supported`)."""
+    if weight.dtype == torch.int8:
+        return pack_quads(weight)
     if weight.dtype == torch.bfloat16 and pairs_supported():
         return _pack_pairs(weight)
     return pack_panels(weight)
@@ -388,15 +427,17 @@ def panels(
     scales: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     bf16_activations: bool = False,
+    colsum: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [rows, n] times the matrix held as `packed` panels (`panel_weights`: float32, bf16,
-    bf16 pairs, or int8 with float32 `scales` per output), + float32 `bias` -> float32
-    [rows, out_features]. Sums are float32; x is converted here (to float32, or for bf16
-    pairs to bf16: the dot-product kernel multiplies bf16 pairs). `bf16_activations`: int8
-    panels may run the dot-product kernel too (x rounded to bf16; where the CPU has it),
-    twice as fast for a prompt's rows."""
+    bf16 pairs, or int8 quads with float32 `scales` per output and `colsum`, `quad_sums`),
+    + float32 `bias` -> float32 [rows, out_features]. Sums are float32 (int8 quads: exact
+    integer sums for one row); x is converted here (to float32, or for bf16 pairs to bf16:
+    the dot-product kernel multiplies bf16 pairs). `bf16_activations`: int8 quads may run
+    the dot-product kernel too (x rounded to bf16; where the CPU has it), twice as fast
+    for a prompt's rows."""
     lib = library()
     assert lib is not None
     if x.shape[0] == 0:
         return x.new_empty(0, out_features, dtype=torch.float32)
-    return _call_panels(lib, x, packed, out_features, scales, bias, bf16_activations)
+    return _call_panels(lib, x, packed, out_features, scales, bias, bf16_activations, colsum)

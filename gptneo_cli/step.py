@@ -156,21 +156,25 @@ def _mat(module: Any, inputs: int, keep: list[torch.Tensor]) -> native.Mat | Non
     """A csrc/gemv.c Mat for a panel-held linear layer, or None for any other layout."""
     from .fast import Int8Linear, PanelLinear
 
+    colsum = None
     if type(module) is PanelLinear:
         panels, scale = module.panels, None
         bias = module._parameters.get("bias")
+        width = (inputs + 1) // 2 if panels.dtype == torch.int32 else inputs
+        if panels.dim() != 3 or panels.shape[1] != width or panels.shape[2] != native.PANEL:
+            return None
     elif isinstance(module, Int8Linear) and module.panels:
-        panels, scale = module.qpanels, module.scales32
+        panels, scale, colsum = module.qpanels, module.scales32, module.colsum
         bias = module._parameters.get("bias")
+        width = -(-inputs // 4)  # quads
+        if panels.shape[1:] != (width, native.PANEL, 4):
+            return None
     else:
-        return None
-    width = (inputs + 1) // 2 if panels.dtype == torch.int32 else inputs
-    if panels.dim() != 3 or panels.shape[1] != width or panels.shape[2] != native.PANEL:
         return None
     if bias is not None:
         keep.append(bias.detach().float().contiguous())
         bias = keep[-1]
-    pointers = [native._ptr(t) for t in (panels, scale, bias)]
+    pointers = [native._ptr(t) for t in (panels, scale, bias, colsum)]
     kind = native.STEP_KINDS[panels.dtype]
     return native.Mat(*pointers, module.out_features, width, inputs, kind)
 

@@ -134,6 +134,10 @@ def test_bf16_steps_stay_within_bf16_of_float32(tmp_path, panels, counted, monke
     assert native_error <= 1.5 * torch_error + 1e-3
 
 
+needs_quads = pytest.mark.skipif(not native.quads_supported(), reason="int8 quads need VNNI")
+
+
+@needs_quads
 @pytest.mark.parametrize("shape", ["ragged", "wide"])
 def test_int8_steps_equal_the_torch_path(tmp_path, panels, counted, shape):
     """int8 panels below 64 rows are float32-exact on both paths."""
@@ -176,7 +180,7 @@ def test_rows_leaving_the_batch_and_rejected_drafts(tmp_path, panels, counted):
         assert (a - b).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("quantize", [None, pytest.param("int8", marks=needs_quads)])
 def test_verifies_of_several_tokens_equal_the_torch_path(tmp_path, panels, counted, quantize):
     """A speculative loop's shape: a short prompt (from an empty cache), then verifies of
     1-6 tokens with some rejected (truncate), in a ring with 5 spare slots, window 5."""
@@ -247,3 +251,6 @@ def test_models_without_a_native_step(tmp_path, monkeypatch):
     monkeypatch.delenv("GPTNEO_NATIVE_STEP")
     erf, _ = checkpoint(tmp_path / "erf", "ragged", activation_function="gelu")
     assert FastCausalLM.from_pretrained(erf)._native_step() is False  # GELU's erf form
+    monkeypatch.setattr(native, "quads_supported", lambda: False)  # a CPU without VNNI
+    int8 = FastCausalLM.from_pretrained(folder, quantize="int8")
+    assert int8._native_step() is False and not int8.transformer.h[0].mlp.c_fc.panels

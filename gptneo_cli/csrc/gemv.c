@@ -246,11 +246,9 @@ static inline void finish_panel(__m512 acc, __m512 s, __m512 b, float *y, __mmas
     }
 
 #define f32_CALL(k) f32_panel(pb, x + r * n, n, k, s, bb, y + r * m + o, m, cols, mode)
-#define i8_CALL(k) i8_panel(pb, x + r * n, n, k, s, bb, y + r * m + o, m, cols, mode)
 #define bf16_CALL(k) bf16_panel(pb, x + r * n, n, k, s, bb, y + r * m + o, m, cols, mode)
 
 PANELS(f32, float)
-PANELS(i8, int8_t)
 PANELS(bf16, uint16_t)
 
 /* ---- bf16 pairs: panels of bf16 weight pairs, AVX512-BF16 dot products --------------------
@@ -307,43 +305,216 @@ DOT void panels_pairs(const uint32_t *p, const uint32_t *x, const float *scale, 
     }
 }
 
-/* int8 panels for a prompt: each panel is converted once into bf16 pairs (exact: |q| <= 127)
- * in a buffer of the thread's, then every row runs the dot-product loop on it, at twice the
- * rate of the float32 FMAs of panels_i8 (the activations are bf16 pairs: rounded, as the
- * bf16 GEMM that int8 prompts ran before rounded them). n counts inputs (the pairs of x:
- * (n + 1) / 2 per row). Returns 0, or -1 where a buffer could not be allocated. */
-static DOT void i8_pairs(const int8_t *p, int64_t n, uint32_t *out) {
-    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
-    for (int64_t i = 0; 2 * i < n; i++) {
-        const int8_t *lo = p + 2 * i * PANEL;
-        for (int v = 0; v < VECS; v++) {
-            __m512i a = _mm512_castps_si512(i8_to_f32(lo + 16 * v));
-            __m512i b = 2 * i + 1 < n ? _mm512_castps_si512(i8_to_f32(lo + PANEL + 16 * v))
-                                      : _mm512_setzero_si512();
-            __m512i pair = _mm512_or_si512(_mm512_srli_epi32(a, 16), _mm512_and_si512(b, high));
-            _mm512_storeu_si512(out + i * PANEL + 16 * v, pair);
+/* Rows of n float32 as bf16 pairs (round to nearest even; a zero pads an odd width). */
+static DOT void to_pairs(const float *x, uint32_t *out, int64_t rows, int64_t n) {
+    int64_t words = (n + 1) / 2;
+    for (int64_t r = 0; r < rows; r++) {
+        uint16_t *o = (uint16_t *)(out + r * words);
+        for (int64_t i = 0; i < n; i += 16) {
+            __mmask16 m = tail_mask(n - i);
+            __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x + r * n + i));
+            _mm256_mask_storeu_epi16(o + i, m, (__m256i)h);
         }
+        if (n % 2) o[n] = 0;
     }
 }
 
-DOT int panels_i8_pairs(const int8_t *p, const uint32_t *x, const float *scale, const float *bias,
-                        float *y, int64_t m, int64_t n, int64_t rows, int threads) {
-    int64_t count = (m + PANEL - 1) / PANEL, pairs = (n + 1) / 2;
+/* ---- int8 quads: panels of 4 inputs x PANEL outputs, VNNI integer dot products ----------
+ * int8 matrices are held as quads: P[b][q][j][t] = W[b*PANEL + j, 4q + t] (zero past m and
+ * n), with colsum[o] = sum_i W[o, i]. The layout serves three loops:
+ *
+ * - one row (a decode step): the activations as 24-bit fixed point, x ~ step * (u - 2^23)
+ *   with u in [0, 2^24) split into 3 bytes (`to_digits`); vpdpbusd multiplies 4 unsigned
+ *   digit bytes by the 4 signed weights of a column and adds them to an int32 sum, 64
+ *   weights an instruction with no conversion, so the weights stream ~1.4x as fast as the
+ *   float32 FMAs on int8 converted to float (which ran out of cores before memory did).
+ *   The sums are exact; sum_i W x = step * (S0 + 2^8 S1 + 2^16 S2 - 2^23 colsum) in int64,
+ *   rounded once to float32: the activations' rounding (half a step, 2^-24 of the row's
+ *   largest) is below float32's rounding of the same sum;
+ * - 2-63 rows (batched steps, verifies): float32 FMAs, the weights sign-extended out of
+ *   the quads once for every row (float32 sums, exact products);
+ * - 64+ rows (prompts): each panel converted once into bf16 pairs for the dot-product
+ *   kernel (x rounded to bf16), as the bf16 GEMM that int8 prompts ran before rounded it.
+ */
+#define QV __attribute__((target("avx512vnni,avx512dq")))
+#define QUAD (4 * PANEL) /* bytes of one quad row of a panel */
+
+/* x (n floats) as digits: digits[d * n4 + q] holds byte d of u for inputs 4q..4q+3. Returns
+ * the step, NaN where x holds a NaN or an infinity (so the output does too). */
+static QV float to_digits(const float *x, int64_t n, uint32_t *digits) {
+    int64_t n4 = (n + 3) / 4;
+    __m512 top = _mm512_setzero_ps(), bad = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = tail_mask(n - i);
+        __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+        top = _mm512_max_ps(top, _mm512_abs_ps(v));
+        bad = _mm512_add_ps(bad, _mm512_sub_ps(v, v)); /* 0, or NaN for NaN and inf */
+    }
+    if (_mm512_reduce_add_ps(bad) != 0.0f) return NAN;
+    float most = _mm512_reduce_max_ps(top), step = most > 0 ? most / 8388607.0f : 1.0f;
+    __m512 inv = _mm512_set1_ps(1.0f / step);
+    __m512i low = _mm512_setzero_si512(), high = _mm512_set1_epi32((1 << 24) - 1);
+    for (int64_t i = 0; i < 4 * n4; i += 16) {
+        __mmask16 m = tail_mask(n - i > 0 ? n - i : 0);
+        __m512i u = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), inv));
+        u = _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(1 << 23)), low), high);
+        for (int d = 0; d < 3; d++) {
+            __m128i bytes = _mm512_cvtepi32_epi8(_mm512_srli_epi32(u, 8 * d));
+            _mm_mask_storeu_epi8((char *)(digits + d * n4) + i, tail_mask(4 * n4 - i), bytes);
+        }
+    }
+    return step;
+}
+
+/* 8 of the 16 int32 lanes (the low or the high half) as int64. */
+static inline QV __m512i half64(__m512i z, int high) {
+    return _mm512_cvtepi32_epi64(high ? _mm512_extracti64x4_epi64(z, 1) : _mm512_castsi512_si256(z));
+}
+
+/* One row times panel `p` (outputs [o, o + cols) of y, already offset). */
+static QV void q8_panel(const int8_t *p, const uint32_t *digits, int64_t n4, const float *scale,
+                        const float *bias, const int32_t *colsum, float step, float *y, int cols,
+                        int mode) {
+    __m512i acc[3][VECS];
+    for (int d = 0; d < 3; d++)
+        for (int v = 0; v < VECS; v++) acc[d][v] = _mm512_setzero_si512();
+    for (int64_t q = 0; q < n4; q++) {
+        const int8_t *w = p + q * QUAD;
+        for (int line = 0; line < QUAD; line += 64)
+            _mm_prefetch((const char *)w + PANEL_AHEAD + line, _MM_HINT_T0);
+        __m512i wv[VECS];
+        for (int v = 0; v < VECS; v++) wv[v] = _mm512_loadu_si512(w + 64 * v);
+        for (int d = 0; d < 3; d++) {
+            __m512i xd = _mm512_set1_epi32((int)digits[d * n4 + q]);
+            for (int v = 0; v < VECS; v++) acc[d][v] = _mm512_dpbusd_epi32(acc[d][v], xd, wv[v]);
+        }
+    }
+    for (int v = 0; v < VECS && 16 * v < cols; v++) {
+        __mmask16 msk = tail_mask(cols - 16 * v);
+        __m512i sums = _mm512_maskz_loadu_epi32(msk, colsum + 16 * v);
+        __m256 halves[2];
+        for (int h = 0; h < 2; h++) {
+            __m512i t = half64(acc[0][v], h);
+            t = _mm512_add_epi64(t, _mm512_slli_epi64(half64(acc[1][v], h), 8));
+            t = _mm512_add_epi64(t, _mm512_slli_epi64(half64(acc[2][v], h), 16));
+            t = _mm512_sub_epi64(t, _mm512_slli_epi64(half64(sums, h), 23));
+            halves[h] = _mm512_cvtepi64_ps(t);
+        }
+        __m512 total = _mm512_insertf32x8(_mm512_castps256_ps512(halves[0]), halves[1], 1);
+        __m512 s = _mm512_mul_ps(_mm512_maskz_loadu_ps(msk, scale + 16 * v), _mm512_set1_ps(step));
+        __m512 b = bias ? _mm512_maskz_loadu_ps(msk, bias + 16 * v) : _mm512_setzero_ps();
+        finish_panel(total, s, b, y + 16 * v, msk, mode);
+    }
+}
+
+/* Input 4q + t of a quad row, 16 columns: byte t of each int32 lane, sign-extended. */
+static inline __m512 quad_input(__m512i z, int t) {
+    return _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(z, 24 - 8 * t), 24));
+}
+
+/* 1-8 rows times panel `p`, float32 FMAs (the quads' weights extracted once for all rows). */
+static inline __attribute__((always_inline)) void q4_panel(
+    const int8_t *p, const float *x, int64_t n, int rows, const float *scale, const float *bias,
+    float *y, int64_t m, int cols, int mode) {
+    __m512 acc[8][VECS];
+    for (int r = 0; r < 8; r++)
+        for (int v = 0; v < VECS; v++) acc[r][v] = _mm512_setzero_ps();
+    for (int64_t q = 0; 4 * q < n; q++) {
+        const int8_t *w = p + q * QUAD;
+        for (int line = 0; line < QUAD; line += 64)
+            _mm_prefetch((const char *)w + PANEL_AHEAD + line, _MM_HINT_T0);
+        __m512i z[VECS];
+        for (int v = 0; v < VECS; v++) z[v] = _mm512_loadu_si512(w + 64 * v);
+        for (int t = 0; t < 4 && 4 * q + t < n; t++) {
+            __m512 wv[VECS];
+            for (int v = 0; v < VECS; v++) wv[v] = quad_input(z[v], t);
+            for (int r = 0; r < rows; r++) {
+                __m512 xr = _mm512_set1_ps(x[r * n + 4 * q + t]);
+                for (int v = 0; v < VECS; v++) acc[r][v] = _mm512_fmadd_ps(wv[v], xr, acc[r][v]);
+            }
+        }
+    }
+    for (int v = 0; v < VECS && 16 * v < cols; v++) {
+        __mmask16 msk = tail_mask(cols - 16 * v);
+        __m512 s = _mm512_maskz_loadu_ps(msk, scale + 16 * v);
+        __m512 b = bias ? _mm512_maskz_loadu_ps(msk, bias + 16 * v) : _mm512_setzero_ps();
+        for (int r = 0; r < rows; r++)
+            finish_panel(acc[r][v], s, b, y + r * m + 16 * v, msk, mode);
+    }
+}
+
+/* A quads panel as bf16 pairs for dot_rows: pair 2q + h holds inputs 4q + 2h and 4q + 2h + 1
+ * (exact: |W| <= 127 has 7 significant bits). `out`: (n4 * 2) * PANEL words. */
+static void quads_to_pairs(const int8_t *p, int64_t n4, uint32_t *out) {
+    const __m512i top = _mm512_set1_epi32((int)0xFFFF0000u);
+    for (int64_t q = 0; q < n4; q++)
+        for (int v = 0; v < VECS; v++) {
+            __m512i z = _mm512_loadu_si512(p + q * QUAD + 64 * v);
+            for (int h = 0; h < 2; h++) {
+                __m512i a = _mm512_castps_si512(quad_input(z, 2 * h));
+                __m512i b = _mm512_castps_si512(quad_input(z, 2 * h + 1));
+                __m512i pair = _mm512_or_si512(_mm512_srli_epi32(a, 16), _mm512_and_si512(b, top));
+                _mm512_storeu_si512(out + (2 * q + h) * PANEL + 16 * v, pair);
+            }
+        }
+}
+
+/* Panel b of a quads matrix for `rows` rows of float32 x: one row through the digits
+ * (`digits`: to_digits of x, `step` its step), more rows through q4_panel. */
+static QV void quads_panel_b(const int8_t *p, const float *x, const uint32_t *digits, float step,
+                             const float *scale, const float *bias, const int32_t *colsum,
+                             float *y, int64_t m, int64_t n, int64_t rows, int64_t b, int mode) {
+    int64_t o = b * PANEL, n4 = (n + 3) / 4;
+    int cols = m - o < PANEL ? (int)(m - o) : PANEL;
+    const int8_t *pb = p + b * n4 * QUAD;
+    const float *s = scale + o, *bb = bias ? bias + o : 0;
+    if (rows == 1) {
+        q8_panel(pb, digits, n4, s, bb, colsum + o, step, y + o, cols, mode);
+        return;
+    }
+#define Q4_CALL(k) q4_panel(pb, x + r * n, n, k, s, bb, y + r * m + o, m, cols, mode)
+    EIGHT_AT_A_TIME(rows, Q4_CALL)
+}
+
+/* y = x W^T * scale + bias for a quads matrix W [m, n]. Prompts (`pairs`, where the CPU has
+ * AVX512-BF16) convert each panel into bf16 pairs in a buffer of the thread's and run the
+ * dot-product kernel with x rounded to bf16. Returns 0, or -1 where a buffer could not be
+ * allocated. */
+QV int panels_quads(const int8_t *p, const float *x, const float *scale, const float *bias,
+                    const int32_t *colsum, float *y, int64_t m, int64_t n, int64_t rows,
+                    int pairs, int threads) {
+    int64_t count = (m + PANEL - 1) / PANEL, n4 = (n + 3) / 4, words = (n + 1) / 2;
+    uint32_t *xs = 0;
+    float step = 0;
+    if (pairs) {
+        xs = malloc((size_t)rows * words * sizeof(uint32_t));
+        if (!xs) return -1;
+        to_pairs(x, xs, rows, n);
+    } else if (rows == 1) {
+        xs = malloc((size_t)3 * n4 * sizeof(uint32_t));
+        if (!xs) return -1;
+        step = to_digits(x, n, xs);
+    }
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1) reduction(| : failed)
     {
-        uint32_t *buffer = malloc((size_t)pairs * PANEL * sizeof(uint32_t));
-        failed = buffer == 0;
+        uint32_t *buffer = pairs ? malloc((size_t)2 * n4 * PANEL * sizeof(uint32_t)) : 0;
+        failed = pairs && !buffer;
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < count; b++) {
-            if (!buffer) continue;
-            int64_t o = b * PANEL;
-            int cols = m - o < PANEL ? (int)(m - o) : PANEL;
-            i8_pairs(p + b * n * PANEL, n, buffer);
-            dot_rows(buffer, x, pairs, rows, scale + o, bias ? bias + o : 0, y + o, m, cols, STORE);
+            if (!pairs) {
+                quads_panel_b(p, x, xs, step, scale, bias, colsum, y, m, n, rows, b, STORE);
+            } else if (buffer) {
+                int64_t o = b * PANEL;
+                int cols = m - o < PANEL ? (int)(m - o) : PANEL;
+                quads_to_pairs(p + b * n4 * QUAD, n4, buffer);
+                dot_rows(buffer, xs, words, rows, scale + o, bias ? bias + o : 0, y + o, m, cols,
+                         STORE);
+            }
         }
         free(buffer);
     }
+    free(xs);
     return failed ? -1 : 0;
 }
 
@@ -364,7 +535,8 @@ enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_PAIRS = 2, KIND_I8 = 3 };
 typedef struct {
     const void *panels;
     const float *scale, *bias; /* scale: int8 only; either may be NULL */
-    int64_t m, n, inputs;      /* outputs, panel rows (pairs: words), input width */
+    const int32_t *colsum;     /* int8 (quads) only */
+    int64_t m, n, inputs;      /* outputs, panel rows (pairs: words; quads: unused), inputs */
     int64_t kind;
 } Mat;
 
@@ -419,20 +591,6 @@ static void layer_norm(const float *x, const float *w, const float *b, float *y,
     }
 }
 
-/* Rows of n float32 as bf16 pairs (round to nearest even; a zero pads an odd width). */
-static DOT void to_pairs(const float *x, uint32_t *out, int64_t rows, int64_t n) {
-    int64_t words = (n + 1) / 2;
-    for (int64_t r = 0; r < rows; r++) {
-        uint16_t *o = (uint16_t *)(out + r * words);
-        for (int64_t i = 0; i < n; i += 16) {
-            __mmask16 m = tail_mask(n - i);
-            __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x + r * n + i));
-            _mm256_mask_storeu_epi16(o + i, m, (__m256i)h);
-        }
-        if (n % 2) o[n] = 0;
-    }
-}
-
 /* The panels [start, end) of `count` that thread t of T takes: contiguous runs, so that
  * each thread streams one stretch of the matrix. */
 static void my_panels(int64_t count, int64_t *start, int64_t *end) {
@@ -452,25 +610,33 @@ static void prefetch_next(const Mat *w) {
     my_panels(count, &start, &end);
     if (start >= end) return;
     int64_t size = w->kind == KIND_F32 || w->kind == KIND_PAIRS ? 4 : w->kind == KIND_BF16 ? 2 : 1;
-    const char *p = (const char *)w->panels + start * w->n * PANEL * size;
+    int64_t height = w->kind == KIND_I8 ? (w->inputs + 3) / 4 * 4 : w->n;
+    const char *p = (const char *)w->panels + start * height * PANEL * size;
     for (int64_t b = 0; b < NEXT_AHEAD; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
 }
 
 /* y (mode: STORE, ADD, GELU) = x times w, the panels shared between the team's threads;
- * then the start of `next` (the matrix after it, or NULL) is prefetched. */
+ * then the start of `next` (the matrix after it, or NULL) is prefetched. `pairs`: room for
+ * x as bf16 pairs or as digits; `step`: a variable shared by the team. */
 static void product(const Mat *w, const float *x, int64_t rows, float *y, int mode,
-                    uint32_t *pairs, const Mat *next) {
+                    uint32_t *pairs, float *step, const Mat *next) {
     int64_t count = (w->m + PANEL - 1) / PANEL, start, end;
     if (w->kind == KIND_PAIRS) {
 #pragma omp single
         to_pairs(x, pairs, rows, w->inputs);
+    } else if (w->kind == KIND_I8 && rows == 1) {
+#pragma omp single
+        *step = to_digits(x, w->inputs, pairs);
     }
     my_panels(count, &start, &end);
     for (int64_t b = start; b < end; b++) {
         switch (w->kind) {
         case KIND_F32: f32_panel_b(w->panels, x, w->scale, w->bias, y, w->m, w->n, rows, b, mode); break;
         case KIND_BF16: bf16_panel_b(w->panels, x, w->scale, w->bias, y, w->m, w->n, rows, b, mode); break;
-        case KIND_I8: i8_panel_b(w->panels, x, w->scale, w->bias, y, w->m, w->n, rows, b, mode); break;
+        case KIND_I8:
+            quads_panel_b(w->panels, x, pairs, *step, w->scale, w->bias, w->colsum, y, w->m,
+                          w->inputs, rows, b, mode);
+            break;
         default: {
             int64_t o = b * PANEL;
             int cols = w->m - o < PANEL ? (int)(w->m - o) : PANEL;
@@ -605,11 +771,12 @@ static void attention(const float *qkv, float *keys, float *values, int64_t capa
  * must have room for the window and the new steps (capacity >= window + new - 1), or hold
  * every position. keys[l]/values[l]: layer l's cache,
  * [rows, heads, capacity[l], dim] float32. scratch: floats for the intermediates,
- * tokens * (5 * width + inner + (max(width, inner) + 1) / 2) + threads * the largest
- * capacity (`step_scratch`, tokens = rows * new). */
+ * tokens * (5 * width + inner + (max(width, inner) + 1) / 2) + 3 * (max(width, inner) + 3) / 4
+ * + threads * the largest capacity (`step_scratch`, tokens = rows * new). */
 int64_t step_scratch(int64_t tokens, int64_t width, int64_t inner, int64_t capacity, int threads) {
     int64_t widest = width > inner ? width : inner;
-    return tokens * (5 * width + inner + (widest + 1) / 2) + threads * capacity;
+    return tokens * (5 * width + inner + (widest + 1) / 2) + 3 * ((widest + 3) / 4) +
+           threads * capacity;
 }
 
 void decode_step(const Layer *layers, int64_t count, float *const *keys, float *const *values,
@@ -622,7 +789,8 @@ void decode_step(const Layer *layers, int64_t count, float *const *keys, float *
     float *h = scratch, *qkv = h + tokens * width, *att = qkv + 3 * tokens * width;
     float *f = att + tokens * width;
     uint32_t *pairs = (uint32_t *)(f + tokens * inner);
-    float *scores = (float *)(pairs + tokens * ((widest + 1) / 2));
+    float *scores = (float *)(pairs + tokens * ((widest + 1) / 2) + 3 * ((widest + 3) / 4));
+    float step = 0; /* shared by the team: the digits' step of an int8 product */
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         float *mine = scores + omp_get_thread_num() * most;
@@ -630,14 +798,14 @@ void decode_step(const Layer *layers, int64_t count, float *const *keys, float *
             const Layer *L = layers + l;
 #pragma omp single
             layer_norm(x, L->ln1_w, L->ln1_b, h, tokens, width, eps);
-            product(&L->qkv, h, tokens, qkv, STORE, pairs, &L->out);
+            product(&L->qkv, h, tokens, qkv, STORE, pairs, &step, &L->out);
             attention(qkv, keys[l], values[l], capacity[l], L->window, pos, rows, new, heads,
                       dim, mine, att);
-            product(&L->out, att, tokens, x, ADD, pairs, &L->fc);
+            product(&L->out, att, tokens, x, ADD, pairs, &step, &L->fc);
 #pragma omp single
             layer_norm(x, L->ln2_w, L->ln2_b, h, tokens, width, eps);
-            product(&L->fc, h, tokens, f, GELU, pairs, &L->proj);
-            product(&L->proj, f, tokens, x, ADD, pairs, l + 1 < count ? &L[1].qkv : 0);
+            product(&L->fc, h, tokens, f, GELU, pairs, &step, &L->proj);
+            product(&L->proj, f, tokens, x, ADD, pairs, &step, l + 1 < count ? &L[1].qkv : 0);
         }
 #pragma omp single
         layer_norm(x, lnf_w, lnf_b, x, tokens, width, eps);
