@@ -95,6 +95,16 @@ def annotate(
         row["decode_bytes_per_token"] = step["total"]
         row["ceiling_tok_s"] = bandwidth_gbs * 1e9 / step["total"]
         row["ceiling_share"] = rate * step["total"] / (bandwidth_gbs * 1e9)
+        near = row.get("read_bandwidth_near_gbs")
+        if near:  # the median of the bandwidths measured right before the row's repeats
+            row["ceiling_share_near"] = rate * step["total"] / (near * 1e9)
+
+
+def _near(row: dict[str, Any]) -> str:
+    near = row.get("read_bandwidth_near_gbs")
+    if not near or row.get("ceiling_share_near") is None:
+        return "– | – |"
+    return f"{near:.1f} | {100 * row['ceiling_share_near']:.0f} % |"
 
 
 def markdown_lines(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
@@ -109,14 +119,16 @@ def markdown_lines(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str
         f"Memory read bandwidth, measured in this run: {bandwidth:.1f} GB/s, the highest of "
         f"{len(samples)} measurements before, between shapes and after ({spread}; each the "
         f"sum of a 1 GiB float32 tensor, best of 5, {meta['args']['threads']} threads). "
-        "Shares of the ceiling are against the highest. Bytes per decode "
+        "Shares of the ceiling are against the highest; the last column is against the "
+        "median bandwidth measured right before each of the row's repeats (the host's "
+        "bandwidth moves between phases within minutes). Bytes per decode "
         "step: every weight matrix once in the row's dtype (int8: 1 byte + a scale per "
         "row), the tied head in full, plus the KV cache of the mean context (global layers "
         "all positions, local layers at most the window); see benchmarks/ceiling.py.",
         "",
         "| shape | dtype | engine | decode tok/s | MB read per token (weights + KV) | "
-        "ceiling tok/s | share of ceiling |",
-        "|---|---|---|---|---|---|---|",
+        "ceiling tok/s | share of ceiling | bandwidth next to it GB/s | share of that |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.get("ceiling_share") is None:
@@ -125,6 +137,6 @@ def markdown_lines(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str
             f"| {r['shape']} | {r['dtype']} | {r['engine']} | {r['decode_tok_s']:.1f} | "
             f"{r['decode_bytes_per_token'] / 1e6:.0f} ({r['decode_weight_bytes'] / 1e6:.0f} + "
             f"{r['decode_kv_bytes'] / 1e6:.1f}) | {r['ceiling_tok_s']:.1f} | "
-            f"{100 * r['ceiling_share']:.0f} % |"
+            f"{100 * r['ceiling_share']:.0f} % | {_near(r)}"
         )
     return lines

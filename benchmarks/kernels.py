@@ -73,14 +73,17 @@ def _rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
 
 
 def _packed(w: torch.Tensor, scales: torch.Tensor | None = None) -> tuple:
-    """The panels fast.py holds (bf16 as pairs where the CPU has the bf16 dot product)."""
-    return native.panel_weights(w), w.shape[0], scales
+    """The panels fast.py holds (bf16 as pairs where the CPU has the bf16 dot product,
+    int8 as quads with their column sums)."""
+    colsum = native.quad_sums(w) if w.dtype == torch.int8 else None
+    return native.panel_weights(w), w.shape[0], scales, colsum
 
 
 def _panels(x: torch.Tensor, packed: tuple) -> torch.Tensor:
     """As fast.py runs them: int8 prompts (64+ rows) with bf16 activations."""
+    panels, out_features, scales, colsum = packed
     prompt = x.shape[0] >= Int8Linear.DEQUANT_ROWS
-    return native.panels(x, *packed, None, prompt)
+    return native.panels(x, panels, out_features, scales, None, prompt, colsum)
 
 
 def int8_candidates(weights: list[torch.Tensor]) -> dict[str, tuple]:
@@ -94,7 +97,7 @@ def int8_candidates(weights: list[torch.Tensor]) -> dict[str, tuple]:
         return torch._weight_int8pack_mm(x.bfloat16(), w[0], w[1])
 
     out = {"torch._weight_int8pack_mm": (torch_int8, stored)}
-    if native.available():
+    if native.available() and native.quads_supported():
         out["panel kernel (ours)"] = (_panels, [_packed(q, s) for q, _, s in stored])
     return out
 

@@ -48,7 +48,8 @@ def test_kv_bytes_follow_the_context_and_the_local_window():
 
 def test_annotate_gives_the_ceiling_and_the_share():
     rows = [
-        {"shape": "125m", "dtype": "float32", "engine": "gptneo", "decode_tok_s": 20.0},
+        {"shape": "125m", "dtype": "float32", "engine": "gptneo", "decode_tok_s": 20.0,
+         "read_bandwidth_near_gbs": 8.0},
         {"shape": "125m", "dtype": "float32", "engine": "gptneo-int8", "quantize": "int8",
          "decode_tok_s": 50.0},
         {"shape": "125m", "dtype": "float32", "engine": "x", "decode_tok_s": None},
@@ -66,6 +67,10 @@ def test_annotate_gives_the_ceiling_and_the_share():
     table = "\n".join(ceiling.markdown_lines(rows, meta))
     assert "10.0 GB/s, the highest of 3 measurements" in table and "(7.5, 10.0, 9.2" in table
     assert f"| {100 * fp32['ceiling_share']:.0f} % |" in table
+    # the share of the bandwidth measured next to the row, where it was
+    assert fp32["ceiling_share_near"] == pytest.approx(fp32["ceiling_share"] * 10.0 / 8.0)
+    assert f"| 8.0 | {100 * fp32['ceiling_share_near']:.0f} % |" in table
+    assert "ceiling_share_near" not in int8 and "| – | – |" in table
 
 
 def test_read_bandwidth_is_a_positive_rate():
