@@ -12,7 +12,7 @@
  * - the decode step runs every block of a panel-held model for one new token per row
  *   (gptneo_cli/step.py): products, layer norms, attention and GELU in one OpenMP region.
  *
- * Both split the outputs between OpenMP threads (the same OpenMP runtime torch uses, which is
+ * All of them split their work between OpenMP threads (the same OpenMP runtime torch uses, which is
  * loaded first). x, scale, bias and y are float32; products and sums are float32 in every
  * case. Built by gptneo_cli/native.py with the system C compiler on first use, AVX-512 only.
  */
@@ -51,12 +51,8 @@ static inline __attribute__((always_inline)) void f32_block(
     for (int k = 0; k < rows; k++) y[k] = finish(acc[k], bias ? bias + k : 0);
 }
 
-/* 16 int8 or bf16 weights as float32 (bf16 also masked, for a row's tail). bf16 is the top
- * half of a float32, so a shift is exact. */
-static inline __m512 i8_to_f32(const int8_t *p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-}
-
+/* 16 bf16 weights as float32 (also masked, for a row's tail). bf16 is the top half of a
+ * float32, so a shift is exact. */
 static inline __m512 bf16_to_f32(const uint16_t *p) {
     __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
@@ -160,6 +156,11 @@ void gemv_bf16(const uint16_t *w, const float *x, const float *bias, float *y, i
 
 int panel_width(void) { return PANEL; }
 
+/* Outputs of panel b of a matrix with m outputs (the last panel may be partial). */
+static inline int panel_cols(int64_t m, int64_t b) {
+    return m - b * PANEL < PANEL ? (int)(m - b * PANEL) : PANEL;
+}
+
 static inline __m512 f32_to_f32(const float *p) { return _mm512_loadu_ps(p); }
 
 /* What a panel kernel does with y[r, o] = scale * sum + bias: store it, add it to y (a
@@ -231,7 +232,7 @@ static inline void finish_panel(__m512 acc, __m512 s, __m512 b, float *y, __mmas
                                const float *bias, float *y, int64_t m, int64_t n, int64_t rows, \
                              int64_t b, int mode) {                                           \
         int64_t o = b * PANEL;                                                                \
-        int cols = m - o < PANEL ? (int)(m - o) : PANEL;                                      \
+        int cols = panel_cols(m, b);                                                          \
         const float *s = scale ? scale + o : 0, *bb = bias ? bias + o : 0;                    \
         const T *pb = p + b * n * PANEL;                                                      \
         EIGHT_AT_A_TIME(rows, NAME##_CALL)                                                    \
@@ -293,16 +294,20 @@ static DOT void dot_rows(const uint32_t *p, const uint32_t *x, int64_t n, int64_
     EIGHT_AT_A_TIME(rows, DOT_CALL)
 }
 
+/* Panel b of a pairs matrix for every row of x (pairs too). */
+static DOT void pairs_panel_b(const uint32_t *p, const uint32_t *x, const float *bias, float *y,
+                              int64_t m, int64_t n, int64_t rows, int64_t b, int mode) {
+    int64_t o = b * PANEL;
+    dot_rows(p + b * n * PANEL, x, n, rows, 0, bias ? bias + o : 0, y + o, m, panel_cols(m, b),
+             mode);
+}
+
 DOT void panels_pairs(const uint32_t *p, const uint32_t *x, const float *scale, const float *bias,
                       float *y, int64_t m, int64_t n, int64_t rows, int threads) {
     (void)scale; /* the panels signature; bf16 weights have no scales */
     int64_t count = (m + PANEL - 1) / PANEL;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-    for (int64_t b = 0; b < count; b++) {
-        int64_t o = b * PANEL;
-        int cols = m - o < PANEL ? (int)(m - o) : PANEL;
-        dot_rows(p + b * n * PANEL, x, n, rows, 0, bias ? bias + o : 0, y + o, m, cols, STORE);
-    }
+    for (int64_t b = 0; b < count; b++) pairs_panel_b(p, x, bias, y, m, n, rows, b, STORE);
 }
 
 /* Rows of n float32 as bf16 pairs (round to nearest even; a zero pads an odd width). */
@@ -465,7 +470,7 @@ static QV void quads_panel_b(const int8_t *p, const float *x, const uint32_t *di
                              const float *scale, const float *bias, const int32_t *colsum,
                              float *y, int64_t m, int64_t n, int64_t rows, int64_t b, int mode) {
     int64_t o = b * PANEL, n4 = (n + 3) / 4;
-    int cols = m - o < PANEL ? (int)(m - o) : PANEL;
+    int cols = panel_cols(m, b);
     const int8_t *pb = p + b * n4 * QUAD;
     const float *s = scale + o, *bb = bias ? bias + o : 0;
     if (rows == 1) {
@@ -506,10 +511,9 @@ QV int panels_quads(const int8_t *p, const float *x, const float *scale, const f
                 quads_panel_b(p, x, xs, step, scale, bias, colsum, y, m, n, rows, b, STORE);
             } else if (buffer) {
                 int64_t o = b * PANEL;
-                int cols = m - o < PANEL ? (int)(m - o) : PANEL;
                 quads_to_pairs(p + b * n4 * QUAD, n4, buffer);
-                dot_rows(buffer, xs, words, rows, scale + o, bias ? bias + o : 0, y + o, m, cols,
-                         STORE);
+                dot_rows(buffer, xs, words, rows, scale + o, bias ? bias + o : 0, y + o, m,
+                         panel_cols(m, b), STORE);
             }
         }
         free(buffer);
@@ -591,9 +595,9 @@ static void layer_norm(const float *x, const float *w, const float *b, float *y,
     }
 }
 
-/* The panels [start, end) of `count` that thread t of T takes: contiguous runs, so that
- * each thread streams one stretch of the matrix. */
-static void my_panels(int64_t count, int64_t *start, int64_t *end) {
+/* The items [start, end) of `count` (panels, attention's (row, head) pairs) that this thread
+ * takes: contiguous runs, so that each thread streams one stretch of memory. */
+static void my_share(int64_t count, int64_t *start, int64_t *end) {
     int t = omp_get_thread_num(), T = omp_get_num_threads();
     *start = count * t / T;
     *end = count * (t + 1) / T;
@@ -607,7 +611,7 @@ static void my_panels(int64_t count, int64_t *start, int64_t *end) {
 static void prefetch_next(const Mat *w) {
     if (!w) return;
     int64_t count = (w->m + PANEL - 1) / PANEL, start, end;
-    my_panels(count, &start, &end);
+    my_share(count, &start, &end);
     if (start >= end) return;
     int64_t size = w->kind == KIND_F32 || w->kind == KIND_PAIRS ? 4 : w->kind == KIND_BF16 ? 2 : 1;
     int64_t height = w->kind == KIND_I8 ? (w->inputs + 3) / 4 * 4 : w->n;
@@ -628,7 +632,7 @@ static void product(const Mat *w, const float *x, int64_t rows, float *y, int mo
 #pragma omp single
         *step = to_digits(x, w->inputs, pairs);
     }
-    my_panels(count, &start, &end);
+    my_share(count, &start, &end);
     for (int64_t b = start; b < end; b++) {
         switch (w->kind) {
         case KIND_F32: f32_panel_b(w->panels, x, w->scale, w->bias, y, w->m, w->n, rows, b, mode); break;
@@ -637,12 +641,7 @@ static void product(const Mat *w, const float *x, int64_t rows, float *y, int mo
             quads_panel_b(w->panels, x, pairs, *step, w->scale, w->bias, w->colsum, y, w->m,
                           w->inputs, rows, b, mode);
             break;
-        default: {
-            int64_t o = b * PANEL;
-            int cols = w->m - o < PANEL ? (int)(w->m - o) : PANEL;
-            dot_rows((const uint32_t *)w->panels + b * w->n * PANEL, pairs, w->n, rows, 0,
-                     w->bias ? w->bias + o : 0, y + o, w->m, cols, mode);
-        }
+        default: pairs_panel_b(w->panels, pairs, w->bias, y, w->m, w->n, rows, b, mode);
         }
     }
     prefetch_next(next);
@@ -707,20 +706,7 @@ static void attend_one(const float *q, const float *keys, const float *values, i
         total = _mm512_add_ps(total, e);
     }
     __m512 norm = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
-    /* The values, read once in slot order: the sums in registers for heads of up to 64. */
-    if (dim <= 64) {
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                         _mm512_setzero_ps()};
-        for (int64_t t = 0; t < count; t++) {
-            const float *row = values + ((first + t) % capacity) * dim;
-            __m512 p = _mm512_set1_ps(scores[t]);
-            for (int c = 0; 16 * c < dim; c++)
-                acc[c] = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(tail_mask(dim - 16 * c), row + 16 * c), acc[c]);
-        }
-        for (int c = 0; 16 * c < dim; c++)
-            _mm512_mask_storeu_ps(out + 16 * c, tail_mask(dim - 16 * c), _mm512_mul_ps(acc[c], norm));
-        return;
-    }
+    /* The values, read once in slot order. */
     for (int64_t d = 0; d < dim; d++) out[d] = 0.0f;
     for (int64_t t = 0; t < count; t++) {
         const float *row = values + ((first + t) % capacity) * dim;
@@ -742,9 +728,8 @@ static void attend_one(const float *q, const float *keys, const float *values, i
 static void attention(const float *qkv, float *keys, float *values, int64_t capacity,
                       int64_t window, int64_t pos, int64_t rows, int64_t new, int64_t heads,
                       int64_t dim, float *scores, float *att) {
-    int64_t width = heads * dim, pairs = rows * heads;
-    int t = omp_get_thread_num(), T = omp_get_num_threads();
-    int64_t start = pairs * t / T, end = pairs * (t + 1) / T;
+    int64_t width = heads * dim, start, end;
+    my_share(rows * heads, &start, &end);
     int64_t first = first_visible(pos, window), count = pos - first; /* stored before */
     for (int64_t rh = start; rh < end; rh++) {
         prefetch_slots(keys + rh * capacity * dim, first, count, capacity, dim);
