@@ -24,7 +24,7 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -65,7 +65,8 @@ class NativeStep:
         keep += [ln_f.weight.detach().float(), ln_f.bias.detach().float()]
         self.lnf = keep[-2].data_ptr(), keep[-1].data_ptr()
         self._keep = keep  # the float32 copies the structures point into
-        self._scratch: dict[tuple[int, int, int], torch.Tensor] = {}
+        #: (tokens, threads, largest capacity) and the scratch buffer sized for them.
+        self._scratch: tuple[tuple[int, int, int], torch.Tensor] | None = None
 
     @classmethod
     def build(cls, model: Any) -> NativeStep | None:
@@ -130,26 +131,25 @@ class NativeStep:
         (rows, new), pos = input_ids.shape, cache.length
         base = self.model.transformer
         x = base.wte(input_ids).float() + base.wpe.weight[pos : pos + new].float()
-        keys, values, capacity = _cache_pointers(cache, self.heads, self.dim)  # type: ignore[misc]
+        held = _cache_pointers(cache, self.heads, self.dim)
+        assert held is not None  # `ready` said so
         threads = torch.get_num_threads()
-        scratch = self._scratch_for(rows * new, threads, cache)
+        scratch = self._scratch_for(rows * new, threads, held.most)
         self.lib.decode_step(
-            ctypes.addressof(self.layers), self.count, keys, values, capacity,
+            ctypes.addressof(self.layers), self.count, held.keys, held.values, held.capacity,
             x.data_ptr(), rows, new, pos, self.heads, self.dim, self.inner, self.eps,
             *self.lnf, scratch.data_ptr(), threads,
         )  # fmt: skip
         cache.advance(new)
         return x
 
-    def _scratch_for(self, tokens: int, threads: int, cache: KVCache) -> torch.Tensor:
-        most = max(keys.shape[2] for keys in cache.keys)
+    def _scratch_for(self, tokens: int, threads: int, most: int) -> torch.Tensor:
+        """The intermediates' buffer, kept while the shapes stay (one size at a time)."""
         key = (tokens, threads, most)
-        scratch = self._scratch.get(key)
-        if scratch is None:
+        if self._scratch is None or self._scratch[0] != key:
             size = self.lib.step_scratch(tokens, self.width, self.inner, most, threads)
-            self._scratch = {key: torch.empty(size, dtype=torch.float32)}  # one at a time
-            scratch = self._scratch[key]
-        return scratch
+            self._scratch = (key, torch.empty(size, dtype=torch.float32))
+        return self._scratch[1]
 
 
 def _mat(module: Any, inputs: int, keep: list[torch.Tensor]) -> native.Mat | None:
@@ -157,15 +157,14 @@ def _mat(module: Any, inputs: int, keep: list[torch.Tensor]) -> native.Mat | Non
     from .fast import Int8Linear, PanelLinear
 
     colsum = None
+    bias = module._parameters.get("bias")
     if type(module) is PanelLinear:
         panels, scale = module.panels, None
-        bias = module._parameters.get("bias")
         width = (inputs + 1) // 2 if panels.dtype == torch.int32 else inputs
         if panels.dim() != 3 or panels.shape[1] != width or panels.shape[2] != native.PANEL:
             return None
     elif isinstance(module, Int8Linear) and module.panels:
         panels, scale, colsum = module.qpanels, module.scales32, module.colsum
-        bias = module._parameters.get("bias")
         width = -(-inputs // 4)  # quads
         if panels.shape[1:] != (width, native.PANEL, 4):
             return None
@@ -179,20 +178,36 @@ def _mat(module: Any, inputs: int, keep: list[torch.Tensor]) -> native.Mat | Non
     return native.Mat(*pointers, module.out_features, width, inputs, kind)
 
 
-def _cache_pointers(cache: KVCache, heads: int, dim: int) -> tuple[int, int, int] | None:
-    """Addresses of arrays of the cache's key/value buffers and capacities, built once per
-    set of buffers (`keep_rows` replaces them); None where a buffer is not a contiguous
-    float32 [rows, heads, capacity, dim]."""
+class CachePointers(NamedTuple):
+    """What decode_step reads of a KVCache: the addresses of arrays of its key and value
+    buffers and of their capacities, and the largest capacity (the scores' room)."""
+
+    buffers: tuple[list[torch.Tensor], list[torch.Tensor]]  # the lists they were built from
+    arrays: tuple[Any, ...]  # the ctypes arrays, kept alive
+    keys: int
+    values: int
+    capacity: int
+    most: int
+
+
+def _cache_pointers(cache: KVCache, heads: int, dim: int) -> CachePointers | None:
+    """The cache's CachePointers, built once per set of buffers (`keep_rows` replaces them);
+    None where a buffer is not a contiguous float32 [rows, heads, capacity, dim]."""
     held = getattr(cache, "_native_pointers", None)
-    if held is None or held[0] is not cache.keys or held[1] is not cache.values:
-        rows, count = cache.batch_size, len(cache.keys)
-        for t in (*cache.keys, *cache.values):
-            shape_ok = t.dim() == 4 and (t.shape[0], t.shape[1], t.shape[3]) == (rows, heads, dim)
-            if not (shape_ok and t.is_contiguous() and t.dtype == torch.float32):
-                return None
-        keys = (ctypes.c_void_p * count)(*[t.data_ptr() for t in cache.keys])
-        values = (ctypes.c_void_p * count)(*[t.data_ptr() for t in cache.values])
-        capacity = (ctypes.c_int64 * count)(*[t.shape[2] for t in cache.keys])
-        held = (cache.keys, cache.values, keys, values, capacity)
-        cache._native_pointers = held
-    return tuple(ctypes.addressof(array) for array in held[2:])  # type: ignore[return-value]
+    if held is not None and held.buffers[0] is cache.keys and held.buffers[1] is cache.values:
+        return held
+    rows, count = cache.batch_size, len(cache.keys)
+    for t in (*cache.keys, *cache.values):
+        shape_ok = t.dim() == 4 and (t.shape[0], t.shape[1], t.shape[3]) == (rows, heads, dim)
+        if not (shape_ok and t.is_contiguous() and t.dtype == torch.float32):
+            return None
+    capacities = [t.shape[2] for t in cache.keys]
+    arrays = (
+        (ctypes.c_void_p * count)(*[t.data_ptr() for t in cache.keys]),
+        (ctypes.c_void_p * count)(*[t.data_ptr() for t in cache.values]),
+        (ctypes.c_int64 * count)(*capacities),
+    )
+    addresses = [ctypes.addressof(array) for array in arrays]
+    held = CachePointers((cache.keys, cache.values), arrays, *addresses, max(capacities))
+    cache._native_pointers = held
+    return held
