@@ -808,8 +808,8 @@ class _Packer:
         self.kernels = KernelChooser(dtype) if self.packed else None
         #: int8 on CPU: whether products run the panel kernel, measured the same way (not
         #: under torch.compile, which cannot trace a call into our library).
-        int8_panels = quantize == "int8" and cpu and not compile and native.available()
-        int8_panels = int8_panels and native.quads_supported()
+        int8_panels = quantize == "int8" and cpu and not compile
+        int8_panels = int8_panels and native.available() and native.quads_supported()
         self.int8_kernels = KernelChooser(torch.float32) if int8_panels else None
         #: Linear layers waiting for their other pieces: module name -> {"weight"/"bias": tensor}
         self.pending: dict[str, dict[str, Any]] = {}
