@@ -33,6 +33,7 @@ import ctypes
 import platform
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -214,9 +215,14 @@ class PanelLinear(FastLinear):
     oneDNN's bf16 GEMM), else float32 FMAs. As a head it holds its own copy of the
     embedding matrix (the embedding keeps its rows for lookups)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        copied: Callable[[int], object] | None = None,
+    ) -> None:
         super().__init__()
-        self.panels = frozen(native.panel_weights(weight.detach()))
+        self.panels = frozen(native.panel_weights(weight.detach(), copied))
         self.bias = _optional(None if bias is None else bias.float())
         self.out_features = weight.shape[0]
 
@@ -904,9 +910,12 @@ class _Packer:
         fp32 = self.dtype == torch.float32
         layout = self.kernels.layout("head", shape, _head_builders(self.dtype))
         if layout == "panels":
-            head = PanelLinear(weight, None)
-            if self.from_file:  # the embedding's pages, all read for the copy, may go:
-                release_pages(weight)  # lookups read a few rows back from the file
+            if not self.from_file:
+                return PanelLinear(weight, None)
+            # The embedding's pages may go as the copy passes them (never the whole matrix
+            # twice in memory); lookups read a few rows back from the file.
+            head = PanelLinear(weight, None, lambda rows: release_pages(weight, 0, rows))
+            release_pages(weight)  # the pages at the stretches' edges
             return head
         if layout == "onednn" and not fp32:
             return PackedHead(weight)

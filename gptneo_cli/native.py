@@ -32,7 +32,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -312,14 +312,23 @@ def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
 PANEL = 48
 
 
-def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+def pack_panels(
+    weight: torch.Tensor, copied: Callable[[int], object] | None = None
+) -> torch.Tensor:
     """A [m, n] matrix (float32, bf16 or int8) as csrc/gemv.c's column panels:
     [ceil(m / PANEL), n, PANEL] with panel[b, i, j] = weight[b * PANEL + j, i], zeros past m.
-    One copy of the matrix, written panel by panel (no padded temporary)."""
+    One copy of the matrix, written panel by panel (no padded temporary). `copied(rows)`
+    hears how many leading rows are done after each stretch (to drop their source pages)."""
     m, n = weight.shape
     whole, tail = divmod(m, PANEL)
     out = torch.empty(whole + (tail > 0), n, PANEL, dtype=weight.dtype, device=weight.device)
-    out[:whole].copy_(weight[: whole * PANEL].view(whole, PANEL, n).transpose(1, 2))
+    stretch = max(1, 2**23 // max(1, n * PANEL * weight.element_size()))  # ~8 MiB at a time
+    for b in range(0, whole, stretch):
+        end = min(whole, b + stretch)
+        rows = weight[b * PANEL : end * PANEL].view(end - b, PANEL, n)
+        out[b:end].copy_(rows.transpose(1, 2))
+        if copied is not None:
+            copied(end * PANEL)
     if tail:
         out[whole].zero_()
         out[whole, :, :tail].copy_(weight[whole * PANEL :].t())
@@ -354,8 +363,14 @@ def pack_quads(weight: torch.Tensor) -> torch.Tensor:
 
 
 def quad_sums(weight: torch.Tensor) -> torch.Tensor:
-    """int32 [m]: each output's sum of its int8 weights (the digits' offset correction)."""
-    return weight.sum(dim=1, dtype=torch.int32)
+    """int32 [m]: each output's sum of its int8 weights (the digits' offset correction).
+    Summed in row blocks: a whole-matrix sum widens every weight to int32 first (4x the
+    matrix: 147 MiB for the 125M embedding, the largest transient of an int8 load)."""
+    sums = torch.empty(weight.shape[0], dtype=torch.int32, device=weight.device)
+    step = max(1, 2**20 // max(1, weight.shape[1]))
+    for start in range(0, weight.shape[0], step):
+        sums[start : start + step] = weight[start : start + step].sum(dim=1, dtype=torch.int32)
+    return sums
 
 
 def _call_panels(
@@ -407,15 +422,18 @@ def _pack_pairs(weight: torch.Tensor) -> torch.Tensor:
     return pack_panels(_even(weight).view(torch.int32))
 
 
-def panel_weights(weight: torch.Tensor) -> torch.Tensor:
+def panel_weights(
+    weight: torch.Tensor, copied: Callable[[int], object] | None = None
+) -> torch.Tensor:
     """The panels our kernels read for a float32, bf16 or int8 matrix: bf16 as pairs for the
     dot-product kernel where the CPU has it (twice the FMA kernel's rate on prompts), int8
-    as quads (`pack_quads`; the caller checks `quads_supported`)."""
+    as quads (`pack_quads`; the caller checks `quads_supported`). `copied`: `pack_panels`'s
+    (float32 and plain bf16 panels)."""
     if weight.dtype == torch.int8:
         return pack_quads(weight)
     if weight.dtype == torch.bfloat16 and pairs_supported():
         return _pack_pairs(weight)
-    return pack_panels(weight)
+    return pack_panels(weight, copied)
 
 
 def panels(

@@ -290,17 +290,27 @@ def _unmapped() -> None:
 _MAPPINGS: weakref.WeakValueDictionary[int, mmap.mmap] = weakref.WeakValueDictionary()
 
 
-def release_pages(tensor: torch.Tensor) -> bool:
+def release_pages(tensor: torch.Tensor, start: int = 0, stop: int | None = None) -> bool:
     """Drop the resident pages of a tensor mapped from a checkpoint file (as `_map_tensor`
     made it), so that it stops counting in the process's memory; what is read again comes
     back from the file. For a matrix that a copy in another layout now serves (the
     embedding under the fast path's panel head: lookups touch a few rows per token). Never
-    written to, so nothing is lost. False where the tensor is no such mapping."""
+    written to, so nothing is lost. Rows `start:stop` only (the whole pages inside them)
+    while a copy is being made: the copied part goes before the rest is read. False where
+    the tensor is no such mapping."""
     mapped = _MAPPINGS.get(tensor.data_ptr())
     advice = getattr(mmap, "MADV_DONTNEED", None)
     if mapped is None or advice is None:
         return False
-    mapped.madvise(advice)
+    offset = tensor.data_ptr() - ctypes.addressof(ctypes.c_char.from_buffer(mapped))
+    row_bytes = tensor.stride(0) * tensor.element_size()
+    stop = tensor.shape[0] if stop is None else min(stop, tensor.shape[0])
+    # whole pages only: the pages at the edges also hold rows not yet copied
+    first = 0 if start == 0 else -(-(offset + start * row_bytes) // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = offset + stop * row_bytes
+    last = len(mapped) if stop == tensor.shape[0] else last - last % mmap.PAGESIZE
+    if last > first:
+        mapped.madvise(advice, first, last - first)
     return True
 
 

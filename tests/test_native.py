@@ -74,6 +74,25 @@ def test_products_match_torch_on_ragged_shapes(rows, width, threads):
     assert (got_bf16.double() - exact_bf16).abs().max().item() < tol
 
 
+@pytest.mark.parametrize(("rows", "width"), [(1, 3), (48 * 7 + 5, 2048), (48 * 40, 1100)])
+def test_panels_copied_in_stretches_and_sums_in_blocks(rows, width):
+    """Large matrices are copied into panels a stretch of rows at a time (telling the caller
+    how far it got, to drop those rows' pages) and summed in row blocks; the results are
+    those of one whole-matrix copy and sum, at widths where several stretches and blocks
+    are needed and where one covers all."""
+    gen = torch.Generator().manual_seed(rows + width)
+    w = torch.randn(rows, width, generator=gen)
+    heard = []
+    packed = native.pack_panels(w, heard.append)
+    assert torch.equal(unpack_panels(packed, rows), w)
+    whole = rows // native.PANEL * native.PANEL
+    assert heard == sorted(heard) and (heard[-1] if heard else 0) == whole
+    if rows == 48 * 40:  # 7.7 MiB a stretch of 38 panels: two stretches
+        assert len(heard) == 2
+    q = torch.randint(-127, 128, (rows * 300, width), generator=gen, dtype=torch.int8)
+    assert torch.equal(native.quad_sums(q), q.int().sum(1))
+
+
 @needs_native
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("batch", [1, 2, 5, 8, 9, 17, 70])
@@ -394,6 +413,10 @@ def test_released_pages_read_back_from_the_file(tmp_path):
     assert weights.release_pages(wte)  # a mapping of the file: its pages may go
     assert torch.equal(wte, before)  # and come back from the file
     assert not weights.release_pages(before)  # an ordinary tensor: left alone
+    rows = wte.shape[0]
+    for start, stop in ((0, 1), (0, rows // 3), (rows // 3, rows - 1), (rows - 2, rows + 5)):
+        assert weights.release_pages(wte, start, stop)  # some rows' whole pages
+        assert torch.equal(wte, before)
 
 
 @needs_native
@@ -409,10 +432,16 @@ def test_a_panel_head_releases_the_embedding_pages_only_when_loaded_from_the_fil
     folder = _mapped_checkpoint(tmp_path)
     released = []
     real = fast.release_pages
-    monkeypatch.setattr(fast, "release_pages", lambda t: released.append(real(t)) or True)
+    monkeypatch.setattr(
+        fast, "release_pages", lambda t, *rows: released.append((rows, real(t, *rows))) or True
+    )
     monkeypatch.setenv("GPTNEO_KERNEL", "panels")
     model = FastCausalLM.from_pretrained(folder)
-    assert isinstance(model.lm_head, fast.PanelLinear) and released == [True]
+    assert isinstance(model.lm_head, fast.PanelLinear)
+    # the copied rows' pages as the copy goes (from row 0), then all of them
+    assert released[-1] == ((), True) and all(ok for _, ok in released)
+    assert [rows[0] for rows, _ in released[:-1]] == [0] * (len(released) - 1)
+    count = len(released)
     reference = GPTNeoForCausalLM.from_pretrained(folder)
     ids = torch.randint(1, 500, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -420,5 +449,5 @@ def test_a_panel_head_releases_the_embedding_pages_only_when_loaded_from_the_fil
         reference.transformer.wte.weight.add_(1.0)  # changed in memory, not in the file
         changed = reference.transformer.wte.weight.clone()
         optimized = fast.optimize_for_inference(reference)
-    assert released == [True]  # not called again
+    assert len(released) == count  # not called again
     assert torch.equal(optimized.transformer.wte.weight, changed)
