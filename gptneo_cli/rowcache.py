@@ -154,6 +154,11 @@ class RowCache:
         self.ensure(self._span, self._n)
         return self._pos
 
+    def decode_positions(self) -> torch.Tensor | None:
+        """The rows' positions [n] when the announced call decodes one token for each row
+        (`begin_decode`), else None: what the native step (step.py) needs to run it."""
+        return self._pos if self._mode == "decode" else None
+
     def begin_verify(self, positions: Sequence[int], counts: Sequence[int]) -> torch.Tensor:
         """Next call: `counts[b]` tokens for each of rows 0..n-1 (the token to feed and its
         drafts), the first at `positions[b]`, right-padded to the most. Returns the position

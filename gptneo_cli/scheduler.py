@@ -202,12 +202,20 @@ def model_body(model: Any) -> Callable[..., torch.Tensor]:
     """forward(ids [B, T], positions [B, T], cache, keep) -> logits, with the masks the row
     cache gives. keep: 0 for every position, 1 for the last, or a LongTensor [B] of each
     row's last real position (right-padded new prompts): then logits are [B, 1, V]. Runs the
-    model's own modules: the embeddings, its blocks and the (tied) head."""
+    model's own modules: the embeddings, its blocks and the (tied) head; a decode call of a
+    fast model with a native step (step.py) runs its blocks in that one C call instead."""
     base = model.base()
+    native_step = getattr(model, "_native_step", None)
+    if getattr(model, "_step", None) is not None:  # a compiled step: torch's path throughout
+        native_step = None
 
     def forward(
         ids: torch.Tensor, positions: torch.Tensor, cache: RowCache, keep: int | torch.Tensor
     ) -> torch.Tensor:
+        step = native_step() if native_step is not None else None
+        if step and step.ready_rows(ids, cache):
+            hidden = step(ids, cache, cache.decode_positions())
+            return model.lm_head(hidden.to(model.dtype)).float()
         setting = getattr(base, "attn_backend", None) or getattr(base, "_attn", "auto")
         backend = "eager" if setting == "eager" else "sdpa"
         plans = cache.plans(ids.shape[1])

@@ -12,11 +12,12 @@ fused into the products' epilogues), so decoding runs closer to memory speed
 When it runs: a FastCausalLM on CPU whose four matrices per block are all panels (the
 float32/bf16 `PanelLinear`, int8 `Int8Linear(panels=True)`), with a tanh-GELU activation,
 up to MAX_NEW tokens per row with a `KVCache` held in float32, no padding anywhere and
-positions following the cache. Anything else (longer prompts, padded batches, the
-scheduler's rows, a compiled step) runs the torch path, as does every model where the
-library is missing. Activations are float32 (a bf16 model's are rounded to bf16 where they
-enter a bf16 product, as they are on the torch path); tests/test_step.py compares it with
-the torch path and with transformers.
+positions following the cache; or one token for each of the scheduler's rows (a
+`RowCache` decode call, every row at its own position). Anything else (longer prompts,
+padded batches, the scheduler's prompts and verifies, a compiled step) runs the torch
+path, as does every model where the library is missing. Activations are float32 (a bf16
+model's are rounded to bf16 where they enter a bf16 product, as they are on the torch
+path); tests/test_step.py compares it with the torch path and with transformers.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 
 from . import native
 from .cache import KVCache
+from .rowcache import RowCache
 
 #: GPTNEO_NATIVE_STEP=0 keeps decoding on the torch path (A/B measurements, a suspected bug).
 ENV = "GPTNEO_NATIVE_STEP"
@@ -123,22 +125,42 @@ class NativeStep:
                 return False
             if not bool(attention_mask[:, -new:].all()):
                 return False
-        return _cache_pointers(cache, self.heads, self.dim) is not None
+        return _cache_pointers(cache, input_ids.shape[0], self.heads, self.dim) is not None
 
-    def __call__(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def ready_rows(self, input_ids: torch.Tensor, cache: Any) -> bool:
+        """A scheduler's decode call: one token for each row of a float32 RowCache whose
+        `begin_decode` announced their positions (grown to hold them)."""
+        if type(cache) is not RowCache or input_ids.dim() != 2 or input_ids.shape[1] != 1:
+            return False
+        positions = cache.decode_positions()
+        if positions is None or positions.shape != (input_ids.shape[0],):
+            return False
+        return _cache_pointers(cache, input_ids.shape[0], self.heads, self.dim) is not None
+
+    def __call__(
+        self, input_ids: torch.Tensor, cache: Any, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The final hidden states [rows, new, width] (float32) of the new tokens; the cache
-        holds their keys and values and has advanced."""
-        (rows, new), pos = input_ids.shape, cache.length
+        holds their keys and values and has advanced. `positions` [rows]: each row's first
+        new position (a RowCache's rows); by default every row is at the cache's length."""
+        rows, new = input_ids.shape
         base = self.model.transformer
-        x = base.wte(input_ids).float() + base.wpe.weight[pos : pos + new].float()
-        held = _cache_pointers(cache, self.heads, self.dim)
+        if positions is None:
+            pos = cache.length
+            x = base.wte(input_ids).float() + base.wpe.weight[pos : pos + new].float()
+            positions = torch.full((rows,), pos, dtype=torch.int64)
+        else:
+            positions = positions.to(torch.int64).contiguous()
+            steps = positions[:, None] + torch.arange(new)
+            x = base.wte(input_ids).float() + base.wpe.weight[steps].float()
+        held = _cache_pointers(cache, rows, self.heads, self.dim)
         assert held is not None  # `ready` said so
         threads = torch.get_num_threads()
         scratch = self._scratch_for(rows * new, threads, held.most)
         self.lib.decode_step(
             ctypes.addressof(self.layers), self.count, held.keys, held.values, held.capacity,
-            x.data_ptr(), rows, new, pos, self.heads, self.dim, self.inner, self.eps,
-            *self.lnf, scratch.data_ptr(), threads,
+            x.data_ptr(), rows, new, positions.data_ptr(), self.heads, self.dim, self.inner,
+            self.eps, *self.lnf, scratch.data_ptr(), threads,
         )  # fmt: skip
         cache.advance(new)
         return x
@@ -179,10 +201,11 @@ def _mat(module: Any, inputs: int, keep: list[torch.Tensor]) -> native.Mat | Non
 
 
 class CachePointers(NamedTuple):
-    """What decode_step reads of a KVCache: the addresses of arrays of its key and value
-    buffers and of their capacities, and the largest capacity (the scores' room)."""
+    """What decode_step reads of a KVCache or RowCache: the addresses of arrays of its key
+    and value buffers and of their capacities, and the largest capacity (the scores'
+    room)."""
 
-    buffers: tuple[list[torch.Tensor], list[torch.Tensor]]  # the lists they were built from
+    buffers: tuple[torch.Tensor, ...]  # the keys' and values' buffers they were built from
     arrays: tuple[Any, ...]  # the ctypes arrays, kept alive
     keys: int
     values: int
@@ -190,16 +213,21 @@ class CachePointers(NamedTuple):
     most: int
 
 
-def _cache_pointers(cache: KVCache, heads: int, dim: int) -> CachePointers | None:
-    """The cache's CachePointers, built once per set of buffers (`keep_rows` replaces them);
-    None where a buffer is not a contiguous float32 [rows, heads, capacity, dim]."""
+def _cache_pointers(cache: Any, rows: int, heads: int, dim: int) -> CachePointers | None:
+    """The cache's CachePointers, built once per set of buffers (KVCache.keep_rows and
+    RowCache.ensure replace them); None where a buffer is not a contiguous float32 [rows
+    (or more), heads, capacity, dim]."""
+    buffers = (*cache.keys, *cache.values)
     held = getattr(cache, "_native_pointers", None)
-    if held is not None and held.buffers[0] is cache.keys and held.buffers[1] is cache.values:
-        return held
-    rows, count = cache.batch_size, len(cache.keys)
-    for t in (*cache.keys, *cache.values):
-        shape_ok = t.dim() == 4 and (t.shape[0], t.shape[1], t.shape[3]) == (rows, heads, dim)
-        if not (shape_ok and t.is_contiguous() and t.dtype == torch.float32):
+    fresh = held is not None and len(held.buffers) == len(buffers)
+    if fresh and all(a is b for a, b in zip(held.buffers, buffers, strict=True)):
+        return held if held.buffers[0].shape[0] >= rows else None
+    count = len(cache.keys)
+    for t in buffers:
+        shape_ok = t.dim() == 4 and (t.shape[1], t.shape[3]) == (heads, dim)
+        if not (shape_ok and t.shape[0] >= rows and t.is_contiguous()):
+            return None
+        if t.dtype != torch.float32:
             return None
     capacities = [t.shape[2] for t in cache.keys]
     arrays = (
@@ -208,6 +236,6 @@ def _cache_pointers(cache: KVCache, heads: int, dim: int) -> CachePointers | Non
         (ctypes.c_int64 * count)(*capacities),
     )
     addresses = [ctypes.addressof(array) for array in arrays]
-    held = CachePointers((cache.keys, cache.values), arrays, *addresses, max(capacities))
+    held = CachePointers(buffers, arrays, *addresses, max(capacities))
     cache._native_pointers = held
     return held

@@ -85,9 +85,9 @@ def counted(monkeypatch):
     calls = []
     run = step.NativeStep.__call__
 
-    def counting(self, input_ids, cache):
+    def counting(self, input_ids, cache, positions=None):
         calls.append(input_ids.shape[0])
-        return run(self, input_ids, cache)
+        return run(self, input_ids, cache, positions)
 
     monkeypatch.setattr(step.NativeStep, "__call__", counting)
     return calls
@@ -209,6 +209,54 @@ def test_verifies_of_several_tokens_equal_the_torch_path(tmp_path, panels, count
         with torch.no_grad():
             want = ref(ids[:, : sum(n - r for n, r in plan[:-1]) + plan[-1][0]]).logits
         assert (got[-1] - want[:, -plan[-1][0] :]).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("quantize", [None, pytest.param("int8", marks=needs_quads)])
+def test_scheduler_rows_each_at_their_own_position(tmp_path, panels, counted, quantize):
+    """The server's scheduler: rows join at different steps (so they sit at different
+    positions, past the window, in caches that grow rows and positions while they run), and
+    every decode call runs the native step; each request's tokens and log-probabilities
+    equal those of the same schedule on the torch path."""
+    from test_scheduler import NumberTokenizer
+
+    from gptneo_cli.generation import GenerationConfig
+    from gptneo_cli.rowcache import RowCache
+    from gptneo_cli.scheduler import Request, Scheduler
+
+    folder, _ = checkpoint(tmp_path, "ragged")
+    model = load(folder, quantize=quantize)
+    config = GenerationConfig(do_sample=False, ignore_eos=True, logprobs=2)
+    lengths, budgets = [3, 17, 1, 9, 30, 6], [20, 8, 14, 25, 10, 16]
+    join_at = {0: [0, 1], 1: [2], 3: [3, 4], 9: [5]}
+
+    def schedule(native_step: bool) -> list:
+        model.__dict__["_native"] = None if native_step else False
+        sched = Scheduler(model, NumberTokenizer(), max_running=6, prefill_chunk=7)
+        sched._ensure_thread = lambda: None  # no thread: step() by hand
+        sched._cache = RowCache(model.config, 6, capacity=8, initial_rows=2)
+        sched._pcache = RowCache(model.config, 2, capacity=4)
+        requests = []
+        with torch.inference_mode():
+            for at in range(200):
+                for i in join_at.get(at, []):
+                    ids = torch.randint(
+                        1, 103, (lengths[i],), generator=torch.Generator().manual_seed(i)
+                    )
+                    requests.append(sched.submit(Request(ids.tolist(), config, budgets[i])))
+                if len(requests) == 6 and all(r.done for r in requests):
+                    break
+                sched.step()
+        return [r.result for r in requests]
+
+    got = schedule(True)
+    steps = len(counted)
+    assert steps >= max(budgets) - 1 and max(counted) > 1  # decode calls, several rows
+    want = schedule(False)
+    assert len(counted) == steps  # the torch path's run never called it
+    for mine, theirs in zip(got, want, strict=True):
+        assert mine.token_ids == theirs.token_ids
+        for a, b in zip(mine.logprobs, theirs.logprobs, strict=True):
+            assert abs(a.logprob - b.logprob) < 1e-4
 
 
 def test_what_the_step_leaves_to_the_torch_path(tmp_path, panels):

@@ -530,7 +530,9 @@ QV int panels_quads(const int8_t *p, const float *x, const float *scale, const f
  * epilogues), the rest is a few microseconds of vector code between barriers.
  *
  * Activations and the KV cache are float32 (a bf16 matrix as pairs gets its input rounded
- * to bf16, as a bf16 model's is); every row of the batch is at step `pos`, with no padding.
+ * to bf16, as a bf16 model's is); row r of the batch is at step pos[r] (the rows of one
+ * batch that started together share it; the scheduler's rows each have their own), with no
+ * padding.
  * Attention is GPT-Neo's: unscaled scores, causal; a local layer sees the last `window`
  * steps, held in a ring of `capacity` slots (step t in slot t % capacity).
  */
@@ -726,36 +728,37 @@ static void attend_one(const float *q, const float *keys, const float *values, i
 /* The attention phase of layer l: (row, head) pairs split between the team's threads in
  * contiguous runs; each thread first prefetches the slots its pairs will read. */
 static void attention(const float *qkv, float *keys, float *values, int64_t capacity,
-                      int64_t window, int64_t pos, int64_t rows, int64_t new, int64_t heads,
-                      int64_t dim, float *scores, float *att) {
+                      int64_t window, const int64_t *pos, int64_t rows, int64_t new,
+                      int64_t heads, int64_t dim, float *scores, float *att) {
     int64_t width = heads * dim, start, end;
     my_share(rows * heads, &start, &end);
-    int64_t first = first_visible(pos, window), count = pos - first; /* stored before */
     for (int64_t rh = start; rh < end; rh++) {
+        int64_t p = pos[rh / heads];
+        int64_t first = first_visible(p, window), count = p - first; /* stored before */
         prefetch_slots(keys + rh * capacity * dim, first, count, capacity, dim);
         prefetch_slots(values + rh * capacity * dim, first, count, capacity, dim);
     }
     for (int64_t rh = start; rh < end; rh++) {
-        int64_t r = rh / heads, head = rh % heads, at = rh * capacity * dim;
+        int64_t r = rh / heads, head = rh % heads, at = rh * capacity * dim, p = pos[r];
         for (int64_t j = 0; j < new; j++) {
             const float *q = qkv + (r * new + j) * 3 * width + head * dim;
-            store_step(q + width, q + 2 * width, keys + at, values + at, capacity, pos + j, dim);
+            store_step(q + width, q + 2 * width, keys + at, values + at, capacity, p + j, dim);
         }
         for (int64_t j = 0; j < new; j++) {
             int64_t token = r * new + j;
             attend_one(qkv + token * 3 * width + head * dim, keys + at, values + at, capacity,
-                       window, pos + j, dim, scores, att + token * width + head * dim);
+                       window, p + j, dim, scores, att + token * width + head * dim);
         }
     }
 #pragma omp barrier
 }
 
-/* Every layer for `new` tokens of each of `rows` rows at steps pos .. pos + new - 1 (a
- * decode step: one; a speculative verify: the drafts and one more): x [rows * new, width]
- * (the embeddings) becomes the final LayerNorm of the last block's output. A local ring
- * must have room for the window and the new steps (capacity >= window + new - 1), or hold
- * every position. keys[l]/values[l]: layer l's cache,
- * [rows, heads, capacity[l], dim] float32. scratch: floats for the intermediates,
+/* Every layer for `new` tokens of each of `rows` rows, row r at steps pos[r] .. pos[r] +
+ * new - 1 (a decode step: one; a speculative verify: the drafts and one more): x [rows *
+ * new, width] (the embeddings) becomes the final LayerNorm of the last block's output. A
+ * local ring must have room for the window and the new steps (capacity >= window + new -
+ * 1), or hold every position. keys[l]/values[l]: layer l's cache, [rows (or more: the
+ * first `rows` are used), heads, capacity[l], dim] float32. scratch: floats for the intermediates,
  * tokens * (5 * width + inner + (max(width, inner) + 1) / 2) + 3 * (max(width, inner) + 3) / 4
  * + threads * the largest capacity (`step_scratch`, tokens = rows * new). */
 int64_t step_scratch(int64_t tokens, int64_t width, int64_t inner, int64_t capacity, int threads) {
@@ -765,9 +768,9 @@ int64_t step_scratch(int64_t tokens, int64_t width, int64_t inner, int64_t capac
 }
 
 void decode_step(const Layer *layers, int64_t count, float *const *keys, float *const *values,
-                 const int64_t *capacity, float *x, int64_t rows, int64_t new, int64_t pos,
-                 int64_t heads, int64_t dim, int64_t inner, float eps, const float *lnf_w,
-                 const float *lnf_b, float *scratch, int threads) {
+                 const int64_t *capacity, float *x, int64_t rows, int64_t new,
+                 const int64_t *pos, int64_t heads, int64_t dim, int64_t inner, float eps,
+                 const float *lnf_w, const float *lnf_b, float *scratch, int threads) {
     int64_t tokens = rows * new, width = heads * dim, most = 0;
     int64_t widest = width > inner ? width : inner;
     for (int64_t l = 0; l < count; l++) most = capacity[l] > most ? capacity[l] : most;
