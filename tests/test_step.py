@@ -18,7 +18,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 #: Widths chosen to hit every tail: head_dim 8 and 9, inner 70 and 33 (odd: a padded pair),
-#: hidden 45 (odd), windows far shorter than the decoded length.
+#: hidden 45 (odd), windows far shorter than the decoded length; head sizes 64 and 128 (the
+#: real models': attention in registers, 4 and 8 vectors) and 144 (through memory).
 SHAPES = {
     "ragged": dict(
         vocab_size=103,
@@ -37,6 +38,33 @@ SHAPES = {
         attention_types=[[["global", "local"], 1]],
         window_size=7,
         intermediate_size=33,
+    ),
+    "heads64": dict(
+        vocab_size=75,
+        hidden_size=128,
+        num_heads=2,
+        num_layers=2,
+        attention_types=[[["global", "local"], 1]],
+        window_size=19,
+        intermediate_size=48,
+    ),
+    "heads128": dict(
+        vocab_size=60,
+        hidden_size=256,
+        num_heads=2,
+        num_layers=2,
+        attention_types=[[["local", "global"], 1]],
+        window_size=23,
+        intermediate_size=32,
+    ),
+    "heads144": dict(
+        vocab_size=50,
+        hidden_size=144,
+        num_heads=1,
+        num_layers=2,
+        attention_types=[[["local", "global"], 1]],
+        window_size=21,
+        intermediate_size=32,
     ),
     "wide": dict(
         vocab_size=211,

@@ -24,6 +24,7 @@
 
 #define ROWS 8          /* weight rows read together: 8 prefetch streams per thread */
 #define AHEAD 1024      /* bytes prefetched ahead of each row's reads */
+#define KV_PREFETCH (256 << 10) /* bytes of KV cache a thread prefetches per attention phase */
 
 static inline __mmask16 tail_mask(int64_t left) {
     return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
@@ -690,15 +691,28 @@ static void store_step(const float *k, const float *v, float *keys, float *value
     }
 }
 
-/* One query of one head at step `pos` over the visible steps of its ring (stored). */
-static void attend_one(const float *q, const float *keys, const float *values, int64_t capacity,
-                       int64_t window, int64_t pos, int64_t dim, float *scores, float *out) {
-    int64_t first = first_visible(pos, window), count = pos - first + 1;
-    float best = -INFINITY;
-    for (int64_t t = 0; t < count; t++) {
-        scores[t] = dot64(q, keys + ((first + t) % capacity) * dim, dim);
-        best = scores[t] > best ? scores[t] : best;
-    }
+/* Sixteen vectors -> one vector of their sixteen sums (lane j: the sum of a[j]): an add
+ * tree that transposes as it goes, 45 shuffles and adds instead of sixteen horizontal
+ * reductions of ~8 dependent steps each. */
+static inline __m512 sum16(const __m512 *a) {
+    __m512 r[8], s[4];
+    for (int i = 0; i < 8; i++) /* per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] */
+        r[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
+                             _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++) /* per lane: the four keys 4i..4i+3, each summed in the lane */
+        s[i] = _mm512_add_ps(_mm512_shuffle_ps(r[2 * i], r[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(r[2 * i], r[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    /* then across the four lanes: lane i of the result is s[i]'s lanes added */
+    __m512 u0 = _mm512_add_ps(_mm512_shuffle_f32x4(s[0], s[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                              _mm512_shuffle_f32x4(s[0], s[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512 u1 = _mm512_add_ps(_mm512_shuffle_f32x4(s[2], s[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                              _mm512_shuffle_f32x4(s[2], s[3], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* exp(scores - their largest) in place; returns 1 / their sum. */
+static inline float softmax_exp(float *scores, int64_t count, float best) {
     __m512 total = _mm512_setzero_ps(), top = _mm512_set1_ps(best);
     for (int64_t t = 0; t < count; t += 16) {
         __mmask16 m = tail_mask(count - t);
@@ -707,7 +721,87 @@ static void attend_one(const float *q, const float *keys, const float *values, i
         _mm512_mask_storeu_ps(scores + t, m, e);
         total = _mm512_add_ps(total, e);
     }
-    __m512 norm = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+    return 1.0f / _mm512_reduce_add_ps(total);
+}
+
+/* One query of one head at step `pos` over the visible steps of its ring (stored), for a
+ * head of up to 16 * NV floats held in NV vectors (NV a constant: the loops unroll and
+ * the query and the output stay in registers). Scores go 16 keys at a time through
+ * sum16; the values are added into two sets of accumulators (even and odd steps), so
+ * consecutive FMAs do not wait on each other. Slots advance with a wrap, no division. */
+static inline __attribute__((always_inline)) void attend_regs(
+    const float *q, const float *keys, const float *values, int64_t capacity, int64_t window,
+    int64_t pos, int64_t dim, float *scores, float *out, const int NV) {
+    int64_t first = first_visible(pos, window), count = pos - first + 1, start = first % capacity;
+    __mmask16 m[8];
+    __m512 qv[8];
+    for (int v = 0; v < NV; v++) {
+        m[v] = dim > 16 * v ? tail_mask(dim - 16 * v) : 0;
+        qv[v] = _mm512_maskz_loadu_ps(m[v], q + 16 * v);
+    }
+    __m512 best = _mm512_set1_ps(-INFINITY);
+    int64_t slot = start;
+    for (int64_t t = 0; t < count; t += 16) {
+        int64_t n = count - t < 16 ? count - t : 16;
+        __m512 acc[16];
+        for (int j = 0; j < 16; j++) {
+            acc[j] = _mm512_setzero_ps();
+            if (j >= n) continue;
+            const float *k = keys + slot * dim;
+            for (int v = 0; v < NV; v++)
+                acc[j] = _mm512_fmadd_ps(qv[v], _mm512_maskz_loadu_ps(m[v], k + 16 * v), acc[j]);
+            slot = slot + 1 == capacity ? 0 : slot + 1;
+        }
+        __mmask16 keep = tail_mask(n);
+        __m512 sums = sum16(acc);
+        _mm512_mask_storeu_ps(scores + t, keep, sums);
+        best = _mm512_mask_max_ps(best, keep, best, sums);
+    }
+    float norm = softmax_exp(scores, count, _mm512_reduce_max_ps(best));
+    __m512 even[8], odd[8];
+    for (int v = 0; v < NV; v++) even[v] = odd[v] = _mm512_setzero_ps();
+    slot = start;
+    int64_t t = 0;
+    for (; t + 1 < count; t += 2) {
+        const float *a = values + slot * dim;
+        slot = slot + 1 == capacity ? 0 : slot + 1;
+        const float *b = values + slot * dim;
+        slot = slot + 1 == capacity ? 0 : slot + 1;
+        __m512 pa = _mm512_set1_ps(scores[t]), pb = _mm512_set1_ps(scores[t + 1]);
+        for (int v = 0; v < NV; v++) {
+            even[v] = _mm512_fmadd_ps(pa, _mm512_maskz_loadu_ps(m[v], a + 16 * v), even[v]);
+            odd[v] = _mm512_fmadd_ps(pb, _mm512_maskz_loadu_ps(m[v], b + 16 * v), odd[v]);
+        }
+    }
+    if (t < count) {
+        const float *a = values + slot * dim;
+        __m512 pa = _mm512_set1_ps(scores[t]);
+        for (int v = 0; v < NV; v++)
+            even[v] = _mm512_fmadd_ps(pa, _mm512_maskz_loadu_ps(m[v], a + 16 * v), even[v]);
+    }
+    __m512 scale = _mm512_set1_ps(norm);
+    for (int v = 0; v < NV; v++)
+        _mm512_mask_storeu_ps(out + 16 * v, m[v], _mm512_mul_ps(_mm512_add_ps(even[v], odd[v]), scale));
+}
+
+/* One query of one head at step `pos` over the visible steps of its ring (stored): heads of
+ * up to 128 floats in registers (attend_regs), wider ones through memory. */
+static void attend_one(const float *q, const float *keys, const float *values, int64_t capacity,
+                       int64_t window, int64_t pos, int64_t dim, float *scores, float *out) {
+    if (dim <= 128) {
+        if (dim <= 16) attend_regs(q, keys, values, capacity, window, pos, dim, scores, out, 1);
+        else if (dim <= 32) attend_regs(q, keys, values, capacity, window, pos, dim, scores, out, 2);
+        else if (dim <= 64) attend_regs(q, keys, values, capacity, window, pos, dim, scores, out, 4);
+        else attend_regs(q, keys, values, capacity, window, pos, dim, scores, out, 8);
+        return;
+    }
+    int64_t first = first_visible(pos, window), count = pos - first + 1;
+    float best = -INFINITY;
+    for (int64_t t = 0; t < count; t++) {
+        scores[t] = dot64(q, keys + ((first + t) % capacity) * dim, dim);
+        best = scores[t] > best ? scores[t] : best;
+    }
+    __m512 norm = _mm512_set1_ps(softmax_exp(scores, count, best));
     /* The values, read once in slot order. */
     for (int64_t d = 0; d < dim; d++) out[d] = 0.0f;
     for (int64_t t = 0; t < count; t++) {
@@ -732,9 +826,14 @@ static void attention(const float *qkv, float *keys, float *values, int64_t capa
                       int64_t heads, int64_t dim, float *scores, float *att) {
     int64_t width = heads * dim, start, end;
     my_share(rows * heads, &start, &end);
-    for (int64_t rh = start; rh < end; rh++) {
+    /* What fits in half an L2 at most: past that, prefetched lines would evict each other
+     * before use (a long context read twice); the rest streams in behind the reads. */
+    int64_t budget = KV_PREFETCH / (2 * dim * (int64_t)sizeof(float));
+    for (int64_t rh = start; rh < end && budget > 0; rh++) {
         int64_t p = pos[rh / heads];
         int64_t first = first_visible(p, window), count = p - first; /* stored before */
+        count = count < budget ? count : budget;
+        budget -= count;
         prefetch_slots(keys + rh * capacity * dim, first, count, capacity, dim);
         prefetch_slots(values + rh * capacity * dim, first, count, capacity, dim);
     }
