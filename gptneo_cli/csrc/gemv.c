@@ -780,8 +780,10 @@ static inline __attribute__((always_inline)) void attend_regs(
             even[v] = _mm512_fmadd_ps(pa, _mm512_maskz_loadu_ps(m[v], a + 16 * v), even[v]);
     }
     __m512 scale = _mm512_set1_ps(norm);
-    for (int v = 0; v < NV; v++)
-        _mm512_mask_storeu_ps(out + 16 * v, m[v], _mm512_mul_ps(_mm512_add_ps(even[v], odd[v]), scale));
+    for (int v = 0; v < NV; v++) {
+        __m512 sum = _mm512_add_ps(even[v], odd[v]);
+        _mm512_mask_storeu_ps(out + 16 * v, m[v], _mm512_mul_ps(sum, scale));
+    }
 }
 
 /* One query of one head at step `pos` over the visible steps of its ring (stored): heads of
@@ -789,10 +791,11 @@ static inline __attribute__((always_inline)) void attend_regs(
 static void attend_one(const float *q, const float *keys, const float *values, int64_t capacity,
                        int64_t window, int64_t pos, int64_t dim, float *scores, float *out) {
     if (dim <= 128) {
-        if (dim <= 16) attend_regs(q, keys, values, capacity, window, pos, dim, scores, out, 1);
-        else if (dim <= 32) attend_regs(q, keys, values, capacity, window, pos, dim, scores, out, 2);
-        else if (dim <= 64) attend_regs(q, keys, values, capacity, window, pos, dim, scores, out, 4);
-        else attend_regs(q, keys, values, capacity, window, pos, dim, scores, out, 8);
+        int64_t c = capacity, w = window;
+        if (dim <= 16) attend_regs(q, keys, values, c, w, pos, dim, scores, out, 1);
+        else if (dim <= 32) attend_regs(q, keys, values, c, w, pos, dim, scores, out, 2);
+        else if (dim <= 64) attend_regs(q, keys, values, c, w, pos, dim, scores, out, 4);
+        else attend_regs(q, keys, values, c, w, pos, dim, scores, out, 8);
         return;
     }
     int64_t first = first_visible(pos, window), count = pos - first + 1;
@@ -809,7 +812,8 @@ static void attend_one(const float *q, const float *keys, const float *values, i
         __m512 p = _mm512_set1_ps(scores[t]);
         for (int64_t d = 0; d < dim; d += 16) {
             __mmask16 m = tail_mask(dim - d);
-            __m512 o = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(m, row + d), _mm512_maskz_loadu_ps(m, out + d));
+            __m512 o = _mm512_maskz_loadu_ps(m, out + d);
+            o = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(m, row + d), o);
             _mm512_mask_storeu_ps(out + d, m, o);
         }
     }
