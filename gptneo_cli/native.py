@@ -437,6 +437,22 @@ def panel_weights(
     return pack_panels(weight, copied)
 
 
+def panel_rows(packed: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows `index` (any shape) of the [m, width] matrix held as `packed` (`panel_weights`'s
+    float32 or bf16 panels, bf16 pairs, int8 quads) -> [*index.shape, width] in the matrix's
+    dtype: a tied embedding's lookups read the head's panels, so the matrix is held once.
+    Row r is column r % PANEL of panel r // PANEL, every PANEL-th element."""
+    flat = index.reshape(-1)
+    block, column = flat // PANEL, flat % PANEL
+    if packed.dim() == 4:  # quads [b, q, j, t] = W[b * PANEL + j, 4q + t]
+        rows = packed[block, :, column, :].reshape(flat.shape[0], -1)
+    else:
+        rows = packed[block, :, column]
+        if packed.dtype == torch.int32:  # bf16 pairs: the words hold the row's bf16 in order
+            rows = rows.contiguous().view(torch.bfloat16)
+    return rows[:, :width].reshape(*index.shape, width)
+
+
 def panels(
     x: torch.Tensor,
     packed: torch.Tensor,

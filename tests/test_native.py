@@ -74,6 +74,24 @@ def test_products_match_torch_on_ragged_shapes(rows, width, threads):
     assert (got_bf16.double() - exact_bf16).abs().max().item() < tol
 
 
+@pytest.mark.parametrize(("rows", "width"), [(1, 5), (48, 8), (97, 33), (150, 64)])
+def test_rows_read_back_from_every_panel_layout(rows, width):
+    """A tied embedding looks its rows up in the head's panels: float32 and bf16 panels, bf16
+    pairs (odd widths padded), int8 quads; any index shape, repeated and ragged-panel rows."""
+    gen = torch.Generator().manual_seed(rows * width)
+    w = torch.randn(rows, width, generator=gen)
+    q = torch.randint(-127, 128, (rows, width), generator=gen, dtype=torch.int8)
+    index = torch.randint(0, rows, (3, 7), generator=gen)
+    index[0, :2] = rows - 1  # the last (maybe partial) panel
+    layouts = [(native.pack_panels(w), w), (native.pack_panels(w.bfloat16()), w.bfloat16())]
+    layouts += [(native.pack_quads(q), q)]
+    if native.pairs_supported():
+        layouts.append((native.panel_weights(w.bfloat16()), w.bfloat16()))
+    for packed, matrix in layouts:
+        got = native.panel_rows(packed, index, width)
+        assert got.dtype == matrix.dtype and torch.equal(got, matrix[index])
+
+
 @pytest.mark.parametrize(("rows", "width"), [(1, 3), (48 * 7 + 5, 2048), (48 * 40, 1100)])
 def test_panels_copied_in_stretches_and_sums_in_blocks(rows, width):
     """Large matrices are copied into panels a stretch of rows at a time (telling the caller
@@ -260,8 +278,8 @@ def test_int8_panel_products_are_float32_exact(tiny_checkpoint, monkeypatch, row
     """With the panel kernel an int8 layer's product below DEQUANT_ROWS rows is the float32
     product of the int8 values and scales (no bf16 activations), and the head needs no
     refinement; from DEQUANT_ROWS rows on (a prompt) the activations are rounded to bf16
-    where the CPU has the dot-product kernel, and the head (which keeps its shared rows)
-    runs the bf16 GEMM and refines its top logits."""
+    where the CPU has the dot-product kernel, and the head refines its top logits from rows
+    read back from its quads (which the embedding reads too)."""
     if not dot:  # a CPU without AVX512-BF16: prompts stay float32 too
         monkeypatch.setattr(native, "pairs_supported", lambda: False)
     monkeypatch.setenv("GPTNEO_KERNEL", "panels")
@@ -270,15 +288,17 @@ def test_int8_panel_products_are_float32_exact(tiny_checkpoint, monkeypatch, row
     layer, head = model.transformer.h[1].mlp.c_fc, model.lm_head
     assert isinstance(layer, fast.Int8Linear) and layer.panels and head.panels
     assert not hasattr(layer, "qweight")  # only the panels are kept
-    assert head.qweight is model.transformer.wte.qweight  # shared with the embedding
-    rows_of = unpack_quads(layer.qpanels, layer.out_features, head.qweight.shape[1])
+    assert model.transformer.wte.panels is head.qpanels  # shared with the embedding
+    assert not hasattr(head, "qweight")  # held once
+    head_rows = unpack_quads(head.qpanels, head.out_features, head.in_features)
+    rows_of = unpack_quads(layer.qpanels, layer.out_features, head.in_features)
     x = torch.randn(1, rows, rows_of.shape[1])
     if rows >= fast.Int8Linear.DEQUANT_ROWS and native.pairs_supported():
         x = x.bfloat16().float()  # what the kernel multiplies: exact on these
     exact = x[0] @ (rows_of.float() * layer.scales32[:, None]).t() + layer.bias
     assert (layer(x)[0] - exact).abs().max().item() < 1e-5 * max(1.0, exact.abs().max())
-    h = torch.randn(1, rows, head.qweight.shape[1])
-    exact_head = h[0] @ (head.qweight.float() * head.scales32[:, None]).t()
+    h = torch.randn(1, rows, head.in_features)
+    exact_head = h[0] @ (head_rows.float() * head.scales32[:, None]).t()
     got_head = head(h)[0]
     tol = 1e-5 if rows < fast.Int8Linear.DEQUANT_ROWS else 0.05  # bf16 GEMM from 64 rows
     assert (got_head - exact_head).abs().max().item() < tol * max(1.0, exact_head.abs().max())
@@ -423,10 +443,10 @@ def test_released_pages_read_back_from_the_file(tmp_path):
 def test_a_panel_head_releases_the_embedding_pages_only_when_loaded_from_the_file(
     tmp_path, monkeypatch
 ):
-    """FastCausalLM.from_pretrained drops the embedding's pages after copying it into the
-    head's panels (lookups read rows back from the file) and still matches the reference;
+    """FastCausalLM.from_pretrained drops the embedding's pages as it copies them into the
+    head's panels (lookups then read the panels) and still matches the reference;
     optimize_for_inference never does, since a reference model's mapped pages may hold
-    changes made in memory (fine-tuning), which dropping them would undo."""
+    changes made in memory (fine-tuning), which dropping them before the copy would undo."""
     from gptneo_cli.modeling import GPTNeoForCausalLM
 
     folder = _mapped_checkpoint(tmp_path)
@@ -450,4 +470,6 @@ def test_a_panel_head_releases_the_embedding_pages_only_when_loaded_from_the_fil
         changed = reference.transformer.wte.weight.clone()
         optimized = fast.optimize_for_inference(reference)
     assert len(released) == count  # not called again
-    assert torch.equal(optimized.transformer.wte.weight, changed)
+    every = torch.arange(changed.shape[0])
+    assert isinstance(model.transformer.wte, fast.PanelEmbedding)  # the head's panels, read
+    assert torch.equal(optimized.transformer.wte(every), changed)  # back as they were made
