@@ -432,16 +432,22 @@ class PanelEmbedding(nn.Module):
     def __init__(
         self,
         panels: nn.Parameter,
-        width: int,
+        shape: tuple[int, int],
         dtype: torch.dtype,
         scales: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.panels = panels  # the head's own parameter, shared
-        self.width, self.dtype = width, dtype
+        (self.rows, self.width), self.dtype = shape, dtype
         self.scales = None if scales is None else frozen(scales.to(dtype))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # The panels are padded to whole panels, and a negative index would wrap: refuse
+        # both as nn.Embedding does, rather than return a padding row or another token's.
+        if ids.numel():
+            low, high = torch.aminmax(ids)
+            if low < 0 or high >= self.rows:
+                raise IndexError("index out of range in self")
         rows = native.panel_rows(self._parameters["panels"], ids, self.width).to(self.dtype)
         if self.scales is None:
             return rows
@@ -917,7 +923,7 @@ class _Packer:
             model.transformer.wte.weight = weight
             head = model.lm_head = self._head(weight)
             if isinstance(head, PanelLinear):  # lookups read the head's panels
-                model.transformer.wte = PanelEmbedding(head.panels, weight.shape[1], self.dtype)
+                model.transformer.wte = PanelEmbedding(head.panels, weight.shape, self.dtype)
             return
         q, scales = quantize_rows(tensor)
         if self.quantize == "int8-dynamic":
@@ -928,7 +934,7 @@ class _Packer:
         head = Int8Head(frozen(q.to(self.device)), scales.to(self.device), self._int8_act(), on)
         model.lm_head = head
         if head.panels:  # one int8 matrix for both: the head's quads, or rows shared
-            model.transformer.wte = PanelEmbedding(head.qpanels, q.shape[1], self.dtype, scales)
+            model.transformer.wte = PanelEmbedding(head.qpanels, q.shape, self.dtype, scales)
         else:
             model.transformer.wte = Int8Embedding(head.qweight, scales, self.dtype)
 
@@ -952,7 +958,7 @@ class _Packer:
             if not self.from_file:
                 return PanelLinear(weight, None)
             # The embedding's pages may go as the copy passes them (never the whole matrix
-            # twice in memory); lookups read a few rows back from the file.
+            # twice in memory); lookups then read the head's panels (PanelEmbedding).
             head = PanelLinear(weight, None, lambda rows: release_pages(weight, 0, rows))
             release_pages(weight)  # the pages at the stretches' edges
             return head

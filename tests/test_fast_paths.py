@@ -19,7 +19,7 @@ import torch
 from oracle import TINY_CONFIGS, build_reference, save_reference
 
 import gptneo_cli
-from gptneo_cli import fast, weights
+from gptneo_cli import fast, native, weights
 from gptneo_cli.fast import FastCausalLM, optimize_for_inference, quantize_rows
 from gptneo_cli.generation import GenerationConfig, generate
 from gptneo_cli.modeling import GPTNeoForCausalLM
@@ -436,3 +436,36 @@ def test_the_int8_head_recomputes_its_largest_logits_in_float32():
     assert torch.allclose(out.gather(-1, top), exact.gather(-1, top), rtol=0, atol=1e-5)
     plain = fast.Int8Linear(q, scales, None, torch.bfloat16)(x)  # what the head fixes
     assert plain[0, 0, 9].item() == plain[0, 0, 7].item()
+
+
+@pytest.mark.parametrize("kernel", ["auto", "panels"])
+@pytest.mark.parametrize(
+    "dtype, quantize",
+    [("float32", None), ("bfloat16", None), ("float32", "int8"), ("bfloat16", "int8")]
+    + [("float32", "int8-dynamic")] * fast.dynamic_int8_available(),
+)
+def test_token_ids_outside_the_vocabulary_fail_as_in_the_reference(
+    tmp_path, monkeypatch, kernel, dtype, quantize
+):
+    """Every embedding the fast path builds (the head's panels read back, padded to whole
+    panels; int8 rows; the checkpoint's rows) refuses an id past the vocabulary, in the
+    panels' padding or negative, with the reference's IndexError instead of a padding row
+    or a wrapped-around token; ids inside it give the reference's logits."""
+    monkeypatch.setenv("GPTNEO_KERNEL", kernel)
+    config = dict(INT8_SHAPE, vocab_size=203)  # 203 = 4 * 48 + 11: a padded last panel
+    ref = build_reference("causal_lm", **config)
+    folder = save_reference(ref, tmp_path / "m")
+    model = FastCausalLM.from_pretrained(folder, dtype=dtype, quantize=quantize)
+    native_ready = native.available() and (quantize != "int8" or native.quads_supported())
+    if kernel == "panels" and quantize != "int8-dynamic" and native_ready:
+        assert isinstance(model.transformer.wte, fast.PanelEmbedding)
+    with torch.no_grad():
+        for bad in (203, 210, 239, -1, -50):
+            ids = torch.tensor([[5, bad, 7]])
+            with pytest.raises(IndexError):
+                ref(ids)
+            with pytest.raises(IndexError):
+                model(ids)
+        edge = torch.tensor([[0, 202, 201, 191, 192]])  # the first and last rows, a seam
+        want, got = ref(edge).logits, model(edge).logits
+    assert max_diff(got, want) < 0.05 * (want.max() - want.min()).item()
