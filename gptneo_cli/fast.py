@@ -212,8 +212,8 @@ class PanelLinear(FastLinear):
     measured: one row 1.2-1.3x the row kernel, 8 rows (a batched step, a verify) about the
     cost of one, 32-512 rows (prompts) 1.1-1.4x oneDNN (docs/PERFORMANCE.md). bf16 runs as
     pairs through AVX512-BF16 dot products where the CPU has them (prompts 0.96-1.4x
-    oneDNN's bf16 GEMM), else float32 FMAs. As a head it holds its own copy of the
-    embedding matrix (the embedding keeps its rows for lookups)."""
+    oneDNN's bf16 GEMM), else float32 FMAs. As the tied head its panels are the embedding
+    matrix's one copy: lookups read them (PanelEmbedding)."""
 
     def __init__(
         self,
@@ -278,9 +278,7 @@ class Int8Linear(FastLinear):
     steps, batched steps, verifies) in float32, exact to float32 rounding (no bf16
     activations or output), 1.4-1.8x the int8 kernel at 1-8 rows; from DEQUANT_ROWS rows (a
     prompt) with bf16 activations through AVX512-BF16 dot products where the CPU has them,
-    as fast as the bf16 GEMM on converted rows, with no rows kept. `keep_rows` keeps the
-    rows where they are shared anyway (the head's are the embedding's): there, DEQUANT_ROWS
-    or more rows run the bf16 GEMM (and Int8Head's refine).
+    as fast as the bf16 GEMM on converted rows, with no rows kept.
     """
 
     #: From this many rows on, dequantize + float GEMM beats the int8 kernel (measured).
@@ -293,7 +291,6 @@ class Int8Linear(FastLinear):
         bias: torch.Tensor | None,
         act_dtype: torch.dtype,
         panels: bool = False,
-        keep_rows: bool = False,
     ) -> None:
         super().__init__()
         #: Products through our panel kernel (class docstring).
@@ -301,7 +298,7 @@ class Int8Linear(FastLinear):
         if self.panels:
             self.qpanels = frozen(native.pack_quads(qweight))
             self.colsum = frozen(native.quad_sums(qweight))
-        if keep_rows or not self.panels:
+        else:
             self.qweight = frozen(qweight)
         self.out_features, self.in_features = qweight.shape
         self.scales = frozen(scales.to(act_dtype))
@@ -324,7 +321,7 @@ class Int8Linear(FastLinear):
         params = self._parameters
         scales, bias = params["scales"], params.get("bias")
         few = flat.shape[0] < self.DEQUANT_ROWS
-        if self.panels and (few or "qweight" not in params):
+        if self.panels:
             qpanels, scales32 = params["qpanels"], params["scales32"]
             # a prompt's rows: bf16 activations, as the float GEMM below would round them
             out = native.panels(
