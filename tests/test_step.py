@@ -6,6 +6,8 @@ with spare slots after rejected drafts; and every case it must leave to the torc
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from oracle import build_reference, save_reference
@@ -177,6 +179,36 @@ def test_int8_steps_equal_the_torch_path(tmp_path, panels, counted, shape):
     got = decode(model, ids, True)
     assert len(counted) == STEPS - 3
     assert (got - decode(model, ids, False)).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_any_thread_count_and_a_second_thread_give_the_same_logits(
+    tmp_path, panels, counted, quantize
+):
+    """The step synchronises its team with its own barrier (OpenMP's sleeps in the kernel
+    once a second thread has a pool: 3x slower steps on a server's scheduler thread). One
+    thread, two, more threads than CPUs (they must yield to each other) and a step run on
+    another Python thread give the same logits: every output is computed by one thread."""
+    if quantize and not native.quads_supported():
+        pytest.skip("int8 quads need VNNI")
+    folder, _ = checkpoint(tmp_path, "wide")
+    model = load(folder, quantize=quantize)
+    ids = torch.randint(0, 211, (3, STEPS), generator=torch.Generator().manual_seed(7))
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3, 5):
+            torch.set_num_threads(threads)
+            results.append(decode(model, ids, True))
+    finally:
+        torch.set_num_threads(before)
+    worker = threading.Thread(target=lambda: results.append(decode(model, ids, True)))
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive() and len(results) == 5
+    assert len(counted) == 5 * (STEPS - 3)
+    for got in results[1:]:
+        assert torch.equal(got, results[0])
 
 
 def test_rows_leaving_the_batch_and_rejected_drafts(tmp_path, panels, counted):

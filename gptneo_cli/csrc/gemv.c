@@ -18,6 +18,8 @@
  */
 #include <immintrin.h>
 #include <omp.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <math.h>
 #include <stdlib.h>
@@ -606,6 +608,35 @@ static void my_share(int64_t count, int64_t *start, int64_t *end) {
     *end = count * (t + 1) / T;
 }
 
+/* decode_step's barrier. OpenMP's would do, except that libgomp sleeps in the kernel after
+ * ~1000 spins once more OpenMP threads exist than CPUs (a second thread running the model,
+ * as a server's scheduler does, next to the main thread's idle pool), and a token crosses
+ * ~130 barriers: the step ran 3x slower on such a thread. This one spins with a pause and
+ * yields the CPU now and then, so a preempted thread still gets to arrive. */
+typedef struct {
+    atomic_int arrived, phase;
+} Team;
+
+typedef struct {
+    Team *team;
+    int phase, threads; /* this thread's count of barriers passed; the team's size */
+} Member;
+
+static void team_wait(Member *me) {
+    if (me->threads == 1) return;
+    int next = ++me->phase;
+    Team *team = me->team;
+    if (atomic_fetch_add_explicit(&team->arrived, 1, memory_order_acq_rel) == me->threads - 1) {
+        atomic_store_explicit(&team->arrived, 0, memory_order_relaxed);
+        atomic_store_explicit(&team->phase, next, memory_order_release);
+        return;
+    }
+    for (int spins = 1; atomic_load_explicit(&team->phase, memory_order_acquire) != next; spins++) {
+        _mm_pause();
+        if (spins % 4096 == 0) sched_yield();
+    }
+}
+
 #define NEXT_AHEAD 16384 /* bytes of the next matrix prefetched before a barrier */
 
 /* Into L2, the first NEXT_AHEAD bytes of this thread's stretch of `w`: a matrix's stream
@@ -626,14 +657,15 @@ static void prefetch_next(const Mat *w) {
  * then the start of `next` (the matrix after it, or NULL) is prefetched. `pairs`: room for
  * x as bf16 pairs or as digits; `step`: a variable shared by the team. */
 static void product(const Mat *w, const float *x, int64_t rows, float *y, int mode,
-                    uint32_t *pairs, float *step, const Mat *next) {
+                    uint32_t *pairs, float *step, const Mat *next, Member *me) {
     int64_t count = (w->m + PANEL - 1) / PANEL, start, end;
+    int first = omp_get_thread_num() == 0;
     if (w->kind == KIND_PAIRS) {
-#pragma omp single
-        to_pairs(x, pairs, rows, w->inputs);
+        if (first) to_pairs(x, pairs, rows, w->inputs);
+        team_wait(me);
     } else if (w->kind == KIND_I8 && rows == 1) {
-#pragma omp single
-        *step = to_digits(x, w->inputs, pairs);
+        if (first) *step = to_digits(x, w->inputs, pairs);
+        team_wait(me);
     }
     my_share(count, &start, &end);
     for (int64_t b = start; b < end; b++) {
@@ -648,7 +680,7 @@ static void product(const Mat *w, const float *x, int64_t rows, float *y, int mo
         }
     }
     prefetch_next(next);
-#pragma omp barrier
+    team_wait(me);
 }
 
 static inline float dot64(const float *a, const float *b, int64_t n) {
@@ -827,7 +859,7 @@ static void attend_one(const float *q, const float *keys, const float *values, i
  * contiguous runs; each thread first prefetches the slots its pairs will read. */
 static void attention(const float *qkv, float *keys, float *values, int64_t capacity,
                       int64_t window, const int64_t *pos, int64_t rows, int64_t new,
-                      int64_t heads, int64_t dim, float *scores, float *att) {
+                      int64_t heads, int64_t dim, float *scores, float *att, Member *me) {
     int64_t width = heads * dim, start, end;
     my_share(rows * heads, &start, &end);
     /* What fits in half an L2 at most: past that, prefetched lines would evict each other
@@ -853,7 +885,7 @@ static void attention(const float *qkv, float *keys, float *values, int64_t capa
                        window, p + j, dim, scores, att + token * width + head * dim);
         }
     }
-#pragma omp barrier
+    team_wait(me);
 }
 
 /* Every layer for `new` tokens of each of `rows` rows, row r at steps pos[r] .. pos[r] +
@@ -882,23 +914,26 @@ void decode_step(const Layer *layers, int64_t count, float *const *keys, float *
     uint32_t *pairs = (uint32_t *)(f + tokens * inner);
     float *scores = (float *)(pairs + tokens * ((widest + 1) / 2) + 3 * ((widest + 3) / 4));
     float step = 0; /* shared by the team: the digits' step of an int8 product */
+    Team team = {0, 0};
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
+        Member me = {&team, 0, omp_get_num_threads()};
+        int first = omp_get_thread_num() == 0;
         float *mine = scores + omp_get_thread_num() * most;
         for (int64_t l = 0; l < count; l++) {
             const Layer *L = layers + l;
-#pragma omp single
-            layer_norm(x, L->ln1_w, L->ln1_b, h, tokens, width, eps);
-            product(&L->qkv, h, tokens, qkv, STORE, pairs, &step, &L->out);
+            if (first) layer_norm(x, L->ln1_w, L->ln1_b, h, tokens, width, eps);
+            team_wait(&me);
+            product(&L->qkv, h, tokens, qkv, STORE, pairs, &step, &L->out, &me);
             attention(qkv, keys[l], values[l], capacity[l], L->window, pos, rows, new, heads,
-                      dim, mine, att);
-            product(&L->out, att, tokens, x, ADD, pairs, &step, &L->fc);
-#pragma omp single
-            layer_norm(x, L->ln2_w, L->ln2_b, h, tokens, width, eps);
-            product(&L->fc, h, tokens, f, GELU, pairs, &step, &L->proj);
-            product(&L->proj, f, tokens, x, ADD, pairs, &step, l + 1 < count ? &L[1].qkv : 0);
+                      dim, mine, att, &me);
+            product(&L->out, att, tokens, x, ADD, pairs, &step, &L->fc, &me);
+            if (first) layer_norm(x, L->ln2_w, L->ln2_b, h, tokens, width, eps);
+            team_wait(&me);
+            product(&L->fc, h, tokens, f, GELU, pairs, &step, &L->proj, &me);
+            const Mat *next = l + 1 < count ? &L[1].qkv : 0;
+            product(&L->proj, f, tokens, x, ADD, pairs, &step, next, &me);
         }
-#pragma omp single
-        layer_norm(x, lnf_w, lnf_b, x, tokens, width, eps);
+        if (first) layer_norm(x, lnf_w, lnf_b, x, tokens, width, eps);
     }
 }
