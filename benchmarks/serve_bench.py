@@ -3,6 +3,7 @@
 
     python benchmarks/serve_bench.py                       # fp32 and bf16, 1/4/16/64 clients
     python benchmarks/serve_bench.py --dtypes float32 --clients 1,16 --max-tokens 32
+    python benchmarks/serve_bench.py --dtypes float32+int8      # served with --quantize int8
 
 The server runs as `gptneo serve` in a subprocess (as users run it) on a random-weight
 gpt-neo-125M-shaped checkpoint (benchmarks/bench.py writes it once; the GPT-2 tokenizer
@@ -50,6 +51,7 @@ def model_folder(cache: Path) -> Path:
 
 class Server:
     def __init__(self, folder: Path, dtype: str, max_running: int, threads: int | None) -> None:
+        dtype, _, quantize = dtype.partition("+")  # "float32+int8": --quantize int8
         env = dict(os.environ)
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
@@ -70,6 +72,7 @@ class Server:
             "256",
             "--shutdown-timeout",
             "1",
+            *(["--quantize", quantize] if quantize else []),
         ]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
         while True:
@@ -180,7 +183,9 @@ async def long_prompt(url: str, streams: int = 8, long_tokens: int = 2000) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument(
+        "--dtypes", default="float32,bfloat16", help="comma-separated; DTYPE+int8 quantizes"
+    )
     parser.add_argument("--clients", default="1,4,16,64")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
