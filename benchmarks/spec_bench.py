@@ -7,13 +7,17 @@ Every mode continues the same Python source (the tail of gptneo_cli/generation.p
 tokens as the model's positions leave room for) and must produce the plain run's tokens
 (greedy): a row whose tokens differ is marked. Reported per mode: decode tok/s (tokens
 after the first / time after the first, the median of the repeats), the speed-up over
-plain decoding, drafted and accepted tokens and the acceptance rate.
+plain decoding (the median of each repeat's ratio: the modes run in turn within a repeat),
+drafted and accepted tokens and the acceptance rate.
 
 "tiny" is the bundled demo model, trained on Python code: its acceptance is real. "125m" is
 a random-weight checkpoint of gpt-neo-125M's shape (benchmarks/bench.py writes it once, with
 the GPT-2 vocabulary from ../shared/assets): its speeds are real, but random weights make
 acceptance unlike a trained model's (lookup drafts its loops; int8 rounding flips its
 near-tied choices), so read that row for the cost of drafting and verifying.
+"125m-demo" is the demo model widened to gpt-neo-125M's weights (benchmarks/widen.py: the
+same logits, 12 layers of hidden 768, the 50257-token head): trained acceptance at the real
+model's cost per token, within the demo model's 256 positions.
 """
 
 from __future__ import annotations
@@ -48,6 +52,11 @@ def load(shape: str, cache_dir: Path) -> tuple[Any, Any]:
 
     if shape == "tiny":
         return gptneo_cli.load("tiny", dtype="float32", device="cpu")
+    if shape == "125m-demo":
+        import widen
+
+        folder = widen.write_widened(cache_dir / "gpt-neo-125m-demo")
+        return gptneo_cli.load(str(folder), dtype="float32", device="cpu")
     import bench
 
     folder = bench.checkpoint_with_tokenizer(shape, cache_dir)
@@ -61,49 +70,58 @@ def prompt_ids(tokenizer: Any, positions: int, new: int) -> list[int]:
     return ids[-room:]
 
 
-def run_mode(model: Any, tokenizer: Any, prompt: list[int], options: dict[str, Any], args: Any):
-    from gptneo_cli.generation import generate
+def make_config(options: dict[str, Any], args: argparse.Namespace) -> Any:
     from gptneo_cli.options import GenerationConfig
 
-    config = GenerationConfig(
+    return GenerationConfig(
         do_sample=False,
         ignore_eos=True,
         max_new_tokens=args.new,
         draft_tokens=args.draft_tokens,
         **options,
     )
-    generate(model, tokenizer, prompt, config.replace(max_new_tokens=8))  # warm-up, draft load
-    speeds, results = [], []
-    for _ in range(args.repeats):
-        result = generate(model, tokenizer, prompt, config)[0]
-        speeds.append(result.timings.gen_tok_s)
-        results.append(result)
-    return statistics.median(speeds), results[-1]
 
 
 def bench_shape(shape: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every mode once per repeat, in turn (the memory's speed drifts over minutes on these
+    machines: interleaving puts each mode's runs in the same moments). The speed-up is the
+    median over repeats of mode ÷ plain within the repeat."""
+    from gptneo_cli.generation import generate
+
     model, tokenizer = load(shape, args.cache_dir)
     prompt = prompt_ids(tokenizer, model.config.max_position_embeddings, args.new)
     log(f"{shape}: prompt of {len(prompt)} tokens, {args.new} new, {args.repeats} repeats")
-    rows, plain_ids, plain_speed = [], None, None
-    for mode, options in MODES.items():
-        speed, result = run_mode(model, tokenizer, prompt, options, args)
-        if plain_ids is None:
-            plain_ids, plain_speed = result.token_ids, speed
-        rate = result.acceptance_rate
+    configs = {mode: make_config(options, args) for mode, options in MODES.items()}
+    for config in configs.values():  # warm-up, and the self-int8 draft's load
+        generate(model, tokenizer, prompt, config.replace(max_new_tokens=8))
+    speeds: dict[str, list[float]] = {mode: [] for mode in MODES}
+    ratios: dict[str, list[float]] = {mode: [] for mode in MODES}
+    last: dict[str, Any] = {}
+    for _ in range(args.repeats):
+        for mode, config in configs.items():
+            last[mode] = generate(model, tokenizer, prompt, config)[0]
+            speeds[mode].append(last[mode].timings.gen_tok_s)
+            ratios[mode].append(speeds[mode][-1] / speeds["plain"][-1])
+    rows = []
+    for mode in MODES:
+        result, rate = last[mode], last[mode].acceptance_rate
         rows.append(
             dict(
                 shape=shape,
                 mode=mode,
-                tok_s=speed,
-                speedup=speed / plain_speed if plain_speed else 0.0,
+                tok_s=statistics.median(speeds[mode]),
+                speedup=statistics.median(ratios[mode]),
                 drafted=result.drafted,
                 accepted=result.accepted,
                 rate="-" if rate is None else f"{rate:.0%}",
-                same="yes" if result.token_ids == plain_ids else "NO",
+                same="yes" if result.token_ids == last["plain"].token_ids else "NO",
             )
         )
-        log(f"{shape} {mode}: {speed:.1f} tok/s, accepted {result.accepted}/{result.drafted}")
+        log(
+            f"{shape} {mode}: {rows[-1]['tok_s']:.1f} tok/s "
+            f"({', '.join(f'{r:.2f}x' for r in ratios[mode])}), "
+            f"accepted {result.accepted}/{result.drafted}"
+        )
     return rows
 
 
@@ -124,9 +142,11 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shapes", default="tiny,125m", help="comma list of tiny, 125m, 1.3b")
+    p.add_argument(
+        "--shapes", default="tiny,125m-demo,125m", help="comma list of tiny, 125m-demo, 125m, 1.3b"
+    )
     p.add_argument("--new", type=int, default=128, help="new tokens per run")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--draft-tokens", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument(
