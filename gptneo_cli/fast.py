@@ -47,7 +47,7 @@ from .cache import KVCache
 from .checkpoint import frozen
 from .device import cpu_has_fast_bf16
 from .errors import BackendError, GPTNeoError
-from .kernels import KernelChooser, cpu_flags
+from .kernels import MARGIN, STEP_MARGIN, KernelChooser, cpu_flags
 from .modeling import (
     AttentionStep,
     GPTNeoAttention,
@@ -853,6 +853,17 @@ class _Packer:
         int8_panels = quantize == "int8" and cpu and not compile
         int8_panels = int8_panels and native.available() and native.quads_supported()
         self.int8_kernels = KernelChooser(torch.float32) if int8_panels else None
+        #: Whether the native decode step can run this model once its blocks are panels
+        #: (step.py): their layouts are then measured against the step's gain too.
+        from . import step
+
+        self.step_possible = (
+            cpu
+            and not compile
+            and not step.disabled()
+            and model.config.activation_function in step.TANH_GELU
+            and native.available()
+        )
         #: Linear layers waiting for their other pieces: module name -> {"weight"/"bias": tensor}
         self.pending: dict[str, dict[str, Any]] = {}
         self.swaps = 0
@@ -895,7 +906,8 @@ class _Packer:
             # are kept unless beaten.
             ours = self.dtype == torch.float32 or native.pairs_supported()
             incumbent = "panels" if "panels" in builders and ours else "onednn"
-            layout = self.kernels.layout("linear", shape, builders, incumbent)
+            margin = STEP_MARGIN if incumbent == "panels" and self.step_possible else MARGIN
+            layout = self.kernels.layout("linear", shape, builders, incumbent, margin)
             return _LAYER_LAYOUTS[layout](self._put(weight), bias)
         return plain_linear(self._put(weight), bias)
 
@@ -940,7 +952,11 @@ class _Packer:
         if self.int8_kernels is None:
             return False
         builders = _INT8_BUILDERS[kind]
-        return self.int8_kernels.layout(kind, (shape[0], shape[1]), builders) == "panels"
+        if kind == "int8 linear" and self.step_possible:  # a block's matrix: the step's
+            chosen = self.int8_kernels.layout(kind, tuple(shape), builders, "panels", STEP_MARGIN)
+        else:
+            chosen = self.int8_kernels.layout(kind, tuple(shape), builders)
+        return chosen == "panels"
 
     def _head(self, weight: nn.Parameter) -> nn.Module:
         """The lm_head over the embedding matrix, in the layout measured fastest: read in

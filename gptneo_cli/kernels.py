@@ -23,11 +23,15 @@ the incumbent must beat it by `MARGIN` to be chosen, so that noise on a busy mac
 not flip the choice. The incumbent is `onednn` (the layout chosen before measurements
 existed), except for float32 layers where our panel kernels are built, and bf16 layers
 where the CPU also has their bf16 dot product: they never measured slower than the others,
-at any row count.
+at any row count. Where the native decode step can run (gptneo_cli/step.py: it needs every
+matrix of the blocks as panels, float32, bf16 pairs or int8 quads), a block's matrix keeps
+panels unless another layout beats them by `STEP_MARGIN` (30 %): losing the step costs more
+than a layout a little ahead saves.
 
 Results are cached in `kernels.json` in the user cache dir ($XDG_CACHE_HOME/gptneo,
-~/.cache/gptneo), keyed by CPU model, torch version, thread count, dtype and shape: later
-loads read the file and measure nothing. A file that cannot be read or parsed is ignored
+~/.cache/gptneo), keyed by CPU model, torch version, thread count, dtype and shape, with the
+timings behind each choice: later loads pick from those timings (so the rule above applies
+to them as it stands) and measure nothing. A file that cannot be read or parsed is ignored
 (measured again and rewritten); one that cannot be written is not kept.
 `GPTNEO_KERNEL=onednn|linear|columns|native|panels` skips the measurement and forces a
 layout; `auto` (or unset) measures. Delete the file to measure again.
@@ -57,6 +61,13 @@ ENV = "GPTNEO_KERNEL"
 #: The layout kept unless another one is this much better (a share of its score).
 DEFAULT = "onednn"
 MARGIN = 0.10
+#: The margin over `panels` for a block's matrices where the native decode step can run:
+#: the step needs every one of them as panels, and it removes about a third of an int8
+#: decode token's time on gpt-neo-125M (the small ops and the Python around ~50 products;
+#: step.py), so another layout must be faster by more than the step saves. Without it a
+#: layout measured 9 % ahead on one small matrix cost the demo model's int8 copy its step
+#: (3.5x slower tokens).
+STEP_MARGIN = 0.30
 #: Rows of the prompt-sized measurement (layers) and of a batched decode step (the head,
 #: which a prompt runs for its last token only).
 PREFILL_ROWS = 64
@@ -145,9 +156,20 @@ class KernelCache:
                     if isinstance(v, dict) and v.get("layout") in LAYOUTS
                 }
 
-    def get(self, key: str) -> str | None:
+    def seconds(self, key: str) -> dict[str, dict[str, float]] | None:
+        """The timings behind a cached choice, or None (absent or not well formed)."""
         entry = self.choices.get(key)
-        return entry["layout"] if entry else None
+        seconds = entry.get("seconds") if isinstance(entry, dict) else None
+        if not isinstance(seconds, dict):
+            return None
+        rows = None
+        for times in seconds.values():
+            if not isinstance(times, dict) or not times or (rows and set(times) != rows):
+                return None
+            if not all(isinstance(t, (int, float)) and t >= 0 for t in times.values()):
+                return None
+            rows = set(times)
+        return seconds or None
 
     def put(self, key: str, layout: str, seconds: dict[str, dict[str, float]]) -> None:
         """Remember a choice; the file is replaced whole (never left half-written)."""
@@ -205,9 +227,11 @@ def _best_time(modules: list[Callable[[torch.Tensor], torch.Tensor]], x: torch.T
     return best
 
 
-def pick(seconds: Mapping[str, Mapping[str, float]], incumbent: str = DEFAULT) -> str:
+def pick(
+    seconds: Mapping[str, Mapping[str, float]], incumbent: str = DEFAULT, margin: float = MARGIN
+) -> str:
     """The layout with the lowest score (module docstring); `incumbent` unless beaten by
-    MARGIN."""
+    `margin`."""
     rows = {r for times in seconds.values() for r in times}
     fastest = {r: min(t[r] for t in seconds.values()) for r in rows}
     scores = {
@@ -215,7 +239,7 @@ def pick(seconds: Mapping[str, Mapping[str, float]], incumbent: str = DEFAULT) -
         for layout, times in seconds.items()
     }
     best = min(scores, key=lambda layout: scores[layout])
-    if incumbent in scores and scores[best] > (1 - MARGIN) * scores[incumbent]:
+    if incumbent in scores and scores[best] > (1 - margin) * scores[incumbent]:
         return incumbent
     return best
 
@@ -240,20 +264,24 @@ class KernelChooser:
         return next((name for name in order if name in builders), next(iter(builders)))
 
     def layout(
-        self, kind: str, shape: tuple[int, int], builders: Builders, incumbent: str = DEFAULT
+        self,
+        kind: str,
+        shape: tuple[int, int],
+        builders: Builders,
+        incumbent: str = DEFAULT,
+        margin: float = MARGIN,
     ) -> str:
-        """The layout of one matrix; `incumbent` is kept unless another measures MARGIN
-        better."""
+        """The layout of one matrix; `incumbent` is kept unless another measures `margin`
+        better. Cached timings are picked from again, so a rule's change applies to them."""
         if self.forced is not None:
             return self._forced(builders)
         key = cache_key(kind, shape, self.dtype)
         if key not in self.chosen:
             assert self.cache is not None
-            cached = self.cache.get(key)
-            if cached is None or cached not in builders:
+            seconds = self.cache.seconds(key)
+            if seconds is None or not set(builders) <= set(seconds):
                 rows = _ROWS.get(kind, (1, PREFILL_ROWS))
                 seconds = measure(builders, shape, self.dtype, rows)
-                cached = pick(seconds, incumbent)
-                self.cache.put(key, cached, seconds)
-            self.chosen[key] = cached
+                self.cache.put(key, pick(seconds, incumbent, margin), seconds)
+            self.chosen[key] = pick({k: seconds[k] for k in builders}, incumbent, margin)
         return self.chosen[key]

@@ -179,3 +179,76 @@ def test_a_bf16_head_is_a_packed_copy_only_where_it_measured_faster(
         want = ref.to(torch.bfloat16)(ids).logits.float()
         got = model(ids).logits.float()
     assert (got - want).abs().max().item() < 0.05 * (want.max() - want.min()).item()
+
+
+class CloseMeasure:
+    """Says `rival` is `ahead` (a share) faster than panels at every row count."""
+
+    def __init__(self, rival: str, ahead: float) -> None:
+        self.rival, self.ahead = rival, ahead
+
+    def __call__(self, builders, shape, dtype, rows):
+        base = {str(r): 1.0 for r in rows}
+        quick = {str(r): 1.0 - self.ahead for r in rows}
+        return {name: quick if name == self.rival else base for name in builders}
+
+
+@pytest.mark.skipif(not native.available(), reason="the native step needs our kernels built")
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_a_layout_a_little_ahead_of_panels_does_not_cost_the_native_step(
+    tiny_checkpoint, cache_home, monkeypatch, quantize
+):
+    """The step needs every block matrix as panels and saves more than a few percent of a
+    product: a rival measured 20 % ahead keeps panels (and the step) where the step can
+    run, and wins where it cannot (GPTNEO_NATIVE_STEP=0) or when it is far ahead."""
+    if quantize and not native.quads_supported():
+        pytest.skip("int8 panels need VNNI")
+    folder, ref = tiny_checkpoint("causal_lm", "local_first")
+    monkeypatch.setattr(kernels, "measure", CloseMeasure("linear", 0.2))
+    model = FastCausalLM.from_pretrained(folder, quantize=quantize)
+    assert model._native_step(), "the step was lost to a per-matrix choice"
+    ids = torch.randint(1, 97, (1, 9), generator=torch.Generator().manual_seed(2))
+    cache = model.new_cache(1, 16)
+    with torch.no_grad():
+        got = model(ids[:, :8], cache=cache).logits[:, -1]
+        step = model(ids[:, 8:], cache=cache).logits[:, -1]
+        want = ref(ids).logits
+    tol = 1e-4 if quantize is None else 0.05 * float(want.abs().max())
+    assert float((got - want[:, 7]).abs().max()) < tol
+    assert float((step - want[:, 8]).abs().max()) < tol
+
+    # the same cached timings, the step switched off: the rival is 20 % ahead and wins
+    monkeypatch.setenv("GPTNEO_NATIVE_STEP", "0")
+    monkeypatch.setattr(kernels, "measure", FakeMeasure("never called"))
+    off = FastCausalLM.from_pretrained(folder, quantize=quantize)
+    assert not off._native_step()
+    if quantize is None:
+        assert all(type(m) is torch.nn.Linear for m in _layers(off))
+    else:
+        assert not any(m.panels for m in _layers(off))
+
+    # far ahead (2x): the rival wins even where the step could run
+    monkeypatch.delenv("GPTNEO_NATIVE_STEP")
+    cache_home.unlink()
+    monkeypatch.setattr(kernels, "measure", CloseMeasure("linear", 0.5))
+    far = FastCausalLM.from_pretrained(folder, quantize=quantize)
+    assert not far._native_step()
+
+
+def test_the_choice_rule_with_a_wider_margin():
+    seconds = {"panels": {"1": 1.0, "64": 1.0}, "linear": {"1": 0.8, "64": 0.8}}
+    assert kernels.pick(seconds, "panels") == "linear"
+    assert kernels.pick(seconds, "panels", kernels.STEP_MARGIN) == "panels"
+    far = {"panels": {"1": 1.0, "64": 1.0}, "linear": {"1": 0.5, "64": 0.5}}
+    assert kernels.pick(far, "panels", kernels.STEP_MARGIN) == "linear"
+
+
+def test_cached_timings_that_are_not_well_formed_are_measured_again(tmp_path):
+    cache = kernels.KernelCache(tmp_path / "k.json")
+    cache.put("a", "linear", {"linear": {"1": 1.0, "8": 2.0}, "panels": {"1": 1.0}})
+    cache.put("b", "linear", {"linear": {"1": "fast"}})
+    cache.put("c", "linear", {"linear": {"1": 1.0}, "panels": {"1": 0.5}})
+    again = kernels.KernelCache(cache.path)
+    assert again.seconds("a") is None and again.seconds("b") is None
+    assert again.seconds("c") == {"linear": {"1": 1.0}, "panels": {"1": 0.5}}
+    assert again.seconds("missing") is None
