@@ -80,9 +80,9 @@ def _packed(w: torch.Tensor, scales: torch.Tensor | None = None) -> tuple:
 
 
 def _panels(x: torch.Tensor, packed: tuple) -> torch.Tensor:
-    """As fast.py runs them: int8 prompts (64+ rows) with bf16 activations."""
+    """As fast.py runs them: int8 prompts (17+ rows) with bf16 activations."""
     panels, out_features, scales, colsum = packed
-    prompt = x.shape[0] >= Int8Linear.DEQUANT_ROWS
+    prompt = x.shape[0] >= Int8Linear.PANEL_BF16_ROWS
     return native.panels(x, panels, out_features, scales, None, prompt, colsum)
 
 

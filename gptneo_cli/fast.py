@@ -274,15 +274,21 @@ class Int8Linear(FastLinear):
     CPU kernel reads garbage unless the input width is a multiple of 16).
 
     `panels` (CPU, where our kernels are built and measured faster): the matrix is held as
-    panels only and runs our panel kernels at every row count: below DEQUANT_ROWS (decode
-    steps, batched steps, verifies) in float32, exact to float32 rounding (no bf16
-    activations or output), 1.4-1.8x the int8 kernel at 1-8 rows; from DEQUANT_ROWS rows (a
-    prompt) with bf16 activations through AVX512-BF16 dot products where the CPU has them,
-    as fast as the bf16 GEMM on converted rows, with no rows kept.
+    panels only and runs our panel kernels at every row count: below PANEL_BF16_ROWS (decode
+    steps, verifies: what the native step takes, step.MAX_NEW rows a sequence) in float32,
+    exact to float32 rounding (no bf16 activations or output), 1.4-1.8x the int8 kernel at
+    1-8 rows; from PANEL_BF16_ROWS rows (a prompt) with bf16 activations through AVX512-BF16
+    dot products where the CPU has them, as fast as the bf16 GEMM on converted rows, with no
+    rows kept.
     """
 
     #: From this many rows on, dequantize + float GEMM beats the int8 kernel (measured).
     DEQUANT_ROWS = 64
+    #: Panels: from this many rows on (more than a decode step's), bf16 activations through
+    #: the dot-product kernel: 1.4x the float32 products at 17-24 rows, 1.6x at 32 (the
+    #: four matrices of gpt-neo-125M, 2 threads, AMD EPYC); as the 64+ rows of a prompt,
+    #: only the activations are rounded.
+    PANEL_BF16_ROWS = 17
 
     def __init__(
         self,
@@ -322,6 +328,7 @@ class Int8Linear(FastLinear):
         scales, bias = params["scales"], params.get("bias")
         few = flat.shape[0] < self.DEQUANT_ROWS
         if self.panels:
+            few = _tokens_per_sequence(x) < self.PANEL_BF16_ROWS
             qpanels, scales32 = params["qpanels"], params["scales32"]
             # a prompt's rows: bf16 activations, as the float GEMM below would round them
             out = native.panels(
@@ -338,6 +345,12 @@ class Int8Linear(FastLinear):
         if bias is not None:
             out = out + bias
         return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _tokens_per_sequence(x: torch.Tensor) -> int:
+    """The new tokens of each sequence in a [batch, tokens, hidden] input (the rows of a
+    2-D one): a batch of decode steps is not a prompt, however many rows it has."""
+    return x.shape[-2] if x.dim() >= 3 else x.numel() // max(x.shape[-1], 1)
 
 
 class Int8Head(Int8Linear):
@@ -376,8 +389,11 @@ class Int8Head(Int8Linear):
         out = super().forward(x)
         if self.act_dtype == x.dtype and self.gemm_dtype == x.dtype:
             return out  # nothing was rounded
-        rows = x.numel() // x.shape[-1]
-        if self.panels and rows < self.DEQUANT_ROWS and x.dtype == torch.float32:
+        if (
+            self.panels
+            and _tokens_per_sequence(x) < self.PANEL_BF16_ROWS
+            and x.dtype == torch.float32
+        ):
             return out  # float32 rows through the panel kernel: float32 products and output
         flat = out.reshape(-1, out.shape[-1])
         top = flat.topk(min(self.REFINE, flat.shape[-1]), dim=-1).indices  # [rows, R]

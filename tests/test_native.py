@@ -273,11 +273,12 @@ def test_forced_kernels_bf16_decode_like_the_bf16_reference(tiny_checkpoint, lay
 
 @needs_quads
 @pytest.mark.parametrize("dot", [True, False])
-@pytest.mark.parametrize("rows", [1, 6, 63, 64, 200])
+@pytest.mark.parametrize("rows", [1, 6, 16, 17, 63, 64, 200])
 def test_int8_panel_products_are_float32_exact(tiny_checkpoint, monkeypatch, rows, dot):
-    """With the panel kernel an int8 layer's product below DEQUANT_ROWS rows is the float32
-    product of the int8 values and scales (no bf16 activations), and the head needs no
-    refinement; from DEQUANT_ROWS rows on (a prompt) the activations are rounded to bf16
+    """With the panel kernel an int8 layer's product below PANEL_BF16_ROWS rows (what a
+    decode step or a verify runs) is the float32 product of the int8 values and scales (no
+    bf16 activations), and the head needs no refinement; from there on (a prompt) the
+    activations are rounded to bf16
     where the CPU has the dot-product kernel, and the head refines its top logits from rows
     read back from its quads (which the embedding reads too)."""
     if not dot:  # a CPU without AVX512-BF16: prompts stay float32 too
@@ -293,16 +294,16 @@ def test_int8_panel_products_are_float32_exact(tiny_checkpoint, monkeypatch, row
     head_rows = unpack_quads(head.qpanels, head.out_features, head.in_features)
     rows_of = unpack_quads(layer.qpanels, layer.out_features, head.in_features)
     x = torch.randn(1, rows, rows_of.shape[1])
-    if rows >= fast.Int8Linear.DEQUANT_ROWS and native.pairs_supported():
+    if rows >= fast.Int8Linear.PANEL_BF16_ROWS and native.pairs_supported():
         x = x.bfloat16().float()  # what the kernel multiplies: exact on these
     exact = x[0] @ (rows_of.float() * layer.scales32[:, None]).t() + layer.bias
     assert (layer(x)[0] - exact).abs().max().item() < 1e-5 * max(1.0, exact.abs().max())
     h = torch.randn(1, rows, head.in_features)
     exact_head = h[0] @ (head_rows.float() * head.scales32[:, None]).t()
     got_head = head(h)[0]
-    tol = 1e-5 if rows < fast.Int8Linear.DEQUANT_ROWS else 0.05  # bf16 GEMM from 64 rows
+    tol = 1e-5 if rows < fast.Int8Linear.PANEL_BF16_ROWS else 0.05  # bf16 dot products for a prompt
     assert (got_head - exact_head).abs().max().item() < tol * max(1.0, exact_head.abs().max())
-    if rows >= fast.Int8Linear.DEQUANT_ROWS:  # refined: each row's top logit is exact
+    if rows >= fast.Int8Linear.PANEL_BF16_ROWS:  # refined: each row's top logit is exact
         top = got_head.argmax(-1, keepdim=True)
         assert torch.allclose(got_head.gather(-1, top), exact_head.gather(-1, top), atol=1e-4)
 
