@@ -308,6 +308,22 @@ def test_int8_panel_products_are_float32_exact(tiny_checkpoint, monkeypatch, row
         assert torch.allclose(got_head.gather(-1, top), exact_head.gather(-1, top), atol=1e-4)
 
 
+@needs_quads
+def test_a_batch_of_decode_steps_stays_float32_however_many_rows(tiny_checkpoint, monkeypatch):
+    """bf16 activations are for prompts (many tokens of one sequence); 80 sequences of one
+    token each are decode steps: float32 products, as one sequence's."""
+    monkeypatch.setenv("GPTNEO_KERNEL", "panels")
+    folder, _ = tiny_checkpoint("causal_lm", "alternating")
+    layer = FastCausalLM.from_pretrained(folder, quantize="int8").transformer.h[0].mlp.c_fc
+    rows_of = unpack_quads(layer.qpanels, layer.out_features, layer.in_features)
+    x = torch.randn(80, 1, layer.in_features)
+    exact = x[:, 0] @ (rows_of.float() * layer.scales32[:, None]).t() + layer.bias
+    assert (layer(x)[:, 0] - exact).abs().max().item() < 1e-5 * max(1.0, exact.abs().max())
+    prompt = x.view(1, 80, -1)  # the same rows as one sequence's prompt: bf16 activations
+    if native.pairs_supported():
+        assert (layer(prompt)[0] - exact).abs().max().item() > 1e-4 * exact.abs().max()
+
+
 @needs_native
 @pytest.mark.skipif(not (TINY_DEMO / "model.safetensors").is_file(), reason="no demo model")
 def test_int8_decode_steps_agree_with_float32_on_the_demo_model(monkeypatch):
