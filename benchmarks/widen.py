@@ -31,13 +31,15 @@ from pathlib import Path
 
 import torch
 
-BUNDLED = Path(__file__).resolve().parents[1] / "gptneo_cli" / "data" / "tiny"
+from gptneo_cli.hub import BUNDLED_DIR
+
+BUNDLED = BUNDLED_DIR / "tiny"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def _tile_linear(weight: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """A weight [out, in] reading `cols` copies of its input and writing `rows` copies."""
-    return weight.repeat(rows, cols) / cols
+def _tile_linear(weight: torch.Tensor, f: int) -> torch.Tensor:
+    """A weight [out, in] that reads f copies of its input and writes f copies."""
+    return weight.repeat(f, f) / f
 
 
 def widen_state(
@@ -74,7 +76,7 @@ def widen_state(
                 if t.dim() == 1:  # LayerNorm weights and biases, linear biases: tiled
                     out[name] = t.repeat(f)
                 else:
-                    out[name] = _tile_linear(t, f, f)
+                    out[name] = _tile_linear(t, f)
             continue
         a = p + "attn.attention."
         for proj in ("q_proj", "k_proj", "v_proj"):

@@ -47,7 +47,8 @@ from .cache import KVCache
 from .checkpoint import frozen
 from .device import cpu_has_fast_bf16
 from .errors import BackendError, GPTNeoError
-from .kernels import MARGIN, STEP_MARGIN, KernelChooser, cpu_flags
+from .kernels import DEFAULT as DEFAULT_LAYOUT
+from .kernels import STEP_MARGIN, KernelChooser, cpu_flags
 from .modeling import (
     AttentionStep,
     GPTNeoAttention,
@@ -321,20 +322,25 @@ class Int8Linear(FastLinear):
             self.gemm_dtype == torch.float32 and cpu and _mkldnn_packing_works(torch.float32)
         )
 
+    def prompt_rows(self, x: torch.Tensor) -> bool:
+        """Whether the panels take `x` [..., tokens, hidden] as a prompt's (bf16 activations):
+        PANEL_BF16_ROWS tokens of a sequence or more. A batch of decode steps is not a
+        prompt, however many rows it has."""
+        return x.dim() > 1 and x.shape[-2] >= self.PANEL_BF16_ROWS
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         flat = x.reshape(-1, x.shape[-1])
         params = self._parameters
         scales, bias = params["scales"], params.get("bias")
-        few = flat.shape[0] < self.DEQUANT_ROWS
         if self.panels:
-            few = _tokens_per_sequence(x) < self.PANEL_BF16_ROWS
             qpanels, scales32 = params["qpanels"], params["scales32"]
             # a prompt's rows: bf16 activations, as the float GEMM below would round them
+            prompt = self.prompt_rows(x)
             out = native.panels(
-                flat, qpanels, self.out_features, scales32, None, not few, params["colsum"]
+                flat, qpanels, self.out_features, scales32, None, prompt, params["colsum"]
             )
-        elif self.packed and few:
+        elif self.packed and flat.shape[0] < self.DEQUANT_ROWS:
             out = torch._weight_int8pack_mm(flat.to(self.act_dtype), params["qweight"], scales)
         else:
             qweight = params["qweight"]
@@ -345,12 +351,6 @@ class Int8Linear(FastLinear):
         if bias is not None:
             out = out + bias
         return out.view(*x.shape[:-1], out.shape[-1])
-
-
-def _tokens_per_sequence(x: torch.Tensor) -> int:
-    """The new tokens of each sequence in a [batch, tokens, hidden] input (the rows of a
-    2-D one): a batch of decode steps is not a prompt, however many rows it has."""
-    return x.shape[-2] if x.dim() >= 3 else x.numel() // max(x.shape[-1], 1)
 
 
 class Int8Head(Int8Linear):
@@ -389,11 +389,7 @@ class Int8Head(Int8Linear):
         out = super().forward(x)
         if self.act_dtype == x.dtype and self.gemm_dtype == x.dtype:
             return out  # nothing was rounded
-        if (
-            self.panels
-            and _tokens_per_sequence(x) < self.PANEL_BF16_ROWS
-            and x.dtype == torch.float32
-        ):
+        if self.panels and not self.prompt_rows(x) and x.dtype == torch.float32:
             return out  # float32 rows through the panel kernel: float32 products and output
         flat = out.reshape(-1, out.shape[-1])
         top = flat.topk(min(self.REFINE, flat.shape[-1]), dim=-1).indices  # [rows, R]
@@ -874,11 +870,10 @@ class _Packer:
         from . import step
 
         self.step_possible = (
-            cpu
-            and not compile
+            not compile
             and not step.disabled()
-            and model.config.activation_function in step.TANH_GELU
             and native.available()
+            and step.supports(model.config, device)
         )
         #: Linear layers waiting for their other pieces: module name -> {"weight"/"bias": tensor}
         self.pending: dict[str, dict[str, Any]] = {}
@@ -922,8 +917,8 @@ class _Packer:
             # are kept unless beaten.
             ours = self.dtype == torch.float32 or native.pairs_supported()
             incumbent = "panels" if "panels" in builders and ours else "onednn"
-            margin = STEP_MARGIN if incumbent == "panels" and self.step_possible else MARGIN
-            layout = self.kernels.layout("linear", shape, builders, incumbent, margin)
+            step_rule = incumbent == "panels"
+            layout = self._layout(self.kernels, "linear", shape, builders, step_rule, incumbent)
             return _LAYER_LAYOUTS[layout](self._put(weight), bias)
         return plain_linear(self._put(weight), bias)
 
@@ -968,11 +963,24 @@ class _Packer:
         if self.int8_kernels is None:
             return False
         builders = _INT8_BUILDERS[kind]
-        if kind == "int8 linear" and self.step_possible:  # a block's matrix: the step's
-            chosen = self.int8_kernels.layout(kind, tuple(shape), builders, "panels", STEP_MARGIN)
-        else:
-            chosen = self.int8_kernels.layout(kind, tuple(shape), builders)
-        return chosen == "panels"
+        step_rule = kind == "int8 linear"  # a block's matrix; the head is not the step's
+        shape2 = (shape[0], shape[1])
+        return self._layout(self.int8_kernels, kind, shape2, builders, step_rule) == "panels"
+
+    def _layout(
+        self,
+        chooser: KernelChooser,
+        kind: str,
+        shape: tuple[int, int],
+        builders: Any,
+        step_rule: bool,
+        incumbent: str = DEFAULT_LAYOUT,
+    ) -> str:
+        """The measured layout; for a block's matrix where the native step can run, panels
+        (which the step needs for every such matrix) unless beaten by STEP_MARGIN."""
+        if step_rule and self.step_possible:
+            return chooser.layout(kind, shape, builders, "panels", STEP_MARGIN)
+        return chooser.layout(kind, shape, builders, incumbent)
 
     def _head(self, weight: nn.Parameter) -> nn.Module:
         """The lm_head over the embedding matrix, in the layout measured fastest: read in

@@ -162,14 +162,13 @@ class KernelCache:
         seconds = entry.get("seconds") if isinstance(entry, dict) else None
         if not isinstance(seconds, dict):
             return None
-        rows = None
-        for times in seconds.values():
-            if not isinstance(times, dict) or not times or (rows and set(times) != rows):
-                return None
-            if not all(isinstance(t, (int, float)) and t >= 0 for t in times.values()):
-                return None
-            rows = set(times)
-        return seconds or None
+        rows = [set(times) if isinstance(times, dict) else None for times in seconds.values()]
+        if not rows or not rows[0] or any(r != rows[0] for r in rows):
+            return None  # none, or not every layout timed at the same row counts
+        numbers = [t for times in seconds.values() for t in times.values()]
+        if not all(isinstance(t, (int, float)) and t >= 0 for t in numbers):
+            return None
+        return seconds
 
     def put(self, key: str, layout: str, seconds: dict[str, dict[str, float]]) -> None:
         """Remember a choice; the file is replaced whole (never left half-written)."""
@@ -278,10 +277,13 @@ class KernelChooser:
         key = cache_key(kind, shape, self.dtype)
         if key not in self.chosen:
             assert self.cache is not None
-            seconds = self.cache.seconds(key)
-            if seconds is None or not set(builders) <= set(seconds):
-                rows = _ROWS.get(kind, (1, PREFILL_ROWS))
-                seconds = measure(builders, shape, self.dtype, rows)
-                self.cache.put(key, pick(seconds, incumbent, margin), seconds)
-            self.chosen[key] = pick({k: seconds[k] for k in builders}, incumbent, margin)
+            cached = self.cache.seconds(key)
+            fresh = cached is None or not set(builders) <= set(cached)
+            if fresh:
+                seconds = measure(builders, shape, self.dtype, _ROWS.get(kind, (1, PREFILL_ROWS)))
+            else:
+                seconds = {name: cached[name] for name in builders}
+            self.chosen[key] = pick(seconds, incumbent, margin)
+            if fresh:
+                self.cache.put(key, self.chosen[key], seconds)
         return self.chosen[key]

@@ -48,6 +48,12 @@ def disabled(environ: Mapping[str, str] = os.environ) -> bool:
     return environ.get(ENV, "").strip().lower() in ("0", "off", "no", "false")
 
 
+def supports(config: Any, device: torch.device) -> bool:
+    """Whether the step runs this kind of model on this device, once its blocks are held as
+    panels: on the CPU, with GELU's tanh form (the kernel's epilogue)."""
+    return device.type == "cpu" and config.activation_function in TANH_GELU
+
+
 class NativeStep:
     """A model's blocks as csrc/gemv.c `Layer`s, built once; `ready` says whether a call
     can run here, `__call__` runs it. `NativeStep.build(model)` is None where the model's
@@ -74,7 +80,7 @@ class NativeStep:
     def build(cls, model: Any) -> NativeStep | None:
         config = model.config
         lib = native.library()
-        if lib is None or model.device.type != "cpu" or config.activation_function not in TANH_GELU:
+        if lib is None or not supports(config, model.device):
             return None
         keep: list[torch.Tensor] = []
         layers = []
