@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cache-dir", default=None)
-    p.add_argument("--json", default="threads-results.json")
+    p.add_argument("--json", default=None, help="also write the results as JSON to this file")
     args = p.parse_args(argv)
     import torch
 
@@ -113,9 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", *(f"- {name}: {'yes' if ok else 'NO'}" for name, ok in checks.items())]
     table = "\n".join(lines) + "\n"
     print(table)
-    Path(args.json).write_text(
-        json.dumps({"args": vars(args), **results, "checks": checks}, indent=2)
-    )
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"args": vars(args), **results, "checks": checks}, indent=2)
+        )
     return 0
 
 

@@ -57,9 +57,9 @@ _ARGS_GEMM = [_F32] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
 
 _I64 = ctypes.c_int64
 #: decode_step(layers, count, keys, values, capacity, x, rows, new, pos (one per row), heads,
-#: dim, inner, eps, lnf_w, lnf_b, scratch, threads): pointers are passed as integers.
+#: dim, inner, eps, lnf_w, lnf_b, scratch, threads, prompt): pointers are passed as integers.
 _ARGS_STEP = [_F32, _I64, *[_F32] * 4, _I64, _I64, _F32, *[_I64] * 3, ctypes.c_float]
-_ARGS_STEP += [*[_F32] * 3, ctypes.c_int]
+_ARGS_STEP += [*[_F32] * 3, ctypes.c_int, ctypes.c_int]
 
 
 class Mat(ctypes.Structure):

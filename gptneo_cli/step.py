@@ -1,23 +1,26 @@
-"""The native decode step: every block of a fast model, for a few new tokens per row (one
-when decoding, the drafts and one more in a speculative verify), in one call into our C
-library (csrc/gemv.c, `decode_step`).
+"""The native step: every block of a fast model for the new tokens of each row (one when
+decoding, the drafts and one more in a speculative verify, a prompt of up to MAX_NEW
+tokens), in one call into our C library (csrc/gemv.c, `decode_step`).
 
 Why: through torch, the ~150 small ops of a decoded token (layer norms, attention, GELU,
 adds, the Python around ~50 products) cost ~1.3 ms on gpt-neo-125M with 2 threads: a
 fifth of a bf16 token and a third of an int8 one, time in which no weight is read. The C
 step runs them between the panel products in one OpenMP region (bias, residual and GELU
 fused into the products' epilogues), so decoding runs closer to memory speed
-(docs/PERFORMANCE.md).
+(docs/PERFORMANCE.md). A prompt's small ops grow with its length: the step ran 8-255
+token prompts 1.12-1.40x as fast as the torch path.
 
 When it runs: a FastCausalLM on CPU whose four matrices per block are all panels (the
 float32/bf16 `PanelLinear`, int8 `Int8Linear(panels=True)`), with a tanh-GELU activation,
-up to MAX_NEW tokens per row with a `KVCache` held in float32, no padding anywhere and
-positions following the cache; or one token for each of the scheduler's rows (a
-`RowCache` decode call, every row at its own position). Anything else (longer prompts,
-padded batches, the scheduler's prompts and verifies, a compiled step) runs the torch
-path, as does every model where the library is missing. Activations are float32 (a bf16
-model's are rounded to bf16 where they enter a bf16 product, as they are on the torch
-path); tests/test_step.py compares it with the torch path and with transformers.
+up to MAX_NEW tokens per row with a `KVCache` held in float32 whose local rings keep every
+key the new tokens see, no padding anywhere and positions following the cache; or one
+token for each of the scheduler's rows (a `RowCache` decode call, every row at its own
+position). Anything else (longer prompts, padded batches, the scheduler's prompts and
+verifies, a compiled step) runs the torch path, as does every model where the library is
+missing. Activations are float32 (a bf16 model's are rounded to bf16 where they enter a
+bf16 product, as are an int8 model's in a prompt of Int8Linear.PANEL_BF16_ROWS tokens or
+more, as on the torch path); tests/test_step.py compares it with the torch path and with
+transformers.
 """
 
 from __future__ import annotations
@@ -36,9 +39,11 @@ from .rowcache import RowCache
 #: GPTNEO_NATIVE_STEP=0 keeps decoding on the torch path (A/B measurements, a suspected bug).
 ENV = "GPTNEO_NATIVE_STEP"
 
-#: The most new tokens per row the step takes: decode steps and verifies (drafts of up to
-#: 15); prompts are for the torch path's GEMMs.
-MAX_NEW = 16
+#: The most new tokens per row the step takes: decode steps, verifies (drafts of up to 15)
+#: and prompts. Measured against the torch path (gpt-neo-125M, 2 threads, AMD EPYC): 8-255
+#: token prompts 1.12-1.40x as fast in float32, bf16 and int8; a local ring of the window
+#: holds at most 256 new steps anyway, and longer prompts are for torch's SDPA.
+MAX_NEW = 256
 
 #: The activations the C step computes (GELU's tanh form); others run the torch path.
 TANH_GELU = {"gelu_new", "gelu_fast", "gelu_accurate", "gelu_pytorch_tanh", "gelu_python_tanh"}
@@ -122,7 +127,8 @@ class NativeStep:
         new, past = input_ids.shape[1], cache.length
         if not 1 <= new <= MAX_NEW or past + new > cache.max_length:
             return False
-        if new > 1 and cache.ring < min(cache.window + new - 1, cache.max_length):
+        ring_short = cache.ring < min(cache.window + new - 1, cache.max_length)
+        if new > 1 and ring_short and past + new > cache.ring:
             return False  # the new steps would overwrite keys that some of them still see
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape[0] != input_ids.shape[0]:
@@ -166,10 +172,17 @@ class NativeStep:
         self.lib.decode_step(
             ctypes.addressof(self.layers), self.count, held.keys, held.values, held.capacity,
             x.data_ptr(), rows, new, positions.data_ptr(), self.heads, self.dim, self.inner,
-            self.eps, *self.lnf, scratch.data_ptr(), threads,
+            self.eps, *self.lnf, scratch.data_ptr(), threads, self._prompt(new),
         )  # fmt: skip
         cache.advance(new)
         return x
+
+    def _prompt(self, new: int) -> bool:
+        """Whether int8 products take `new` tokens a row as a prompt's: bf16 activations
+        through the dot-product kernel, as Int8Linear's do on the torch path."""
+        from .fast import Int8Linear
+
+        return new >= Int8Linear.PANEL_BF16_ROWS and native.pairs_supported()
 
     def _scratch_for(self, tokens: int, threads: int, most: int) -> torch.Tensor:
         """The intermediates' buffer, kept while the shapes stay (one size at a time)."""

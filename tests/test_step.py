@@ -131,7 +131,7 @@ def test_float32_steps_equal_transformers_and_the_torch_path(tmp_path, panels, c
         0, SHAPES[shape]["vocab_size"], (2, STEPS), generator=torch.Generator().manual_seed(1)
     )
     got = decode(model, ids, True)
-    assert len(counted) == STEPS - 3
+    assert len(counted) == STEPS - 2  # the 3-token prompt too
     with torch.no_grad():
         want = ref(ids).logits
     assert (got - want).abs().max().item() < 1e-4
@@ -177,7 +177,7 @@ def test_int8_steps_equal_the_torch_path(tmp_path, panels, counted, shape):
         0, SHAPES[shape]["vocab_size"], (3, STEPS), generator=torch.Generator().manual_seed(3)
     )
     got = decode(model, ids, True)
-    assert len(counted) == STEPS - 3
+    assert len(counted) == STEPS - 2  # the 3-token prompt too
     assert (got - decode(model, ids, False)).abs().max().item() < 1e-4
 
 
@@ -206,7 +206,7 @@ def test_any_thread_count_and_a_second_thread_give_the_same_logits(
     worker.start()
     worker.join(timeout=120)
     assert not worker.is_alive() and len(results) == 5
-    assert len(counted) == 5 * (STEPS - 3)
+    assert len(counted) == 5 * (STEPS - 2)
     for got in results[1:]:
         assert torch.equal(got, results[0])
 
@@ -320,21 +320,28 @@ def test_scheduler_rows_each_at_their_own_position(tmp_path, panels, counted, qu
 
 
 def test_what_the_step_leaves_to_the_torch_path(tmp_path, panels):
-    folder, _ = checkpoint(tmp_path, "ragged")
+    folder, _ = checkpoint(tmp_path, "ragged", max_position_embeddings=300)
     model = load(folder)
     native_step = model._native_step()
-    ids = torch.tensor([[5, 6, 7, 8]])
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
-        cache = model.new_cache(1, 6)
+        cache = model.new_cache(1, 8)
         model(ids[:, :3], cache=cache)
         one = ids[:, 3:4]
+        assert native_step.ready(ids[:, 3:5], None, None, cache)  # 5 steps: the ring's 5
         assert native_step.ready(one, None, None, cache)
         assert native_step.ready(one, torch.ones(1, 4), None, cache)
         assert not native_step.ready(one, torch.tensor([[1, 1, 1, 0]]), None, cache)  # padding
         assert not native_step.ready(one, torch.ones(1, 2), None, cache)  # a wrong mask
         assert not native_step.ready(one, None, torch.tensor([[3]]), cache)  # own positions
-        assert not native_step.ready(ids[:, 2:4], None, None, cache)  # a ring without spare
-        assert not native_step.ready(torch.ones(1, 17, dtype=torch.long), None, None, cache)
+        model(one, cache=cache)
+        assert not native_step.ready(ids[:, 3:5], None, None, cache)  # a ring without spare
+        assert native_step.ready(ids[:, 4:5], None, None, cache)
+        roomy = model.new_cache(1, 290, spare=280)
+        assert native_step.ready(torch.ones(1, step.MAX_NEW, dtype=torch.long), None, None, roomy)
+        assert not native_step.ready(
+            torch.ones(1, step.MAX_NEW + 1, dtype=torch.long), None, None, roomy
+        )
         assert not native_step.ready(torch.tensor([[1], [2]]), None, None, cache)  # rows
         bf16 = model.new_cache(1, 6)
         bf16.keys = [k.bfloat16() for k in bf16.keys]
@@ -362,3 +369,76 @@ def test_models_without_a_native_step(tmp_path, monkeypatch):
     monkeypatch.setattr(native, "quads_supported", lambda: False)  # a CPU without VNNI
     int8 = FastCausalLM.from_pretrained(folder, quantize="int8")
     assert int8._native_step() is False and not int8.transformer.h[0].mlp.c_fc.panels
+
+
+def prompt_logits(
+    model: FastCausalLM, ids: torch.Tensor, chunks: list[int], spare: int, native_step: bool
+):
+    """Logits of a prompt fed in `chunks` of tokens, then of one decoded token."""
+    model.__dict__["_native"] = None if native_step else False
+    out, at = [], 0
+    with torch.no_grad():
+        cache = model.new_cache(ids.shape[0], sum(chunks) + 1, spare=spare)
+        for size in [*chunks, 1]:
+            out.append(model(ids[:, at : at + size], cache=cache).logits.float())
+            at += size
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize(
+    "quantize,dtype",
+    [
+        (None, torch.float32),
+        (None, torch.bfloat16),
+        pytest.param("int8", torch.float32, marks=needs_quads),
+    ],
+)
+def test_prompts_of_up_to_max_new_tokens(tmp_path, panels, counted, monkeypatch, quantize, dtype):
+    """Prompt chunks of 17 to MAX_NEW tokens run the step (int8: with bf16 activations from
+    Int8Linear.PANEL_BF16_ROWS tokens, as on the torch path) where the local ring keeps
+    every key a new token sees: room for the window and the chunk (a ring that wraps
+    within the chunk), or for every position so far (a ring shorter than that); longer
+    chunks and rings that would lose a key go to the torch path."""
+    assert step.MAX_NEW >= 17
+    big = checkpoint(tmp_path, "heads64", window_size=260, max_position_embeddings=300)[0]
+    small, ref = checkpoint(tmp_path, "ragged", max_position_embeddings=300)
+    most = step.MAX_NEW
+    cases = [  # (folder, chunks, spare, how many of the calls the step takes)
+        (small, [10, 40], 39, 3),  # window 5 + 39 spare: the 40 wrap the ring
+        (small, [17], 16, 2),
+        (small, [3, most], most - 1, 3),
+        (small, [most + 1], most, 1),  # too long: only the decode step
+        (small, [3, 20], 0, 2),  # window 5, no spare: the 20 would overwrite keys they see
+        (big, [most], 0, 2),  # a ring of 260 > the 256 positions so far
+        (big, [most, 30], 0, 2),  # 286 positions > a ring of 260 < window + 29
+    ]
+    for folder, chunks, spare, taken in cases:
+        model = load(folder, quantize=quantize, dtype=dtype)
+        vocab = model.config.vocab_size
+        ids = torch.randint(0, vocab, (2, 290), generator=torch.Generator().manual_seed(8))
+        counted.clear()
+        got = prompt_logits(model, ids, chunks, spare, True)
+        assert len(counted) == taken, (chunks, spare)
+        want = prompt_logits(model, ids, chunks, spare, False)
+        scale = max(1.0, want.abs().max().item())
+        if quantize:  # against float32 activations (no bf16 pairs), on which both paths agree
+            with monkeypatch.context() as patch:
+                patch.setattr(native, "pairs_supported", lambda: False)
+                exact = prompt_logits(model, ids, chunks, spare, False)
+                floats = prompt_logits(model, ids, chunks, spare, True)
+            assert (floats - exact).abs().max().item() < 1e-4 * scale
+        elif dtype == torch.bfloat16:  # against the float32 model
+            exact = prompt_logits(load(folder), ids, chunks, spare, False)
+        else:
+            assert (got - want).abs().max().item() < 1e-4 * scale
+            continue
+        # bf16 activations: the step as close to float32 ones as the torch path
+        span = (exact.max() - exact.min()).item()
+        error = (want - exact).abs().max().item()
+        assert (got - exact).abs().max().item() <= 1.5 * error + 1e-3 * span
+    if quantize is None and dtype == torch.float32:  # and the step against transformers
+        ids = torch.randint(0, 103, (1, 51), generator=torch.Generator().manual_seed(9))
+        got = prompt_logits(load(small), ids, [10, 40], 39, True)
+        with torch.no_grad():
+            want = ref(ids).logits
+        assert (got - want).abs().max().item() < 1e-4

@@ -655,12 +655,15 @@ static void prefetch_next(const Mat *w) {
 
 /* y (mode: STORE, ADD, GELU) = x times w, the panels shared between the team's threads;
  * then the start of `next` (the matrix after it, or NULL) is prefetched. `pairs`: room for
- * x as bf16 pairs or as digits; `step`: a variable shared by the team. */
+ * x as bf16 pairs or as digits; `step`: a variable shared by the team; `quads`: NULL, or
+ * (a prompt's int8 products, as panels_quads runs them) this thread's room for one quads
+ * panel as bf16 pairs, x then going in as pairs too. */
 static void product(const Mat *w, const float *x, int64_t rows, float *y, int mode,
-                    uint32_t *pairs, float *step, const Mat *next, Member *me) {
+                    uint32_t *pairs, float *step, uint32_t *quads, const Mat *next, Member *me) {
     int64_t count = (w->m + PANEL - 1) / PANEL, start, end;
     int first = omp_get_thread_num() == 0;
-    if (w->kind == KIND_PAIRS) {
+    int dots = w->kind == KIND_PAIRS || (w->kind == KIND_I8 && quads);
+    if (dots) {
         if (first) to_pairs(x, pairs, rows, w->inputs);
         team_wait(me);
     } else if (w->kind == KIND_I8 && rows == 1) {
@@ -673,8 +676,15 @@ static void product(const Mat *w, const float *x, int64_t rows, float *y, int mo
         case KIND_F32: f32_panel_b(w->panels, x, w->scale, w->bias, y, w->m, w->n, rows, b, mode); break;
         case KIND_BF16: bf16_panel_b(w->panels, x, w->scale, w->bias, y, w->m, w->n, rows, b, mode); break;
         case KIND_I8:
-            quads_panel_b(w->panels, x, pairs, *step, w->scale, w->bias, w->colsum, y, w->m,
-                          w->inputs, rows, b, mode);
+            if (quads) {
+                int64_t o = b * PANEL, n4 = (w->inputs + 3) / 4;
+                quads_to_pairs((const int8_t *)w->panels + b * n4 * QUAD, n4, quads);
+                dot_rows(quads, pairs, (w->inputs + 1) / 2, rows, w->scale + o,
+                         w->bias ? w->bias + o : 0, y + o, w->m, panel_cols(w->m, b), mode);
+            } else {
+                quads_panel_b(w->panels, x, pairs, *step, w->scale, w->bias, w->colsum, y, w->m,
+                              w->inputs, rows, b, mode);
+            }
             break;
         default: pairs_panel_b(w->panels, pairs, w->bias, y, w->m, w->n, rows, b, mode);
         }
@@ -889,23 +899,27 @@ static void attention(const float *qkv, float *keys, float *values, int64_t capa
 }
 
 /* Every layer for `new` tokens of each of `rows` rows, row r at steps pos[r] .. pos[r] +
- * new - 1 (a decode step: one; a speculative verify: the drafts and one more): x [rows *
- * new, width] (the embeddings) becomes the final LayerNorm of the last block's output. A
- * local ring must have room for the window and the new steps (capacity >= window + new -
- * 1), or hold every position. keys[l]/values[l]: layer l's cache, [rows (or more: the
- * first `rows` are used), heads, capacity[l], dim] float32. scratch: floats for the intermediates,
- * tokens * (5 * width + inner + (max(width, inner) + 1) / 2) + 3 * (max(width, inner) + 3) / 4
- * + threads * the largest capacity (`step_scratch`, tokens = rows * new). */
+ * new - 1 (a decode step: one; a speculative verify: the drafts and one more; a short
+ * prompt): x [rows * new, width] (the embeddings) becomes the final LayerNorm of the last
+ * block's output. A local ring must not lose a key that a new step still sees: room for
+ * the window and the new steps (capacity >= window + new - 1), or for every position so
+ * far. keys[l]/values[l]: layer l's cache, [rows (or more: the first `rows` are used),
+ * heads, capacity[l], dim] float32. `prompt`: the int8 products run as panels_quads runs
+ * a prompt's (bf16 pairs, x rounded to bf16; only where the CPU has AVX512-BF16).
+ * scratch: floats for the intermediates, tokens * (5 * width + inner + (max(width, inner)
+ * + 1) / 2) + 3 * (max(width, inner) + 3) / 4 + threads * (the largest capacity + 2 *
+ * PANEL * (max(width, inner) + 3) / 4) (`step_scratch`, tokens = rows * new). */
 int64_t step_scratch(int64_t tokens, int64_t width, int64_t inner, int64_t capacity, int threads) {
     int64_t widest = width > inner ? width : inner;
     return tokens * (5 * width + inner + (widest + 1) / 2) + 3 * ((widest + 3) / 4) +
-           threads * capacity;
+           threads * (capacity + 2 * PANEL * ((widest + 3) / 4));
 }
 
 void decode_step(const Layer *layers, int64_t count, float *const *keys, float *const *values,
                  const int64_t *capacity, float *x, int64_t rows, int64_t new,
                  const int64_t *pos, int64_t heads, int64_t dim, int64_t inner, float eps,
-                 const float *lnf_w, const float *lnf_b, float *scratch, int threads) {
+                 const float *lnf_w, const float *lnf_b, float *scratch, int threads,
+                 int prompt) {
     int64_t tokens = rows * new, width = heads * dim, most = 0;
     int64_t widest = width > inner ? width : inner;
     for (int64_t l = 0; l < count; l++) most = capacity[l] > most ? capacity[l] : most;
@@ -913,6 +927,7 @@ void decode_step(const Layer *layers, int64_t count, float *const *keys, float *
     float *f = att + tokens * width;
     uint32_t *pairs = (uint32_t *)(f + tokens * inner);
     float *scores = (float *)(pairs + tokens * ((widest + 1) / 2) + 3 * ((widest + 3) / 4));
+    uint32_t *panel_pairs = (uint32_t *)(scores + threads * most);
     float step = 0; /* shared by the team: the digits' step of an int8 product */
     Team team = {0, 0};
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -920,19 +935,21 @@ void decode_step(const Layer *layers, int64_t count, float *const *keys, float *
         Member me = {&team, 0, omp_get_num_threads()};
         int first = omp_get_thread_num() == 0;
         float *mine = scores + omp_get_thread_num() * most;
+        uint32_t *quads =
+            prompt ? panel_pairs + omp_get_thread_num() * 2 * PANEL * ((widest + 3) / 4) : 0;
         for (int64_t l = 0; l < count; l++) {
             const Layer *L = layers + l;
             if (first) layer_norm(x, L->ln1_w, L->ln1_b, h, tokens, width, eps);
             team_wait(&me);
-            product(&L->qkv, h, tokens, qkv, STORE, pairs, &step, &L->out, &me);
+            product(&L->qkv, h, tokens, qkv, STORE, pairs, &step, quads, &L->out, &me);
             attention(qkv, keys[l], values[l], capacity[l], L->window, pos, rows, new, heads,
                       dim, mine, att, &me);
-            product(&L->out, att, tokens, x, ADD, pairs, &step, &L->fc, &me);
+            product(&L->out, att, tokens, x, ADD, pairs, &step, quads, &L->fc, &me);
             if (first) layer_norm(x, L->ln2_w, L->ln2_b, h, tokens, width, eps);
             team_wait(&me);
-            product(&L->fc, h, tokens, f, GELU, pairs, &step, &L->proj, &me);
+            product(&L->fc, h, tokens, f, GELU, pairs, &step, quads, &L->proj, &me);
             const Mat *next = l + 1 < count ? &L[1].qkv : 0;
-            product(&L->proj, f, tokens, x, ADD, pairs, &step, next, &me);
+            product(&L->proj, f, tokens, x, ADD, pairs, &step, quads, next, &me);
         }
         if (first) layer_norm(x, lnf_w, lnf_b, x, tokens, width, eps);
     }
