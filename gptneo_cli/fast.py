@@ -275,8 +275,8 @@ class Int8Linear(FastLinear):
     CPU kernel reads garbage unless the input width is a multiple of 16).
 
     `panels` (CPU, where our kernels are built and measured faster): the matrix is held as
-    panels only and runs our panel kernels at every row count: below PANEL_BF16_ROWS (decode
-    steps, verifies: what the native step takes, step.MAX_NEW rows a sequence) in float32,
+    panels only and runs our panel kernels at every row count: below PANEL_BF16_ROWS tokens
+    a sequence (decode steps, verifies, however many rows a batch has) in float32,
     exact to float32 rounding (no bf16 activations or output), 1.4-1.8x the int8 kernel at
     1-8 rows; from PANEL_BF16_ROWS rows (a prompt) with bf16 activations through AVX512-BF16
     dot products where the CPU has them, as fast as the bf16 GEMM on converted rows, with no

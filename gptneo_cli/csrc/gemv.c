@@ -339,10 +339,11 @@ static DOT void to_pairs(const float *x, uint32_t *out, int64_t rows, int64_t n)
  *   The sums are exact; sum_i W x = step * (S0 + 2^8 S1 + 2^16 S2 - 2^23 colsum) in int64,
  *   rounded once to float32: the activations' rounding (half a step, 2^-24 of the row's
  *   largest) is below float32's rounding of the same sum;
- * - 2-63 rows (batched steps, verifies): float32 FMAs, the weights sign-extended out of
+ * - more rows (batched steps, verifies): float32 FMAs, the weights sign-extended out of
  *   the quads once for every row (float32 sums, exact products);
- * - 64+ rows (prompts): each panel converted once into bf16 pairs for the dot-product
- *   kernel (x rounded to bf16), as the bf16 GEMM that int8 prompts ran before rounded it.
+ * - prompts (17+ tokens a sequence, gptneo_cli/fast.py Int8Linear.PANEL_BF16_ROWS): each
+ *   panel converted once into bf16 pairs for the dot-product kernel (x rounded to bf16),
+ *   as the bf16 GEMM that int8 prompts ran before rounded it.
  */
 #define QV __attribute__((target("avx512vnni,avx512dq")))
 #define QUAD (4 * PANEL) /* bytes of one quad row of a panel */
@@ -525,7 +526,7 @@ QV int panels_quads(const int8_t *p, const float *x, const float *scale, const f
     return failed ? -1 : 0;
 }
 
-/* ---- the decode step: every block of the model for one new token per row ------------------
+/* ---- the decode step: every block of the model for the new tokens of each row ----------
  * Each decoded token runs ~50 products and ~150 small ops (layer norms, attention, GELU,
  * adds); through torch those cost ~1.3 ms of a 4-7 ms token (125M shape, 2 threads), which
  * kept bf16 and int8 decoding far from memory speed. Here they run in one OpenMP region:
