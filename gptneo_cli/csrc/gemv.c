@@ -155,7 +155,11 @@ void gemv_bf16(const uint16_t *w, const float *x, const float *bias, float *y, i
  */
 #define PANEL 48
 #define VECS (PANEL / 16)
-#define PANEL_AHEAD 8192 /* bytes prefetched ahead in the panel's stream */
+/* Bytes prefetched ahead in a panel's stream, into L2 (T1): more lines in flight than L1's
+ * miss buffers allow. Against the same prefetches into L1 (T0), in one process, alternating
+ * (gpt-neo-125M, 2 threads, AMD EPYC Zen 4): decode 1.09x float32, 1.03x bf16, 1.12x int8;
+ * 4 KiB ahead made no difference, 16 KiB was 2-5 % slower. */
+#define PANEL_AHEAD 8192
 
 int panel_width(void) { return PANEL; }
 
@@ -213,7 +217,7 @@ static inline void finish_panel(__m512 acc, __m512 s, __m512 b, float *y, __mmas
         for (int64_t i = 0; i < n; i++) {                                                     \
             const T *w = p + i * PANEL;                                                       \
             for (int line = 0; line < PANEL * (int)sizeof(T); line += 64)                     \
-                _mm_prefetch((const char *)w + PANEL_AHEAD + line, _MM_HINT_T0);              \
+                _mm_prefetch((const char *)w + PANEL_AHEAD + line, _MM_HINT_T1);              \
             __m512 wv[VECS];                                                                  \
             for (int v = 0; v < VECS; v++) wv[v] = NAME##_to_f32(w + 16 * v);                 \
             for (int r = 0; r < rows; r++) {                                                  \
@@ -272,7 +276,7 @@ static inline __attribute__((always_inline)) DOT void dot_panel(
     for (int64_t i = 0; i < n; i++) {
         const uint32_t *w = p + i * PANEL;
         for (int line = 0; line < PANEL * 4; line += 64)
-            _mm_prefetch((const char *)w + PANEL_AHEAD + line, _MM_HINT_T0);
+            _mm_prefetch((const char *)w + PANEL_AHEAD + line, _MM_HINT_T1);
         __m512bh wv[VECS];
         for (int v = 0; v < VECS; v++) wv[v] = (__m512bh)_mm512_loadu_si512(w + 16 * v);
         for (int r = 0; r < rows; r++) {
@@ -390,7 +394,7 @@ static QV void q8_panel(const int8_t *p, const uint32_t *digits, int64_t n4, con
     for (int64_t q = 0; q < n4; q++) {
         const int8_t *w = p + q * QUAD;
         for (int line = 0; line < QUAD; line += 64)
-            _mm_prefetch((const char *)w + PANEL_AHEAD + line, _MM_HINT_T0);
+            _mm_prefetch((const char *)w + PANEL_AHEAD + line, _MM_HINT_T1);
         __m512i wv[VECS];
         for (int v = 0; v < VECS; v++) wv[v] = _mm512_loadu_si512(w + 64 * v);
         for (int d = 0; d < 3; d++) {
@@ -431,7 +435,7 @@ static inline __attribute__((always_inline)) void q4_panel(
     for (int64_t q = 0; 4 * q < n; q++) {
         const int8_t *w = p + q * QUAD;
         for (int line = 0; line < QUAD; line += 64)
-            _mm_prefetch((const char *)w + PANEL_AHEAD + line, _MM_HINT_T0);
+            _mm_prefetch((const char *)w + PANEL_AHEAD + line, _MM_HINT_T1);
         __m512i z[VECS];
         for (int v = 0; v < VECS; v++) z[v] = _mm512_loadu_si512(w + 64 * v);
         for (int t = 0; t < 4 && 4 * q + t < n; t++) {
