@@ -651,8 +651,9 @@ class FastCausalLM(GPTNeoForCausalLM):
         # block, so loading never holds it whole in float32.
         read_dtype = None if quantize else dtype
         lazy = (lambda name: name.endswith("wte.weight")) if quantize else None
-        self.match_checkpoint(iter_tensors(files, read_dtype, lazy), packer.add, source)
-        packer.finish()
+        with native.huge_arena(native.HugeArena()):  # the panels share huge pages
+            self.match_checkpoint(iter_tensors(files, read_dtype, lazy), packer.add, source)
+            packer.finish()
         if compile:
             self.compile_decode()
 
@@ -1127,13 +1128,14 @@ def optimize_for_inference(
     fast.transformer.attn_backend = model.attn_implementation
     packer = _Packer(fast, model.device, model.dtype, quantize, compile)
     modules = dict(model.named_modules())
-    for name, param in list(model.named_parameters()):
-        packer.add(name, param.detach())
-        owner, _, attr = name.rpartition(".")
-        meta = torch.empty(param.shape, dtype=param.dtype, device="meta")
-        setattr(modules[owner], attr, nn.Parameter(meta, requires_grad=False))
-    model.tie_weights()
-    packer.finish()
+    with native.huge_arena(native.HugeArena()):  # the panels share huge pages
+        for name, param in list(model.named_parameters()):
+            packer.add(name, param.detach())
+            owner, _, attr = name.rpartition(".")
+            meta = torch.empty(param.shape, dtype=param.dtype, device="meta")
+            setattr(modules[owner], attr, nn.Parameter(meta, requires_grad=False))
+        model.tie_weights()
+        packer.finish()
     if compile:
         fast.compile_decode()
     return fast.eval()

@@ -201,7 +201,9 @@ def measure(
     copies = max(1, min(MAX_COPIES, math.ceil(STREAM_BYTES / max(size, 1))))
     weight = torch.full(shape, 0.01, dtype=dtype)
     seconds: dict[str, dict[str, float]] = {}
-    with torch.inference_mode():
+    from . import native  # throwaway candidates: not in a loading model's shared chunks
+
+    with torch.inference_mode(), native.huge_arena(None):
         for layout, build in builders.items():
             modules = [build(weight if i == 0 else weight.clone()) for i in range(copies)]
             seconds[layout] = {}

@@ -490,3 +490,85 @@ def test_a_panel_head_releases_the_embedding_pages_only_when_loaded_from_the_fil
     every = torch.arange(changed.shape[0])
     assert isinstance(model.transformer.wte, fast.PanelEmbedding)  # the head's panels, read
     assert torch.equal(optimized.transformer.wte(every), changed)  # back as they were made
+
+
+def _thp_mode() -> str | None:
+    """The kernel's transparent-huge-page mode ("always", "madvise", "never"), None off Linux."""
+    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not path.is_file():
+        return None
+    text = path.read_text()
+    return text[text.index("[") + 1 : text.index("]")] if "[" in text else None
+
+
+def _huge_kib(tensor: torch.Tensor) -> int:
+    """AnonHugePages (KiB) of the mapping that holds `tensor`'s first byte (/proc/self/smaps)."""
+    address, current = tensor.data_ptr(), None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(part, 16) for part in head.split("-"))
+            current = start <= address < end
+        elif current and line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_huge_empty_shapes_arenas_and_fallbacks(monkeypatch):
+    cpu = torch.device("cpu")
+    big = native.huge_empty((3, 700, 400), torch.float32, cpu)  # 3.2 MiB: its own region
+    assert big.shape == (3, 700, 400) and big.dtype == torch.float32 and big.is_contiguous()
+    if native.HUGE_PAGES and _thp_mode() is not None:
+        assert big.data_ptr() % native.HUGE_PAGE == 0
+    small = native.huge_empty((10, 10), torch.int8, cpu)  # no arena: plain
+    assert small.shape == (10, 10)
+    arena = native.HugeArena()
+    with native.huge_arena(arena):
+        parts = [
+            native.huge_empty((n, 48), dtype, cpu)
+            for n, dtype in [
+                (5000, torch.int8),
+                (1, torch.float32),
+                (3000, torch.bfloat16),
+                (77, torch.int32),
+            ]
+        ]
+        with native.huge_arena(None):  # suspended: the kernel measurement's candidates
+            alone = native.huge_empty((100, 100), torch.float32, cpu)
+    assert native._ARENA.get() is None
+    starts = [p.data_ptr() for p in parts]
+    assert all(s % 4096 == 0 for s in starts) and starts == sorted(starts)
+    storages = {p.untyped_storage().data_ptr() for p in parts}
+    assert len(storages) == 1 and alone.untyped_storage().data_ptr() not in storages
+    for i, p in enumerate(parts):  # no overlaps: each keeps what is written to it
+        p.fill_(i + 1)
+    assert [int(p.float().mean()) for p in parts] == [1, 2, 3, 4]
+    with native.huge_arena(arena):  # past a chunk: a new one
+        over = native.huge_empty((native.HugeArena.CHUNK - 4096,), torch.uint8, cpu)
+    assert over.untyped_storage().data_ptr() not in storages
+    monkeypatch.setattr(native, "HUGE_PAGES", False)
+    with native.huge_arena(native.HugeArena()):
+        plain = native.huge_empty((3, 700, 400), torch.float32, cpu)
+    assert plain.untyped_storage().nbytes() == 3 * 700 * 400 * 4  # torch.empty's own
+
+
+@pytest.mark.skipif(_thp_mode() not in ("always", "madvise"), reason="transparent huge pages off")
+def test_huge_empty_memory_is_backed_by_huge_pages():
+    """Where THP is "madvise" (or "always"), the advised region's pages are 2 MiB ones once
+    touched; the kernel may still refuse under memory pressure, so most, not all."""
+    t = native.huge_empty((16 << 20,), torch.uint8, torch.device("cpu"))
+    t.fill_(1)
+    assert _huge_kib(t) >= 8 << 10
+
+
+@needs_quads
+def test_a_loaded_model_carves_its_panels_from_shared_chunks(tiny_checkpoint, monkeypatch):
+    """Loading opens an arena: an int8 model's small matrices share chunks (a few storages
+    for all of them) and still decode like before (the other tests)."""
+    monkeypatch.setenv("GPTNEO_KERNEL", "panels")
+    folder, _ = tiny_checkpoint("causal_lm", "alternating")
+    model = FastCausalLM.from_pretrained(folder, quantize="int8")
+    panels = [m.qpanels for m in model.modules() if isinstance(m, fast.Int8Linear) and m.panels]
+    assert len(panels) > 4
+    assert len({p.untyped_storage().data_ptr() for p in panels}) < len(panels)
+    assert native._ARENA.get() is None  # closed after the load
