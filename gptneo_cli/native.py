@@ -319,23 +319,38 @@ PANEL = 48
 #: A transparent huge page (x86-64 Linux), and madvise's advice asking for them.
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE = 14
-#: False: panels in ordinary pages (A/B measurements).
-HUGE_PAGES = True
+#: GPTNEO_HUGE_PAGES=1 holds panels in huge pages, 0 never; unset: HUGE_PAGES_DEFAULT.
+HUGE_ENV = "GPTNEO_HUGE_PAGES"
+#: Off for one-shot commands, on where the model stays loaded (serve, batch, chat: the CLI's
+#: load_model). Decode gains up to 1.2x, but on a VM the first touch of fresh 2 MiB pages
+#: can cost ~1 s per 500 MB at load (docs/PERFORMANCE.md): a 100-token `generate` loses.
+HUGE_PAGES_DEFAULT = False
+
+
+def huge_pages(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether `huge_empty` asks for huge pages (HUGE_ENV, else HUGE_PAGES_DEFAULT)."""
+    value = environ.get(HUGE_ENV, "").strip().lower()
+    if value in ("1", "on", "yes", "true"):
+        return True
+    if value in ("0", "off", "no", "false"):
+        return False
+    return HUGE_PAGES_DEFAULT
 
 
 def huge_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised tensor for weights that every token streams: on Linux CPUs, in
-    memory madvise(MADV_HUGEPAGE)d before its first touch, so that the kernel backs it with
-    2 MiB pages where transparent huge pages are on ("madvise", the common default, or
-    "always"). In 4 KiB pages the stream needs a page walk every 4 KiB (two levels of them
-    in a VM): a plain read of a model's panels ran ~18 % slower than of a fresh buffer, and
-    decode gained up to 1.1x with huge pages (docs/PERFORMANCE.md). Inside `huge_arena()`
-    (a model's load) tensors under HugeArena.CHUNK share chunks, so that the many matrices
-    under 2 MiB (int8's) get huge pages too; otherwise each tensor of 2 MiB or more starts
-    at a 2 MiB boundary. Small tensors, other devices and systems get torch.empty."""
+    """An uninitialised tensor for weights that every token streams: on Linux CPUs where
+    `huge_pages()` says so, in memory madvise(MADV_HUGEPAGE)d before its first touch, so
+    that the kernel backs it with 2 MiB pages where transparent huge pages are on
+    ("madvise", the common default, or "always"). In 4 KiB pages the stream needs a page
+    walk every 4 KiB (two levels of them in a VM): a plain read of a model's panels ran
+    ~18 % slower than of a fresh buffer, and decode gained up to 1.2x with huge pages
+    (docs/PERFORMANCE.md). Inside `huge_arena()` (a model's load) tensors under
+    HugeArena.CHUNK share chunks, so that the many matrices under 2 MiB (int8's) get huge
+    pages too; otherwise each tensor of 2 MiB or more starts at a 2 MiB boundary. Small
+    tensors, other devices and systems get torch.empty."""
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     arena = _ARENA.get()
-    usable = device.type == "cpu" and HUGE_PAGES and sys.platform.startswith("linux")
+    usable = device.type == "cpu" and sys.platform.startswith("linux") and huge_pages()
     if usable and arena is not None and 0 < nbytes < HugeArena.CHUNK:
         region = arena.take(nbytes)
     elif usable and nbytes >= HUGE_PAGE:

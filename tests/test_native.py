@@ -515,10 +515,11 @@ def _huge_kib(tensor: torch.Tensor) -> int:
 
 
 def test_huge_empty_shapes_arenas_and_fallbacks(monkeypatch):
+    monkeypatch.setenv("GPTNEO_HUGE_PAGES", "1")
     cpu = torch.device("cpu")
     big = native.huge_empty((3, 700, 400), torch.float32, cpu)  # 3.2 MiB: its own region
     assert big.shape == (3, 700, 400) and big.dtype == torch.float32 and big.is_contiguous()
-    if native.HUGE_PAGES and _thp_mode() is not None:
+    if _thp_mode() is not None:
         assert big.data_ptr() % native.HUGE_PAGE == 0
     small = native.huge_empty((10, 10), torch.int8, cpu)  # no arena: plain
     assert small.shape == (10, 10)
@@ -546,16 +547,17 @@ def test_huge_empty_shapes_arenas_and_fallbacks(monkeypatch):
     with native.huge_arena(arena):  # past a chunk: a new one
         over = native.huge_empty((native.HugeArena.CHUNK - 4096,), torch.uint8, cpu)
     assert over.untyped_storage().data_ptr() not in storages
-    monkeypatch.setattr(native, "HUGE_PAGES", False)
+    monkeypatch.setenv("GPTNEO_HUGE_PAGES", "0")
     with native.huge_arena(native.HugeArena()):
         plain = native.huge_empty((3, 700, 400), torch.float32, cpu)
     assert plain.untyped_storage().nbytes() == 3 * 700 * 400 * 4  # torch.empty's own
 
 
 @pytest.mark.skipif(_thp_mode() not in ("always", "madvise"), reason="transparent huge pages off")
-def test_huge_empty_memory_is_backed_by_huge_pages():
+def test_huge_empty_memory_is_backed_by_huge_pages(monkeypatch):
     """Where THP is "madvise" (or "always"), the advised region's pages are 2 MiB ones once
     touched; the kernel may still refuse under memory pressure, so most, not all."""
+    monkeypatch.setenv("GPTNEO_HUGE_PAGES", "1")
     t = native.huge_empty((16 << 20,), torch.uint8, torch.device("cpu"))
     t.fill_(1)
     assert _huge_kib(t) >= 8 << 10
@@ -566,9 +568,37 @@ def test_a_loaded_model_carves_its_panels_from_shared_chunks(tiny_checkpoint, mo
     """Loading opens an arena: an int8 model's small matrices share chunks (a few storages
     for all of them) and still decode like before (the other tests)."""
     monkeypatch.setenv("GPTNEO_KERNEL", "panels")
+    monkeypatch.setenv("GPTNEO_HUGE_PAGES", "1")
     folder, _ = tiny_checkpoint("causal_lm", "alternating")
     model = FastCausalLM.from_pretrained(folder, quantize="int8")
     panels = [m.qpanels for m in model.modules() if isinstance(m, fast.Int8Linear) and m.panels]
     assert len(panels) > 4
     assert len({p.untyped_storage().data_ptr() for p in panels}) < len(panels)
     assert native._ARENA.get() is None  # closed after the load
+
+
+def test_huge_pages_are_asked_for_where_the_model_stays_loaded(monkeypatch, tmp_path):
+    """GPTNEO_HUGE_PAGES decides; unset, one-shot commands keep ordinary pages and the
+    CLI's long-running loads (serve, batch, chat) turn huge pages on."""
+    from gptneo_cli.cli import loading
+
+    monkeypatch.setattr(native, "HUGE_PAGES_DEFAULT", False)
+    assert not native.huge_pages({})
+    assert native.huge_pages({"GPTNEO_HUGE_PAGES": "1"})
+    assert not native.huge_pages({"GPTNEO_HUGE_PAGES": "off"})
+    monkeypatch.delenv("GPTNEO_HUGE_PAGES", raising=False)
+    plain = native.huge_empty((3 << 20,), torch.uint8, torch.device("cpu"))
+    assert plain.untyped_storage().nbytes() == 3 << 20  # torch.empty's own
+
+    def stop(*args):
+        raise StopIteration
+
+    monkeypatch.setattr(loading.threads, "apply", stop)  # stop right after the switch
+    options = loading.ModelOptions(str(tmp_path), None, "cpu", "float32", "auto")
+    with pytest.raises(StopIteration):
+        loading.load_model(options)
+    assert not native.HUGE_PAGES_DEFAULT
+    with pytest.raises(StopIteration):
+        loading.load_model(options, long_running=True)
+    assert native.HUGE_PAGES_DEFAULT and native.huge_pages({})
+    assert not native.huge_pages({"GPTNEO_HUGE_PAGES": "0"})

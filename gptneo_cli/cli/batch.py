@@ -261,7 +261,7 @@ def _run_here(
     from ..threads import passive_openmp_waits
 
     passive_openmp_waits()  # the model runs on the scheduler's thread
-    loaded = load_model(options, "auto", fast=True)  # sets the threads; a classifier: its head
+    loaded = load_model(options, "auto", fast=True, long_running=True)  # a classifier: its head
     from ..batch.jobs import OutputWriter
     from ..batch.runner import make_runner
 

@@ -389,7 +389,7 @@ def chat(
         raise ValueError("--user-prefix and --assistant-prefix must not be empty")
     options = ModelOptions.merge(settings, **(loading or {}))
     diag = Diagnostics()
-    loaded = load_model(options)
+    loaded = load_model(options, long_running=True)
     load_draft(loaded, config)
     session = ChatSession(loaded, config, conversation, diag, fmt)
     if is_tty(sys.stdin):

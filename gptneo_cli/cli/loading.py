@@ -159,6 +159,7 @@ def load_model(
     *,
     fast: bool = False,
     path: Path | None = None,
+    long_running: bool = False,
 ) -> LoadedModel:
     """Resolve the name (unless `path` is the folder it resolved to already), read weights
     and tokenizer through gptneo_cli.loader; a spinner runs on a terminal's stderr.
@@ -166,10 +167,16 @@ def load_model(
     fast=True (generation) loads the causal LM as gptneo_cli.fast.FastCausalLM: packed
     weights, same outputs, plus options.quantize / options.compile. head="auto" (serve,
     batch) loads what the checkpoint is: its sequence-classification head when it has one
-    (gptneo_cli.tasks.checkpoint_head), else the causal LM.
+    (gptneo_cli.tasks.checkpoint_head), else the causal LM. long_running (serve, batch,
+    chat): the model stays loaded, so its panels go in huge pages unless GPTNEO_HUGE_PAGES=0
+    (gptneo_cli.native.huge_pages: faster decoding for a slower first load on some VMs).
     """
     start = time.perf_counter()
     import_torch()
+    if long_running:
+        from .. import native
+
+        native.HUGE_PAGES_DEFAULT = True
     threads.apply(options.threads, options.threads_source)  # before kernels are measured
     from ..device import resolve_device, resolve_dtype
     from ..loader import load_folder, resolve

@@ -203,7 +203,7 @@ def serve(
 
     passive_openmp_waits()  # the model runs on the scheduler's thread
     import_torch()
-    loaded = load_model(options, "auto", fast=True)  # a classifier serves its head
+    loaded = load_model(options, "auto", fast=True, long_running=True)  # a classifier: its head
     if draft_model is not None:
         from .loading import load_draft
 
