@@ -12,8 +12,9 @@ token prompts 1.12-1.40x as fast as the torch path.
 
 When it runs: a FastCausalLM on CPU whose four matrices per block are all panels (the
 float32/bf16 `PanelLinear`, int8 `Int8Linear(panels=True)`), with a tanh-GELU activation,
-up to MAX_NEW tokens per row with a `KVCache` held in float32 whose local rings keep every
-key the new tokens see, no padding anywhere and positions following the cache; or one
+up to MAX_NEW tokens per row (MAX_TOKENS in all) with a `KVCache` held in float32 whose
+local rings keep every key the new tokens see, no padding anywhere and positions
+following the cache; or one
 token for each of the scheduler's rows (a `RowCache` decode call, every row at its own
 position). Anything else (longer prompts, padded batches, the scheduler's prompts and
 verifies, a compiled step) runs the torch path, as does every model where the library is
@@ -44,6 +45,10 @@ ENV = "GPTNEO_NATIVE_STEP"
 #: token prompts 1.12-1.40x as fast in float32, bf16 and int8; a local ring of the window
 #: holds at most 256 new steps anyway, and longer prompts are for torch's SDPA.
 MAX_NEW = 256
+#: The most tokens of all rows together (the scratch holds every intermediate of a call at
+#: once, ~29 KiB a token at 125M): a batch of long prompts runs the torch path, layer by
+#: layer.
+MAX_TOKENS = 2048
 
 #: The activations the C step computes (GELU's tanh form); others run the torch path.
 TANH_GELU = {"gelu_new", "gelu_fast", "gelu_accurate", "gelu_pytorch_tanh", "gelu_python_tanh"}
@@ -126,6 +131,8 @@ class NativeStep:
             return False
         new, past = input_ids.shape[1], cache.length
         if not 1 <= new <= MAX_NEW or past + new > cache.max_length:
+            return False
+        if new > 1 and input_ids.shape[0] * new > MAX_TOKENS:
             return False
         ring_short = cache.ring < min(cache.window + new - 1, cache.max_length)
         if new > 1 and ring_short and past + new > cache.ring:

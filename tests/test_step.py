@@ -342,6 +342,12 @@ def test_what_the_step_leaves_to_the_torch_path(tmp_path, panels):
         assert not native_step.ready(
             torch.ones(1, step.MAX_NEW + 1, dtype=torch.long), None, None, roomy
         )
+        rows = step.MAX_TOKENS // 200 + 1  # a batch of long prompts: past MAX_TOKENS
+        batch = model.new_cache(rows, 290, spare=280)
+        assert native_step.ready(torch.ones(rows, 1, dtype=torch.long), None, None, batch)
+        assert not native_step.ready(torch.ones(rows, 200, dtype=torch.long), None, None, batch)
+        fewer = model.new_cache(rows - 1, 290, spare=280)
+        assert native_step.ready(torch.ones(rows - 1, 200, dtype=torch.long), None, None, fewer)
         assert not native_step.ready(torch.tensor([[1], [2]]), None, None, cache)  # rows
         bf16 = model.new_cache(1, 6)
         bf16.keys = [k.bfloat16() for k in bf16.keys]
