@@ -326,7 +326,12 @@ class Int8Linear(FastLinear):
         """Whether the panels take `x` [..., tokens, hidden] as a prompt's (bf16 activations):
         PANEL_BF16_ROWS tokens of a sequence or more. A batch of decode steps is not a
         prompt, however many rows it has."""
-        return x.dim() > 1 and x.shape[-2] >= self.PANEL_BF16_ROWS
+        return x.dim() > 1 and self.prompt_tokens(x.shape[-2])
+
+    @classmethod
+    def prompt_tokens(cls, tokens: int) -> bool:
+        """`prompt_rows` for `tokens` new tokens a sequence (the native step asks too)."""
+        return tokens >= cls.PANEL_BF16_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

@@ -14,14 +14,13 @@ When it runs: a FastCausalLM on CPU whose four matrices per block are all panels
 float32/bf16 `PanelLinear`, int8 `Int8Linear(panels=True)`), with a tanh-GELU activation,
 up to MAX_NEW tokens per row (MAX_TOKENS in all) with a `KVCache` held in float32 whose
 local rings keep every key the new tokens see, no padding anywhere and positions
-following the cache; or one
-token for each of the scheduler's rows (a `RowCache` decode call, every row at its own
-position). Anything else (longer prompts, padded batches, the scheduler's prompts and
-verifies, a compiled step) runs the torch path, as does every model where the library is
-missing. Activations are float32 (a bf16 model's are rounded to bf16 where they enter a
-bf16 product, as are an int8 model's in a prompt of Int8Linear.PANEL_BF16_ROWS tokens or
-more, as on the torch path); tests/test_step.py compares it with the torch path and with
-transformers.
+following the cache; or one token for each of the scheduler's rows (a `RowCache` decode
+call, every row at its own position). Anything else (longer prompts, padded batches, the
+scheduler's prompts and verifies, a compiled step) runs the torch path, as does every
+model where the library is missing. Activations are float32 (a bf16 model's are rounded
+to bf16 where they enter a bf16 product, as are an int8 model's in a prompt of
+Int8Linear.PANEL_BF16_ROWS tokens or more, as on the torch path); tests/test_step.py
+compares it with the torch path and with transformers.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ import torch
 
 from . import native
 from .cache import KVCache
+from .fast import Int8Linear, PanelLinear
 from .rowcache import RowCache
 
 #: GPTNEO_NATIVE_STEP=0 keeps decoding on the torch path (A/B measurements, a suspected bug).
@@ -83,6 +83,8 @@ class NativeStep:
         keep += [ln_f.weight.detach().float(), ln_f.bias.detach().float()]
         self.lnf = keep[-2].data_ptr(), keep[-1].data_ptr()
         self._keep = keep  # the float32 copies the structures point into
+        #: Whether the CPU has the bf16 dot-product kernel that int8 prompts run.
+        self.pairs = native.pairs_supported()
         #: (tokens, threads, largest capacity) and the scratch buffer sized for them.
         self._scratch: tuple[tuple[int, int, int], torch.Tensor] | None = None
 
@@ -187,9 +189,7 @@ class NativeStep:
     def _prompt(self, new: int) -> bool:
         """Whether int8 products take `new` tokens a row as a prompt's: bf16 activations
         through the dot-product kernel, as Int8Linear's do on the torch path."""
-        from .fast import Int8Linear
-
-        return new >= Int8Linear.PANEL_BF16_ROWS and native.pairs_supported()
+        return self.pairs and Int8Linear.prompt_tokens(new)
 
     def _scratch_for(self, tokens: int, threads: int, most: int) -> torch.Tensor:
         """The intermediates' buffer, kept while the shapes stay (one size at a time)."""
@@ -202,8 +202,6 @@ class NativeStep:
 
 def _mat(module: Any, inputs: int, keep: list[torch.Tensor]) -> native.Mat | None:
     """A csrc/gemv.c Mat for a panel-held linear layer, or None for any other layout."""
-    from .fast import Int8Linear, PanelLinear
-
     colsum = None
     bias = module._parameters.get("bias")
     if type(module) is PanelLinear:
