@@ -31,7 +31,7 @@ def read_bandwidth_gbs(device: str = "cpu", gib: float = 1.0, repeats: int = 5) 
     """Memory read bandwidth in GB/s: the best of `repeats` sums of a `gib` GiB float32
     tensor (a streamed read), with torch's current thread count. On CPU the tensor is read
     twice, in ordinary 4 KiB pages and in 2 MiB pages where the kernel grants them (our
-    panels are held in those: gptneo_cli.native.huge_empty), and the faster counts: the
+    panels can be held in those: gptneo_cli.native.huge_region), and the faster counts: the
     ceiling is the best read the machine does, whoever's pages."""
     best = _read_once(device, gib, repeats, huge=False)
     if device == "cpu":
@@ -46,7 +46,7 @@ def _read_once(device: str, gib: float, repeats: int, huge: bool) -> float:
     if huge:
         from gptneo_cli import native
 
-        data = native.huge_empty((numel,), torch.float32, torch.device("cpu")).fill_(1)
+        data = native.huge_region(numel * 4).view(torch.float32).fill_(1)
     else:
         data = torch.ones(numel, dtype=torch.float32, device=device)  # touched: pages are real
     best = float("inf")

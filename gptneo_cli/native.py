@@ -348,13 +348,13 @@ def huge_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     HugeArena.CHUNK share chunks, so that the many matrices under 2 MiB (int8's) get huge
     pages too; otherwise each tensor of 2 MiB or more starts at a 2 MiB boundary. Small
     tensors, other devices and systems get torch.empty."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     arena = _ARENA.get()
     usable = device.type == "cpu" and sys.platform.startswith("linux") and huge_pages()
     if usable and arena is not None and 0 < nbytes < HugeArena.CHUNK:
         region = arena.take(nbytes)
     elif usable and nbytes >= HUGE_PAGE:
-        region = _advised(nbytes)
+        region = huge_region(nbytes)
     else:
         return torch.empty(shape, dtype=dtype, device=device)
     return region.view(dtype).view(shape)
@@ -375,7 +375,7 @@ class HugeArena:
     def take(self, nbytes: int) -> torch.Tensor:
         """uint8 room for `nbytes` (under CHUNK)."""
         if self._chunk is None or self._used + nbytes > self.CHUNK:
-            self._chunk, self._used = _advised(self.CHUNK), 0
+            self._chunk, self._used = huge_region(self.CHUNK), 0
         region = self._chunk[self._used : self._used + nbytes]
         self._used += -(-nbytes // 4096) * 4096
         return region
@@ -395,8 +395,9 @@ def huge_arena(arena: HugeArena | None) -> Iterator[None]:
         _ARENA.reset(token)
 
 
-def _advised(nbytes: int) -> torch.Tensor:
-    """uint8 [nbytes] from a 2 MiB boundary, advised to be huge pages (untouched so far)."""
+def huge_region(nbytes: int) -> torch.Tensor:
+    """uint8 [nbytes] from a 2 MiB boundary, advised to be huge pages (untouched so far),
+    whatever `huge_pages()` says (`huge_empty` asks it; benchmarks/ceiling.py does not)."""
     raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)  # untouched: no pages yet
     start = -raw.data_ptr() % HUGE_PAGE
     region = raw[start : start + nbytes]
