@@ -259,9 +259,20 @@ class StreamDecoder:
         token_id = int(token_id)
         if self._table is not None:
             data = self._table[token_id] if 0 <= token_id < len(self._table) else b""
-            return self._utf8.decode(data)
+            return self._utf8.decode(data) + self._drop_surrogate_prefix()
         self._ids.append(token_id)
         return self._window_delta(final=False)
+
+    def _drop_surrogate_prefix(self) -> str:
+        """Python's incremental UTF-8 decoder holds ED A0..ED BF (the start of a UTF-16
+        surrogate, never valid UTF-8) until a third byte arrives; tokenizers' decode already
+        shows the lead byte as U+FFFD there. Emit it now, so at most one partial character
+        is ever held back, and go on from the bytes after the lead."""
+        pending, _ = self._utf8.getstate()
+        if len(pending) < 2 or pending[0] != 0xED or pending[1] < 0xA0:
+            return ""
+        self._utf8.reset()
+        return "\ufffd" + self._utf8.decode(pending[1:])
 
     def push_many(self, token_ids: Iterable[int]) -> str:
         return "".join(self.push(i) for i in token_ids)

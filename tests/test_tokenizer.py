@@ -430,6 +430,16 @@ def test_stream_decoder_works_without_real_vocab(tmp_path):
     assert "".join(stream.push(i) for i in ids) + stream.finish() == text
 
 
+def test_stream_holds_at_most_one_partial_character_after_any_bytes(tmp_path):
+    """Every lead byte followed by every continuation byte (and an ASCII one), then one more
+    continuation: invalid starts (overlong, surrogate ED A0.., past U+10FFFF) must show as
+    U+FFFD as soon as decode() shows them, never pile up behind a held character."""
+    tok = load_tokenizer(tiny_byte_level(tmp_path / "tiny"))  # byte b is id b
+    for lead in range(0x80, 0x100):
+        for second in [*range(0x80, 0xC0), 0x41]:
+            _check_stream(tok, [lead, second, 0x80])
+
+
 def test_build_gpt2_bpe_reports_bad_files(tmp_path):
     (tmp_path / "vocab.json").write_text("[]")
     (tmp_path / "merges.txt").write_text("")
