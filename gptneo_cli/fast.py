@@ -462,7 +462,7 @@ class PanelEmbedding(nn.Module):
             low, high = torch.aminmax(ids)
             if low < 0 or high >= self.rows:
                 raise IndexError("index out of range in self")
-        rows = native.panel_rows(self._parameters["panels"], ids, self.width).to(self.dtype)
+        rows = native.panel_rows(self._parameters["panels"], ids, self.width, self.dtype)
         if self.scales is None:
             return rows
         return rows * F.embedding(ids, self.scales[:, None])

@@ -144,6 +144,8 @@ def library() -> ctypes.CDLL | None:
     lib.step_scratch.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_int]
     lib.step_scratch.restype = ctypes.c_int64
     lib.decode_step.argtypes, lib.decode_step.restype = _ARGS_STEP, None
+    lib.panel_rows_f32.argtypes = [_F32, ctypes.c_int, ctypes.c_int64, _F32, ctypes.c_int64, _F32]
+    lib.panel_rows_f32.restype = None
     if lib.panel_width() != PANEL or not _agrees(lib):
         log.warning("native kernels disagree with torch's on a check matrix; using torch's")
         return None
@@ -538,20 +540,42 @@ def panel_weights(
     return pack_panels(weight, copied)
 
 
-def panel_rows(packed: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
+def panel_rows(
+    packed: torch.Tensor, index: torch.Tensor, width: int, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Rows `index` (any shape) of the [m, width] matrix held as `packed` (`panel_weights`'s
-    float32 or bf16 panels, bf16 pairs, int8 quads) -> [*index.shape, width] in the matrix's
-    dtype: a tied embedding's lookups read the head's panels, so the matrix is held once.
-    Row r is column r % PANEL of panel r // PANEL, every PANEL-th element."""
+    float32 or bf16 panels, bf16 pairs, int8 quads) -> [*index.shape, width] in `dtype`
+    (default: the matrix's own): a tied embedding's lookups read the head's panels, so the
+    matrix is held once. Row r is column r % PANEL of panel r // PANEL, every PANEL-th
+    element: the native library reads such a row with its cache misses overlapped
+    (csrc/gemv.c panel_rows_f32), torch's indexing where it is not available."""
     flat = index.reshape(-1)
-    block, column = flat // PANEL, flat % PANEL
-    if packed.dim() == 4:  # quads [b, q, j, t] = W[b * PANEL + j, 4q + t]
-        rows = packed[block, :, column, :].reshape(flat.shape[0], -1)
+    own = torch.bfloat16 if packed.dtype == torch.int32 else packed.dtype
+    height = {torch.int32: (width + 1) // 2, torch.int8: (width + 3) // 4}.get(packed.dtype, width)
+    lib = None
+    if packed.device.type == "cpu" and packed.is_contiguous() and packed.shape[1] == height:
+        lib = (
+            library()
+            if flat.numel() and 0 <= flat.min() and flat.max() < packed.shape[0] * PANEL
+            else None
+        )
+    if lib is not None:
+        ids = flat.to(torch.int64).contiguous()
+        rows = torch.empty(ids.numel(), width, dtype=torch.float32)
+        kind = STEP_KINDS[packed.dtype]
+        lib.panel_rows_f32(
+            packed.data_ptr(), kind, width, ids.data_ptr(), ids.numel(), rows.data_ptr()
+        )
     else:
-        rows = packed[block, :, column]
-        if packed.dtype == torch.int32:  # bf16 pairs: the words hold the row's bf16 in order
-            rows = rows.contiguous().view(torch.bfloat16)
-    return rows[:, :width].reshape(*index.shape, width)
+        block, column = flat // PANEL, flat % PANEL
+        if packed.dim() == 4:  # quads [b, q, j, t] = W[b * PANEL + j, 4q + t]
+            rows = packed[block, :, column, :].reshape(flat.shape[0], -1)
+        else:
+            rows = packed[block, :, column]
+            if packed.dtype == torch.int32:  # bf16 pairs: the words hold the row's bf16 in order
+                rows = rows.contiguous().view(torch.bfloat16)
+        rows = rows[:, :width]
+    return rows.to(dtype or own).reshape(*index.shape, width)
 
 
 def panels(

@@ -74,10 +74,15 @@ def test_products_match_torch_on_ragged_shapes(rows, width, threads):
     assert (got_bf16.double() - exact_bf16).abs().max().item() < tol
 
 
+@pytest.mark.parametrize("through", ["native", "torch"])
 @pytest.mark.parametrize(("rows", "width"), [(1, 5), (48, 8), (97, 33), (150, 64)])
-def test_rows_read_back_from_every_panel_layout(rows, width):
+def test_rows_read_back_from_every_panel_layout(rows, width, through, monkeypatch):
     """A tied embedding looks its rows up in the head's panels: float32 and bf16 panels, bf16
-    pairs (odd widths padded), int8 quads; any index shape, repeated and ragged-panel rows."""
+    pairs (odd widths padded), int8 quads; any index shape, repeated and ragged-panel rows;
+    through the native gather and through torch's indexing, in the matrix's dtype or
+    another."""
+    if through == "torch":
+        monkeypatch.setattr(native, "library", lambda: None)
     gen = torch.Generator().manual_seed(rows * width)
     w = torch.randn(rows, width, generator=gen)
     q = torch.randint(-127, 128, (rows, width), generator=gen, dtype=torch.int8)
@@ -90,6 +95,12 @@ def test_rows_read_back_from_every_panel_layout(rows, width):
     for packed, matrix in layouts:
         got = native.panel_rows(packed, index, width)
         assert got.dtype == matrix.dtype and torch.equal(got, matrix[index])
+        as_float = native.panel_rows(packed, index, width, torch.float32)
+        assert as_float.dtype == torch.float32 and torch.equal(as_float, matrix[index].float())
+    with pytest.raises(IndexError):  # out of range: torch's own error, never a stray read
+        native.panel_rows(
+            layouts[0][0], torch.tensor([-(-rows // native.PANEL) * native.PANEL]), width
+        )
 
 
 @pytest.mark.parametrize(("rows", "width"), [(1, 3), (48 * 7 + 5, 2048), (48 * 40, 1100)])
