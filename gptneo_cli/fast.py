@@ -679,6 +679,9 @@ class FastCausalLM(GPTNeoForCausalLM):
         if self._step is None and cache is not None and not output_hidden_states:
             native_step = self._native_step()
             if native_step and native_step.ready(input_ids, attention_mask, position_ids, cache):
+                if native_step.runs_head(input_ids.shape[1]):
+                    logits = native_step(input_ids, cache, logits=True).to(self._dtype)
+                    return GPTNeoOutput(logits=logits, cache=cache)
                 hidden = native_step(input_ids, cache)
                 if logits_to_keep:
                     hidden = hidden[:, -logits_to_keep:]

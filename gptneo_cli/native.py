@@ -61,9 +61,10 @@ _ARGS_GEMM = [_F32] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
 
 _I64 = ctypes.c_int64
 #: decode_step(layers, count, keys, values, capacity, x, rows, new, pos (one per row), heads,
-#: dim, inner, eps, lnf_w, lnf_b, scratch, threads, prompt): pointers are passed as integers.
+#: dim, inner, eps, lnf_w, lnf_b, scratch, threads, prompt, head, logits, embed, ids, at):
+#: pointers are passed as integers.
 _ARGS_STEP = [_F32, _I64, *[_F32] * 4, _I64, _I64, _F32, *[_I64] * 3, ctypes.c_float]
-_ARGS_STEP += [*[_F32] * 3, ctypes.c_int, ctypes.c_int]
+_ARGS_STEP += [*[_F32] * 3, ctypes.c_int, ctypes.c_int, _F32, _F32, _F32, _F32, _I64]
 
 
 class Mat(ctypes.Structure):
@@ -94,6 +95,20 @@ class Layer(ctypes.Structure):
         ("fc", Mat),
         ("proj", Mat),
         ("window", _I64),
+    ]
+
+
+class Embed(ctypes.Structure):
+    """csrc/gemv.c's Embed: the decode step's token embedding (the tied head's panels) and
+    float32 position embeddings."""
+
+    _fields_ = [
+        ("panels", _F32),
+        ("scale", _F32),
+        ("kind", _I64),
+        ("vocab", _I64),
+        ("wpe", _F32),
+        ("places", _I64),
     ]
 
 
@@ -143,7 +158,7 @@ def library() -> ctypes.CDLL | None:
     lib.panels_quads.restype = ctypes.c_int
     lib.step_scratch.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_int]
     lib.step_scratch.restype = ctypes.c_int64
-    lib.decode_step.argtypes, lib.decode_step.restype = _ARGS_STEP, None
+    lib.decode_step.argtypes, lib.decode_step.restype = _ARGS_STEP, ctypes.c_int
     lib.panel_rows_f32.argtypes = [_F32, ctypes.c_int, ctypes.c_int64, _F32, ctypes.c_int64, _F32]
     lib.panel_rows_f32.restype = None
     if lib.panel_width() != PANEL or not _agrees(lib):

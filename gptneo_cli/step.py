@@ -34,7 +34,7 @@ import torch
 
 from . import native
 from .cache import KVCache
-from .fast import Int8Linear, PanelLinear
+from .fast import Int8Linear, PanelEmbedding, PanelLinear
 from .rowcache import RowCache
 
 #: GPTNEO_NATIVE_STEP=0 keeps decoding on the torch path (A/B measurements, a suspected bug).
@@ -87,6 +87,11 @@ class NativeStep:
         self.pairs = native.pairs_supported()
         #: (tokens, threads, largest capacity) and the scratch buffer sized for them.
         self._scratch: tuple[tuple[int, int, int], torch.Tensor] | None = None
+        #: The head as a Mat where the step can run it too (`_head_mat`), else None.
+        self.head = _head_mat(model, keep)
+        #: The embeddings where the step looks them up itself (`_embed`), else None.
+        self.embed = _embed(model, keep)
+        self.vocab = model.lm_head.out_features
 
     @classmethod
     def build(cls, model: Any) -> NativeStep | None:
@@ -158,33 +163,59 @@ class NativeStep:
             return False
         return _cache_pointers(cache, input_ids.shape[0], self.heads, self.dim) is not None
 
+    def runs_head(self, new: int) -> bool:
+        """Whether a call of `new` tokens a row can return logits (`__call__(logits=True)`):
+        decode steps, where the head is held as the step's panels."""
+        return self.head is not None and new == 1
+
     def __call__(
-        self, input_ids: torch.Tensor, cache: Any, positions: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        cache: Any,
+        positions: torch.Tensor | None = None,
+        logits: bool = False,
     ) -> torch.Tensor:
-        """The final hidden states [rows, new, width] (float32) of the new tokens; the cache
+        """The final hidden states [rows, new, width] (float32) of the new tokens, or with
+        `logits` (where `runs_head`) the head's float32 sums [rows, new, vocab]; the cache
         holds their keys and values and has advanced. `positions` [rows]: each row's first
         new position (a RowCache's rows); by default every row is at the cache's length."""
         rows, new = input_ids.shape
+        logits = logits and self.runs_head(new)
+        out = torch.empty(rows, new, self.vocab) if logits else None
         base = self.model.transformer
-        if positions is None:
-            pos = cache.length
-            x = base.wte(input_ids).float() + base.wpe.weight[pos : pos + new].float()
-            positions = torch.full((rows,), pos, dtype=torch.int64)
-        else:
+        at = cache.length
+        if positions is not None:
             positions = positions.to(torch.int64).contiguous()
+        ids = input_ids
+        if self.embed is not None:
+            # The lookups in C too: after the weights' stream every torch call runs cold
+            # (~50 us each), so a decode step makes as few of them as it can.
+            if ids.dtype != torch.int64 or not ids.is_contiguous():
+                ids = ids.to(torch.int64).contiguous()
+            x = torch.empty(rows, new, self.width)
+        elif positions is None:
+            x = base.wte(input_ids).float() + base.wpe.weight[at : at + new].float()
+        else:
             steps = positions[:, None] + torch.arange(new)
             x = base.wte(input_ids).float() + base.wpe.weight[steps].float()
         held = _cache_pointers(cache, rows, self.heads, self.dim)
         assert held is not None  # `ready` said so
         threads = torch.get_num_threads()
         scratch = self._scratch_for(rows * new, threads, held.most)
-        self.lib.decode_step(
+        failed = self.lib.decode_step(
             ctypes.addressof(self.layers), self.count, held.keys, held.values, held.capacity,
-            x.data_ptr(), rows, new, positions.data_ptr(), self.heads, self.dim, self.inner,
+            x.data_ptr(), rows, new, native._ptr(positions), self.heads, self.dim, self.inner,
             self.eps, *self.lnf, scratch.data_ptr(), threads, self._prompt(new),
+            ctypes.addressof(self.head) if logits else None, native._ptr(out),
+            ctypes.addressof(self.embed) if self.embed is not None else None,
+            ids.data_ptr(), at,
         )  # fmt: skip
+        if failed == -1:
+            raise IndexError("index out of range in self")  # nn.Embedding's error
+        if failed:
+            raise MemoryError("the decode step could not allocate its positions")
         cache.advance(new)
-        return x
+        return x if out is None else out
 
     def _prompt(self, new: int) -> bool:
         """Whether int8 products take `new` tokens a row as a prompt's: bf16 activations
@@ -222,6 +253,47 @@ def _mat(module: Any, inputs: int, keep: list[torch.Tensor]) -> native.Mat | Non
     pointers = [native._ptr(t) for t in (panels, scale, bias, colsum)]
     kind = native.STEP_KINDS[panels.dtype]
     return native.Mat(*pointers, module.out_features, width, inputs, kind)
+
+
+def _head_mat(model: Any, keep: list[torch.Tensor]) -> native.Mat | None:
+    """The head as a Mat where the step's product gives what the torch path's does: its
+    input is the final hidden state in the model's dtype, so float32 panels and int8 quads
+    of a float32 model (float32 inputs there too), or bf16 pairs (inputs rounded to bf16 in
+    both). Anything else runs the head through torch after the step."""
+    head = model.lm_head
+    mat = _mat(head, model.config.hidden_size, keep)
+    if mat is None:
+        return None
+    float32 = model.dtype == torch.float32
+    kinds = {native.STEP_KINDS[torch.float32], native.STEP_KINDS[torch.int8]} if float32 else set()
+    if mat.kind not in kinds | {native.STEP_KINDS[torch.int32]}:
+        return None
+    return mat
+
+
+def _embed(model: Any, keep: list[torch.Tensor]) -> native.Embed | None:
+    """The token embedding as an Embed where it reads the head's panels (PanelEmbedding)
+    with float32 results the step can reproduce: float32 or bf16 rows, or int8 rows times
+    float32 scales; and float32 position embeddings (a copy for bf16). Else None: the
+    embeddings are looked up through torch before the step."""
+    base = model.transformer
+    wte = base.wte
+    if type(wte) is not PanelEmbedding:
+        return None
+    panels = wte._parameters["panels"]
+    kind = native.STEP_KINDS.get(panels.dtype)
+    if kind is None or not panels.is_contiguous():
+        return None
+    scale = None
+    if wte.scales is not None:
+        if wte.dtype != torch.float32:
+            return None
+        scale = wte.scales.contiguous()
+        keep.append(scale)
+    keep.append(base.wpe.weight.detach().float().contiguous())
+    wpe = keep[-1]
+    pointers = panels.data_ptr(), native._ptr(scale)
+    return native.Embed(*pointers, kind, wte.rows, wpe.data_ptr(), wpe.shape[0])
 
 
 class CachePointers(NamedTuple):

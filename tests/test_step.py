@@ -115,9 +115,9 @@ def counted(monkeypatch):
     calls = []
     run = step.NativeStep.__call__
 
-    def counting(self, input_ids, cache, positions=None):
+    def counting(self, input_ids, cache, positions=None, logits=False):
         calls.append(input_ids.shape[0])
-        return run(self, input_ids, cache, positions)
+        return run(self, input_ids, cache, positions, logits)
 
     monkeypatch.setattr(step.NativeStep, "__call__", counting)
     return calls
@@ -448,3 +448,41 @@ def test_prompts_of_up_to_max_new_tokens(tmp_path, panels, counted, monkeypatch,
         with torch.no_grad():
             want = ref(ids).logits
         assert (got - want).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("dtype", "quantize"),
+    [
+        (torch.float32, None),
+        (torch.bfloat16, None),
+        pytest.param(torch.float32, "int8", marks=needs_quads),
+    ],
+)
+def test_decode_steps_look_up_embeddings_and_run_the_head_in_the_one_call(
+    tmp_path, panels, counted, dtype, quantize
+):
+    """A decode step's token and position embeddings and its tied head run inside the C
+    call (no torch call after the weights' stream evicted torch's own state): logits as the
+    torch path's, and an id outside the vocabulary is nn.Embedding's IndexError with the
+    cache untouched."""
+    if dtype == torch.bfloat16 and not native.pairs_supported():
+        pytest.skip("the CPU has no AVX512-BF16")
+    folder, _ = checkpoint(tmp_path, "wide")
+    model = load(folder, dtype=dtype, quantize=quantize)
+    built = model._native_step()
+    assert built.embed is not None and built.head is not None and built.runs_head(1)
+    assert not built.runs_head(2)  # verifies and prompts: hidden states, head through torch
+    ids = torch.randint(0, 211, (2, 12), generator=torch.Generator().manual_seed(9))
+    got = decode(model, ids, True)
+    assert len(counted) == 12 - 2
+    want = decode(model, ids, False)
+    tol = 1e-4 if dtype == torch.float32 else 0.02 * (want.max() - want.min()).item()
+    assert (got - want).abs().max().item() < tol
+    model.__dict__["_native"] = None
+    for bad in (211, -1):
+        cache = model.new_cache(2, 8)
+        model(ids[:, :3], cache=cache)
+        with pytest.raises(IndexError):
+            model(torch.tensor([[5], [bad]]), cache=cache)
+        assert cache.length == 3
+        assert model(ids[:, 3:4], cache=cache).logits.shape == (2, 1, 211)

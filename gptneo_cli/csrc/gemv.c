@@ -600,6 +600,40 @@ typedef struct {
     int64_t window; /* 0: global */
 } Layer;
 
+/* The token embedding, read out of the tied head's panels (a row times its scale where int8),
+ * and the position embeddings as float32 [positions, width]. */
+typedef struct {
+    const void *panels;
+    const float *scale; /* int8 only, else NULL */
+    int64_t kind, vocab;
+    const float *wpe;
+    int64_t places; /* rows of wpe */
+} Embed;
+
+/* x[k] = wte[ids[k]] * scale + wpe[pos[k / new] + k % new] for the step's tokens: the product
+ * and the sum each rounded, as torch's two operations round them. Returns -1 (nothing
+ * written) where an id or a position is outside its table. */
+__attribute__((optimize("fp-contract=off"))) static int embed_tokens(
+    const Embed *e, const int64_t *ids, int64_t rows, int64_t new, const int64_t *pos,
+    int64_t width, float *x) {
+    int64_t tokens = rows * new;
+    for (int64_t k = 0; k < tokens; k++)
+        if (ids[k] < 0 || ids[k] >= e->vocab) return -1;
+    for (int64_t r = 0; r < rows; r++)
+        if (pos[r] < 0 || pos[r] + new > e->places) return -1;
+    panel_rows_f32(e->panels, (int)e->kind, width, ids, tokens, x);
+    for (int64_t k = 0; k < tokens; k++) {
+        float *xk = x + k * width;
+        const float *p = e->wpe + (pos[k / new] + k % new) * width;
+        float s = e->scale ? e->scale[ids[k]] : 1.0f;
+        for (int64_t i = 0; i < width; i++) {
+            float v = e->scale ? xk[i] * s : xk[i];
+            xk[i] = v + p[i];
+        }
+    }
+    return 0;
+}
+
 /* exp for float32 lanes: 2^k * p(r), r = x - k ln 2 (Cephes' expf polynomial, ~1 ulp). */
 static inline __m512 exp512(__m512 x) {
     x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
@@ -953,19 +987,35 @@ static void attention(const float *qkv, float *keys, float *values, int64_t capa
  * a prompt's (bf16 pairs, x rounded to bf16; only where the CPU has AVX512-BF16).
  * scratch: floats for the intermediates, tokens * (5 * width + inner + (max(width, inner)
  * + 1) / 2) + 3 * (max(width, inner) + 3) / 4 + threads * (the largest capacity + 2 *
- * PANEL * (max(width, inner) + 3) / 4) (`step_scratch`, tokens = rows * new). */
+ * PANEL * (max(width, inner) + 3) / 4) (`step_scratch`, tokens = rows * new). `head`: NULL,
+ * or the (tied) head, whose width is `width` and whose outputs go to logits [tokens, head->m]
+ * in the same parallel region: no second team to wake, no torch call after the stream.
+ * `embed`: NULL (x holds the embeddings), or x is written from `ids` [tokens] first; `pos`
+ * NULL: every row at step `at`. Returns 0; -1 for an id or a position outside its table
+ * (the cache untouched); -2 where memory ran out. */
 int64_t step_scratch(int64_t tokens, int64_t width, int64_t inner, int64_t capacity, int threads) {
     int64_t widest = width > inner ? width : inner;
     return tokens * (5 * width + inner + (widest + 1) / 2) + 3 * ((widest + 3) / 4) +
            threads * (capacity + 2 * PANEL * ((widest + 3) / 4));
 }
 
-void decode_step(const Layer *layers, int64_t count, float *const *keys, float *const *values,
-                 const int64_t *capacity, float *x, int64_t rows, int64_t new,
-                 const int64_t *pos, int64_t heads, int64_t dim, int64_t inner, float eps,
-                 const float *lnf_w, const float *lnf_b, float *scratch, int threads,
-                 int prompt) {
+int decode_step(const Layer *layers, int64_t count, float *const *keys, float *const *values,
+                const int64_t *capacity, float *x, int64_t rows, int64_t new,
+                const int64_t *pos, int64_t heads, int64_t dim, int64_t inner, float eps,
+                const float *lnf_w, const float *lnf_b, float *scratch, int threads,
+                int prompt, const Mat *head, float *logits, const Embed *embed,
+                const int64_t *ids, int64_t at) {
     int64_t tokens = rows * new, width = heads * dim, most = 0;
+    int64_t *own = 0; /* every row at step `at` where pos is NULL */
+    if (!pos) {
+        if (!(own = malloc((size_t)rows * sizeof(int64_t)))) return -2;
+        for (int64_t r = 0; r < rows; r++) own[r] = at;
+        pos = own;
+    }
+    if (embed && embed_tokens(embed, ids, rows, new, pos, width, x)) {
+        free(own);
+        return -1;
+    }
     int64_t widest = width > inner ? width : inner;
     for (int64_t l = 0; l < count; l++) most = capacity[l] > most ? capacity[l] : most;
     float *h = scratch, *qkv = h + tokens * width, *att = qkv + 3 * tokens * width;
@@ -993,9 +1043,15 @@ void decode_step(const Layer *layers, int64_t count, float *const *keys, float *
             if (first) layer_norm(x, L->ln2_w, L->ln2_b, h, tokens, width, eps);
             team_wait(&me);
             product(&L->fc, h, tokens, f, GELU, pairs, &step, quads, &L->proj, &me);
-            const Mat *next = l + 1 < count ? &L[1].qkv : 0;
+            const Mat *next = l + 1 < count ? &L[1].qkv : head;
             product(&L->proj, f, tokens, x, ADD, pairs, &step, quads, next, &me);
         }
         if (first) layer_norm(x, lnf_w, lnf_b, x, tokens, width, eps);
+        if (head) {
+            team_wait(&me);
+            product(head, x, tokens, logits, STORE, pairs, &step, quads, 0, &me);
+        }
     }
+    free(own);
+    return 0;
 }
