@@ -91,7 +91,7 @@ class NativeStep:
         self.head = _head_mat(model, keep)
         #: The embeddings where the step looks them up itself (`_embed`), else None.
         self.embed = _embed(model, keep)
-        self.vocab = model.lm_head.out_features
+        self.vocab = self.head.m if self.head is not None else 0
 
     @classmethod
     def build(cls, model: Any) -> NativeStep | None:
