@@ -456,13 +456,11 @@ class PanelEmbedding(nn.Module):
         self.scales = None if scales is None else frozen(scales.to(dtype))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        # The panels are padded to whole panels, and a negative index would wrap: refuse
-        # both as nn.Embedding does, rather than return a padding row or another token's.
-        if ids.numel():
-            low, high = torch.aminmax(ids)
-            if low < 0 or high >= self.rows:
-                raise IndexError("index out of range in self")
-        rows = native.panel_rows(self._parameters["panels"], ids, self.width, self.dtype)
+        # The panels are padded to whole panels, and a negative index would wrap: panel_rows
+        # refuses both (bounded by our rows) as nn.Embedding does, rather than return a
+        # padding row or another token's.
+        panels = self._parameters["panels"]
+        rows = native.panel_rows(panels, ids, self.width, self.dtype, self.rows)
         if self.scales is None:
             return rows
         return rows * F.embedding(ids, self.scales[:, None])
@@ -680,7 +678,7 @@ class FastCausalLM(GPTNeoForCausalLM):
             native_step = self._native_step()
             if native_step and native_step.ready(input_ids, attention_mask, position_ids, cache):
                 if native_step.runs_head(input_ids.shape[1]):
-                    logits = native_step(input_ids, cache, logits=True).to(self._dtype)
+                    logits = native_step(input_ids, cache, logits=True)
                     return GPTNeoOutput(logits=logits, cache=cache)
                 hidden = native_step(input_ids, cache)
                 if logits_to_keep:

@@ -556,41 +556,45 @@ def panel_weights(
 
 
 def panel_rows(
-    packed: torch.Tensor, index: torch.Tensor, width: int, dtype: torch.dtype | None = None
+    packed: torch.Tensor,
+    index: torch.Tensor,
+    width: int,
+    dtype: torch.dtype | None = None,
+    rows: int | None = None,
 ) -> torch.Tensor:
-    """Rows `index` (any shape) of the [m, width] matrix held as `packed` (`panel_weights`'s
+    """Rows `index` (any shape) of the [rows, width] matrix held as `packed` (`panel_weights`'s
     float32 or bf16 panels, bf16 pairs, int8 quads) -> [*index.shape, width] in `dtype`
     (default: the matrix's own): a tied embedding's lookups read the head's panels, so the
-    matrix is held once. Row r is column r % PANEL of panel r // PANEL, every PANEL-th
-    element: the native library reads such a row with its cache misses overlapped
-    (csrc/gemv.c panel_rows_f32), torch's indexing where it is not available."""
+    matrix is held once. An index outside [0, rows) (default: every panel column, padding
+    included) is nn.Embedding's IndexError. Row r is column r % PANEL of panel r // PANEL,
+    every PANEL-th element: the native library reads such a row with its cache misses
+    overlapped (csrc/gemv.c panel_rows_f32), torch's indexing where it is not available."""
     flat = index.reshape(-1)
+    if flat.numel():
+        low, high = torch.aminmax(flat)
+        if low < 0 or high >= (packed.shape[0] * PANEL if rows is None else rows):
+            raise IndexError("index out of range in self")
     own = torch.bfloat16 if packed.dtype == torch.int32 else packed.dtype
     height = {torch.int32: (width + 1) // 2, torch.int8: (width + 3) // 4}.get(packed.dtype, width)
-    lib = None
-    if packed.device.type == "cpu" and packed.is_contiguous() and packed.shape[1] == height:
-        lib = (
-            library()
-            if flat.numel() and 0 <= flat.min() and flat.max() < packed.shape[0] * PANEL
-            else None
-        )
+    usable = packed.device.type == "cpu" and packed.is_contiguous() and packed.shape[1] == height
+    lib = library() if usable and flat.numel() else None
     if lib is not None:
         ids = flat.to(torch.int64).contiguous()
-        rows = torch.empty(ids.numel(), width, dtype=torch.float32)
+        got = torch.empty(ids.numel(), width, dtype=torch.float32)
         kind = STEP_KINDS[packed.dtype]
         lib.panel_rows_f32(
-            packed.data_ptr(), kind, width, ids.data_ptr(), ids.numel(), rows.data_ptr()
+            packed.data_ptr(), kind, width, ids.data_ptr(), ids.numel(), got.data_ptr()
         )
     else:
         block, column = flat // PANEL, flat % PANEL
         if packed.dim() == 4:  # quads [b, q, j, t] = W[b * PANEL + j, 4q + t]
-            rows = packed[block, :, column, :].reshape(flat.shape[0], -1)
+            got = packed[block, :, column, :].reshape(flat.shape[0], -1)
         else:
-            rows = packed[block, :, column]
+            got = packed[block, :, column]
             if packed.dtype == torch.int32:  # bf16 pairs: the words hold the row's bf16 in order
-                rows = rows.contiguous().view(torch.bfloat16)
-        rows = rows[:, :width]
-    return rows.to(dtype or own).reshape(*index.shape, width)
+                got = got.contiguous().view(torch.bfloat16)
+        got = got[:, :width]
+    return got.to(dtype or own).reshape(*index.shape, width)
 
 
 def panels(

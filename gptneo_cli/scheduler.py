@@ -214,9 +214,8 @@ def model_body(model: Any) -> Callable[..., torch.Tensor]:
     ) -> torch.Tensor:
         step = native_step() if native_step is not None else None
         if step and step.ready_rows(ids, cache):
-            if step.runs_head(ids.shape[1]):  # the head's float32 sums, as the model's dtype
-                logits = step(ids, cache, cache.decode_positions(), logits=True)
-                return logits.to(model.dtype).float()
+            if step.runs_head(ids.shape[1]):
+                return step(ids, cache, cache.decode_positions(), logits=True).float()
             hidden = step(ids, cache, cache.decode_positions())
             return model.lm_head(hidden.to(model.dtype)).float()
         setting = getattr(base, "attn_backend", None) or getattr(base, "_attn", "auto")

@@ -91,7 +91,6 @@ class NativeStep:
         self.head = _head_mat(model, keep)
         #: The embeddings where the step looks them up itself (`_embed`), else None.
         self.embed = _embed(model, keep)
-        self.vocab = self.head.m if self.head is not None else 0
 
     @classmethod
     def build(cls, model: Any) -> NativeStep | None:
@@ -176,12 +175,13 @@ class NativeStep:
         logits: bool = False,
     ) -> torch.Tensor:
         """The final hidden states [rows, new, width] (float32) of the new tokens, or with
-        `logits` (where `runs_head`) the head's float32 sums [rows, new, vocab]; the cache
+        `logits` (where `runs_head`) the head's [rows, new, vocab] in the model's dtype, as
+        the torch path's head gives them (float32 sums, rounded once); the cache
         holds their keys and values and has advanced. `positions` [rows]: each row's first
         new position (a RowCache's rows); by default every row is at the cache's length."""
         rows, new = input_ids.shape
         logits = logits and self.runs_head(new)
-        out = torch.empty(rows, new, self.vocab) if logits else None
+        out = torch.empty(rows, new, self.head.m) if logits else None
         base = self.model.transformer
         at = cache.length
         if positions is not None:
@@ -215,7 +215,10 @@ class NativeStep:
         if failed:
             raise MemoryError("the decode step could not allocate its positions")
         cache.advance(new)
-        return x if out is None else out
+        if out is None:
+            return x
+        dtype = self.model.dtype  # a no-op .to() still costs a cold torch call
+        return out if dtype == torch.float32 else out.to(dtype)
 
     def _prompt(self, new: int) -> bool:
         """Whether int8 products take `new` tokens a row as a prompt's: bf16 activations
@@ -260,15 +263,11 @@ def _head_mat(model: Any, keep: list[torch.Tensor]) -> native.Mat | None:
     input is the final hidden state in the model's dtype, so float32 panels and int8 quads
     of a float32 model (float32 inputs there too), or bf16 pairs (inputs rounded to bf16 in
     both). Anything else runs the head through torch after the step."""
-    head = model.lm_head
-    mat = _mat(head, model.config.hidden_size, keep)
-    if mat is None:
-        return None
-    float32 = model.dtype == torch.float32
-    kinds = {native.STEP_KINDS[torch.float32], native.STEP_KINDS[torch.int8]} if float32 else set()
-    if mat.kind not in kinds | {native.STEP_KINDS[torch.int32]}:
-        return None
-    return mat
+    kinds = {native.STEP_KINDS[torch.int32]}
+    if model.dtype == torch.float32:
+        kinds |= {native.STEP_KINDS[torch.float32], native.STEP_KINDS[torch.int8]}
+    mat = _mat(model.lm_head, model.config.hidden_size, keep)
+    return mat if mat is not None and mat.kind in kinds else None
 
 
 def _embed(model: Any, keep: list[torch.Tensor]) -> native.Embed | None:
